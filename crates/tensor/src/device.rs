@@ -1,0 +1,150 @@
+//! Devices: where a tensor lives and its ops run.
+//!
+//! `Device::Cpu` is the reference backend in plain Rust (and the fallback for real work when no
+//! GPU is present); `Device::Gpu` runs WGSL kernels through wgpu on Vulkan, Metal, DX12 or GL.
+
+use std::sync::{Arc, OnceLock};
+
+use crate::gpu::{GpuContext, GpuOptions};
+use crate::memory::{MemoryCounters, MemoryStats};
+use crate::{Error, Result};
+
+/// The CPU backend's state: its memory counters.
+#[derive(Debug, Default)]
+pub struct CpuContext {
+    pub(crate) memory: MemoryCounters,
+}
+
+/// A place where tensors live. Cloning is cheap (a reference count).
+#[derive(Clone)]
+pub enum Device {
+    Cpu(Arc<CpuContext>),
+    Gpu(Arc<GpuContext>),
+}
+
+/// Which device the user asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// A hardware GPU when there is one, else the CPU (the CPU beats a software GPU).
+    #[default]
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// Any GPU adapter, software ones (lavapipe) included.
+    Gpu,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "gpu" => Ok(Self::Gpu),
+            other => Err(Error::Invalid(format!(
+                "unknown device `{other}`: expected auto, cpu or gpu"
+            ))),
+        }
+    }
+}
+
+static CPU: OnceLock<Arc<CpuContext>> = OnceLock::new();
+static GPU: OnceLock<std::result::Result<Arc<GpuContext>, Error>> = OnceLock::new();
+static HARDWARE_GPU: OnceLock<Option<Arc<GpuContext>>> = OnceLock::new();
+
+impl Device {
+    /// The process-wide CPU device.
+    pub fn cpu() -> Device {
+        Device::Cpu(CPU.get_or_init(Default::default).clone())
+    }
+
+    /// The process-wide GPU device on the best adapter, software adapters accepted.
+    pub fn gpu() -> Result<Device> {
+        GPU.get_or_init(|| {
+            GpuContext::new(&GpuOptions {
+                allow_software: true,
+                ..Default::default()
+            })
+        })
+        .clone()
+        .map(Device::Gpu)
+    }
+
+    /// A new GPU device with its own options (its own pipelines, pool and counters).
+    pub fn gpu_with(options: &GpuOptions) -> Result<Device> {
+        GpuContext::new(options).map(Device::Gpu)
+    }
+
+    /// Resolve a user's choice: `Auto` takes a hardware GPU if there is one, else the CPU.
+    pub fn select(choice: DeviceChoice) -> Result<Device> {
+        match choice {
+            DeviceChoice::Cpu => Ok(Device::cpu()),
+            DeviceChoice::Gpu => Device::gpu(),
+            DeviceChoice::Auto => {
+                let hw = HARDWARE_GPU.get_or_init(|| GpuContext::new(&GpuOptions::default()).ok());
+                Ok(match hw {
+                    Some(ctx) => Device::Gpu(ctx.clone()),
+                    None => Device::cpu(),
+                })
+            }
+        }
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, Device::Gpu(_))
+    }
+
+    /// A one-line description: the adapter and its limits, or the CPU and its threads.
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Cpu(_) => format!(
+                "CPU reference backend ({} threads; matmul by the matrixmultiply crate)",
+                crate::cpu::threads()
+            ),
+            Device::Gpu(ctx) => format!("GPU: {}", ctx.info()),
+        }
+    }
+
+    /// Live and peak bytes of this device's tensors.
+    pub fn memory(&self) -> MemoryStats {
+        self.counters().snapshot()
+    }
+
+    /// Start a new peak measurement.
+    pub fn reset_peak_memory(&self) {
+        self.counters().reset_peak()
+    }
+
+    pub(crate) fn counters(&self) -> &MemoryCounters {
+        match self {
+            Device::Cpu(c) => &c.memory,
+            Device::Gpu(g) => &g.memory,
+        }
+    }
+
+    /// Wait until every recorded op has finished (a no-op on the CPU).
+    pub fn sync(&self) -> Result<()> {
+        match self {
+            Device::Cpu(_) => Ok(()),
+            Device::Gpu(g) => g.sync(),
+        }
+    }
+
+    /// Two handles to the same device?
+    pub fn same(&self, other: &Device) -> bool {
+        match (self, other) {
+            (Device::Cpu(a), Device::Cpu(b)) => Arc::ptr_eq(a, b),
+            (Device::Gpu(a), Device::Gpu(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu(_) => write!(f, "Cpu"),
+            Device::Gpu(g) => write!(f, "Gpu({})", g.info().name),
+        }
+    }
+}

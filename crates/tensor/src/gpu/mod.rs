@@ -1,0 +1,515 @@
+//! The wgpu backend: one [`GpuContext`] per adapter, holding the device and queue, the compiled
+//! pipelines, the open command batch, the buffer pool and the memory counters.
+//!
+//! How an op runs on the GPU (each step is one WebGPU concept):
+//! 1. the op's launcher checks shapes and asks the pool for an output buffer;
+//! 2. it writes its `Params` struct into the uniform arena (a `queue.write_buffer`, applied at the
+//!    next submission, before any command of it);
+//! 3. it gets the cached `ComputePipeline` for its WGSL entry point (compiled once per context);
+//! 4. it makes a `BindGroup` of params + storage ranges and records `dispatch_workgroups` into the
+//!    open compute pass of the batch. Nothing runs yet;
+//! 5. the batch is submitted when it is full, when data is read back (`Tensor::to_vec`) or when
+//!    `sync` is called. wgpu inserts the barriers between dependent dispatches.
+
+pub(crate) mod bind;
+mod pool;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::memory::{MemoryCounters, MemoryStats};
+use crate::{Error, Result};
+pub(crate) use bind::{Binding, grid_2d};
+use pool::BufferPool;
+
+/// Bytes reserved per dispatch in the uniform arena (the common minimum uniform offset alignment).
+const PARAM_SLOT: u64 = 256;
+/// Dispatches recorded before the batch is submitted on its own.
+const MAX_BATCH: u64 = 1024;
+
+/// A WGSL entry point: the shader file (by its registry name and source) and the function.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kernel {
+    pub shader: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+}
+
+/// Options for making a GPU context; the defaults take everything the adapter offers.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Accept a software adapter (lavapipe, WARP, SwiftShader).
+    pub allow_software: bool,
+    /// Use a smaller storage-binding limit than the adapter's, so the code that splits large
+    /// tensors over several bindings can be exercised with small tensors.
+    pub max_binding_bytes: Option<u64>,
+}
+
+/// What a GPU context was made from, printable for the user.
+#[derive(Clone, Debug)]
+pub struct GpuInfo {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub max_buffer_size: u64,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+}
+
+impl std::fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, {}, driver {}); max buffer {} MiB, max storage binding {} MiB, \
+             workgroup memory {} KiB, {} invocations per workgroup, {} workgroups per dimension",
+            self.name,
+            self.backend,
+            self.device_type,
+            if self.driver.is_empty() { "?" } else { &self.driver },
+            self.max_buffer_size >> 20,
+            self.max_storage_buffer_binding_size >> 20,
+            self.max_compute_workgroup_storage_size >> 10,
+            self.max_compute_invocations_per_workgroup,
+            self.max_compute_workgroups_per_dimension
+        )
+    }
+}
+
+/// Commands recorded but not yet submitted.
+struct Batch {
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    dispatches: u64,
+}
+
+/// A wgpu device with everything the tensor ops need to run on it.
+pub struct GpuContext {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) limits: wgpu::Limits,
+    info: GpuInfo,
+    is_software: bool,
+    max_binding: u64,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<(&'static str, &'static str), wgpu::ComputePipeline>>,
+    batch: Mutex<Batch>,
+    params: wgpu::Buffer,
+    pool: Mutex<BufferPool>,
+    pub(crate) memory: MemoryCounters,
+    poison: AtomicBool,
+    dispatches: AtomicU64,
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+fn is_software(info: &wgpu::AdapterInfo) -> bool {
+    info.device_type == wgpu::DeviceType::Cpu
+}
+
+fn rank(info: &wgpu::AdapterInfo) -> u32 {
+    let by_type = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    // GL comes last among equals: its shader compiles are slow and its limits small.
+    by_type * 2 + u32::from(info.backend == wgpu::Backend::Gl)
+}
+
+/// List the adapters wgpu can see (honours `WGPU_BACKEND`), best first.
+pub fn adapters() -> Vec<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(
+        wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()),
+    ));
+    adapters.sort_by_key(|a| rank(&a.get_info()));
+    adapters
+}
+
+impl GpuContext {
+    /// Open the best adapter that `options` accepts.
+    pub fn new(options: &GpuOptions) -> Result<Arc<Self>> {
+        let all = adapters();
+        if all.is_empty() {
+            return Err(Error::NoAdapter(
+                "wgpu found no adapter (is a Vulkan, Metal or DX12 driver installed? \
+                 On Debian, `apt-get install mesa-vulkan-drivers` gives the lavapipe software GPU)"
+                    .into(),
+            ));
+        }
+        let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+        let adapter = all
+            .into_iter()
+            .find(|a| options.allow_software || !is_software(&a.get_info()))
+            .ok_or_else(|| {
+                Error::NoAdapter(format!(
+                    "only software adapters were found ({}); force the GPU backend to accept them",
+                    names.join(", ")
+                ))
+            })?;
+        Self::from_adapter(adapter, options)
+    }
+
+    /// Open a device on `adapter`, asking for every limit it offers.
+    pub fn from_adapter(adapter: wgpu::Adapter, options: &GpuOptions) -> Result<Arc<Self>> {
+        let adapter_info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("tensor"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Gpu(format!("request_device on {}: {e}", adapter_info.name)))?;
+        let lost = Arc::new(Mutex::new(None));
+        let sink = lost.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = sink.lock().unwrap();
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+        let max_binding = options
+            .max_binding_bytes
+            .unwrap_or(u64::MAX)
+            .min(limits.max_storage_buffer_binding_size as u64)
+            .min(limits.max_buffer_size);
+        let params = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params arena"),
+            size: PARAM_SLOT * MAX_BATCH,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let info = GpuInfo {
+            name: adapter_info.name.clone(),
+            backend: format!("{:?}", adapter_info.backend),
+            device_type: format!("{:?}", adapter_info.device_type),
+            driver: format!("{} {}", adapter_info.driver, adapter_info.driver_info)
+                .trim()
+                .to_string(),
+            max_buffer_size: limits.max_buffer_size,
+            max_storage_buffer_binding_size: max_binding,
+            max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+            max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+            max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+        };
+        Ok(Arc::new(Self {
+            device,
+            queue,
+            limits,
+            info,
+            is_software: is_software(&adapter_info),
+            max_binding,
+            modules: Mutex::default(),
+            pipelines: Mutex::default(),
+            batch: Mutex::new(Batch {
+                encoder: None,
+                pass: None,
+                dispatches: 0,
+            }),
+            params,
+            pool: Mutex::default(),
+            memory: MemoryCounters::default(),
+            poison: AtomicBool::new(false),
+            dispatches: AtomicU64::new(0),
+            lost,
+        }))
+    }
+
+    /// Name, backend, type and the limits that matter.
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+
+    /// True for a CPU-emulated adapter such as lavapipe.
+    pub fn is_software(&self) -> bool {
+        self.is_software
+    }
+
+    /// Live and peak bytes of tensor storage, and what the pool caches.
+    pub fn memory(&self) -> MemoryStats {
+        self.memory.snapshot()
+    }
+
+    /// Number of kernel dispatches recorded since the context was made.
+    pub fn dispatch_count(&self) -> u64 {
+        self.dispatches.load(Ordering::Relaxed)
+    }
+
+    /// Fill every freshly allocated output with NaN, so a kernel that forgets to write an
+    /// element is caught by the tests (costs one dispatch per allocation).
+    pub fn set_poison_outputs(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn poison_outputs(&self) -> bool {
+        self.poison.load(Ordering::Relaxed)
+    }
+
+    /// Release the buffers the pool keeps cached.
+    pub fn trim_pool(&self) {
+        let mut pool = self.pool.lock().unwrap();
+        pool.clear();
+        self.memory.set_pooled(0);
+    }
+
+    fn check_lost(&self) -> Result<()> {
+        match self.lost.lock().unwrap().clone() {
+            Some(msg) => Err(Error::Gpu(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// A storage buffer of at least `bytes` bytes, from the pool when one is free.
+    pub(crate) fn alloc(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        // Bindings need 4-byte sizes; rounding to 256 makes pool buckets coarser and more reusable.
+        let size = bytes.max(4).div_ceil(256) * 256;
+        if size > self.limits.max_buffer_size {
+            return Err(Error::Limit {
+                limit: "max_buffer_size",
+                needed: size,
+                available: self.limits.max_buffer_size,
+            });
+        }
+        let cached = {
+            let mut pool = self.pool.lock().unwrap();
+            let buffer = pool.take(size);
+            self.memory.set_pooled(pool.bytes());
+            buffer
+        };
+        if let Some(buffer) = cached {
+            self.memory.alloc(size);
+            return Ok(buffer);
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            // Give cached buffers back to the driver and try once more before failing.
+            self.trim_pool();
+            return Err(Error::Gpu(format!("allocating {size} bytes: {e}")));
+        }
+        self.memory.count_fresh_allocation();
+        self.memory.alloc(size);
+        Ok(buffer)
+    }
+
+    /// Return a tensor's buffer to the pool.
+    pub(crate) fn release(&self, buffer: wgpu::Buffer) {
+        let size = buffer.size();
+        self.memory.free(size);
+        let mut pool = self.pool.lock().unwrap();
+        pool.put(buffer);
+        self.memory.set_pooled(pool.bytes());
+    }
+
+    /// Copy host data into `buffer` at byte `offset`. Pending commands are submitted first, so
+    /// the write (applied at the next submission) cannot overtake a command recorded earlier.
+    pub(crate) fn write(&self, buffer: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
+        self.flush()?;
+        self.queue.write_buffer(buffer, offset, data);
+        Ok(())
+    }
+
+    fn pipeline(&self, kernel: Kernel) -> Result<wgpu::ComputePipeline> {
+        if let Some(p) = self.pipelines.lock().unwrap().get(&(kernel.shader, kernel.entry)) {
+            return Ok(p.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            modules
+                .entry(kernel.shader)
+                .or_insert_with(|| {
+                    self.device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(kernel.shader),
+                            source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
+                        })
+                })
+                .clone()
+        };
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(kernel.entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(kernel.entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!(
+                "compiling {}::{}: {e}",
+                kernel.shader, kernel.entry
+            )));
+        }
+        self.pipelines
+            .lock()
+            .unwrap()
+            .insert((kernel.shader, kernel.entry), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Record one dispatch of `kernel` with `params` at binding 0 and each storage range at the
+    /// binding number given with it.
+    pub(crate) fn dispatch(
+        &self,
+        kernel: Kernel,
+        params: &[u8],
+        bindings: &[(u32, Binding<'_>)],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        debug_assert!(params.len() as u64 <= PARAM_SLOT);
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if let Some(&g) = groups.iter().find(|&&g| g > max) {
+            return Err(Error::Limit {
+                limit: "max_compute_workgroups_per_dimension",
+                needed: g as u64,
+                available: max as u64,
+            });
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let pipeline = self.pipeline(kernel)?;
+        let mut batch = self.batch.lock().unwrap();
+        if batch.dispatches >= MAX_BATCH {
+            self.submit(&mut batch)?;
+        }
+        let slot = batch.dispatches * PARAM_SLOT;
+        self.queue.write_buffer(&self.params, slot, params);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.params,
+                offset: slot,
+                size: wgpu::BufferSize::new(params.len().max(16).div_ceil(16) as u64 * 16),
+            }),
+        }];
+        for (i, b) in bindings {
+            entries.push(wgpu::BindGroupEntry {
+                binding: *i,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer,
+                    offset: b.offset,
+                    size: wgpu::BufferSize::new(b.size.div_ceil(4) * 4),
+                }),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        if batch.encoder.is_none() {
+            batch.encoder = Some(self.device.create_command_encoder(&Default::default()));
+        }
+        if batch.pass.is_none() {
+            let pass = batch
+                .encoder
+                .as_mut()
+                .unwrap()
+                .begin_compute_pass(&wgpu::ComputePassDescriptor::default())
+                .forget_lifetime();
+            batch.pass = Some(pass);
+        }
+        let pass = batch.pass.as_mut().unwrap();
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        batch.dispatches += 1;
+        self.dispatches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Record a buffer-to-buffer copy in the batch.
+    pub(crate) fn copy(
+        &self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        dst: &wgpu::Buffer,
+        dst_offset: u64,
+        bytes: u64,
+    ) {
+        let mut batch = self.batch.lock().unwrap();
+        batch.pass = None;
+        let encoder = batch
+            .encoder
+            .get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
+        batch.dispatches += 1;
+    }
+
+    fn submit(&self, batch: &mut Batch) -> Result<()> {
+        batch.pass = None;
+        batch.dispatches = 0;
+        if let Some(encoder) = batch.encoder.take() {
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            self.queue.submit([encoder.finish()]);
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(Error::Gpu(e.to_string()));
+            }
+        }
+        self.check_lost()
+    }
+
+    /// Submit what has been recorded, without waiting for it.
+    pub fn flush(&self) -> Result<()> {
+        let mut batch = self.batch.lock().unwrap();
+        self.submit(&mut batch)
+    }
+
+    /// Submit what has been recorded and wait until the GPU has finished it.
+    pub fn sync(&self) -> Result<()> {
+        self.flush()?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.check_lost()
+    }
+
+    /// Copy `bytes` bytes of `buffer` from `offset` back to the host.
+    pub(crate) fn read(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
+        let size = bytes.max(4).div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.copy(buffer, offset, &staging, 0, size);
+        self.flush()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        rx.recv()
+            .map_err(|e| Error::Gpu(format!("readback: {e}")))?
+            .map_err(|e| Error::Gpu(format!("readback: {e}")))?;
+        let data = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("readback: {e}")))?[..bytes as usize]
+            .to_vec();
+        staging.unmap();
+        self.check_lost()?;
+        Ok(data)
+    }
+}

@@ -1,0 +1,45 @@
+//! # tensor: f32 tensors on the GPU (WGSL through wgpu) and on the CPU
+//!
+//! The bottom layer of the stack. A [`Tensor`] is an f32 array, contiguous and row-major, that
+//! lives on a [`Device`]: `Device::Gpu` runs WGSL compute kernels through wgpu (Vulkan, Metal,
+//! DX12 or GL), `Device::Cpu` runs the same ops in plain Rust. The CPU backend is both the oracle
+//! every kernel is tested against and the fallback for real work where there is no GPU.
+//!
+//! Reading order:
+//! 1. [`tensor`]: the `Tensor` type, upload and download;
+//! 2. [`device`]: choosing a device;
+//! 3. [`ops::elementwise`]: the smallest op, showing the pattern every op follows: math in the
+//!    doc comment, CPU reference, GPU launcher, tests that compare the two;
+//! 4. [`ops::matmul`]: the tiled, register-blocked matrix product;
+//! 5. `gpu`: how a launch becomes a dispatch in a batched command encoder, buffer pooling,
+//!    splitting tensors larger than one storage binding;
+//! 6. `shaders/*.wgsl` at the repository root, one file per kernel family.
+//!
+//! Shapes follow one vocabulary throughout the workspace: B batch, T time (sequence), C channels,
+//! NH heads, hs = C/NH head size, V vocabulary, N = B·T rows.
+//!
+//! ```
+//! use tensor::{Device, Tensor, ops::elementwise::add};
+//! let cpu = Device::cpu();
+//! let a = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3], &cpu).unwrap();
+//! let b = Tensor::from_vec(vec![10.0, 20.0, 30.0], &[3], &cpu).unwrap();
+//! assert_eq!(add(&a, &b).unwrap().to_vec().unwrap(), vec![11.0, 22.0, 33.0]);
+//! ```
+
+pub mod cpu;
+pub mod device;
+mod error;
+pub mod gpu;
+pub mod memory;
+pub mod ops;
+pub mod shaders;
+pub mod tensor;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use device::{Device, DeviceChoice};
+pub use error::{Error, Result};
+pub(crate) use error::shape_err;
+pub use gpu::{GpuContext, GpuInfo, GpuOptions};
+pub use memory::MemoryStats;
+pub use tensor::Tensor;

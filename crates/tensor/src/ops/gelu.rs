@@ -1,0 +1,1 @@
+//! gelu: being written.

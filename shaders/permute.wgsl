@@ -1,0 +1,1 @@
+// permute.wgsl: being written.
