@@ -1,1 +1,56 @@
-fn main() {}
+//! `train`: the command-line program. This file only parses arguments; the work is in the
+//! library (`crates/train/src/lib.rs`), so tests run the same code.
+
+use clap::{Parser, Subcommand};
+use tensor::DeviceChoice;
+
+#[derive(Parser)]
+#[command(
+    name = "train",
+    version,
+    about = "LoRA fine-tuning of GPT-2 style models, from the GPU matmul up",
+    long_about = "LoRA fine-tuning of GPT-2 style models on our own WGSL tensor engine \
+                  (wgpu: Vulkan, Metal, DX12) with a CPU fallback.",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the devices: every GPU adapter wgpu sees, the CPU backend, and which one `auto` picks.
+    Devices,
+    /// Benchmarks (see docs/benchmarks.md for recorded results).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Matmul GFLOP/s for square sizes and GPT-2 124M's training shapes, on every device present.
+    Matmul(train::bench::MatmulArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Devices => train::devices::print_devices(),
+        Command::Bench { what } => match what {
+            BenchCommand::Matmul(args) => train::bench::matmul(&args),
+        },
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Parse `--device auto|cpu|gpu`.
+#[allow(dead_code)]
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse().map_err(|e: tensor::Error| e.to_string())
+}
