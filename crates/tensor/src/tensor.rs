@@ -181,6 +181,12 @@ impl Tensor {
         })
     }
 
+    /// True when no other tensor handle shares this one's storage, so writing into it in place
+    /// cannot change a value someone else holds.
+    pub fn is_exclusive(&self) -> bool {
+        Arc::strong_count(&self.storage) == 1
+    }
+
     /// True when both tensors share one storage.
     pub fn same_storage(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.storage, &other.storage)

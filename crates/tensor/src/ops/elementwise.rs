@@ -4,6 +4,7 @@
 //! - `add(a, b)      = a + b`            d/da = 1, d/db = 1
 //! - `mul(a, b)      = a ⊙ b`            d/da = b, d/db = a
 //! - `scale(a, s)    = s · a`            d/da = s
+//! - `scale_by(a, s) = s · a` with s a (1) tensor, so a scale computed on the GPU stays there
 //! - `axpy(y, s, x):   y ← y + s · x`    (in place; how gradients accumulate)
 //! - `add_bias(x, b) = x + b` with x: (…, C), b: (C), b broadcast over every row;
 //!   db = Σ_rows dy (a `sum` over the leading axes, in `reduce`).
@@ -48,6 +49,8 @@ enum Operands<'a> {
     Two(&'a Tensor, &'a Tensor),
     /// `out = a + bias` with bias of length `cols`, bound whole.
     Bias(&'a Tensor, &'a Tensor),
+    /// `out = a · s[0]` with s a one-element tensor, bound whole.
+    Scalar(&'a Tensor, &'a Tensor),
     /// `out = alpha`.
     Zero,
 }
@@ -86,7 +89,7 @@ fn launch(ctx: &Arc<GpuContext>, entry: &'static str, out: &Tensor, ops: Operand
                 bindings.push((1, a.binding));
                 bindings.push((2, b.binding));
             }
-            Operands::Bias(a, b) => {
+            Operands::Bias(a, b) | Operands::Scalar(a, b) => {
                 let (a, b) = (ctx.view(a, start, len)?, ctx.view_all(b)?);
                 params.off_a = a.offset;
                 params.off_b = b.offset;
@@ -167,6 +170,24 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     }
 }
 
+/// `s · a` where `s` is a one-element tensor on a's device.
+pub fn scale_by(a: &Tensor, s: &Tensor) -> Result<Tensor> {
+    if s.numel() != 1 {
+        return shape_err("scale_by", "a one-element scale", s.shape());
+    }
+    match same_device("scale_by", &[a, s])? {
+        Device::Cpu(_) => {
+            let v = s.cpu_data()?[0];
+            scale(a, v)
+        }
+        Device::Gpu(ctx) => {
+            let out = Tensor::gpu_uninit(&ctx, a.shape())?;
+            launch(&ctx, "scale_by", &out, Operands::Scalar(a, s), 0.0)?;
+            Ok(out)
+        }
+    }
+}
+
 /// In place: `y ← y + s · x`, shapes equal. Writes into `y`'s storage (shared by its clones).
 pub fn axpy(y: &Tensor, s: f32, x: &Tensor) -> Result<()> {
     check_same_shape("axpy", y, x)?;
@@ -230,6 +251,9 @@ mod tests {
             assert_close("add", &add(&ga, &gb).unwrap(), &add(&a, &b).unwrap(), 0.0, 0.0);
             assert_close("mul", &mul(&ga, &gb).unwrap(), &mul(&a, &b).unwrap(), 0.0, 0.0);
             assert_close("scale", &scale(&ga, -1.5).unwrap(), &scale(&a, -1.5).unwrap(), 0.0, 0.0);
+            let s = Tensor::scalar(0.75, &Device::cpu()).unwrap();
+            let gs = s.to_device(&g).unwrap();
+            assert_close("scale_by", &scale_by(&ga, &gs).unwrap(), &scale_by(&a, &s).unwrap(), 0.0, 0.0);
             let (y, gy) = (a.copy().unwrap(), ga.copy().unwrap());
             axpy(&y, 0.25, &b).unwrap();
             axpy(&gy, 0.25, &gb).unwrap();
