@@ -1,1 +1,41 @@
-//! placeholder
+//! # autograd: reverse-mode differentiation where frozen weights cost nothing
+//!
+//! The second layer. Ops on [`Var`]s run the tensor kernels forward and append a node to a
+//! [`Tape`]; [`Tape::backward`] walks the nodes in reverse and accumulates the gradients of
+//! trainable parameters into [`Grads`]. This is where LoRA's promise is kept:
+//!
+//! - a [`Param`] is `Frozen` or `Trainable`, in the types; only trainables have an id, and only
+//!   ids get gradient buffers ([`Grads`]) and optimizer state ([`AdamW`]);
+//! - an op records a node only if an input needs a gradient, and saves only the tensors the
+//!   needed gradients use: `x·W0` with W0 frozen saves W0 (for dx) but not x (which only dW0
+//!   needs), and its backward launches one matmul, not two.
+//!
+//! Reading order: [`param`], [`tape`] (the backward loop fits on one screen), then `ops/*`
+//! (each op's forward and backward side by side, the math in the doc comment), [`optim`].
+//!
+//! ```
+//! use autograd::{Grads, Param, Tape};
+//! use tensor::{Device, Tensor};
+//! let cpu = Device::cpu();
+//! let w = Param::trainable("w", Tensor::from_vec(vec![3.0], &[1], &cpu).unwrap());
+//! let tape = Tape::new();
+//! let x = tape.param(&w);
+//! let y = tape.mul(&x, &x).unwrap(); // y = w², dy/dw = 2w = 6
+//! let mut grads = Grads::new();
+//! tape.backward(&y, &mut grads).unwrap();
+//! let id = w.as_trainable().unwrap().id;
+//! assert_eq!(grads.get(id).unwrap().to_vec().unwrap(), vec![6.0]);
+//! ```
+
+pub mod grads;
+pub mod memory;
+pub mod ops;
+pub mod optim;
+pub mod param;
+pub mod tape;
+
+pub use grads::Grads;
+pub use memory::{Counter, MemoryReport};
+pub use optim::{AdamW, ParamGroup, Schedule, Sgd, clip_grad_norm};
+pub use param::{Param, ParamId, Trainable};
+pub use tape::{BackwardStats, Tape, Var};

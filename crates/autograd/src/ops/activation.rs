@@ -1,0 +1,43 @@
+//! GELU (tanh form, as GPT-2), softmax over the last axis (optionally causal) and dropout.
+//!
+//! - `gelu`:    y = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)));  dx = dy·gelu'(x)  (needs x)
+//! - `softmax`: y_i = e^{x_i} / Σ_j e^{x_j};  dx = y ⊙ (dy − Σ_j y_j·dy_j)      (needs y)
+//! - `dropout`: y = x·mask/(1−p); dx = dy·mask/(1−p), the mask recomputed from the seed (nothing saved)
+
+use tensor::ops::dropout::{dropout, dropout_backward};
+use tensor::ops::gelu::{gelu, gelu_backward};
+use tensor::ops::softmax::{softmax, softmax_backward};
+use tensor::Result;
+
+use crate::tape::{Tape, Var};
+
+impl Tape {
+    /// GELU, tanh form.
+    pub fn gelu(&self, x: &Var) -> Result<Var> {
+        let y = gelu(&x.value)?;
+        let x_saved = x.value.clone();
+        self.record("gelu", y, &[x], &[&x.value], move |dy| {
+            Ok(vec![Some(gelu_backward(&x_saved, dy)?)])
+        })
+    }
+
+    /// Softmax over the last axis; `causal` masks column c > row r (+ columns − rows).
+    pub fn softmax(&self, x: &Var, causal: bool) -> Result<Var> {
+        let y = softmax(&x.value, causal)?;
+        let y_saved = y.clone();
+        self.record("softmax", y.clone(), &[x], &[&y], move |dy| {
+            Ok(vec![Some(softmax_backward(&y_saved, dy)?)])
+        })
+    }
+
+    /// Dropout with probability `p` from `seed` (identity when p = 0 or the tape does not record).
+    pub fn dropout(&self, x: &Var, p: f32, seed: u64) -> Result<Var> {
+        if p == 0.0 || !self.is_recording() {
+            return Ok(x.clone());
+        }
+        let y = dropout(&x.value, p, seed)?;
+        self.record("dropout", y, &[x], &[], move |dy| {
+            Ok(vec![Some(dropout_backward(dy, p, seed)?)])
+        })
+    }
+}

@@ -1,0 +1,37 @@
+//! Mean cross-entropy with per-token weights:
+//! loss = Σ_n w_n·(logsumexp(x_n) − x_n[t_n]) / Σ_n w_n, x: (N, V) logits.
+//!
+//! Tokens with w = 0 do not count (the prompt of a fine-tuning example). Saved: the logits and
+//! the per-row logsumexp; backward: dx[n, v] = dloss·w_n/Σw·(softmax(x_n)[v] − [v = t_n]).
+
+use tensor::ops::cross_entropy::{cross_entropy, cross_entropy_backward};
+use tensor::ops::elementwise::{scale, scale_by};
+use tensor::ops::reduce::sum_all;
+use tensor::{Error, Result};
+
+use crate::tape::{Tape, Var};
+
+impl Tape {
+    /// Weighted mean cross-entropy of `logits` (N, V) against `targets` (N); a (1) loss.
+    pub fn cross_entropy(&self, logits: &Var, targets: &[u32], weights: &[f32]) -> Result<Var> {
+        let total: f64 = weights.iter().map(|&w| w as f64).sum();
+        if total <= 0.0 {
+            return Err(Error::Invalid(format!(
+                "cross_entropy: the weights of {} tokens sum to {total}; at least one token must count",
+                weights.len()
+            )));
+        }
+        let inv = (1.0 / total) as f32;
+        let out = cross_entropy(&logits.value, targets, weights)?;
+        let loss = scale(&sum_all(&out.losses)?, inv)?;
+        let (x, lse) = (logits.value.clone(), out.lse);
+        let (t, w) = (targets.to_vec(), weights.to_vec());
+        let saved = [&x, &lse];
+        let (x2, lse2) = (x.clone(), lse.clone());
+        self.record("cross_entropy", loss, &[logits], &saved, move |dloss| {
+            // dloss is a (1) tensor that stays on the device (no host round trip).
+            let dx = cross_entropy_backward(&x2, &t, &w, &lse2, inv)?;
+            Ok(vec![Some(scale_by(&dx, dloss)?)])
+        })
+    }
+}

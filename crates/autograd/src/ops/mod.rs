@@ -1,0 +1,22 @@
+//! The differentiable ops, as methods of [`crate::Tape`]: each file holds an op's forward
+//! (which records) and its backward rule, with the math in the doc comment.
+//!
+//! | op | file |
+//! |---|---|
+//! | matmul (+ bias) | [`matmul`] |
+//! | add, mul, scale, add_bias, reshape | [`elementwise`] |
+//! | gelu, softmax, dropout | [`activation`] |
+//! | layer norm | [`layernorm`] |
+//! | embedding | [`embedding`] |
+//! | cross-entropy | [`cross_entropy`] |
+//! | head split / merge | [`heads`] |
+//! | sum, mean | [`reduce`] |
+
+pub mod activation;
+pub mod cross_entropy;
+pub mod elementwise;
+pub mod embedding;
+pub mod heads;
+pub mod layernorm;
+pub mod matmul;
+pub mod reduce;

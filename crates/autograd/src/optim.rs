@@ -1,0 +1,201 @@
+//! Optimizers, gradient clipping and learning-rate schedules. They see trainable parameters
+//! only: optimizer state exists for nothing else.
+//!
+//! AdamW (Loshchilov & Hutter; torch.optim.AdamW semantics), per step t and parameter p with
+//! gradient g:  p ← p − lr·wd·p;  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
+//! p ← p − lr·(m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + eps).
+//! SGD: p ← p − lr·g.
+
+use std::collections::HashMap;
+
+use tensor::ops::adamw::{AdamWParams, adamw_step};
+use tensor::ops::elementwise::{axpy, mul, scale};
+use tensor::ops::reduce::sum_all;
+use tensor::{Result, Tensor};
+
+use crate::grads::Grads;
+use crate::memory::Counter;
+use crate::param::{ParamId, Trainable};
+
+/// Parameters that share a learning-rate multiplier and a weight decay (LoRA+ gives B a larger
+/// learning rate than A: two groups).
+#[derive(Clone, Debug)]
+pub struct ParamGroup {
+    pub params: Vec<Trainable>,
+    /// Multiplies the scheduled learning rate.
+    pub lr_scale: f32,
+    pub weight_decay: f32,
+}
+
+impl ParamGroup {
+    pub fn new(params: Vec<Trainable>, weight_decay: f32) -> ParamGroup {
+        ParamGroup {
+            params,
+            lr_scale: 1.0,
+            weight_decay,
+        }
+    }
+}
+
+/// AdamW over parameter groups.
+pub struct AdamW {
+    pub groups: Vec<ParamGroup>,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Steps taken (the t of the bias correction).
+    pub step: u32,
+    state: HashMap<ParamId, (Tensor, Tensor)>,
+    bytes: Counter,
+}
+
+impl AdamW {
+    /// AdamW with torch's defaults (β1 0.9, β2 0.999, eps 1e-8).
+    pub fn new(groups: Vec<ParamGroup>) -> AdamW {
+        AdamW {
+            groups,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 0,
+            state: HashMap::new(),
+            bytes: Counter::default(),
+        }
+    }
+
+    /// One update of every parameter that has a gradient, at learning rate `lr`.
+    pub fn step(&mut self, grads: &Grads, lr: f32) -> Result<()> {
+        self.step += 1;
+        for group in &self.groups {
+            for p in &group.params {
+                let Some(g) = grads.get(p.id) else { continue };
+                let (m, v) = match self.state.get(&p.id) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let device = p.value.device();
+                        let m = Tensor::zeros(p.value.shape(), &device)?;
+                        let v = Tensor::zeros(p.value.shape(), &device)?;
+                        self.bytes.add(m.bytes() + v.bytes());
+                        self.state.insert(p.id, (m.clone(), v.clone()));
+                        (m, v)
+                    }
+                };
+                let hp = AdamWParams {
+                    lr: lr * group.lr_scale,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    eps: self.eps,
+                    weight_decay: group.weight_decay,
+                    step: self.step,
+                };
+                adamw_step(&p.value, g, &m, &v, &hp)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of m and v (live and peak).
+    pub fn memory(&self) -> Counter {
+        self.bytes
+    }
+
+    /// The state of one parameter (m, v), if it has taken a step.
+    pub fn state(&self, id: ParamId) -> Option<&(Tensor, Tensor)> {
+        self.state.get(&id)
+    }
+}
+
+/// Plain stochastic gradient descent: p ← p − lr·g.
+pub struct Sgd {
+    pub params: Vec<Trainable>,
+}
+
+impl Sgd {
+    pub fn step(&mut self, grads: &Grads, lr: f32) -> Result<()> {
+        for p in &self.params {
+            if let Some(g) = grads.get(p.id) {
+                axpy(&p.value, -lr, g)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before
+/// clipping. Reads one number back from the device.
+pub fn clip_grad_norm(grads: &mut Grads, max_norm: f32) -> Result<f32> {
+    let ids: Vec<ParamId> = grads.ids().collect();
+    let mut total = 0.0f64;
+    for &id in &ids {
+        let g = grads.get(id).unwrap();
+        total += sum_all(&mul(g, g)?)?.to_vec()?[0] as f64;
+    }
+    let norm = total.sqrt() as f32;
+    if norm > max_norm && norm.is_finite() {
+        let c = max_norm / (norm + 1e-6);
+        for id in ids {
+            let scaled = scale(grads.get(id).unwrap(), c)?;
+            grads.set(id, scaled);
+        }
+    }
+    Ok(norm)
+}
+
+/// How the learning rate changes over training.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Schedule {
+    Constant,
+    /// Linear warm-up from 0 over `warmup` steps, then linear decay to 0 at `total`.
+    WarmupLinear { warmup: u32, total: u32 },
+    /// Linear warm-up, then cosine decay to `min_ratio`·lr at `total`.
+    WarmupCosine { warmup: u32, total: u32, min_ratio: f32 },
+}
+
+impl Schedule {
+    /// The learning rate for `step` (0-based) given the base rate.
+    pub fn lr(&self, base: f32, step: u32) -> f32 {
+        let warm = |warmup: u32| {
+            if warmup > 0 && step < warmup {
+                Some(base * (step + 1) as f32 / warmup as f32)
+            } else {
+                None
+            }
+        };
+        match *self {
+            Schedule::Constant => base,
+            Schedule::WarmupLinear { warmup, total } => warm(warmup).unwrap_or_else(|| {
+                let span = total.saturating_sub(warmup).max(1) as f32;
+                base * (1.0 - (step - warmup) as f32 / span).max(0.0)
+            }),
+            Schedule::WarmupCosine {
+                warmup,
+                total,
+                min_ratio,
+            } => warm(warmup).unwrap_or_else(|| {
+                let span = total.saturating_sub(warmup).max(1) as f32;
+                let progress = ((step - warmup) as f32 / span).min(1.0);
+                let cos = 0.5 * (1.0 + (std::f32::consts::PI * progress).cos());
+                base * (min_ratio + (1.0 - min_ratio) * cos)
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Schedule;
+
+    #[test]
+    fn schedules_warm_up_and_decay() {
+        let s = Schedule::WarmupLinear { warmup: 10, total: 110 };
+        assert!((s.lr(1.0, 0) - 0.1).abs() < 1e-6);
+        assert!((s.lr(1.0, 9) - 1.0).abs() < 1e-6);
+        assert!((s.lr(1.0, 60) - 0.5).abs() < 1e-6);
+        assert_eq!(s.lr(1.0, 200), 0.0);
+        let c = Schedule::WarmupCosine { warmup: 0, total: 100, min_ratio: 0.1 };
+        assert!((c.lr(1.0, 0) - 1.0).abs() < 1e-6);
+        assert!((c.lr(1.0, 50) - 0.55).abs() < 1e-5);
+        assert!((c.lr(1.0, 100) - 0.1).abs() < 1e-6);
+        assert_eq!(Schedule::Constant.lr(0.3, 12345), 0.3);
+    }
+}

@@ -1,0 +1,124 @@
+//! Every backward rule on the GPU equals the same rule on the CPU backend, and a small MLP
+//! learns on both devices.
+
+use autograd::{AdamW, Grads, ParamGroup, Param, Tape, Var};
+use proptest::prelude::*;
+use tensor::ops::matmul::MatmulOpts;
+use tensor::testing::{assert_close_slices, gpu, random_vec};
+use tensor::{Device, Tensor};
+
+type Build = dyn Fn(&Tape, &[Var]) -> tensor::Result<Var>;
+
+/// Gradients of loss = Σ r ⊙ build(inputs) for every input, on `device`.
+fn grads_on(device: &Device, shapes: &[Vec<usize>], build: &Build, seed: u64) -> Vec<Vec<f32>> {
+    let params: Vec<Param> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let v = random_vec(s.iter().product(), seed + i as u64);
+            Param::trainable("x", Tensor::from_vec(v, s, device).unwrap())
+        })
+        .collect();
+    let tape = Tape::new();
+    let vars: Vec<Var> = params.iter().map(|p| tape.param(p)).collect();
+    let y = build(&tape, &vars).unwrap();
+    let r = Tensor::from_vec(random_vec(y.value.numel(), seed + 100), y.shape(), device).unwrap();
+    let loss = tape.sum_all(&tape.mul(&y, &tape.constant(r)).unwrap()).unwrap();
+    let mut grads = Grads::new();
+    tape.backward(&loss, &mut grads).unwrap();
+    params
+        .iter()
+        .map(|p| match grads.get(p.as_trainable().unwrap().id) {
+            Some(g) => g.to_vec().unwrap(),
+            None => vec![0.0; p.value().numel()],
+        })
+        .collect()
+}
+
+fn same_on_gpu(name: &str, shapes: &[Vec<usize>], build: &Build, seed: u64) {
+    let Some(g) = gpu() else { return };
+    let want = grads_on(&Device::cpu(), shapes, build, seed);
+    let got = grads_on(&g, shapes, build, seed);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        // f32 on both; sums may be ordered differently: 1e-4 absolute + 1e-4 relative.
+        assert_close_slices(&format!("{name} d(input {i})"), g, w, 1e-4, 1e-4);
+    }
+}
+
+fn dims() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), Just(7), Just(17), 2usize..12]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    #[test]
+    fn every_backward_rule_matches_cpu(b in 1usize..3, t in dims(), c in dims(), seed in 0u64..1000) {
+        let n = 5;
+        let opts = MatmulOpts::default();
+        same_on_gpu("matmul", &[vec![b, t, c], vec![c, n], vec![n]], &move |tp, v| tp.matmul(&v[0], &v[1], Some(&v[2]), opts), seed);
+        same_on_gpu("matmul_tt", &[vec![c, t], vec![n, c]], &|tp, v| tp.matmul(&v[0], &v[1], None, MatmulOpts { trans_a: true, trans_b: true }), seed);
+        same_on_gpu("add", &[vec![t, c], vec![t, c]], &|tp, v| tp.add(&v[0], &v[1]), seed);
+        same_on_gpu("mul", &[vec![t, c], vec![t, c]], &|tp, v| tp.mul(&v[0], &v[1]), seed);
+        same_on_gpu("scale", &[vec![t, c]], &|tp, v| tp.scale(&v[0], 0.3), seed);
+        same_on_gpu("add_bias", &[vec![b, t, c], vec![c]], &|tp, v| tp.add_bias(&v[0], &v[1]), seed);
+        same_on_gpu("gelu", &[vec![t, c]], &|tp, v| tp.gelu(&v[0]), seed);
+        same_on_gpu("softmax", &[vec![b, t, t.max(c)]], &|tp, v| tp.softmax(&v[0], true), seed);
+        same_on_gpu("layernorm", &[vec![t, c], vec![c], vec![c]], &|tp, v| tp.layernorm(&v[0], &v[1], &v[2], 1e-5), seed);
+        let ids: Vec<u32> = (0..t).map(|i| ((i * 5 + seed as usize) % c) as u32).collect();
+        same_on_gpu("embedding", &[vec![c, 3]], &move |tp, v| tp.embedding(&v[0], &ids), seed);
+        let targets: Vec<u32> = (0..t).map(|i| ((i * 3 + 1) % c) as u32).collect();
+        let weights: Vec<f32> = (0..t).map(|i| if i % 2 == 0 { 1.0 } else { 0.5 }).collect();
+        same_on_gpu("cross_entropy", &[vec![t, c]], &move |tp, v| tp.cross_entropy(&v[0], &targets, &weights), seed);
+        same_on_gpu("split_heads", &[vec![b, t, 6]], &|tp, v| tp.split_heads(&v[0], 2, 2, 4), seed);
+        same_on_gpu("merge_heads", &[vec![b, 2, t, 3]], &|tp, v| tp.merge_heads(&v[0]), seed);
+        same_on_gpu("dropout", &[vec![t, c]], &|tp, v| tp.dropout(&v[0], 0.25, 9), seed);
+        same_on_gpu("mean_all", &[vec![t, c]], &|tp, v| tp.mean_all(&v[0]), seed);
+    }
+}
+
+/// A two-layer MLP (2 → 16 → 2, GELU) learns XOR-like quadrants with AdamW.
+fn mlp_learns(device: &Device) -> f32 {
+    let xs: Vec<f32> = (0..64).flat_map(|i| {
+        let a = ((i * 37 % 64) as f32 / 32.0) - 1.0;
+        let b = ((i * 11 % 64) as f32 / 32.0) - 1.0;
+        [a, b]
+    }).collect();
+    let targets: Vec<u32> = xs.chunks(2).map(|p| u32::from((p[0] > 0.0) != (p[1] > 0.0))).collect();
+    let x = Tensor::from_vec(xs, &[64, 2], device).unwrap();
+    let w1 = Param::trainable("w1", Tensor::from_vec(random_vec(32, 1).iter().map(|v| v * 1.5).collect(), &[2, 16], device).unwrap());
+    let b1 = Param::trainable("b1", Tensor::zeros(&[16], device).unwrap());
+    let w2 = Param::trainable("w2", Tensor::from_vec(random_vec(32, 2).iter().map(|v| v * 0.5).collect(), &[16, 2], device).unwrap());
+    let b2 = Param::trainable("b2", Tensor::zeros(&[2], device).unwrap());
+    let params = [w1, b1, w2, b2];
+    let mut opt = AdamW::new(vec![ParamGroup::new(params.iter().map(|p| p.as_trainable().unwrap().clone()).collect(), 0.0)]);
+    let weights = vec![1.0; 64];
+    let mut loss_value = f32::NAN;
+    for _ in 0..300 {
+        let tape = Tape::new();
+        let v: Vec<Var> = params.iter().map(|p| tape.param(p)).collect();
+        let xv = tape.constant(x.clone());
+        let h = tape.gelu(&tape.matmul(&xv, &v[0], Some(&v[1]), MatmulOpts::default()).unwrap()).unwrap();
+        let logits = tape.matmul(&h, &v[2], Some(&v[3]), MatmulOpts::default()).unwrap();
+        let loss = tape.cross_entropy(&logits, &targets, &weights).unwrap();
+        let mut grads = Grads::new();
+        tape.backward(&loss, &mut grads).unwrap();
+        opt.step(&grads, 0.05).unwrap();
+        loss_value = loss.value.to_vec().unwrap()[0];
+    }
+    loss_value
+}
+
+#[test]
+fn mlp_learns_on_cpu() {
+    let loss = mlp_learns(&Device::cpu());
+    assert!(loss < 0.1, "final loss {loss} (chance is ln 2 = 0.693)");
+}
+
+#[test]
+fn mlp_learns_on_gpu() {
+    if let Some(g) = gpu() {
+        let loss = mlp_learns(&g);
+        assert!(loss < 0.1, "final loss {loss} (chance is ln 2 = 0.693)");
+    }
+}

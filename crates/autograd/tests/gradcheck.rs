@@ -1,0 +1,214 @@
+//! Finite differences in f64 against every backward rule.
+//!
+//! For each op y = f(inputs), the test builds loss = Σ r ⊙ y with a fixed random r, runs our
+//! backward (f32, CPU backend), and compares each input's gradient with central differences of
+//! an f64 reference forward (`reference.rs`): (L(x + h) − L(x − h)) / 2h, h = 1e-5. Shapes come
+//! from proptest. `a_wrong_backward_is_rejected` keeps the checker honest.
+
+mod reference;
+
+use autograd::{Grads, Param, Tape, Var};
+use proptest::prelude::*;
+use tensor::ops::matmul::MatmulOpts;
+use tensor::testing::random_vec;
+use tensor::{Device, Tensor};
+
+type Build = dyn Fn(&Tape, &[Var]) -> tensor::Result<Var>;
+type Reference = dyn Fn(&[Vec<f64>]) -> Vec<f64>;
+
+/// Compare our gradients with f64 finite differences; Err describes the first mismatch.
+fn check(
+    name: &str,
+    shapes: &[Vec<usize>],
+    build: &Build,
+    reference: &Reference,
+    seed: u64,
+) -> Result<(), String> {
+    let cpu = Device::cpu();
+    let values: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| random_vec(s.iter().product(), seed + i as u64))
+        .collect();
+    let params: Vec<Param> = values
+        .iter()
+        .zip(shapes)
+        .map(|(v, s)| Param::trainable("x", Tensor::from_vec(v.clone(), s, &cpu).unwrap()))
+        .collect();
+    let tape = Tape::new();
+    let vars: Vec<Var> = params.iter().map(|p| tape.param(p)).collect();
+    let y = build(&tape, &vars).map_err(|e| e.to_string())?;
+    let r = random_vec(y.value.numel(), seed + 100);
+    let rv = tape.constant(Tensor::from_vec(r.clone(), y.shape(), &cpu).unwrap());
+    let loss = tape.sum_all(&tape.mul(&y, &rv).unwrap()).unwrap();
+    let mut grads = Grads::new();
+    tape.backward(&loss, &mut grads).map_err(|e| e.to_string())?;
+
+    let x64: Vec<Vec<f64>> = values.iter().map(|v| v.iter().map(|&a| a as f64).collect()).collect();
+    let lossf = |xs: &[Vec<f64>]| -> f64 {
+        reference(xs).iter().zip(&r).map(|(y, r)| y * *r as f64).sum()
+    };
+    let h = 1e-5;
+    for (i, p) in params.iter().enumerate() {
+        let ours = match grads.get(p.as_trainable().unwrap().id) {
+            Some(g) => g.to_vec().unwrap(),
+            None => vec![0.0; values[i].len()],
+        };
+        for j in 0..values[i].len() {
+            let mut xs = x64.clone();
+            xs[i][j] += h;
+            let up = lossf(&xs);
+            xs[i][j] -= 2.0 * h;
+            let down = lossf(&xs);
+            let fd = (up - down) / (2.0 * h);
+            let got = ours[j] as f64;
+            if (got - fd).abs() > 1e-3 + 1e-3 * fd.abs() {
+                return Err(format!("{name}: input {i} element {j}: backward {got}, finite difference {fd}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dims() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), Just(7), 2usize..6]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    #[test]
+    fn matmul_backward_matches_finite_differences(m in dims(), k in dims(), n in dims(),
+                                                  ta: bool, tb: bool, bias: bool, seed in 0u64..1000) {
+        let a = if ta { vec![k, m] } else { vec![m, k] };
+        let b = if tb { vec![n, k] } else { vec![k, n] };
+        let mut shapes = vec![a, b];
+        if bias { shapes.push(vec![n]); }
+        let opts = MatmulOpts { trans_a: ta, trans_b: tb };
+        check("matmul", &shapes,
+            &move |t, v| t.matmul(&v[0], &v[1], v.get(2), opts),
+            &move |x| reference::matmul(&x[0], &x[1], x.get(2).map(|b| b.as_slice()), m, k, n, ta, tb),
+            seed).unwrap();
+    }
+
+    #[test]
+    fn batched_matmul_with_shared_weight_matches_finite_differences(b in 1usize..3, t in dims(), k in dims(), n in dims(), seed in 0u64..1000) {
+        check("batched matmul", &[vec![b, t, k], vec![k, n]],
+            &|tp, v| tp.matmul(&v[0], &v[1], None, MatmulOpts::default()),
+            &move |x| reference::matmul(&x[0], &x[1], None, b * t, k, n, false, false),
+            seed).unwrap();
+    }
+
+    #[test]
+    fn elementwise_backward_matches_finite_differences(r in dims(), c in dims(), seed in 0u64..1000) {
+        let s = vec![r, c];
+        check("add", &[s.clone(), s.clone()], &|t, v| t.add(&v[0], &v[1]),
+            &|x| x[0].iter().zip(&x[1]).map(|(a, b)| a + b).collect(), seed).unwrap();
+        check("mul", &[s.clone(), s.clone()], &|t, v| t.mul(&v[0], &v[1]),
+            &|x| x[0].iter().zip(&x[1]).map(|(a, b)| a * b).collect(), seed).unwrap();
+        check("scale", &[s.clone()], &|t, v| t.scale(&v[0], -0.7),
+            &|x| x[0].iter().map(|a| -0.7 * a).collect(), seed).unwrap();
+        check("add_bias", &[s.clone(), vec![c]], &|t, v| t.add_bias(&v[0], &v[1]),
+            &move |x| x[0].iter().enumerate().map(|(i, a)| a + x[1][i % c]).collect(), seed).unwrap();
+        check("gelu", &[s.clone()], &|t, v| t.gelu(&v[0]), &|x| reference::gelu(&x[0]), seed).unwrap();
+        check("mean_all", &[s.clone()], &|t, v| t.mean_all(&v[0]),
+            &|x| vec![x[0].iter().sum::<f64>() / x[0].len() as f64], seed).unwrap();
+    }
+
+    #[test]
+    fn softmax_backward_matches_finite_differences(b in 1usize..3, r in dims(), c in dims(), causal: bool, seed in 0u64..1000) {
+        let c = c.max(r); // causal rows need at least as many columns
+        check("softmax", &[vec![b, r, c]], &move |t, v| t.softmax(&v[0], causal),
+            &move |x| reference::softmax(&x[0], r, c, causal), seed).unwrap();
+    }
+
+    #[test]
+    fn layernorm_backward_matches_finite_differences(r in dims(), c in 2usize..9, seed in 0u64..1000) {
+        check("layernorm", &[vec![r, c], vec![c], vec![c]],
+            &|t, v| t.layernorm(&v[0], &v[1], &v[2], 1e-5),
+            &move |x| reference::layernorm(&x[0], &x[1], &x[2], c, 1e-5), seed).unwrap();
+    }
+
+    #[test]
+    fn embedding_backward_matches_finite_differences(v in 1usize..6, c in dims(), ids in proptest::collection::vec(0u32..6, 1..8), seed in 0u64..1000) {
+        let ids: Vec<u32> = ids.into_iter().map(|i| i % v as u32).collect();
+        let ids2 = ids.clone();
+        check("embedding", &[vec![v, c]], &move |t, x| t.embedding(&x[0], &ids),
+            &move |x| ids2.iter().flat_map(|&i| x[0][i as usize * c..(i as usize + 1) * c].to_vec()).collect(),
+            seed).unwrap();
+    }
+
+    #[test]
+    fn cross_entropy_backward_matches_finite_differences(n in 1usize..6, v in 2usize..9, seed in 0u64..1000) {
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 7 + seed as usize) % v) as u32).collect();
+        let weights: Vec<f32> = (0..n).map(|i| if i % 3 == 1 { 0.0 } else { 1.0 }).collect();
+        let weights = if weights.iter().sum::<f32>() == 0.0 { vec![1.0; n] } else { weights };
+        let (t2, w2) = (targets.clone(), weights.iter().map(|&w| w as f64).collect::<Vec<_>>());
+        check("cross_entropy", &[vec![n, v]], &move |t, x| t.cross_entropy(&x[0], &targets, &weights),
+            &move |x| vec![reference::cross_entropy(&x[0], v, &t2, &w2)], seed).unwrap();
+    }
+
+    #[test]
+    fn head_permutes_backward_match_finite_differences(b in 1usize..3, t in dims(), nh in 1usize..3, hs in 1usize..4, seed in 0u64..1000) {
+        let c = nh * hs;
+        let w = 3 * c;
+        // split the middle third (the "k" columns of a fused qkv) into heads
+        check("split_heads", &[vec![b, t, w]], &move |tp, v| tp.split_heads(&v[0], nh, c, c),
+            &move |x| {
+                let mut out = Vec::new();
+                for bi in 0..b { for h in 0..nh { for ti in 0..t { for d in 0..hs {
+                    out.push(x[0][(bi * t + ti) * w + c + h * hs + d]);
+                }}}}
+                out
+            }, seed).unwrap();
+        check("merge_heads", &[vec![b, nh, t, hs]], &|tp, v| tp.merge_heads(&v[0]),
+            &move |x| {
+                let mut out = Vec::new();
+                for bi in 0..b { for ti in 0..t { for h in 0..nh { for d in 0..hs {
+                    out.push(x[0][((bi * nh + h) * t + ti) * hs + d]);
+                }}}}
+                out
+            }, seed).unwrap();
+    }
+}
+
+#[test]
+fn dropout_backward_matches_finite_differences() {
+    // The mask is a function of (seed, index): read it off by dropping out a tensor of ones.
+    let cpu = Device::cpu();
+    let (p, seed) = (0.3, 42);
+    let ones = Tensor::full(&[5, 6], 1.0, &cpu).unwrap();
+    let mask: Vec<f64> = tensor::ops::dropout::dropout(&ones, p, seed)
+        .unwrap()
+        .to_vec()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    check("dropout", &[vec![5, 6]], &move |t, v| t.dropout(&v[0], p, seed),
+        &move |x| x[0].iter().zip(&mask).map(|(a, m)| a * m).collect(), 3).unwrap();
+}
+
+#[test]
+fn a_wrong_backward_is_rejected() {
+    // GELU whose backward forgets the cubic term's derivative: the checker must say no.
+    let wrong: &Build = &|t, v| {
+        let x = v[0].value.clone();
+        let y = tensor::ops::gelu::gelu(&x)?;
+        Ok(t.record("wrong_gelu", y, &[&v[0]], &[&x], move |dy| {
+            let k = (2.0f32 / std::f32::consts::PI).sqrt();
+            let xs = x.to_vec()?;
+            let d: Vec<f32> = xs.iter().map(|&a| {
+                let th = (k * (a + 0.044715 * a * a * a)).tanh();
+                0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * k // missing (1 + 3·0.044715·x²)
+            }).collect();
+            let dg = Tensor::from_vec(d, x.shape(), &x.device())?;
+            Ok(vec![Some(tensor::ops::elementwise::mul(dy, &dg)?)])
+        }))
+    };
+    let err = check("wrong gelu", &[vec![4, 5]], wrong, &|x| reference::gelu(&x[0]), 1)
+        .expect_err("a wrong backward passed the finite-difference check");
+    assert!(err.contains("finite difference"), "{err}");
+    // and the right rule passes on the same inputs
+    check("gelu", &[vec![4, 5]], &|t, v| t.gelu(&v[0]), &|x| reference::gelu(&x[0]), 1).unwrap();
+}
