@@ -75,7 +75,12 @@ fn check_cols(op: &'static str, d: &Dims) -> Result<()> {
     if d.col0 + d.c() > d.w {
         return shape_err(
             op,
-            format!("columns {}..{} (col0 + NH·hs) within rows of width {}", d.col0, d.col0 + d.c(), d.w),
+            format!(
+                "columns {}..{} (col0 + NH·hs) within rows of width {}",
+                d.col0,
+                d.col0 + d.c(),
+                d.w
+            ),
             format!("width {}", d.w),
         );
     }
@@ -84,7 +89,13 @@ fn check_cols(op: &'static str, d: &Dims) -> Result<()> {
 
 /// Launch `entry` ("split_heads" or "merge_heads") between the wide tensor and the heads tensor,
 /// split over whole batches.
-fn launch(ctx: &Arc<GpuContext>, entry: &'static str, wide: &Tensor, heads: &Tensor, d: Dims) -> Result<()> {
+fn launch(
+    ctx: &Arc<GpuContext>,
+    entry: &'static str,
+    wide: &Tensor,
+    heads: &Tensor,
+    d: Dims,
+) -> Result<()> {
     let c = d.c();
     let (wide_per_b, heads_per_b) = (d.t * d.w, d.nh * d.t * d.hs);
     if wide.numel().max(heads.numel()) > u32::MAX as usize {
@@ -107,7 +118,11 @@ fn launch(ctx: &Arc<GpuContext>, entry: &'static str, wide: &Tensor, heads: &Ten
         let wv = ctx.view(wide, b0 * wide_per_b, nb * wide_per_b)?;
         let hv = ctx.view(heads, b0 * heads_per_b, nb * heads_per_b)?;
         // split: src = wide, dst = heads; merge: src = heads, dst = wide.
-        let (src, dst) = if entry == "split_heads" { (wv, hv) } else { (hv, wv) };
+        let (src, dst) = if entry == "split_heads" {
+            (wv, hv)
+        } else {
+            (hv, wv)
+        };
         let params = Params {
             n: n as u32,
             t: d.t as u32,
@@ -121,7 +136,12 @@ fn launch(ctx: &Arc<GpuContext>, entry: &'static str, wide: &Tensor, heads: &Ten
             ..Zeroable::zeroed()
         };
         let groups = grid_2d(n, 256, ctx.limits.max_compute_workgroups_per_dimension);
-        ctx.dispatch(kernel, bytemuck::bytes_of(&params), &[(1, src.binding), (2, dst.binding)], groups)?;
+        ctx.dispatch(
+            kernel,
+            bytemuck::bytes_of(&params),
+            &[(1, src.binding), (2, dst.binding)],
+            groups,
+        )?;
     }
     Ok(())
 }
@@ -130,10 +150,21 @@ fn launch(ctx: &Arc<GpuContext>, entry: &'static str, wide: &Tensor, heads: &Ten
 /// `out[b, h, t, d] = x[b, t, col0 + h·hs + d]`. A (T, W) x is taken as B = 1.
 pub fn split_heads(x: &Tensor, nh: usize, col0: usize, c: usize) -> Result<Tensor> {
     let (b, t, w) = wide_dims("split_heads", x)?;
-    if nh == 0 || c % nh != 0 {
-        return shape_err("split_heads", format!("C = {c} divisible by NH = {nh}"), x.shape());
+    if nh == 0 || !c.is_multiple_of(nh) {
+        return shape_err(
+            "split_heads",
+            format!("C = {c} divisible by NH = {nh}"),
+            x.shape(),
+        );
     }
-    let d = Dims { b, t, w, nh, hs: c / nh, col0 };
+    let d = Dims {
+        b,
+        t,
+        w,
+        nh,
+        hs: c / nh,
+        col0,
+    };
     check_cols("split_heads", &d)?;
     let shape = [b, nh, t, d.hs];
     match x.device() {
@@ -176,14 +207,26 @@ pub fn merge_heads_into(dst: &Tensor, col0: usize, x: &Tensor) -> Result<()> {
     if (b, t) != (xb, xt) {
         return shape_err(
             "merge_heads_into",
-            format!("dst of shape ({xb}, {xt}, W) for x of shape {:?}", x.shape()),
+            format!(
+                "dst of shape ({xb}, {xt}, W) for x of shape {:?}",
+                x.shape()
+            ),
             dst.shape(),
         );
     }
-    let d = Dims { b, t, w, nh, hs, col0 };
+    let d = Dims {
+        b,
+        t,
+        w,
+        nh,
+        hs,
+        col0,
+    };
     check_cols("merge_heads_into", &d)?;
     if dst.same_storage(x) {
-        return Err(Error::Invalid("merge_heads_into: dst and x share their storage".into()));
+        return Err(Error::Invalid(
+            "merge_heads_into: dst and x share their storage".into(),
+        ));
     }
     match same_device("merge_heads_into", &[dst, x])? {
         Device::Cpu(_) => {
@@ -211,7 +254,15 @@ mod tests {
 
     /// split q, k, v of a (B, T, 3C + extra) tensor, merge them back into a copy: GPU and CPU
     /// must agree exactly (pure copies).
-    fn check_round_trip(b: usize, t: usize, nh: usize, hs: usize, extra: usize, g: &Device, seed: u64) {
+    fn check_round_trip(
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        extra: usize,
+        g: &Device,
+        seed: u64,
+    ) {
         let c = nh * hs;
         let cpu = Device::cpu();
         let x = random(&[b, t, 3 * c + extra], seed, &cpu);
@@ -219,10 +270,19 @@ mod tests {
         let dst = random(&[b, t, 3 * c + extra], seed + 1, &cpu);
         let gdst = dst.to_device(g).unwrap();
         for col0 in [0, c, 2 * c] {
-            let (want, got) = (split_heads(&x, nh, col0, c).unwrap(), split_heads(&gx, nh, col0, c).unwrap());
+            let (want, got) = (
+                split_heads(&x, nh, col0, c).unwrap(),
+                split_heads(&gx, nh, col0, c).unwrap(),
+            );
             assert_eq!(want.shape(), [b, nh, t, hs]);
             assert_close("split_heads", &got, &want, 0.0, 0.0);
-            assert_close("merge_heads", &merge_heads(&got).unwrap(), &merge_heads(&want).unwrap(), 0.0, 0.0);
+            assert_close(
+                "merge_heads",
+                &merge_heads(&got).unwrap(),
+                &merge_heads(&want).unwrap(),
+                0.0,
+                0.0,
+            );
             merge_heads_into(&dst, col0, &want).unwrap();
             merge_heads_into(&gdst, col0, &got).unwrap();
         }
@@ -253,7 +313,10 @@ mod tests {
         let (b, t, nh, hs, w, col0) = (2, 3, 2, 4, 19, 5);
         let xs: Vec<f32> = (0..b * t * w).map(|i| i as f32).collect();
         let x = Tensor::from_vec(xs.clone(), &[b, t, w], &Device::cpu()).unwrap();
-        let y = split_heads(&x, nh, col0, nh * hs).unwrap().to_vec().unwrap();
+        let y = split_heads(&x, nh, col0, nh * hs)
+            .unwrap()
+            .to_vec()
+            .unwrap();
         let m = merge_heads(&split_heads(&x, nh, col0, nh * hs).unwrap()).unwrap();
         assert_eq!(m.shape(), [b, t, nh * hs]);
         let m = m.to_vec().unwrap();
@@ -273,7 +336,13 @@ mod tests {
         let y2 = split_heads(&x2, nh, col0, nh * hs).unwrap();
         assert_eq!(y2.shape(), [1, nh, b * t, hs]);
         let Some(g) = gpu() else { return };
-        assert_close("2-D", &split_heads(&x2.to_device(&g).unwrap(), nh, col0, nh * hs).unwrap(), &y2, 0.0, 0.0);
+        assert_close(
+            "2-D",
+            &split_heads(&x2.to_device(&g).unwrap(), nh, col0, nh * hs).unwrap(),
+            &y2,
+            0.0,
+            0.0,
+        );
     }
 
     #[test]
@@ -296,7 +365,10 @@ mod tests {
         let e = split_heads(&x, 2, 8, 8).unwrap_err().to_string();
         assert!(e.contains("columns 8..16") && e.contains("width 12"), "{e}");
         let e = merge_heads(&x).unwrap_err().to_string();
-        assert!(e.contains("(B, NH, T, hs)") && e.contains("[2, 3, 12]"), "{e}");
+        assert!(
+            e.contains("(B, NH, T, hs)") && e.contains("[2, 3, 12]"),
+            "{e}"
+        );
         let y = Tensor::zeros(&[2, 2, 4, 3], &cpu).unwrap();
         let e = merge_heads_into(&x, 0, &y).unwrap_err().to_string();
         assert!(e.contains("(2, 4, W)") && e.contains("[2, 3, 12]"), "{e}");

@@ -57,7 +57,11 @@ const WORKGROUP: usize = 256;
 const PER_INVOCATION: usize = 32;
 
 /// (outer, A, inner) of `x` around `axis`, and the output shape.
-fn split_axis(op: &'static str, x: &Tensor, axis: usize) -> Result<(usize, usize, usize, Vec<usize>)> {
+fn split_axis(
+    op: &'static str,
+    x: &Tensor,
+    axis: usize,
+) -> Result<(usize, usize, usize, Vec<usize>)> {
     let shape = x.shape();
     if axis >= shape.len() {
         return shape_err(
@@ -68,7 +72,12 @@ fn split_axis(op: &'static str, x: &Tensor, axis: usize) -> Result<(usize, usize
     }
     let outer = shape[..axis].iter().product();
     let inner = shape[axis + 1..].iter().product();
-    let mut out_shape: Vec<usize> = shape.iter().enumerate().filter(|&(d, _)| d != axis).map(|(_, &n)| n).collect();
+    let mut out_shape: Vec<usize> = shape
+        .iter()
+        .enumerate()
+        .filter(|&(d, _)| d != axis)
+        .map(|(_, &n)| n)
+        .collect();
     if out_shape.is_empty() {
         out_shape.push(1);
     }
@@ -161,8 +170,17 @@ fn reduce_gpu(
                 alpha: if last { alpha } else { 1.0 },
                 ..Zeroable::zeroed()
             };
-            let grid = grid_2d(items * tiles * WORKGROUP, WORKGROUP as u32, ctx.limits.max_compute_workgroups_per_dimension);
-            ctx.dispatch(KERNEL, bytemuck::bytes_of(&params), &[(1, xv.binding), (2, ov.binding)], grid)?;
+            let grid = grid_2d(
+                items * tiles * WORKGROUP,
+                WORKGROUP as u32,
+                ctx.limits.max_compute_workgroups_per_dimension,
+            );
+            ctx.dispatch(
+                KERNEL,
+                bytemuck::bytes_of(&params),
+                &[(1, xv.binding), (2, ov.binding)],
+                grid,
+            )?;
         }
         if last {
             return Ok(out);
@@ -173,7 +191,12 @@ fn reduce_gpu(
 }
 
 /// `alpha · Σ_a x[o, a, i]` on x's device.
-fn reduce(x: &Tensor, dims: (usize, usize, usize), mean: bool, out_shape: &[usize]) -> Result<Tensor> {
+fn reduce(
+    x: &Tensor,
+    dims: (usize, usize, usize),
+    mean: bool,
+    out_shape: &[usize],
+) -> Result<Tensor> {
     let (outer, a, inner) = dims;
     let device = x.device();
     if a == 0 {
@@ -225,8 +248,20 @@ mod tests {
     fn check(x: &Tensor, g: &Device, axis: usize) {
         let gx = x.to_device(g).unwrap();
         let a = x.shape()[axis];
-        assert_close("sum", &sum(&gx, axis).unwrap(), &sum(x, axis).unwrap(), tol(a), 0.0);
-        assert_close("mean", &mean(&gx, axis).unwrap(), &mean(x, axis).unwrap(), 3e-6, 0.0);
+        assert_close(
+            "sum",
+            &sum(&gx, axis).unwrap(),
+            &sum(x, axis).unwrap(),
+            tol(a),
+            0.0,
+        );
+        assert_close(
+            "mean",
+            &mean(&gx, axis).unwrap(),
+            &mean(x, axis).unwrap(),
+            3e-6,
+            0.0,
+        );
     }
 
     proptest! {
@@ -271,6 +306,25 @@ mod tests {
         let v = Tensor::from_vec(vec![1.0, -2.0, 4.5], &[3], &cpu).unwrap();
         let s = sum(&v, 0).unwrap();
         assert_eq!((s.shape(), s.to_vec().unwrap()), (&[1][..], vec![3.5]));
+        // Empty axes: the sum is 0, the mean NaN (as in torch); an empty output stays empty.
+        let mut devices = vec![cpu];
+        devices.extend(gpu());
+        for d in &devices {
+            let e = Tensor::zeros(&[0, 3], d).unwrap();
+            assert_eq!(sum(&e, 0).unwrap().to_vec().unwrap(), [0.0; 3]);
+            assert!(mean(&e, 0).unwrap().to_vec().unwrap()[0].is_nan());
+            assert_eq!(sum(&e, 1).unwrap().shape(), [0]);
+        }
+    }
+
+    #[test]
+    fn sum_matches_cpu_2d_grid() {
+        // 66,000 rows reduced along the last axis: one workgroup each, more than 65,535 → 2-D grid.
+        let Some(g) = gpu() else { return };
+        // (About 4 s on lavapipe, so `sum` only.)
+        let x = random(&[66_000, 3], 8, &Device::cpu());
+        let got = sum(&x.to_device(&g).unwrap(), 1).unwrap();
+        assert_close("sum 2-D grid", &got, &sum(&x, 1).unwrap(), tol(3), 0.0);
     }
 
     #[test]
@@ -282,13 +336,35 @@ mod tests {
         // Bias-gradient shape: 64 columns × 4 lanes, 128 rows per item → 17 items, then a second pass.
         let x = random(&[2049, 77], 5, &Device::cpu());
         let gx = x.to_device(&g).unwrap();
-        assert_close("sum axis 0", &sum(&gx, 0).unwrap(), &sum(&x, 0).unwrap(), tol(2049), 0.0);
+        assert_close(
+            "sum axis 0",
+            &sum(&gx, 0).unwrap(),
+            &sum(&x, 0).unwrap(),
+            tol(2049),
+            0.0,
+        );
         let x = random(&[100_003], 6, &Device::cpu());
         let got = sum_all(&x.to_device(&g).unwrap()).unwrap();
         assert_close("sum_all", &got, &sum_all(&x).unwrap(), tol(100_003), 0.0);
         // Deterministic: the same input gives the same bits.
         let again = sum_all(&x.to_device(&g).unwrap()).unwrap();
-        assert_eq!(got.to_vec().unwrap()[0].to_bits(), again.to_vec().unwrap()[0].to_bits());
+        assert_eq!(
+            got.to_vec().unwrap()[0].to_bits(),
+            again.to_vec().unwrap()[0].to_bits()
+        );
+    }
+
+    #[test]
+    #[ignore = "160 MB of GPU memory and a few seconds on a software GPU"]
+    fn sum_all_matches_cpu_40m() {
+        // 40M elements = 160 MB: larger than lavapipe's 128 MiB binding, two passes.
+        let Some(g) = gpu() else { return };
+        let n = 40_000_000;
+        let x = random(&[n], 4, &Device::cpu());
+        let got = sum_all(&x.to_device(&g).unwrap()).unwrap();
+        assert_close("sum_all 40M", &got, &sum_all(&x).unwrap(), tol(n), 0.0);
+        let ones = Tensor::full(&[n / 4, 4], 1.0, &g).unwrap();
+        assert_eq!(sum_all(&ones).unwrap().to_vec().unwrap(), [n as f32]);
     }
 
     #[test]
@@ -308,14 +384,23 @@ mod tests {
         let got = sum_all(&gx).unwrap();
         // 11 items of 960 elements need 11 first-pass dispatches.
         assert!(ctx.dispatch_count() - before >= 11);
-        assert_close("sum_all split", &got, &sum_all(&x).unwrap(), tol(10_000), 0.0);
+        assert_close(
+            "sum_all split",
+            &got,
+            &sum_all(&x).unwrap(),
+            tol(10_000),
+            0.0,
+        );
     }
 
     #[test]
     fn reduce_shapes_are_checked() {
         let x = Tensor::zeros(&[2, 3], &Device::cpu()).unwrap();
         let e = sum(&x, 2).unwrap_err().to_string();
-        assert!(e.contains("sum") && e.contains("axis 2") && e.contains("[2, 3]"), "{e}");
+        assert!(
+            e.contains("sum") && e.contains("axis 2") && e.contains("[2, 3]"),
+            "{e}"
+        );
         let e = mean(&x, 5).unwrap_err().to_string();
         assert!(e.contains("rank 2"), "{e}");
     }
