@@ -179,7 +179,7 @@ impl GpuContext {
         let max_binding = options
             .max_binding_bytes
             .unwrap_or(u64::MAX)
-            .min(limits.max_storage_buffer_binding_size as u64)
+            .min(limits.max_storage_buffer_binding_size)
             .min(limits.max_buffer_size);
         let params = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params arena"),
