@@ -52,7 +52,11 @@ impl fmt::Display for MemoryReport {
             ("optimizer state", self.optimizer),
             ("saved activations", self.activations),
         ];
-        writeln!(f, "{:<18} {:>14} {:>14}", "purpose", "live bytes", "peak bytes")?;
+        writeln!(
+            f,
+            "{:<18} {:>14} {:>14}",
+            "purpose", "live bytes", "peak bytes"
+        )?;
         for (name, c) in rows {
             writeln!(
                 f,

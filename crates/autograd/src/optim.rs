@@ -146,9 +146,16 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f32) -> Result<f32> {
 pub enum Schedule {
     Constant,
     /// Linear warm-up from 0 over `warmup` steps, then linear decay to 0 at `total`.
-    WarmupLinear { warmup: u32, total: u32 },
+    WarmupLinear {
+        warmup: u32,
+        total: u32,
+    },
     /// Linear warm-up, then cosine decay to `min_ratio`·lr at `total`.
-    WarmupCosine { warmup: u32, total: u32, min_ratio: f32 },
+    WarmupCosine {
+        warmup: u32,
+        total: u32,
+        min_ratio: f32,
+    },
 }
 
 impl Schedule {
@@ -187,12 +194,19 @@ mod tests {
 
     #[test]
     fn schedules_warm_up_and_decay() {
-        let s = Schedule::WarmupLinear { warmup: 10, total: 110 };
+        let s = Schedule::WarmupLinear {
+            warmup: 10,
+            total: 110,
+        };
         assert!((s.lr(1.0, 0) - 0.1).abs() < 1e-6);
         assert!((s.lr(1.0, 9) - 1.0).abs() < 1e-6);
         assert!((s.lr(1.0, 60) - 0.5).abs() < 1e-6);
         assert_eq!(s.lr(1.0, 200), 0.0);
-        let c = Schedule::WarmupCosine { warmup: 0, total: 100, min_ratio: 0.1 };
+        let c = Schedule::WarmupCosine {
+            warmup: 0,
+            total: 100,
+            min_ratio: 0.1,
+        };
         assert!((c.lr(1.0, 0) - 1.0).abs() < 1e-6);
         assert!((c.lr(1.0, 50) - 0.55).abs() < 1e-5);
         assert!((c.lr(1.0, 100) - 0.1).abs() < 1e-6);

@@ -8,8 +8,8 @@
 //! and what it captured are dropped as soon as it has run.
 
 use std::cell::{Cell, RefCell};
-use std::rc::Rc;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use tensor::ops::elementwise::add;
 use tensor::{Result, Tensor};
@@ -194,7 +194,10 @@ impl Tape {
         let seed = Tensor::full(loss.value.shape(), 1.0, &loss.value.device())?;
         let (nodes, leaves) = {
             let mut inner = self.inner.borrow_mut();
-            (std::mem::take(&mut inner.nodes), std::mem::take(&mut inner.leaves))
+            (
+                std::mem::take(&mut inner.nodes),
+                std::mem::take(&mut inner.leaves),
+            )
         };
         let mut pending: HashMap<usize, Tensor> = HashMap::from([(loss.id, seed)]);
         let mut stats = BackwardStats::default();

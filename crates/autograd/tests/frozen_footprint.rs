@@ -3,7 +3,7 @@
 //! W0-sized gradient is ever allocated, and backward launches one matmul fewer than with W0
 //! trainable. The same graph with W0 trainable shows all of those costs.
 
-use autograd::{AdamW, Grads, MemoryReport, ParamGroup, Param, Tape, memory::parameter_bytes};
+use autograd::{AdamW, Grads, MemoryReport, Param, ParamGroup, Tape, memory::parameter_bytes};
 use tensor::ops::matmul::MatmulOpts;
 use tensor::testing::{gpu, random};
 use tensor::{Device, Tensor};
@@ -27,13 +27,21 @@ fn run(device: &Device, w0_trainable: bool) -> Run {
     let w0 = random(&[K, M], 2, device);
     let w0_before = w0.to_vec().unwrap();
     let params = [
-        if w0_trainable { Param::trainable("w0", w0.copy().unwrap()) } else { Param::frozen("w0", w0.copy().unwrap()) },
+        if w0_trainable {
+            Param::trainable("w0", w0.copy().unwrap())
+        } else {
+            Param::frozen("w0", w0.copy().unwrap())
+        },
         Param::trainable("A", random(&[K, R], 3, device)),
         // B is zero at LoRA's init; random here so that A gets a non-zero gradient.
         Param::trainable("B", random(&[R, M], 4, device)),
     ];
     let tape = Tape::new();
-    let (w, a, b) = (tape.param(&params[0]), tape.param(&params[1]), tape.param(&params[2]));
+    let (w, a, b) = (
+        tape.param(&params[0]),
+        tape.param(&params[1]),
+        tape.param(&params[2]),
+    );
     let xv = tape.constant(x);
     let base = tape.matmul(&xv, &w, None, MatmulOpts::default()).unwrap();
     let xa = tape.matmul(&xv, &a, None, MatmulOpts::default()).unwrap();
@@ -43,7 +51,10 @@ fn run(device: &Device, w0_trainable: bool) -> Run {
     let activations = tape.saved_memory();
     let mut grads = Grads::new();
     let stats = tape.backward(&loss, &mut grads).unwrap();
-    let trainables: Vec<_> = params.iter().filter_map(|p| p.as_trainable().cloned()).collect();
+    let trainables: Vec<_> = params
+        .iter()
+        .filter_map(|p| p.as_trainable().cloned())
+        .collect();
     let mut opt = AdamW::new(vec![ParamGroup::new(trainables, 0.01)]);
     opt.step(&grads, 1e-3).unwrap();
     let report = MemoryReport {
@@ -71,16 +82,30 @@ fn check(device: &Device) {
     println!("{device:?}, W0 trainable:\n{}", full.report);
 
     assert_eq!(frozen.grads_held, 2, "only A and B hold gradients");
-    assert_eq!(frozen.grad_bytes_peak, lora_bytes, "no W0-sized gradient was ever allocated");
-    assert_eq!(frozen.optimizer_bytes, 2 * lora_bytes, "AdamW keeps m and v for A and B only");
-    assert!(!frozen.w0_changed, "a frozen W0 must stay bitwise unchanged");
+    assert_eq!(
+        frozen.grad_bytes_peak, lora_bytes,
+        "no W0-sized gradient was ever allocated"
+    );
+    assert_eq!(
+        frozen.optimizer_bytes,
+        2 * lora_bytes,
+        "AdamW keeps m and v for A and B only"
+    );
+    assert!(
+        !frozen.w0_changed,
+        "a frozen W0 must stay bitwise unchanged"
+    );
 
     assert_eq!(full.grads_held, 3);
     assert_eq!(full.grad_bytes_peak, lora_bytes + w0_bytes);
     assert_eq!(full.optimizer_bytes, 2 * (lora_bytes + w0_bytes));
     assert!(full.w0_changed);
 
-    assert_eq!(full.matmuls_in_backward, frozen.matmuls_in_backward + 1, "one matmul fewer per frozen weight");
+    assert_eq!(
+        full.matmuls_in_backward,
+        frozen.matmuls_in_backward + 1,
+        "one matmul fewer per frozen weight"
+    );
     // x is saved only for dW0 (and dA); with W0 frozen, its copy for dW0 is not kept.
     assert!(frozen.report.activations.peak < full.report.activations.peak);
 }
@@ -103,7 +128,9 @@ fn inference_tape_records_nothing() {
     let w = Param::trainable("w", Tensor::full(&[3, 3], 0.5, &cpu).unwrap());
     let tape = Tape::inference();
     let x = tape.constant(Tensor::full(&[2, 3], 1.0, &cpu).unwrap());
-    let y = tape.matmul(&x, &tape.param(&w), None, MatmulOpts::default()).unwrap();
+    let y = tape
+        .matmul(&x, &tape.param(&w), None, MatmulOpts::default())
+        .unwrap();
     assert!(tape.is_empty() && !y.requires_grad);
     assert_eq!(tape.saved_memory().peak, 0);
 }
@@ -114,7 +141,13 @@ fn saved_tensors_are_released_by_backward() {
     let w = Param::trainable("w", random(&[4, 4], 1, &cpu));
     let tape = Tape::new();
     let x = tape.constant(random(&[3, 4], 2, &cpu));
-    let h = tape.gelu(&tape.matmul(&x, &tape.param(&w), None, MatmulOpts::default()).unwrap()).unwrap();
+    let h = tape
+        .gelu(
+            &tape
+                .matmul(&x, &tape.param(&w), None, MatmulOpts::default())
+                .unwrap(),
+        )
+        .unwrap();
     let loss = tape.sum_all(&h).unwrap();
     assert!(tape.saved_memory().live > 0);
     tape.backward(&loss, &mut Grads::new()).unwrap();
@@ -130,15 +163,36 @@ fn a_value_used_twice_gets_both_contributions() {
     let tape = Tape::new();
     let x = tape.param(&p);
     let four = tape.constant(Tensor::from_vec(vec![4.0], &[1], &cpu).unwrap());
-    let y = tape.add(&tape.add(&tape.mul(&x, &x).unwrap(), &tape.scale(&x, 5.0).unwrap()).unwrap(), &four).unwrap();
+    let y = tape
+        .add(
+            &tape
+                .add(&tape.mul(&x, &x).unwrap(), &tape.scale(&x, 5.0).unwrap())
+                .unwrap(),
+            &four,
+        )
+        .unwrap();
     assert_eq!(y.value.to_vec().unwrap(), vec![28.0]);
     let mut grads = Grads::new();
     tape.backward(&y, &mut grads).unwrap();
-    assert_eq!(grads.get(p.as_trainable().unwrap().id).unwrap().to_vec().unwrap(), vec![11.0]);
+    assert_eq!(
+        grads
+            .get(p.as_trainable().unwrap().id)
+            .unwrap()
+            .to_vec()
+            .unwrap(),
+        vec![11.0]
+    );
     // a second backward over a new tape accumulates (gradient accumulation over micro-batches)
     let tape = Tape::new();
     let x = tape.param(&p);
     let y = tape.mul(&x, &x).unwrap();
     tape.backward(&y, &mut grads).unwrap();
-    assert_eq!(grads.get(p.as_trainable().unwrap().id).unwrap().to_vec().unwrap(), vec![17.0]);
+    assert_eq!(
+        grads
+            .get(p.as_trainable().unwrap().id)
+            .unwrap()
+            .to_vec()
+            .unwrap(),
+        vec![17.0]
+    );
 }

@@ -1,7 +1,7 @@
 //! Every backward rule on the GPU equals the same rule on the CPU backend, and a small MLP
 //! learns on both devices.
 
-use autograd::{AdamW, Grads, ParamGroup, Param, Tape, Var};
+use autograd::{AdamW, Grads, Param, ParamGroup, Tape, Var};
 use proptest::prelude::*;
 use tensor::ops::matmul::MatmulOpts;
 use tensor::testing::{assert_close_slices, gpu, random_vec};
@@ -23,7 +23,9 @@ fn grads_on(device: &Device, shapes: &[Vec<usize>], build: &Build, seed: u64) ->
     let vars: Vec<Var> = params.iter().map(|p| tape.param(p)).collect();
     let y = build(&tape, &vars).unwrap();
     let r = Tensor::from_vec(random_vec(y.value.numel(), seed + 100), y.shape(), device).unwrap();
-    let loss = tape.sum_all(&tape.mul(&y, &tape.constant(r)).unwrap()).unwrap();
+    let loss = tape
+        .sum_all(&tape.mul(&y, &tape.constant(r)).unwrap())
+        .unwrap();
     let mut grads = Grads::new();
     tape.backward(&loss, &mut grads).unwrap();
     params
@@ -79,27 +81,62 @@ proptest! {
 
 /// A two-layer MLP (2 → 16 → 2, GELU) learns XOR-like quadrants with AdamW.
 fn mlp_learns(device: &Device) -> f32 {
-    let xs: Vec<f32> = (0..64).flat_map(|i| {
-        let a = ((i * 37 % 64) as f32 / 32.0) - 1.0;
-        let b = ((i * 11 % 64) as f32 / 32.0) - 1.0;
-        [a, b]
-    }).collect();
-    let targets: Vec<u32> = xs.chunks(2).map(|p| u32::from((p[0] > 0.0) != (p[1] > 0.0))).collect();
+    let xs: Vec<f32> = (0..64)
+        .flat_map(|i| {
+            let a = ((i * 37 % 64) as f32 / 32.0) - 1.0;
+            let b = ((i * 11 % 64) as f32 / 32.0) - 1.0;
+            [a, b]
+        })
+        .collect();
+    let targets: Vec<u32> = xs
+        .chunks(2)
+        .map(|p| u32::from((p[0] > 0.0) != (p[1] > 0.0)))
+        .collect();
     let x = Tensor::from_vec(xs, &[64, 2], device).unwrap();
-    let w1 = Param::trainable("w1", Tensor::from_vec(random_vec(32, 1).iter().map(|v| v * 1.5).collect(), &[2, 16], device).unwrap());
+    let w1 = Param::trainable(
+        "w1",
+        Tensor::from_vec(
+            random_vec(32, 1).iter().map(|v| v * 1.5).collect(),
+            &[2, 16],
+            device,
+        )
+        .unwrap(),
+    );
     let b1 = Param::trainable("b1", Tensor::zeros(&[16], device).unwrap());
-    let w2 = Param::trainable("w2", Tensor::from_vec(random_vec(32, 2).iter().map(|v| v * 0.5).collect(), &[16, 2], device).unwrap());
+    let w2 = Param::trainable(
+        "w2",
+        Tensor::from_vec(
+            random_vec(32, 2).iter().map(|v| v * 0.5).collect(),
+            &[16, 2],
+            device,
+        )
+        .unwrap(),
+    );
     let b2 = Param::trainable("b2", Tensor::zeros(&[2], device).unwrap());
     let params = [w1, b1, w2, b2];
-    let mut opt = AdamW::new(vec![ParamGroup::new(params.iter().map(|p| p.as_trainable().unwrap().clone()).collect(), 0.0)]);
+    let mut opt = AdamW::new(vec![ParamGroup::new(
+        params
+            .iter()
+            .map(|p| p.as_trainable().unwrap().clone())
+            .collect(),
+        0.0,
+    )]);
     let weights = vec![1.0; 64];
     let mut loss_value = f32::NAN;
     for _ in 0..300 {
         let tape = Tape::new();
         let v: Vec<Var> = params.iter().map(|p| tape.param(p)).collect();
         let xv = tape.constant(x.clone());
-        let h = tape.gelu(&tape.matmul(&xv, &v[0], Some(&v[1]), MatmulOpts::default()).unwrap()).unwrap();
-        let logits = tape.matmul(&h, &v[2], Some(&v[3]), MatmulOpts::default()).unwrap();
+        let h = tape
+            .gelu(
+                &tape
+                    .matmul(&xv, &v[0], Some(&v[1]), MatmulOpts::default())
+                    .unwrap(),
+            )
+            .unwrap();
+        let logits = tape
+            .matmul(&h, &v[2], Some(&v[3]), MatmulOpts::default())
+            .unwrap();
         let loss = tape.cross_entropy(&logits, &targets, &weights).unwrap();
         let mut grads = Grads::new();
         tape.backward(&loss, &mut grads).unwrap();

@@ -42,11 +42,19 @@ fn check(
     let rv = tape.constant(Tensor::from_vec(r.clone(), y.shape(), &cpu).unwrap());
     let loss = tape.sum_all(&tape.mul(&y, &rv).unwrap()).unwrap();
     let mut grads = Grads::new();
-    tape.backward(&loss, &mut grads).map_err(|e| e.to_string())?;
+    tape.backward(&loss, &mut grads)
+        .map_err(|e| e.to_string())?;
 
-    let x64: Vec<Vec<f64>> = values.iter().map(|v| v.iter().map(|&a| a as f64).collect()).collect();
+    let x64: Vec<Vec<f64>> = values
+        .iter()
+        .map(|v| v.iter().map(|&a| a as f64).collect())
+        .collect();
     let lossf = |xs: &[Vec<f64>]| -> f64 {
-        reference(xs).iter().zip(&r).map(|(y, r)| y * *r as f64).sum()
+        reference(xs)
+            .iter()
+            .zip(&r)
+            .map(|(y, r)| y * *r as f64)
+            .sum()
     };
     let h = 1e-5;
     for (i, p) in params.iter().enumerate() {
@@ -63,7 +71,9 @@ fn check(
             let fd = (up - down) / (2.0 * h);
             let got = ours[j] as f64;
             if (got - fd).abs() > 1e-3 + 1e-3 * fd.abs() {
-                return Err(format!("{name}: input {i} element {j}: backward {got}, finite difference {fd}"));
+                return Err(format!(
+                    "{name}: input {i} element {j}: backward {got}, finite difference {fd}"
+                ));
             }
         }
     }
@@ -185,8 +195,14 @@ fn dropout_backward_matches_finite_differences() {
         .into_iter()
         .map(f64::from)
         .collect();
-    check("dropout", &[vec![5, 6]], &move |t, v| t.dropout(&v[0], p, seed),
-        &move |x| x[0].iter().zip(&mask).map(|(a, m)| a * m).collect(), 3).unwrap();
+    check(
+        "dropout",
+        &[vec![5, 6]],
+        &move |t, v| t.dropout(&v[0], p, seed),
+        &move |x| x[0].iter().zip(&mask).map(|(a, m)| a * m).collect(),
+        3,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -198,17 +214,33 @@ fn a_wrong_backward_is_rejected() {
         Ok(t.record("wrong_gelu", y, &[&v[0]], &[&x], move |dy| {
             let k = (2.0f32 / std::f32::consts::PI).sqrt();
             let xs = x.to_vec()?;
-            let d: Vec<f32> = xs.iter().map(|&a| {
-                let th = (k * (a + 0.044715 * a * a * a)).tanh();
-                0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * k // missing (1 + 3·0.044715·x²)
-            }).collect();
+            let d: Vec<f32> = xs
+                .iter()
+                .map(|&a| {
+                    let th = (k * (a + 0.044715 * a * a * a)).tanh();
+                    0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * k // missing (1 + 3·0.044715·x²)
+                })
+                .collect();
             let dg = Tensor::from_vec(d, x.shape(), &x.device())?;
             Ok(vec![Some(tensor::ops::elementwise::mul(dy, &dg)?)])
         }))
     };
-    let err = check("wrong gelu", &[vec![4, 5]], wrong, &|x| reference::gelu(&x[0]), 1)
-        .expect_err("a wrong backward passed the finite-difference check");
+    let err = check(
+        "wrong gelu",
+        &[vec![4, 5]],
+        wrong,
+        &|x| reference::gelu(&x[0]),
+        1,
+    )
+    .expect_err("a wrong backward passed the finite-difference check");
     assert!(err.contains("finite difference"), "{err}");
     // and the right rule passes on the same inputs
-    check("gelu", &[vec![4, 5]], &|t, v| t.gelu(&v[0]), &|x| reference::gelu(&x[0]), 1).unwrap();
+    check(
+        "gelu",
+        &[vec![4, 5]],
+        &|t, v| t.gelu(&v[0]),
+        &|x| reference::gelu(&x[0]),
+        1,
+    )
+    .unwrap();
 }

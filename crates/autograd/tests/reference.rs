@@ -3,7 +3,16 @@
 
 /// C = op(A)·op(B) (+ bias) for 2-D A, B; shapes (m, k) / (k, n) before the transposes.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(a: &[f64], b: &[f64], bias: Option<&[f64]>, m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Vec<f64> {
+pub fn matmul(
+    a: &[f64],
+    b: &[f64],
+    bias: Option<&[f64]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+) -> Vec<f64> {
     let mut c = vec![0.0; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -21,7 +30,9 @@ pub fn matmul(a: &[f64], b: &[f64], bias: Option<&[f64]>, m: usize, k: usize, n:
 
 pub fn gelu(x: &[f64]) -> Vec<f64> {
     let k = (2.0 / std::f64::consts::PI).sqrt();
-    x.iter().map(|&v| 0.5 * v * (1.0 + (k * (v + 0.044715 * v * v * v)).tanh())).collect()
+    x.iter()
+        .map(|&v| 0.5 * v * (1.0 + (k * (v + 0.044715 * v * v * v)).tanh()))
+        .collect()
 }
 
 /// Softmax over rows of length `cols`; causal masks c > r + (cols − rows) within each
@@ -30,11 +41,19 @@ pub fn softmax(x: &[f64], rows: usize, cols: usize, causal: bool) -> Vec<f64> {
     let mut y = vec![0.0; x.len()];
     for (ri, (row, out)) in x.chunks(cols).zip(y.chunks_mut(cols)).enumerate() {
         let r = ri % rows;
-        let limit = if causal { (r + cols - rows).min(cols - 1) } else { cols - 1 };
+        let limit = if causal {
+            (r + cols - rows).min(cols - 1)
+        } else {
+            cols - 1
+        };
         let max = row[..=limit].iter().cloned().fold(f64::MIN, f64::max);
         let sum: f64 = row[..=limit].iter().map(|v| (v - max).exp()).sum();
         for c in 0..cols {
-            out[c] = if c <= limit { (row[c] - max).exp() / sum } else { 0.0 };
+            out[c] = if c <= limit {
+                (row[c] - max).exp() / sum
+            } else {
+                0.0
+            };
         }
     }
     y

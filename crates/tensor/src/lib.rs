@@ -38,8 +38,8 @@ pub mod tensor;
 pub mod testing;
 
 pub use device::{Device, DeviceChoice};
-pub use error::{Error, Result};
 pub(crate) use error::shape_err;
+pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuInfo, GpuOptions};
 pub use memory::MemoryStats;
 pub use tensor::Tensor;

@@ -5,7 +5,12 @@
 
 macro_rules! shader {
     ($name:literal) => {
-        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shaders/", $name, ".wgsl"))
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shaders/",
+            $name,
+            ".wgsl"
+        ))
     };
 }
 

@@ -72,7 +72,11 @@ impl Tensor {
     /// holds the u32 bit patterns. Kernels declare it `array<u32>`; on the CPU, read it back with
     /// [`Tensor::to_u32`]. No arithmetic ever touches these values as floats.
     pub fn from_u32(ids: &[u32], device: &Device) -> Result<Tensor> {
-        Self::from_vec(ids.iter().map(|&i| f32::from_bits(i)).collect(), &[ids.len()], device)
+        Self::from_vec(
+            ids.iter().map(|&i| f32::from_bits(i)).collect(),
+            &[ids.len()],
+            device,
+        )
     }
 
     /// The u32 bit patterns of a tensor made by [`Tensor::from_u32`].
@@ -88,7 +92,11 @@ impl Tensor {
     /// A tensor with every element `value`.
     pub fn full(shape: &[usize], value: f32, device: &Device) -> Result<Tensor> {
         match device {
-            Device::Cpu(ctx) => Ok(Self::cpu_from(ctx, vec![value; shape.iter().product()], shape)),
+            Device::Cpu(ctx) => Ok(Self::cpu_from(
+                ctx,
+                vec![value; shape.iter().product()],
+                shape,
+            )),
             Device::Gpu(ctx) => {
                 let t = Self::gpu_uninit(ctx, shape)?;
                 crate::ops::elementwise::fill_gpu(ctx, &t, value)?;
@@ -135,7 +143,11 @@ impl Tensor {
     /// A new tensor on `device` whose contents will all be written by the caller's op.
     pub(crate) fn uninit(shape: &[usize], device: &Device) -> Result<Tensor> {
         match device {
-            Device::Cpu(ctx) => Ok(Self::cpu_from(ctx, vec![0.0; shape.iter().product()], shape)),
+            Device::Cpu(ctx) => Ok(Self::cpu_from(
+                ctx,
+                vec![0.0; shape.iter().product()],
+                shape,
+            )),
             Device::Gpu(ctx) => Self::gpu_uninit(ctx, shape),
         }
     }
@@ -217,13 +229,21 @@ impl Tensor {
     /// A deep copy on the same device.
     pub fn copy(&self) -> Result<Tensor> {
         match &*self.storage {
-            Storage::Cpu { data, ctx } => {
-                Ok(Self::cpu_from(ctx, data.read().unwrap().clone(), &self.shape))
-            }
+            Storage::Cpu { data, ctx } => Ok(Self::cpu_from(
+                ctx,
+                data.read().unwrap().clone(),
+                &self.shape,
+            )),
             Storage::Gpu { buffer, ctx } => {
                 let out = Self::gpu_uninit(ctx, &self.shape)?;
                 if self.numel() > 0 {
-                    ctx.copy(buffer.as_ref().unwrap(), 0, out.gpu_buffer()?, 0, self.bytes());
+                    ctx.copy(
+                        buffer.as_ref().unwrap(),
+                        0,
+                        out.gpu_buffer()?,
+                        0,
+                        self.bytes(),
+                    );
                 }
                 Ok(out)
             }

@@ -73,7 +73,13 @@ pub fn sizes() -> impl proptest::strategy::Strategy<Value = usize> {
 /// five worst elements and the largest difference.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32, rtol: f32) {
     assert_eq!(got.shape(), want.shape(), "{what}: shapes differ");
-    assert_close_slices(what, &got.to_vec().unwrap(), &want.to_vec().unwrap(), atol, rtol);
+    assert_close_slices(
+        what,
+        &got.to_vec().unwrap(),
+        &want.to_vec().unwrap(),
+        atol,
+        rtol,
+    );
 }
 
 /// [`assert_close`] over slices.

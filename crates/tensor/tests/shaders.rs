@@ -17,9 +17,15 @@ fn every_shader_file_is_registered() {
         })
         .collect();
     files.sort();
-    let mut registered: Vec<String> = tensor::shaders::ALL.iter().map(|(n, _)| n.to_string()).collect();
+    let mut registered: Vec<String> = tensor::shaders::ALL
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
     registered.sort();
-    assert_eq!(files, registered, "shaders/ and tensor::shaders::ALL disagree");
+    assert_eq!(
+        files, registered,
+        "shaders/ and tensor::shaders::ALL disagree"
+    );
 }
 
 #[test]
@@ -29,15 +35,20 @@ fn every_shader_is_launched_by_its_op_file() {
         let src = std::fs::read_to_string(&launcher)
             .unwrap_or_else(|e| panic!("{}: {e}", launcher.display()));
         let constant = format!("shaders::{}", name.to_uppercase());
-        assert!(src.contains(&constant), "{} never uses {constant}", launcher.display());
+        assert!(
+            src.contains(&constant),
+            "{} never uses {constant}",
+            launcher.display()
+        );
     }
 }
 
 #[test]
 fn every_shader_validates_with_naga() {
     for (name, source) in tensor::shaders::ALL {
-        let module = naga::front::wgsl::parse_str(source)
-            .unwrap_or_else(|e| panic!("{name}.wgsl does not parse:\n{}", e.emit_to_string(source)));
+        let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| {
+            panic!("{name}.wgsl does not parse:\n{}", e.emit_to_string(source))
+        });
         let mut validator = naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
             naga::valid::Capabilities::empty(),

@@ -45,7 +45,13 @@ fn cases(args: &MatmulArgs) -> Vec<Case> {
     let mut cases: Vec<Case> = args
         .sizes
         .iter()
-        .map(|&s| Case { name: format!("square {s}"), m: s, k: s, n: s, trans_b: false })
+        .map(|&s| Case {
+            name: format!("square {s}"),
+            m: s,
+            k: s,
+            n: s,
+            trans_b: false,
+        })
         .collect();
     if args.rows > 0 {
         for (name, k, n, trans_b) in [
@@ -55,7 +61,13 @@ fn cases(args: &MatmulArgs) -> Vec<Case> {
             ("mlp.c_proj 3072→768", 3072, 768, false),
             ("lm_head 768→50257 (x·wteᵀ)", 768, 50257, true),
         ] {
-            cases.push(Case { name: name.into(), m: args.rows, k, n, trans_b });
+            cases.push(Case {
+                name: name.into(),
+                m: args.rows,
+                k,
+                n,
+                trans_b,
+            });
         }
     }
     cases
@@ -103,15 +115,23 @@ pub fn matmul(args: &MatmulArgs) -> crate::Result<()> {
                 Err(e) => eprintln!("no GPU measured: {e}"),
             },
             "cpu" => runners.push((Device::cpu().describe(), Runner::Device(Device::cpu()))),
-            "naive" => runners.push(("CPU naive loop (test oracle, 1 thread)".into(), Runner::Naive)),
-            other => return Err(format!("unknown device `{other}`: expected gpu, cpu or naive").into()),
+            "naive" => runners.push((
+                "CPU naive loop (test oracle, 1 thread)".into(),
+                Runner::Naive,
+            )),
+            other => {
+                return Err(format!("unknown device `{other}`: expected gpu, cpu or naive").into());
+            }
         }
     }
     let cases = cases(args);
     for (label, runner) in &runners {
         if !args.json {
             println!("\n{label}");
-            println!("{:<30} {:>6} {:>6} {:>6} {:>10} {:>10}", "case", "M", "K", "N", "ms", "GFLOP/s");
+            println!(
+                "{:<30} {:>6} {:>6} {:>6} {:>10} {:>10}",
+                "case", "M", "K", "N", "ms", "GFLOP/s"
+            );
         }
         let device = match runner {
             Runner::Device(d) => d.clone(),
@@ -129,9 +149,16 @@ pub fn matmul(args: &MatmulArgs) -> crate::Result<()> {
                 }
             }
             let a = Tensor::full(&[case.m, case.k], 0.5, &device)?;
-            let b_shape = if case.trans_b { [case.n, case.k] } else { [case.k, case.n] };
+            let b_shape = if case.trans_b {
+                [case.n, case.k]
+            } else {
+                [case.k, case.n]
+            };
             let b = Tensor::full(&b_shape, 0.25, &device)?;
-            let opts = MatmulOpts { trans_a: false, trans_b: case.trans_b };
+            let opts = MatmulOpts {
+                trans_a: false,
+                trans_b: case.trans_b,
+            };
             let min = Duration::from_secs_f64((args.budget / 10.0).min(1.0));
             let secs = time(|| run_once(runner, &a, &b, opts), min)?;
             let gflops = flops / secs / 1e9;
@@ -145,7 +172,12 @@ pub fn matmul(args: &MatmulArgs) -> crate::Result<()> {
             } else {
                 println!(
                     "{:<30} {:>6} {:>6} {:>6} {:>10.2} {:>10.1}",
-                    case.name, case.m, case.k, case.n, secs * 1e3, gflops
+                    case.name,
+                    case.m,
+                    case.k,
+                    case.n,
+                    secs * 1e3,
+                    gflops
                 );
             }
         }

@@ -4,10 +4,10 @@
 //! - `softmax`: y_i = e^{x_i} / Σ_j e^{x_j};  dx = y ⊙ (dy − Σ_j y_j·dy_j)      (needs y)
 //! - `dropout`: y = x·mask/(1−p); dx = dy·mask/(1−p), the mask recomputed from the seed (nothing saved)
 
+use tensor::Result;
 use tensor::ops::dropout::{dropout, dropout_backward};
 use tensor::ops::gelu::{gelu, gelu_backward};
 use tensor::ops::softmax::{softmax, softmax_backward};
-use tensor::Result;
 
 use crate::tape::{Tape, Var};
 

@@ -37,7 +37,9 @@ impl Tape {
     /// `s · a`.
     pub fn scale(&self, a: &Var, s: f32) -> Result<Var> {
         let y = scale(&a.value, s)?;
-        self.record("scale", y, &[a], &[], move |dy| Ok(vec![Some(scale(dy, s)?)]))
+        self.record("scale", y, &[a], &[], move |dy| {
+            Ok(vec![Some(scale(dy, s)?)])
+        })
     }
 
     /// `x + b`, b: (C) broadcast over the rows of x: (…, C).
@@ -59,6 +61,8 @@ impl Tape {
     pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
         let y = x.value.reshape(shape)?;
         let back = x.shape().to_vec();
-        self.record("reshape", y, &[x], &[], move |dy| Ok(vec![Some(dy.reshape(&back)?)]))
+        self.record("reshape", y, &[x], &[], move |dy| {
+            Ok(vec![Some(dy.reshape(&back)?)])
+        })
     }
 }

@@ -2,8 +2,8 @@
 //! Backward: dtable[v] = Σ_{n: ids[n] = v} dout[n] (a deterministic scatter-add in
 //! `tensor::ops::embedding`); the ids are the only thing saved.
 
-use tensor::ops::embedding::{embedding, embedding_backward};
 use tensor::Result;
+use tensor::ops::embedding::{embedding, embedding_backward};
 
 use crate::tape::{Tape, Var};
 

@@ -4,8 +4,8 @@
 //! rather than saved, trading a few flops for (rows, C) floats of memory.
 //! Backward (g = dy·γ): dx = rstd·(g − mean(g) − x̂·mean(g·x̂)); dγ = Σ_rows dy·x̂; dβ = Σ_rows dy.
 
-use tensor::ops::layernorm::{layernorm, layernorm_backward};
 use tensor::Result;
+use tensor::ops::layernorm::{layernorm, layernorm_backward};
 
 use crate::tape::{Tape, Var};
 
@@ -18,9 +18,19 @@ impl Tape {
         let saved = [&xs, &gs, &mean, &rstd];
         let saved_bytes: Vec<&tensor::Tensor> = saved.to_vec();
         let (xs2, gs2, mean2, rstd2) = (xs.clone(), gs.clone(), mean.clone(), rstd.clone());
-        self.record("layernorm", out.y, &[x, gamma, beta], &saved_bytes, move |dy| {
-            let g = layernorm_backward(&xs2, &gs2, &mean2, &rstd2, dy)?;
-            Ok(vec![nx.then_some(g.dx), ng.then_some(g.dgamma), nb.then_some(g.dbeta)])
-        })
+        self.record(
+            "layernorm",
+            out.y,
+            &[x, gamma, beta],
+            &saved_bytes,
+            move |dy| {
+                let g = layernorm_backward(&xs2, &gs2, &mean2, &rstd2, dy)?;
+                Ok(vec![
+                    nx.then_some(g.dx),
+                    ng.then_some(g.dgamma),
+                    nb.then_some(g.dbeta),
+                ])
+            },
+        )
     }
 }

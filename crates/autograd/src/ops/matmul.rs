@@ -29,9 +29,25 @@ fn rows2d(t: &Tensor) -> Result<Tensor> {
 /// dx for y = op(x)·op(W):  trans_a = false → dx = dy·op(W)ᵀ;  trans_a = true → dx = op(W)·dyᵀ.
 fn grad_x(dy: &Tensor, w: &Tensor, opts: MatmulOpts, x_shape: &[usize]) -> Result<Tensor> {
     let dx = if !opts.trans_a {
-        matmul(dy, w, None, MatmulOpts { trans_a: false, trans_b: !opts.trans_b })?
+        matmul(
+            dy,
+            w,
+            None,
+            MatmulOpts {
+                trans_a: false,
+                trans_b: !opts.trans_b,
+            },
+        )?
     } else {
-        matmul(w, dy, None, MatmulOpts { trans_a: opts.trans_b, trans_b: true })?
+        matmul(
+            w,
+            dy,
+            None,
+            MatmulOpts {
+                trans_a: opts.trans_b,
+                trans_b: true,
+            },
+        )?
     };
     dx.reshape(x_shape)
 }
@@ -46,9 +62,25 @@ fn grad_w(dy: &Tensor, x: &Tensor, opts: MatmulOpts, w_shape: &[usize]) -> Resul
         (x.clone(), dy.clone())
     };
     let dw = if !opts.trans_b {
-        matmul(&x, &dy, None, MatmulOpts { trans_a: !opts.trans_a, trans_b: false })?
+        matmul(
+            &x,
+            &dy,
+            None,
+            MatmulOpts {
+                trans_a: !opts.trans_a,
+                trans_b: false,
+            },
+        )?
     } else {
-        matmul(&dy, &x, None, MatmulOpts { trans_a: true, trans_b: opts.trans_a })?
+        matmul(
+            &dy,
+            &x,
+            None,
+            MatmulOpts {
+                trans_a: true,
+                trans_b: opts.trans_a,
+            },
+        )?
     };
     dw.reshape(w_shape)
 }

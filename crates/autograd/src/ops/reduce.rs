@@ -25,6 +25,8 @@ impl Tape {
         let n = x.value.numel() as f32;
         let s = self.sum_all(x)?;
         let y = scale(&s.value, 1.0 / n)?;
-        self.record("mean_all", y, &[&s], &[], move |dy| Ok(vec![Some(scale(dy, 1.0 / n)?)]))
+        self.record("mean_all", y, &[&s], &[], move |dy| {
+            Ok(vec![Some(scale(dy, 1.0 / n)?)])
+        })
     }
 }

@@ -63,7 +63,11 @@ impl GpuContext {
     /// Split `rows` rows into chunks so that, for every operand, `row_elems[i]` elements per
     /// row times the rows of a chunk (plus the alignment lead) fit in one binding.
     /// Returns `(first_row, row_count)` pairs.
-    pub(crate) fn row_chunks(&self, rows: usize, row_elems: &[usize]) -> Result<Vec<(usize, usize)>> {
+    pub(crate) fn row_chunks(
+        &self,
+        rows: usize,
+        row_elems: &[usize],
+    ) -> Result<Vec<(usize, usize)>> {
         let align = self.limits.min_storage_buffer_offset_alignment as u64;
         let room = self.max_binding.saturating_sub(align);
         let widest = row_elems.iter().copied().max().unwrap_or(1).max(1) as u64 * 4;
@@ -110,7 +114,15 @@ mod tests {
 
     #[test]
     fn grid_covers_every_invocation_within_limits() {
-        for n in [1usize, 255, 256, 257, 65_535 * 256, 65_535 * 256 + 1, 50_257 * 768] {
+        for n in [
+            1usize,
+            255,
+            256,
+            257,
+            65_535 * 256,
+            65_535 * 256 + 1,
+            50_257 * 768,
+        ] {
             let [x, y, _] = grid_2d(n, 256, 65_535);
             assert!(x <= 65_535 && y <= 65_535);
             assert!(x as usize * y as usize * 256 >= n, "n={n}: {x}x{y}");

@@ -69,7 +69,11 @@ impl std::fmt::Display for GpuInfo {
             self.name,
             self.backend,
             self.device_type,
-            if self.driver.is_empty() { "?" } else { &self.driver },
+            if self.driver.is_empty() {
+                "?"
+            } else {
+                &self.driver
+            },
             self.max_buffer_size >> 20,
             self.max_storage_buffer_binding_size >> 20,
             self.max_compute_workgroup_storage_size >> 10,
@@ -123,10 +127,11 @@ fn rank(info: &wgpu::AdapterInfo) -> u32 {
 
 /// List the adapters wgpu can see (honours `WGPU_BACKEND`), best first.
 pub fn adapters() -> Vec<wgpu::Adapter> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let mut adapters = pollster::block_on(instance.enumerate_adapters(
-        wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()),
-    ));
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let mut adapters = pollster::block_on(
+        instance.enumerate_adapters(wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all())),
+    );
     adapters.sort_by_key(|a| rank(&a.get_info()));
     adapters
 }
@@ -325,7 +330,12 @@ impl GpuContext {
     }
 
     fn pipeline(&self, kernel: Kernel) -> Result<wgpu::ComputePipeline> {
-        if let Some(p) = self.pipelines.lock().unwrap().get(&(kernel.shader, kernel.entry)) {
+        if let Some(p) = self
+            .pipelines
+            .lock()
+            .unwrap()
+            .get(&(kernel.shader, kernel.entry))
+        {
             return Ok(p.clone());
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);

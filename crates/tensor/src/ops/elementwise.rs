@@ -56,7 +56,13 @@ enum Operands<'a> {
 }
 
 /// Launch `entry` over all elements of `out`, in as many dispatches as the binding limit needs.
-fn launch(ctx: &Arc<GpuContext>, entry: &'static str, out: &Tensor, ops: Operands<'_>, alpha: f32) -> Result<()> {
+fn launch(
+    ctx: &Arc<GpuContext>,
+    entry: &'static str,
+    out: &Tensor,
+    ops: Operands<'_>,
+    alpha: f32,
+) -> Result<()> {
     let n = out.numel();
     let cols = match ops {
         Operands::Bias(_, b) => b.numel(),
@@ -99,7 +105,12 @@ fn launch(ctx: &Arc<GpuContext>, entry: &'static str, out: &Tensor, ops: Operand
             Operands::Zero => {}
         }
         let groups = grid_2d(len, 256, ctx.limits.max_compute_workgroups_per_dimension);
-        ctx.dispatch(kernel(entry), bytemuck::bytes_of(&params), &bindings, groups)?;
+        ctx.dispatch(
+            kernel(entry),
+            bytemuck::bytes_of(&params),
+            &bindings,
+            groups,
+        )?;
     }
     Ok(())
 }
@@ -277,7 +288,10 @@ mod tests {
         let a = Tensor::zeros(&[2, 3], &cpu).unwrap();
         let b = Tensor::zeros(&[3, 2], &cpu).unwrap();
         let e = add(&a, &b).unwrap_err().to_string();
-        assert!(e.contains("add") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+        assert!(
+            e.contains("add") && e.contains("[2, 3]") && e.contains("[3, 2]"),
+            "{e}"
+        );
         let e = add_bias(&a, &b).unwrap_err().to_string();
         assert!(e.contains("bias of shape [3]"), "{e}");
     }
