@@ -1,1 +1,140 @@
-// matmul.wgsl: being written.
+// matmul.wgsl — tiled, register-blocked matrix product with optional transposes, batch, fused
+// bias and accumulation.
+//
+// Launcher: crates/tensor/src/ops/matmul.rs (CPU reference and test oracle beside it).
+//
+// Math, for every batch index z (workgroup_id.z) and 0 <= i < M, 0 <= j < N:
+//   C[z, i, j] = (accumulate ? C[z, i, j] : 0) + (has_bias ? bias[j] : 0)
+//              + Σ_{0 <= p < K} opA[z, i, p] · opB[z, p, j]
+// where opA[i, p] = A[i, p] (A stored (M, K), row length lda) or A[p, i] if trans_a (stored (K, M));
+//       opB[p, j] = B[p, j] (B stored (K, N), row length ldb) or B[j, p] if trans_b (stored (N, K)).
+// The leading dimensions lda, ldb, ldc (elements from one stored row to the next) let the
+// launcher run a sub-block of a larger product when a tensor does not fit in one binding.
+//
+// Bindings (each a bound *range* of a buffer; `off_*` is where the data starts inside it):
+//   0 params (uniform Params)
+//   1 a    (batch, M, K) or (batch, K, M): element (z, r, c) at off_a + z·stride_a + r·lda + c
+//   2 b    (batch, K, N) or (batch, N, K): element (z, r, c) at off_b + z·stride_b + r·ldb + c
+//          (stride_b = 0 when one 2-D B is shared by the whole batch)
+//   3 c    (batch, M, N): element (z, i, j) at off_c + z·stride_c + i·ldc + j   (read_write)
+//   4 bias (N) at off_bias + j; read only when has_bias = 1 (else the launcher binds A here)
+//
+// Tiling: a workgroup of 16×16 = 256 invocations computes one 64×64 tile of C
+// (TM = TN = 64 = 16 invocations × 4 outputs each way). It walks K in steps of BK = 16:
+// the 64×16 slice of opA and the 16×64 slice of opB are staged in workgroup memory (zero
+// outside the matrix, so any M, N, K works), then each invocation accumulates its 4×4 block.
+// Invocation (tx, ty) owns rows m0 + ty + 16·r and columns n0 + tx + 16·s, r, s in 0..4:
+// strided so that neighbouring invocations read neighbouring workgroup-memory words and write
+// neighbouring C elements. Every invocation takes part in the loads and barriers; only the
+// stores are bounds-checked (out-of-range outputs are skipped, never returned from early).
+// Grid: (ceil(N / 64), ceil(M / 64), batch).
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    trans_a: u32,    // 1: A is stored (K, M)
+    trans_b: u32,    // 1: B is stored (N, K)
+    lda: u32,        // elements between stored rows of A
+    ldb: u32,
+    ldc: u32,
+    off_a: u32,
+    off_b: u32,
+    off_c: u32,
+    off_bias: u32,
+    stride_a: u32,   // elements between batch entries; 0 for a B shared by the batch
+    stride_b: u32,
+    stride_c: u32,
+    has_bias: u32,
+    accumulate: u32, // 1: C += product; 0: C = product
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+const TM: u32 = 64u;       // rows of C per workgroup = 16 invocations · 4 rows
+const TN: u32 = 64u;       // columns of C per workgroup = 16 invocations · 4 columns
+const BK: u32 = 16u;       // depth of one staged K slice
+const WG: u32 = 16u;       // invocations along each side of the workgroup
+const PAD: u32 = 65u;      // row pitch of the staged tiles: TM + 1, so transposing stores hit distinct banks
+const THREADS: u32 = 256u; // WG · WG
+const LOADS: u32 = 4u;     // TM · BK / THREADS elements of each tile loaded per invocation
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+// Staged slices: as_tile[kk·PAD + i] = opA[m0 + i, k0 + kk], bs_tile[kk·PAD + j] = opB[k0 + kk, n0 + j].
+var<workgroup> as_tile: array<f32, BK * PAD>;
+var<workgroup> bs_tile: array<f32, BK * PAD>;
+
+// opA[z, i, p], 0 outside the matrix.
+fn load_a(z: u32, i: u32, kp: u32) -> f32 {
+    if (i >= p.m || kp >= p.k) { return 0.0; }
+    let base = p.off_a + z * p.stride_a;
+    if (p.trans_a == 0u) { return a[base + i * p.lda + kp]; }
+    return a[base + kp * p.lda + i];
+}
+
+// opB[z, p, j], 0 outside the matrix.
+fn load_b(z: u32, kp: u32, j: u32) -> f32 {
+    if (kp >= p.k || j >= p.n) { return 0.0; }
+    let base = p.off_b + z * p.stride_b;
+    if (p.trans_b == 0u) { return b[base + kp * p.ldb + j]; }
+    return b[base + j * p.ldb + kp];
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let z = wg.z;
+    let m0 = wg.y * TM;
+    let n0 = wg.x * TN;
+    let tx = lid.x;
+    let ty = lid.y;
+
+    // acc[r][s] = partial C[m0 + ty + 16r, n0 + tx + 16s]
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        // Stage the slices. Consecutive invocations walk the stored rows' contiguous axis, so the
+        // global reads are coalesced whichever way each operand is stored.
+        for (var l = 0u; l < LOADS; l++) {
+            let e = li + l * THREADS;
+            var i: u32; var kk: u32;
+            if (p.trans_a == 0u) { i = e / BK; kk = e % BK; } else { kk = e / TM; i = e % TM; }
+            as_tile[kk * PAD + i] = load_a(z, m0 + i, k0 + kk);
+            var j: u32; var kb: u32;
+            if (p.trans_b == 0u) { kb = e / TN; j = e % TN; } else { j = e / BK; kb = e % BK; }
+            bs_tile[kb * PAD + j] = load_b(z, k0 + kb, n0 + j);
+        }
+        workgroupBarrier();
+
+        for (var kk = 0u; kk < BK; kk++) {
+            let row = kk * PAD;
+            let bv = vec4<f32>(bs_tile[row + tx], bs_tile[row + tx + 16u],
+                               bs_tile[row + tx + 32u], bs_tile[row + tx + 48u]);
+            for (var r = 0u; r < 4u; r++) {
+                acc[r] = fma(vec4<f32>(as_tile[row + ty + r * WG]), bv, acc[r]);
+            }
+        }
+        workgroupBarrier();
+    }
+
+    let c_base = p.off_c + z * p.stride_c;
+    for (var r = 0u; r < 4u; r++) {
+        let i = m0 + ty + r * WG;
+        if (i >= p.m) { continue; }
+        for (var s = 0u; s < 4u; s++) {
+            let j = n0 + tx + s * WG;
+            if (j >= p.n) { continue; }
+            var v = acc[r][s];
+            if (p.has_bias != 0u) { v += bias[p.off_bias + j]; }
+            let idx = c_base + i * p.ldc + j;
+            if (p.accumulate != 0u) { v += c[idx]; }
+            c[idx] = v;
+        }
+    }
+}

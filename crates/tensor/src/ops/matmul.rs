@@ -1,1 +1,890 @@
-//! matmul: being written.
+//! Matrix product: `C = op(A)·op(B) [+ bias]`, batched, with transpose flags, and its in-place
+//! accumulating form `C += op(A)·op(B)`.
+//!
+//! # Math and shapes
+//! `op(X)` is `X`, or `Xᵀ` when the operand's transpose flag is set. For every batch index z,
+//! `0 ≤ i < M`, `0 ≤ j < N`:
+//!
+//! ```text
+//! C[z, i, j] = bias[j] + Σ_{p<K} op(A)[z, i, p] · op(B)[z, p, j]
+//! ```
+//! - A: `(…, M, K)`, or `(…, K, M)` with `trans_a`;
+//! - B: `(…, K, N)`, or `(…, N, K)` with `trans_b`; the leading (batch) dims equal A's, or B is
+//!   2-D and shared by every batch entry;
+//! - bias: `(N)`, optional, added to every row; C: A's leading dims then `(M, N)`.
+//!
+//! A transposed operand is read in place (no copy): the flag only changes the strides.
+//!
+//! # Backward
+//! Given dC, both gradients are products again, with transpose flags instead of copies
+//! (`ta`/`tb` below mean `MatmulOpts { trans_a: true, .. }` / `{ trans_b: true, .. }`):
+//!
+//! | forward `C =` | flags      | `dA =` (A's shape)                | `dB =` (B's shape)                |
+//! |---------------|------------|-----------------------------------|-----------------------------------|
+//! | `A·B`         | none       | `dC·Bᵀ  = matmul(dC, B, tb)`      | `Aᵀ·dC  = matmul(A, dC, ta)`      |
+//! | `A·Bᵀ`        | `tb`       | `dC·B   = matmul(dC, B, none)`    | `dCᵀ·A  = matmul(dC, A, ta)`      |
+//! | `Aᵀ·B`        | `ta`       | `B·dCᵀ  = matmul(B, dC, tb)`      | `A·dC   = matmul(A, dC, none)`    |
+//! | `Aᵀ·Bᵀ`       | `ta`, `tb` | `Bᵀ·dCᵀ = matmul(B, dC, ta + tb)` | `dCᵀ·Aᵀ = matmul(dC, A, ta + tb)` |
+//!
+//! and `dbias = Σ_rows dC`. Batched operands give batched gradients. When B is 2-D and shared
+//! by the batch, dB sums over the batch: without `trans_a`, fold the batch into rows (reshape A
+//! to `(batch·M, K)` and dC to `(batch·M, N)`) and use the 2-D rule; `matmul_accumulate` adds
+//! such a product straight into an existing gradient (`dW += xᵀ·dy`).
+//!
+//! # Backends
+//! CPU: `matrixmultiply::sgemm` (threaded, arbitrary strides), with [`matmul_naive_cpu`], a plain
+//! triple loop in f64, as the oracle. GPU: `shaders/matmul.wgsl`, 64×64 output tiles staged in
+//! workgroup memory, 4×4 outputs per invocation. A 2-D problem whose operands exceed one storage
+//! binding is cut into sub-blocks along each operand's stored-row dimension (M, N and K chunks;
+//! K chunks after the first accumulate into C), using leading dimensions to address sub-blocks.
+
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::gpu::bind::View;
+use crate::gpu::{Binding, GpuContext, Kernel};
+use crate::tensor::same_device;
+use crate::{Device, Error, Result, Tensor, shaders, shape_err};
+
+/// Transpose flags of [`matmul`]: `op(A) = Aᵀ` when `trans_a`, `op(B) = Bᵀ` when `trans_b`.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct MatmulOpts {
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+/// The `Params` struct of `matmul.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    trans_a: u32,
+    trans_b: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    off_a: u32,
+    off_b: u32,
+    off_c: u32,
+    off_bias: u32,
+    stride_a: u32,
+    stride_b: u32,
+    stride_c: u32,
+    has_bias: u32,
+    accumulate: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+impl Params {
+    /// The fields every dispatch of one product shares; [`record`] fills in the views' offsets
+    /// and the bias, and a split problem overrides the sizes of its sub-block.
+    fn new(d: &Dims, o: MatmulOpts, accumulate: bool) -> Params {
+        let ([lda, ldb, ldc], [pa, pb, pc]) = (d.lds(o), d.per_batch());
+        Params {
+            m: d.m as u32,
+            n: d.n as u32,
+            k: d.k as u32,
+            trans_a: o.trans_a.into(),
+            trans_b: o.trans_b.into(),
+            lda: lda as u32,
+            ldb: ldb as u32,
+            ldc: ldc as u32,
+            stride_a: pa as u32,
+            stride_b: pb as u32,
+            stride_c: pc as u32,
+            accumulate: accumulate.into(),
+            ..Zeroable::zeroed()
+        }
+    }
+}
+
+/// Output tile of one workgroup (`TM = TN` in the shader).
+const TILE: usize = 64;
+
+const KERNEL: Kernel = Kernel {
+    shader: "matmul",
+    source: shaders::MATMUL,
+    entry: "matmul",
+};
+
+/// The sizes of one (possibly batched) product after the shapes were checked.
+#[derive(Clone, Debug)]
+struct Dims {
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    /// B is 2-D and used by every batch entry.
+    b_shared: bool,
+    out_shape: Vec<usize>,
+}
+
+impl Dims {
+    /// Elements of one batch entry of A, B (0 when shared) and C.
+    fn per_batch(&self) -> [usize; 3] {
+        let b = if self.b_shared { 0 } else { self.k * self.n };
+        [self.m * self.k, b, self.m * self.n]
+    }
+    /// Elements between stored rows of A, B and C.
+    fn lds(&self, o: MatmulOpts) -> [usize; 3] {
+        [
+            if o.trans_a { self.m } else { self.k },
+            if o.trans_b { self.k } else { self.n },
+            self.n,
+        ]
+    }
+}
+
+fn dims(op: &'static str, a: &Tensor, b: &Tensor, o: MatmulOpts) -> Result<Dims> {
+    let (sa, sb) = (a.shape(), b.shape());
+    let a_form = if o.trans_a {
+        "(…, K, M)"
+    } else {
+        "(…, M, K)"
+    };
+    let b_form = if o.trans_b {
+        "(…, N, K)"
+    } else {
+        "(…, K, N)"
+    };
+    if sa.len() < 2 {
+        return shape_err(op, format!("A of at least 2 dims {a_form}"), sa);
+    }
+    if sb.len() < 2 {
+        return shape_err(op, format!("B of at least 2 dims {b_form}"), sb);
+    }
+    let (ra, rb) = (sa.len() - 2, sb.len() - 2);
+    let (m, k) = if o.trans_a {
+        (sa[ra + 1], sa[ra])
+    } else {
+        (sa[ra], sa[ra + 1])
+    };
+    let (kb, n) = if o.trans_b {
+        (sb[rb + 1], sb[rb])
+    } else {
+        (sb[rb], sb[rb + 1])
+    };
+    if kb != k {
+        return shape_err(
+            op,
+            format!("B {b_form} with K = {k} to match A {a_form} of shape {sa:?}"),
+            sb,
+        );
+    }
+    let b_shared = rb == 0;
+    if !b_shared && sa[..ra] != sb[..rb] {
+        return shape_err(
+            op,
+            format!("B 2-D or with the batch dims {:?} of A {sa:?}", &sa[..ra]),
+            sb,
+        );
+    }
+    let mut out_shape = sa[..ra].to_vec();
+    out_shape.extend([m, n]);
+    let batch: usize = sa[..ra].iter().product();
+    let mut d = Dims {
+        batch,
+        m,
+        k,
+        n,
+        b_shared,
+        out_shape,
+    };
+    if b_shared && !o.trans_a {
+        // A (batch, M, K) is one (batch·M, K) matrix: one 2-D product instead of `batch` of them.
+        d.m *= d.batch;
+        d.batch = 1;
+    }
+    Ok(d)
+}
+
+fn check_bias(op: &'static str, bias: Option<&Tensor>, n: usize) -> Result<()> {
+    match bias {
+        Some(t) if t.shape() != [n] => shape_err(op, format!("bias of shape [{n}] (N)"), t.shape()),
+        _ => Ok(()),
+    }
+}
+
+/// `C = op(A)·op(B) [+ bias]`. A: `(…, M, K)` or `(…, K, M)` if `trans_a`; B: `(…, K, N)` or
+/// `(…, N, K)` if `trans_b`, or 2-D (shared across the batch); bias: `(N)`, added to every row.
+/// Leading (batch) dims of A and B equal, or B 2-D. Returns `(…, M, N)`. The backward rules
+/// (dA, dB through the transpose flags) are in the module documentation.
+pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, opts: MatmulOpts) -> Result<Tensor> {
+    let d = dims("matmul", a, b, opts)?;
+    check_bias("matmul", bias, d.n)?;
+    let mut all = vec![a, b];
+    all.extend(bias);
+    let device = same_device("matmul", &all)?;
+    let c = Tensor::uninit(&d.out_shape, &device)?;
+    run(&device, &c, a, b, bias, &d, opts, false)?;
+    Ok(c)
+}
+
+/// In place: `C += op(A)·op(B)` (gradient accumulation, e.g. `dW += xᵀ·dy`). C must have the
+/// result's shape and must not share storage with A or B.
+pub fn matmul_accumulate(c: &Tensor, a: &Tensor, b: &Tensor, opts: MatmulOpts) -> Result<()> {
+    let d = dims("matmul_accumulate", a, b, opts)?;
+    if c.shape() != d.out_shape {
+        return shape_err(
+            "matmul_accumulate",
+            format!("C of the product's shape {:?}", d.out_shape),
+            c.shape(),
+        );
+    }
+    if c.same_storage(a) || c.same_storage(b) {
+        return Err(Error::Invalid(
+            "matmul_accumulate: C must not share storage with A or B".into(),
+        ));
+    }
+    let device = same_device("matmul_accumulate", &[c, a, b])?;
+    run(&device, c, a, b, None, &d, opts, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    device: &Device,
+    c: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    d: &Dims,
+    o: MatmulOpts,
+    accumulate: bool,
+) -> Result<()> {
+    match device {
+        Device::Cpu(_) => {
+            let (ad, bd) = (a.cpu_data()?, b.cpu_data()?);
+            let biasd = bias.map(|t| t.cpu_data()).transpose()?;
+            let mut cd = c.cpu_data_mut()?;
+            sgemm_cpu(
+                &ad,
+                &bd,
+                biasd.as_deref().map(|v| v.as_slice()),
+                &mut cd,
+                d,
+                o,
+                accumulate,
+            );
+            Ok(())
+        }
+        Device::Gpu(ctx) => {
+            let max_z = ctx.limits.max_compute_workgroups_per_dimension as usize;
+            launch(ctx, c, a, b, bias, d, o, accumulate, max_z)
+        }
+    }
+}
+
+/// The CPU path: one `sgemm` per batch entry. The strides encode the transposes; bias and
+/// accumulation come in through C's initial value and `beta = 1`.
+fn sgemm_cpu(
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    d: &Dims,
+    o: MatmulOpts,
+    accumulate: bool,
+) {
+    let (m, k, n) = (d.m, d.k, d.n);
+    if n == 0 || m == 0 {
+        return;
+    }
+    let [pa, pb, pc] = d.per_batch();
+    let [lda, ldb, _] = d.lds(o);
+    let (rsa, csa) = if o.trans_a { (1, lda) } else { (lda, 1) };
+    let (rsb, csb) = if o.trans_b { (1, ldb) } else { (ldb, 1) };
+    if let Some(bias) = bias {
+        c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+    }
+    let beta = if accumulate || bias.is_some() {
+        1.0
+    } else {
+        0.0
+    };
+    for z in 0..d.batch {
+        // SAFETY: the shapes were checked, so a[z·pa..], b[z·pb..] and c[z·pc..] hold one full
+        // batch entry at these strides, and c is borrowed mutably.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr().add(z * pa),
+                rsa as isize,
+                csa as isize,
+                b.as_ptr().add(z * pb),
+                rsb as isize,
+                csb as isize,
+                beta,
+                c.as_mut_ptr().add(z * pc),
+                n as isize,
+                1,
+            );
+        }
+    }
+}
+
+/// The test oracle: `op(A)·op(B) [+ bias]` as a readable triple loop accumulating in f64, on the
+/// CPU whatever the inputs' device. Same shapes and rules as [`matmul`].
+pub fn matmul_naive_cpu(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    opts: MatmulOpts,
+) -> Result<Tensor> {
+    let mut d = dims("matmul_naive_cpu", a, b, opts)?;
+    check_bias("matmul_naive_cpu", bias, d.n)?;
+    let (ad, bd) = (a.to_vec()?, b.to_vec()?);
+    let biasd = bias.map(Tensor::to_vec).transpose()?;
+    if d.b_shared && !opts.trans_a {
+        // Undo the fold of `dims`, so this loop stays independent of that optimisation.
+        d.batch = d.out_shape[..d.out_shape.len() - 2].iter().product();
+        d.m /= d.batch.max(1);
+    }
+    let [pa, pb, pc] = d.per_batch();
+    let [lda, ldb, ldc] = d.lds(opts);
+    let mut out = vec![0.0f32; d.batch * pc];
+    for z in 0..d.batch {
+        for i in 0..d.m {
+            for j in 0..d.n {
+                let mut sum = biasd.as_ref().map_or(0.0, |v| v[j] as f64);
+                for p in 0..d.k {
+                    let x = if opts.trans_a {
+                        ad[z * pa + p * lda + i]
+                    } else {
+                        ad[z * pa + i * lda + p]
+                    };
+                    let y = if opts.trans_b {
+                        bd[z * pb + j * ldb + p]
+                    } else {
+                        bd[z * pb + p * ldb + j]
+                    };
+                    sum += x as f64 * y as f64;
+                }
+                out[z * pc + i * ldc + j] = sum as f32;
+            }
+        }
+    }
+    Tensor::from_vec(out, &d.out_shape, &Device::cpu())
+}
+
+/// The GPU path. Batch entries that fit in one binding each go in batched dispatches
+/// (workgroup z = batch entry, at most `max_z` = 65,535 per dispatch; tests pass a smaller
+/// `max_z`); otherwise each entry is a 2-D problem split by [`launch_2d`].
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    ctx: &Arc<GpuContext>,
+    c: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    d: &Dims,
+    o: MatmulOpts,
+    accumulate: bool,
+    max_z: usize,
+) -> Result<()> {
+    if d.batch == 0 || d.m == 0 || d.n == 0 {
+        return Ok(());
+    }
+    let [pa, pb, pc] = d.per_batch();
+    let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
+    let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+    let grid_fits = d.m.div_ceil(TILE) <= max_groups && d.n.div_ceil(TILE) <= max_groups;
+    let shared_fits = !d.b_shared || b.bytes() + align <= ctx.max_binding_bytes();
+    let chunks = ctx.row_chunks(d.batch, &[pa, pb, pc]);
+    let (Ok(chunks), true, true, true) = (chunks, d.batch > 1, grid_fits, shared_fits) else {
+        for z in 0..d.batch {
+            launch_2d(
+                ctx,
+                [c, a, b],
+                bias,
+                [z * pa, z * pb, z * pc],
+                d,
+                o,
+                accumulate,
+            )?;
+        }
+        return Ok(());
+    };
+    for (first, count) in chunks {
+        for z0 in (first..first + count).step_by(max_z) {
+            let nz = max_z.min(first + count - z0);
+            let av = ctx.view(a, z0 * pa, nz * pa)?;
+            let bv = if d.b_shared {
+                ctx.view_all(b)?
+            } else {
+                ctx.view(b, z0 * pb, nz * pb)?
+            };
+            let cv = ctx.view(c, z0 * pc, nz * pc)?;
+            let biasv = bias.map(|t| ctx.view_all(t)).transpose()?;
+            record(ctx, Params::new(d, o, accumulate), [av, bv, cv], biasv, nz)?;
+        }
+    }
+    Ok(())
+}
+
+/// One 2-D product whose operands start at elements `base` = [A, B, C] of their tensors, cut into
+/// sub-blocks so that every bound range fits one storage binding.
+///
+/// Each operand is stored as rows of `ld` elements: A's rows are M (K if `trans_a`), B's are K
+/// (N if `trans_b`), C's are M. A chunk of `r` rows of an operand spans about `r·ld` elements, so
+/// the chunk of that operand's row dimension is at most `room / ld`; an operand whose single row
+/// is larger than a binding takes one row per chunk and cuts its columns instead. Sub-blocks of C
+/// are addressed with `ldc = N`; K chunks after the first accumulate into C, and the bias is
+/// added by the first.
+fn launch_2d(
+    ctx: &Arc<GpuContext>,
+    [c, a, b]: [&Tensor; 3],
+    bias: Option<&Tensor>,
+    base: [usize; 3],
+    d: &Dims,
+    o: MatmulOpts,
+    accumulate: bool,
+) -> Result<()> {
+    const M: usize = 0;
+    const K: usize = 1;
+    const N: usize = 2;
+    let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+    let room = (ctx.max_binding_bytes().saturating_sub(align) / 4).max(1) as usize;
+    let [lda, ldb, ldc] = d.lds(o);
+    // (stored-row dimension, stored-column dimension, ld) of A, B, C.
+    let a_dims = if o.trans_a { (K, M, lda) } else { (M, K, lda) };
+    let b_dims = if o.trans_b { (N, K, ldb) } else { (K, N, ldb) };
+    let max_tiles = ctx.limits.max_compute_workgroups_per_dimension as usize * TILE;
+    let mut chunk = [d.m.min(max_tiles), d.k, d.n.min(max_tiles)];
+    for (row, col, ld) in [a_dims, b_dims, (M, N, ldc)] {
+        if ld <= room {
+            chunk[row] = chunk[row].min(room / ld.max(1));
+        } else {
+            chunk[row] = 1;
+            chunk[col] = chunk[col].min(room);
+        }
+    }
+    let starts = |len: usize, step: usize| {
+        (0..len.max(1))
+            .step_by(step.max(1))
+            .map(move |s| (s, step.min(len - s)))
+    };
+    // The bound range of rows r0.. (r rows) and columns c0.. (cols columns) of an operand.
+    let span = |r0: usize, r: usize, c0: usize, cols: usize, ld: usize| {
+        (r0 * ld + c0, r.saturating_sub(1) * ld + cols)
+    };
+    for (i0, mr) in starts(d.m, chunk[M]) {
+        for (j0, nr) in starts(d.n, chunk[N]) {
+            for (p0, kr) in starts(d.k, chunk[K]) {
+                let first_k = p0 == 0;
+                // With K = 0, A and B are empty and never read: bind their first element.
+                let (sa, la) = match (kr, o.trans_a) {
+                    (0, _) => (0, 0),
+                    (_, true) => span(p0, kr, i0, mr, lda),
+                    (_, false) => span(i0, mr, p0, kr, lda),
+                };
+                let (sb, lb) = match (kr, o.trans_b) {
+                    (0, _) => (0, 0),
+                    (_, true) => span(j0, nr, p0, kr, ldb),
+                    (_, false) => span(p0, kr, j0, nr, ldb),
+                };
+                let (sc, lc) = span(i0, mr, j0, nr, ldc);
+                let av = ctx.view(a, base[0] + sa, la)?;
+                let bv = ctx.view(b, base[1] + sb, lb)?;
+                let cv = ctx.view(c, base[2] + sc, lc)?;
+                let biasv = match bias {
+                    Some(t) if first_k => Some(ctx.view(t, j0, nr)?),
+                    _ => None,
+                };
+                let params = Params {
+                    m: mr as u32,
+                    n: nr as u32,
+                    k: kr as u32,
+                    ..Params::new(d, o, accumulate || !first_k)
+                };
+                record(ctx, params, [av, bv, cv], biasv, 1)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Record one dispatch over `nz` batch entries of `p`'s M×N product, with A, B, C and the bias
+/// bound from these views.
+fn record(
+    ctx: &GpuContext,
+    mut p: Params,
+    [a, b, c]: [View<'_>; 3],
+    bias: Option<View<'_>>,
+    nz: usize,
+) -> Result<()> {
+    (p.off_a, p.off_b, p.off_c) = (a.offset, b.offset, c.offset);
+    p.has_bias = bias.is_some().into();
+    p.off_bias = bias.as_ref().map_or(0, |v| v.offset);
+    // Without a bias, binding 4 gets A's range again: never read (has_bias = 0).
+    let bias = bias.map_or(
+        Binding {
+            buffer: a.binding.buffer,
+            offset: a.binding.offset,
+            size: a.binding.size,
+        },
+        |v| v.binding,
+    );
+    let bindings = [(1, a.binding), (2, b.binding), (3, c.binding), (4, bias)];
+    let groups = [
+        p.n.div_ceil(TILE as u32),
+        p.m.div_ceil(TILE as u32),
+        nz as u32,
+    ];
+    ctx.dispatch(KERNEL, bytemuck::bytes_of(&p), &bindings, groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, gpu, gpu_with_binding_limit, random, sizes};
+    use proptest::prelude::*;
+
+    fn opts(trans_a: bool, trans_b: bool) -> MatmulOpts {
+        MatmulOpts { trans_a, trans_b }
+    }
+
+    /// Tolerance of every comparison: inputs are uniform in [-1, 1), so a sum of K products has
+    /// f32 rounding error far below `atol = 1e-5·K` (plus `rtol = 1e-5` of the value).
+    fn atol(k: usize) -> f32 {
+        1e-5 * k.max(1) as f32
+    }
+    const RTOL: f32 = 1e-5;
+
+    /// One test problem: batch dims `lead`, op(A): (M, K), op(B): (K, N), B 2-D when `shared`.
+    #[derive(Clone, Debug)]
+    struct Case {
+        lead: Vec<usize>,
+        m: usize,
+        k: usize,
+        n: usize,
+        o: MatmulOpts,
+        shared: bool,
+        bias: bool,
+    }
+
+    impl Case {
+        fn new(m: usize, k: usize, n: usize, o: MatmulOpts) -> Case {
+            Case {
+                lead: vec![],
+                m,
+                k,
+                n,
+                o,
+                shared: false,
+                bias: false,
+            }
+        }
+        /// A, B, bias and a starting C on `device`, the same numbers for the same seed.
+        fn tensors(&self, seed: u64, device: &Device) -> (Tensor, Tensor, Option<Tensor>, Tensor) {
+            let (m, k, n) = (self.m, self.k, self.n);
+            let mut sa = self.lead.clone();
+            sa.extend(if self.o.trans_a { [k, m] } else { [m, k] });
+            let mut sb = if self.shared {
+                vec![]
+            } else {
+                self.lead.clone()
+            };
+            sb.extend(if self.o.trans_b { [n, k] } else { [k, n] });
+            let mut sc = self.lead.clone();
+            sc.extend([m, n]);
+            let bias = self.bias.then(|| random(&[n], seed + 2, device));
+            (
+                random(&sa, seed, device),
+                random(&sb, seed + 1, device),
+                bias,
+                random(&sc, seed + 3, device),
+            )
+        }
+    }
+
+    /// GPU `matmul` and `matmul_accumulate` against the CPU path (sgemm) on `g`; returns the
+    /// number of kernel dispatches `matmul_accumulate` took.
+    fn check_gpu(g: &Device, case: &Case, seed: u64) -> u64 {
+        let Device::Gpu(ctx) = g else { unreachable!() };
+        let what = format!("{case:?}");
+        let (a, b, bias, c) = case.tensors(seed, &Device::cpu());
+        let (ga, gb, gbias, gc) = case.tensors(seed, g);
+        let want = matmul(&a, &b, bias.as_ref(), case.o).unwrap();
+        let got = matmul(&ga, &gb, gbias.as_ref(), case.o).unwrap();
+        assert_close(&what, &got, &want, atol(case.k), RTOL);
+        matmul_accumulate(&c, &a, &b, case.o).unwrap();
+        let before = ctx.dispatch_count();
+        matmul_accumulate(&gc, &ga, &gb, case.o).unwrap();
+        let dispatches = ctx.dispatch_count() - before;
+        assert_close(
+            &format!("accumulate {what}"),
+            &gc,
+            &c,
+            atol(case.k) + 1e-6,
+            RTOL,
+        );
+        dispatches
+    }
+
+    fn leads() -> impl Strategy<Value = Vec<usize>> {
+        prop_oneof![Just(vec![]), Just(vec![3]), Just(vec![2, 3])]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        #[test]
+        fn cpu_matmul_matches_f64_naive(lead in leads(), m in sizes(), k in sizes(), n in sizes(),
+                                        ta: bool, tb: bool, shared: bool, bias: bool, seed in 0u64..1000) {
+            let case = Case { lead, m: m.min(70), k, n: n.min(70), o: opts(ta, tb), shared, bias };
+            let (a, b, bias, c) = case.tensors(seed, &Device::cpu());
+            let want = matmul_naive_cpu(&a, &b, bias.as_ref(), case.o).unwrap();
+            let got = matmul(&a, &b, bias.as_ref(), case.o).unwrap();
+            assert_close(&format!("{case:?}"), &got, &want, atol(k), RTOL);
+            // C += product, against the oracle plus C's starting value.
+            let want_acc: Vec<f32> = c.to_vec().unwrap().iter().zip(matmul_naive_cpu(&a, &b, None, case.o)
+                .unwrap().to_vec().unwrap()).map(|(x, y)| x + y).collect();
+            matmul_accumulate(&c, &a, &b, case.o).unwrap();
+            crate::testing::assert_close_slices("accumulate", &c.to_vec().unwrap(), &want_acc, atol(k) + 1e-6, RTOL);
+        }
+
+        #[test]
+        fn matmul_matches_cpu_shapes(m in sizes(), k in sizes(), n in sizes(), ta: bool, tb: bool,
+                                     bias: bool, seed in 0u64..1000) {
+            let Some(g) = gpu() else { return Ok(()) };
+            check_gpu(&g, &Case { bias, ..Case::new(m, k, n, opts(ta, tb)) }, seed);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10))]
+
+        #[test]
+        fn matmul_matches_cpu_batched(lead in leads(), m in 1usize..70, k in 1usize..70, n in 1usize..70,
+                                      ta: bool, tb: bool, shared: bool, bias: bool, seed in 0u64..1000) {
+            let Some(g) = gpu() else { return Ok(()) };
+            check_gpu(&g, &Case { lead, m, k, n, o: opts(ta, tb), shared, bias }, seed);
+        }
+    }
+
+    #[test]
+    fn matmul_matches_cpu_hostile_shapes() {
+        let Some(g) = gpu() else { return };
+        let shapes = [
+            (17, 33, 5),
+            (17, 5, 33),
+            (1, 768, 257),
+            (1, 1, 1),
+            (3, 2000, 5),
+            (65, 1, 129),
+            (64, 64, 64),
+            (7, 0, 9),
+        ];
+        for (m, k, n) in shapes {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                check_gpu(
+                    &g,
+                    &Case {
+                        bias: true,
+                        ..Case::new(m, k, n, opts(ta, tb))
+                    },
+                    7,
+                );
+            }
+        }
+        // T = 1 rows against a shared weight, and a batched product with one row per entry.
+        let o = opts(false, true);
+        check_gpu(
+            &g,
+            &Case {
+                lead: vec![4],
+                shared: true,
+                bias: true,
+                ..Case::new(1, 65, 130, o)
+            },
+            8,
+        );
+        check_gpu(
+            &g,
+            &Case {
+                lead: vec![5],
+                ..Case::new(1, 9, 1, opts(true, false))
+            },
+            9,
+        );
+    }
+
+    #[test]
+    fn matmul_matches_cpu_split_bindings() {
+        // A binding of 4 KiB holds under 1024 floats, so these small operands are cut along M, N
+        // and K (and, for rows longer than a binding, along their columns).
+        let Some(_) = gpu() else { return };
+        let g = gpu_with_binding_limit(4096);
+        let mut cases = Vec::new();
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let o = opts(ta, tb);
+            cases.push(Case {
+                bias: true,
+                ..Case::new(70, 50, 60, o)
+            }); // M, N, K chunks
+            cases.push(Case {
+                bias: true,
+                ..Case::new(3, 4, 1500, o)
+            }); // C rows > one binding
+            cases.push(Case::new(3, 1500, 4, o)); // K longer than a binding
+            cases.push(Case {
+                lead: vec![3],
+                ..Case::new(40, 30, 20, o)
+            }); // per-entry splits
+            cases.push(Case {
+                lead: vec![20],
+                bias: true,
+                ..Case::new(9, 8, 7, o)
+            }); // batched, several entries per binding
+            cases.push(Case {
+                lead: vec![2],
+                shared: true,
+                ..Case::new(33, 40, 50, o)
+            });
+        }
+        for (i, case) in cases.iter().enumerate() {
+            let dispatches = check_gpu(&g, case, i as u64);
+            eprintln!("{case:?}: {dispatches} dispatches");
+            assert!(dispatches > 1, "{case:?} was not split");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_cpu_batch_split_over_dispatches() {
+        // With at most 2 batch entries per dispatch (65,535 on a device), 5 entries take 3.
+        // A context of its own, so that no other test's dispatches are counted.
+        let Some(_) = gpu() else { return };
+        let g = gpu_with_binding_limit(u64::MAX);
+        let Device::Gpu(ctx) = &g else { unreachable!() };
+        for o in [opts(false, false), opts(true, true)] {
+            let case = Case {
+                lead: vec![5],
+                bias: true,
+                ..Case::new(9, 13, 11, o)
+            };
+            let (a, b, bias, _) = case.tensors(3, &Device::cpu());
+            let (ga, gb, gbias, _) = case.tensors(3, &g);
+            let want = matmul(&a, &b, bias.as_ref(), o).unwrap();
+            let got = Tensor::gpu_uninit(ctx, want.shape()).unwrap();
+            let d = dims("test", &ga, &gb, o).unwrap();
+            let before = ctx.dispatch_count();
+            launch(ctx, &got, &ga, &gb, gbias.as_ref(), &d, o, false, 2).unwrap();
+            assert_eq!(ctx.dispatch_count() - before, 3);
+            assert_close(&format!("{case:?}"), &got, &want, atol(13), RTOL);
+        }
+    }
+
+    #[test]
+    #[ignore = "65,537 workgroups take about 100 s on lavapipe; run with --ignored on a real GPU"]
+    fn matmul_matches_cpu_more_batches_than_one_dispatch() {
+        // 65,537 entries > 65,535 workgroups along z: two dispatches of the real device limit.
+        let Some(_) = gpu() else { return };
+        let g = gpu_with_binding_limit(u64::MAX);
+        let case = Case {
+            lead: vec![65_537],
+            ..Case::new(1, 2, 1, opts(false, false))
+        };
+        assert_eq!(check_gpu(&g, &case, 11), 2);
+    }
+
+    #[test]
+    fn shape_errors_are_clear() {
+        let cpu = Device::cpu();
+        let z = |s: &[usize]| Tensor::zeros(s, &cpu).unwrap();
+        let e = matmul(&z(&[2, 3]), &z(&[4, 5]), None, MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("matmul") && e.contains("K = 3") && e.contains("[4, 5]"),
+            "{e}"
+        );
+        let e = matmul(&z(&[2, 3, 4]), &z(&[3, 4, 5]), None, MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("batch dims [2]") && e.contains("[3, 4, 5]"),
+            "{e}"
+        );
+        let e = matmul(
+            &z(&[2, 3]),
+            &z(&[3, 4]),
+            Some(&z(&[3])),
+            MatmulOpts::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bias of shape [4]"), "{e}");
+        let e = matmul_accumulate(&z(&[2, 2]), &z(&[2, 3]), &z(&[3, 4]), MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[2, 4]") && e.contains("[2, 2]"), "{e}");
+        let e = matmul(&z(&[3]), &z(&[3, 4]), None, MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least 2 dims"), "{e}");
+        // trans_b: B is (N, K) = (4, 3), so K = 3 matches A (2, 3).
+        assert_eq!(
+            matmul(&z(&[2, 3]), &z(&[4, 3]), None, opts(false, true))
+                .unwrap()
+                .shape(),
+            [2, 4]
+        );
+    }
+
+    #[test]
+    fn backward_rules_are_adjoints() {
+        // The module doc's table: dA is the gradient of L = <dC, op(A)·op(B)> with respect to A,
+        // so for any A', <dA, A'> = <dC, op(A')·op(B)> (the product is linear in A); same for B.
+        let cpu = Device::cpu();
+        let dot = |x: &Tensor, y: &Tensor| -> f64 {
+            x.to_vec()
+                .unwrap()
+                .iter()
+                .zip(y.to_vec().unwrap())
+                .map(|(&p, q)| p as f64 * q as f64)
+                .sum()
+        };
+        let (m, k, n) = (5, 7, 3);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let o = opts(ta, tb);
+            let (a, b, _, dc) = Case::new(m, k, n, o).tensors(1, &cpu);
+            let (a2, b2, _, _) = Case::new(m, k, n, o).tensors(5, &cpu);
+            let (da, db) = match (ta, tb) {
+                (false, false) => (
+                    matmul(&dc, &b, None, opts(false, true)),
+                    matmul(&a, &dc, None, opts(true, false)),
+                ),
+                (false, true) => (
+                    matmul(&dc, &b, None, opts(false, false)),
+                    matmul(&dc, &a, None, opts(true, false)),
+                ),
+                (true, false) => (
+                    matmul(&b, &dc, None, opts(false, true)),
+                    matmul(&a, &dc, None, opts(false, false)),
+                ),
+                (true, true) => (
+                    matmul(&b, &dc, None, opts(true, true)),
+                    matmul(&dc, &a, None, opts(true, true)),
+                ),
+            };
+            let (da, db) = (da.unwrap(), db.unwrap());
+            assert_eq!((da.shape(), db.shape()), (a.shape(), b.shape()), "{o:?}");
+            let lhs = [dot(&da, &a2), dot(&db, &b2)];
+            let rhs = [
+                dot(&dc, &matmul(&a2, &b, None, o).unwrap()),
+                dot(&dc, &matmul(&a, &b2, None, o).unwrap()),
+            ];
+            for (l, r) in lhs.into_iter().zip(rhs) {
+                assert!((l - r).abs() < 1e-4 * (1.0 + r.abs()), "{o:?}: {l} vs {r}");
+            }
+        }
+    }
+}
