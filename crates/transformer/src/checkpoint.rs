@@ -1,0 +1,313 @@
+//! The size table of GPT-2 and a model directory's weights: `config.json` + `model.safetensors`.
+//!
+//! [`parameter_shapes`] is the single list of every parameter's name and shape; loading, saving,
+//! allocation and the optimizer all walk it, so a name or a shape is written down once. Names are
+//! Hugging Face's without the `transformer.` prefix (the crate docs show the full layout).
+//!
+//! [`Checkpoint::load`] accepts what `transformers` writes and what the Hub serves:
+//! - keys with the `transformer.` prefix (`GPT2LMHeadModel.save_pretrained`) or without it
+//!   (`GPT2Model`, and `openai-community/gpt2`'s own `model.safetensors`);
+//! - `lm_head.weight`, if it equals `wte.weight` bit for bit (we tie the two; an untied head is
+//!   an error, since ignoring it would silently change the model);
+//! - the attention buffers `h.{i}.attn.bias` (the causal mask) and `h.{i}.attn.masked_bias`,
+//!   which are constants, not parameters: skipped;
+//! - f32, f16 or bf16 storage, read to f32.
+//!
+//! Anything else is an error, and so is an unknown extra tensor: a tensor we would not use means
+//! the file describes a model other than `config.json` says (say, a wrong `n_layer`).
+//!
+//! [`Checkpoint::save`] writes what `GPT2LMHeadModel.from_pretrained` reads: `transformer.`-prefixed
+//! f32 tensors with metadata `{"format": "pt"}`, no `lm_head.weight` (tied), each file replaced
+//! atomically. [`Checkpoint::save_as`] stores f16 or bf16 instead, half the bytes, for models
+//! shipped in a repository.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use crate::config::GptConfig;
+use crate::error::{Error, Result};
+use crate::tensor_file::{self, NamedTensor, SaveDtype};
+
+/// Every parameter of a GPT-2 with this config, in a fixed order: name (Hugging Face's, without
+/// `transformer.`) and shape. Conv1D weights are stored `[in, out]`, so `y = x·W + b`.
+pub fn parameter_shapes(cfg: &GptConfig) -> Vec<(String, Vec<usize>)> {
+    let (c, v) = (cfg.n_embd, cfg.vocab_size);
+    let mut table = vec![
+        ("wte.weight".to_string(), vec![v, c]), // token embedding (V,C), tied to lm_head
+        ("wpe.weight".to_string(), vec![cfg.n_positions, c]), // position embedding (n_positions,C)
+    ];
+    for i in 0..cfg.n_layer {
+        let block = [
+            ("ln_1.weight", vec![c]),
+            ("ln_1.bias", vec![c]),
+            ("attn.c_attn.weight", vec![c, 3 * c]), // fused q,k,v: (C,3C)
+            ("attn.c_attn.bias", vec![3 * c]),
+            ("attn.c_proj.weight", vec![c, c]), // heads back to the residual: (C,C)
+            ("attn.c_proj.bias", vec![c]),
+            ("ln_2.weight", vec![c]),
+            ("ln_2.bias", vec![c]),
+            ("mlp.c_fc.weight", vec![c, 4 * c]), // expand: (C,4C)
+            ("mlp.c_fc.bias", vec![4 * c]),
+            ("mlp.c_proj.weight", vec![4 * c, c]), // contract: (4C,C)
+            ("mlp.c_proj.bias", vec![c]),
+        ];
+        table.extend(
+            block
+                .into_iter()
+                .map(|(name, shape)| (format!("h.{i}.{name}"), shape)),
+        );
+    }
+    table.push(("ln_f.weight".to_string(), vec![c]));
+    table.push(("ln_f.bias".to_string(), vec![c]));
+    table
+}
+
+/// Number of parameters (lm_head tied, so counted once): 124,439,808 for GPT-2 small.
+pub fn num_parameters(cfg: &GptConfig) -> usize {
+    parameter_shapes(cfg)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum()
+}
+
+/// A model's config and weights, in host memory as f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub config: GptConfig,
+    /// `(name, shape, values)` in exactly the order and with the names and shapes of
+    /// [`parameter_shapes`]`(&config)`; values row-major. A `Vec` rather than a map so that the
+    /// order is the size table's; [`Checkpoint::get`] finds one by name.
+    pub tensors: Vec<NamedTensor>,
+}
+
+/// The prefix `GPT2LMHeadModel` puts before `GPT2Model`'s parameter names.
+const PREFIX: &str = "transformer.";
+
+impl Checkpoint {
+    /// Loads `dir/config.json` and `dir/model.safetensors` (see the module docs for what is
+    /// accepted).
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = GptConfig::from_file(dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let unprefixed = |key: &str| key.strip_prefix(PREFIX).unwrap_or(key).to_string();
+        let found =
+            tensor_file::read_tensors_where(&path, |key| !is_attention_buffer(&unprefixed(key)))?;
+        Self::from_file_tensors(config, found, &path)
+    }
+
+    /// Matches the tensors read from `path` against the size table of `config`.
+    fn from_file_tensors(config: GptConfig, found: Vec<NamedTensor>, path: &Path) -> Result<Self> {
+        let err = |message: String| Error::checkpoint(path, message);
+        let mut by_name = BTreeMap::new();
+        let mut lm_head = None;
+        for (key, shape, data) in found {
+            let name = key.strip_prefix(PREFIX).unwrap_or(&key).to_string();
+            if name == "lm_head.weight" {
+                lm_head = Some((shape, data));
+            } else if by_name.insert(name.clone(), (shape, data)).is_some() {
+                return Err(err(format!(
+                    "tensor `{name}` appears twice, with and without the `{PREFIX}` prefix"
+                )));
+            }
+        }
+
+        let mut tensors = Vec::new();
+        let mut missing = Vec::new();
+        for (name, expected) in parameter_shapes(&config) {
+            match by_name.remove(&name) {
+                None => missing.push(format!("`{name}` {expected:?}")),
+                Some((shape, _)) if shape != expected => {
+                    return Err(err(format!(
+                        "tensor `{name}`: expected shape {expected:?}, found {shape:?} \
+                         (config: {})",
+                        describe(&config)
+                    )));
+                }
+                Some((shape, data)) => tensors.push((name, shape, data)),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(err(format!(
+                "missing {} tensor(s) of the GPT-2 size table for config ({}): {}",
+                missing.len(),
+                describe(&config),
+                abridged(&missing)
+            )));
+        }
+        if !by_name.is_empty() {
+            let unknown: Vec<String> = by_name.keys().map(|k| format!("`{k}`")).collect();
+            return Err(err(format!(
+                "{} tensor(s) not in the GPT-2 size table for config ({}): {}",
+                unknown.len(),
+                describe(&config),
+                abridged(&unknown)
+            )));
+        }
+        if let Some((shape, data)) = lm_head {
+            let (_, wte_shape, wte) = &tensors[0];
+            let same = shape == *wte_shape
+                && data
+                    .iter()
+                    .zip(wte)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+            if !same {
+                return Err(err(
+                    "tensor `lm_head.weight` differs from `wte.weight`; this crate ties the \
+                     output projection to the token embedding, so an untied head cannot be loaded"
+                        .to_string(),
+                ));
+            }
+        }
+        Ok(Checkpoint { config, tensors })
+    }
+
+    /// The shape and values of the parameter `name` (without `transformer.`).
+    pub fn get(&self, name: &str) -> Option<(&[usize], &[f32])> {
+        let (_, shape, data) = self.tensors.iter().find(|(n, _, _)| n == name)?;
+        Some((shape, data))
+    }
+
+    /// Writes `dir/model.safetensors` (f32) and `dir/config.json`, creating `dir` if needed.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.save_as(dir, SaveDtype::F32)
+    }
+
+    /// As [`Checkpoint::save`], storing the weights as `dtype`.
+    ///
+    /// Each file is replaced atomically; the weights are written before the config. The pair is
+    /// not one atomic unit: a crash between the two renames leaves new weights beside the old
+    /// config, which `load` rejects unless the shapes agree.
+    pub fn save_as(&self, dir: impl AsRef<Path>, dtype: SaveDtype) -> Result<()> {
+        let dir = dir.as_ref();
+        let path = dir.join("model.safetensors");
+        self.config.validate()?;
+        self.check_against_table()
+            .map_err(|m| Error::checkpoint(&path, format!("refusing to write: {m}")))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, shape, data)| (format!("{PREFIX}{name}"), &shape[..], &data[..]));
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        tensor_file::write_tensors(&path, tensors, dtype, Some(metadata))?;
+        tensor_file::write_file_atomically(
+            &dir.join("config.json"),
+            self.config.to_json().as_bytes(),
+        )
+    }
+
+    /// The tensors are the size table's, in its order, each with as many values as its shape.
+    fn check_against_table(&self) -> std::result::Result<(), String> {
+        let table = parameter_shapes(&self.config);
+        if table.len() != self.tensors.len() {
+            let (want, have) = (table.len(), self.tensors.len());
+            return Err(format!(
+                "config ({}) has {want} tensors, checkpoint holds {have}",
+                describe(&self.config)
+            ));
+        }
+        for ((want_name, want_shape), (name, shape, data)) in table.iter().zip(&self.tensors) {
+            if (want_name, want_shape) != (name, shape) {
+                return Err(format!(
+                    "expected tensor `{want_name}` {want_shape:?}, found `{name}` {shape:?}"
+                ));
+            }
+            let len: usize = shape.iter().product();
+            if data.len() != len {
+                return Err(format!(
+                    "tensor `{name}`: shape {shape:?} needs {len} values, found {}",
+                    data.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `h.{i}.attn.bias` / `h.{i}.attn.masked_bias`: buffers (the causal mask and its fill value)
+/// older `transformers` versions saved with the weights. Not `h.{i}.attn.c_attn.bias`.
+fn is_attention_buffer(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("h.") else {
+        return false;
+    };
+    let Some((layer, field)) = rest.split_once('.') else {
+        return false;
+    };
+    layer.parse::<usize>().is_ok() && (field == "attn.bias" || field == "attn.masked_bias")
+}
+
+fn describe(cfg: &GptConfig) -> String {
+    format!(
+        "L={} C={} V={} n_positions={}",
+        cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_positions
+    )
+}
+
+/// The first few items of a long list, then how many more.
+fn abridged(items: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut text = items
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > SHOWN {
+        text.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_table_counts_gpt2s_parameters() {
+        // 124,439,808 and 354,823,168: the counts `transformers` reports for gpt2 / gpt2-medium.
+        assert_eq!(num_parameters(&GptConfig::gpt2_small()), 124_439_808);
+        assert_eq!(num_parameters(&GptConfig::gpt2_medium()), 354_823_168);
+        let table = parameter_shapes(&GptConfig::gpt2_small());
+        assert_eq!(table.len(), 2 + 12 * 12 + 2);
+        assert_eq!(
+            table[4],
+            ("h.0.attn.c_attn.weight".to_string(), vec![768, 2304])
+        );
+        assert_eq!(table.last().unwrap().0, "ln_f.bias");
+    }
+
+    #[test]
+    fn attention_buffers_are_told_from_parameters() {
+        assert!(is_attention_buffer("h.11.attn.bias"));
+        assert!(is_attention_buffer("h.0.attn.masked_bias"));
+        assert!(!is_attention_buffer("h.0.attn.c_attn.bias"));
+        assert!(!is_attention_buffer("h.x.attn.bias"));
+    }
+
+    #[test]
+    fn save_refuses_a_checkpoint_that_breaks_the_table() {
+        let config = GptConfig::from_json_str(
+            r#"{"n_layer": 1, "n_head": 1, "n_embd": 2, "vocab_size": 256, "n_positions": 4}"#,
+        )
+        .unwrap();
+        let mut tensors: Vec<NamedTensor> = parameter_shapes(&config)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n = shape.iter().product();
+                (name, shape, vec![0.5; n])
+            })
+            .collect();
+        tensors[3].2.pop(); // h.0.ln_1.bias now has one value too few
+        let ckpt = Checkpoint { config, tensors };
+        let dir = std::env::temp_dir().join(format!("transformer-refuse-{}", std::process::id()));
+        let e = ckpt.save(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "refusing to write: tensor `h.0.ln_1.bias`: shape [2] needs 2 values, found 1"
+            ),
+            "{e}"
+        );
+        assert!(!dir.exists());
+    }
+}

@@ -1,0 +1,424 @@
+//! `GptConfig`: the handful of numbers that fix a GPT-2's shapes, read from and written to a
+//! Hugging Face `config.json`.
+//!
+//! Hugging Face configs carry many keys (dropouts, generation defaults, summary heads...). We read
+//! the five sizes and the layer-norm epsilon, ignore keys that do not change the math, and refuse
+//! keys that would make this crate compute a different function than `transformers` does (another
+//! activation, an `n_inner` other than 4·C, untied embeddings, ...), so a checkpoint either loads
+//! and means what it meant in PyTorch, or fails with a message saying why.
+
+use std::path::Path;
+
+use serde_json::{Map, Value, json};
+
+use crate::error::{Error, Result};
+
+/// Which tokenizer a model's ids come from, when its directory has no `vocab.json`/`merges.txt`.
+///
+/// Stored in `config.json` under our own optional key `"tokenizer"` (`"bytes"` | `"gpt2"`);
+/// `transformers` ignores unknown keys. Without the key: `Bytes` when `vocab_size == 256`, else
+/// `Gpt2`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenizerKind {
+    /// One token per byte of UTF-8: V = 256, no merges, no special tokens.
+    Bytes,
+    /// GPT-2's byte-level BPE (`r50k_base`): V = 50257, `<|endoftext|>` = 50256.
+    Gpt2,
+}
+
+impl TokenizerKind {
+    /// The name used in `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenizerKind::Bytes => "bytes",
+            TokenizerKind::Gpt2 => "gpt2",
+        }
+    }
+
+    /// The smallest `vocab_size` whose embedding can hold every id this tokenizer produces.
+    pub fn min_vocab_size(self) -> usize {
+        match self {
+            TokenizerKind::Bytes => 256,
+            TokenizerKind::Gpt2 => 50257,
+        }
+    }
+}
+
+/// The hyper-parameters of a GPT-2, in Hugging Face's names (letters as in the crate docs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GptConfig {
+    /// L: number of transformer blocks `h.0 ... h.{L-1}`.
+    pub n_layer: usize,
+    /// NH: attention heads per block; each head sees hs = C / NH channels.
+    pub n_head: usize,
+    /// C: width of the residual stream.
+    pub n_embd: usize,
+    /// V: rows of the token embedding `wte` (and, tied, columns of the logits).
+    pub vocab_size: usize,
+    /// Rows of the position embedding `wpe`: the longest T the model can see.
+    pub n_positions: usize,
+    /// The ε in layer norm's `(x - mean) / sqrt(var + ε)`; GPT-2 uses 1e-5.
+    pub layer_norm_epsilon: f32,
+    /// Tokenizer to use when the model directory has no tokenizer files.
+    pub tokenizer: TokenizerKind,
+}
+
+impl GptConfig {
+    /// GPT-2 small (124M parameters), as `openai-community/gpt2`.
+    pub fn gpt2_small() -> Self {
+        Self::gpt2_sized(12, 12, 768)
+    }
+
+    /// GPT-2 medium (355M parameters), as `openai-community/gpt2-medium`.
+    pub fn gpt2_medium() -> Self {
+        Self::gpt2_sized(24, 16, 1024)
+    }
+
+    fn gpt2_sized(n_layer: usize, n_head: usize, n_embd: usize) -> Self {
+        GptConfig {
+            n_layer,
+            n_head,
+            n_embd,
+            vocab_size: 50257,
+            n_positions: 1024,
+            layer_norm_epsilon: 1e-5,
+            tokenizer: TokenizerKind::Gpt2,
+        }
+    }
+
+    /// hs: channels per attention head, C / NH.
+    pub fn head_size(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Reads and validates a Hugging Face `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        parse(&text, Some(path))
+    }
+
+    /// Parses and validates the text of a `config.json`; errors carry no file name.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        parse(text, None)
+    }
+
+    /// Checks that the sizes describe a model we can build: all positive, C divisible by NH,
+    /// ε positive, and a vocabulary large enough for the tokenizer's ids.
+    pub fn validate(&self) -> Result<()> {
+        self.check().map_err(|message| Error::Config {
+            path: None,
+            message,
+        })
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let sizes = [
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_embd", self.n_embd),
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+        ];
+        for (key, value) in sizes {
+            if value == 0 {
+                return Err(format!("`{key}` must be positive, found 0"));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(format!(
+                "`n_embd` ({}) must be divisible by `n_head` ({}): each head gets hs = C/NH channels",
+                self.n_embd, self.n_head
+            ));
+        }
+        let eps = self.layer_norm_epsilon;
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(format!(
+                "`layer_norm_epsilon` must be positive and finite, found {eps}"
+            ));
+        }
+        let need = self.tokenizer.min_vocab_size();
+        if self.vocab_size < need {
+            return Err(format!(
+                "tokenizer `{}` produces ids up to {}, but `vocab_size` is {}",
+                self.tokenizer.name(),
+                need - 1,
+                self.vocab_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// A `config.json` that `transformers.GPT2LMHeadModel.from_pretrained` loads as this model,
+    /// plus our `"tokenizer"` key. Keys not written take `GPT2Config`'s defaults, which match
+    /// what this crate computes (`n_inner` = 4·C, attention scaled by 1/sqrt(hs)).
+    pub fn to_json(&self) -> String {
+        let mut config = json!({
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "activation_function": "gelu_new",
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_embd": self.n_embd,
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_ctx": self.n_positions,
+            "layer_norm_epsilon": f32_as_json(self.layer_norm_epsilon),
+            "tie_word_embeddings": true,
+            "tokenizer": self.tokenizer.name(),
+        });
+        if self.tokenizer == TokenizerKind::Gpt2 {
+            // <|endoftext|> opens and closes every GPT-2 document.
+            config["bos_token_id"] = json!(50256);
+            config["eos_token_id"] = json!(50256);
+        }
+        let mut text = serde_json::to_string_pretty(&config).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+}
+
+/// 1e-5f32 widened to f64 is 9.999999747378752e-6; going through the shortest decimal that
+/// round-trips the f32 gives the f64 1e-5 that Python's `GPT2Config` holds (written `0.00001`).
+fn f32_as_json(x: f32) -> Value {
+    let shortest: f64 = x.to_string().parse().unwrap_or(f64::from(x));
+    json!(shortest)
+}
+
+fn parse(text: &str, path: Option<&Path>) -> Result<GptConfig> {
+    let err = |message: String| Error::Config {
+        path: path.map(Path::to_path_buf),
+        message,
+    };
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+    let Some(obj) = value.as_object() else {
+        return Err(err("expected a JSON object {\"n_layer\": ..}".to_string()));
+    };
+    let size = |key: &str| -> Result<usize> {
+        match obj.get(key) {
+            None => Err(err(format!("field `{key}` is missing"))),
+            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                err(format!(
+                    "field `{key}`: expected a non-negative integer, found {v}"
+                ))
+            }),
+        }
+    };
+    let n_embd = size("n_embd")?;
+    refuse_other_math(obj, n_embd).map_err(err)?;
+
+    let layer_norm_epsilon = match present(obj, "layer_norm_epsilon") {
+        None => 1e-5,
+        Some(v) => v.as_f64().ok_or_else(|| {
+            err(format!(
+                "field `layer_norm_epsilon`: expected a number, found {v}"
+            ))
+        })? as f32,
+    };
+    let vocab_size = size("vocab_size")?;
+    let tokenizer = match present(obj, "tokenizer") {
+        None if vocab_size == 256 => TokenizerKind::Bytes,
+        None => TokenizerKind::Gpt2,
+        Some(v) => match v.as_str() {
+            Some("bytes") => TokenizerKind::Bytes,
+            Some("gpt2") => TokenizerKind::Gpt2,
+            _ => {
+                return Err(err(format!(
+                    "field `tokenizer`: expected \"bytes\" or \"gpt2\", found {v}"
+                )));
+            }
+        },
+    };
+    let config = GptConfig {
+        n_layer: size("n_layer")?,
+        n_head: size("n_head")?,
+        n_embd,
+        vocab_size,
+        n_positions: size("n_positions")?,
+        layer_norm_epsilon,
+        tokenizer,
+    };
+    config.check().map_err(err)?;
+    Ok(config)
+}
+
+/// Refuses GPT-2 variants whose forward pass differs from ours; each key may be absent.
+fn refuse_other_math(obj: &Map<String, Value>, n_embd: usize) -> std::result::Result<(), String> {
+    let four_c = (4 * n_embd) as u64;
+    // Both GELU names denote 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), the form we compute.
+    let gelu_tanh = |v: &Value| v == "gelu_new" || v == "gelu_pytorch_tanh";
+    let inner = |v: &Value| v.as_u64() == Some(four_c);
+    let is_true = |v: &Value| v == true;
+    let is_false = |v: &Value| v == false;
+    type Rule<'a> = (&'static str, &'a dyn Fn(&Value) -> bool, String); // key, test, wanted
+    let rules: [Rule; 7] = [
+        ("model_type", &|v| v == "gpt2", "\"gpt2\"".into()),
+        (
+            "activation_function",
+            &gelu_tanh,
+            "\"gelu_new\" (GELU, tanh form)".into(),
+        ),
+        ("n_inner", &inner, format!("null or 4·n_embd = {four_c}")),
+        (
+            "tie_word_embeddings",
+            &is_true,
+            "true (lm_head tied to wte)".into(),
+        ),
+        (
+            "scale_attn_weights",
+            &is_true,
+            "true (scores scaled by 1/sqrt(hs))".into(),
+        ),
+        ("scale_attn_by_inverse_layer_idx", &is_false, "false".into()),
+        (
+            "add_cross_attention",
+            &is_false,
+            "false (decoder-only GPT-2)".into(),
+        ),
+    ];
+    for (key, ok, wanted) in rules {
+        match present(obj, key) {
+            Some(v) if !ok(v) => {
+                return Err(format!("field `{key}`: expected {wanted}, found {v}"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The value of `key`, treating JSON `null` as absent (Hugging Face writes `"n_inner": null`).
+fn present<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `openai-community/gpt2`'s config.json, abridged only in its task-specific params.
+    const HF_GPT2: &str = r#"{
+      "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+      "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
+      "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+      "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+      "resid_pdrop": 0.1, "summary_activation": null, "summary_first_dropout": 0.1,
+      "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}},
+      "vocab_size": 50257
+    }"#;
+
+    #[test]
+    fn reads_hugging_face_gpt2_config() {
+        let cfg = GptConfig::from_json_str(HF_GPT2).unwrap();
+        assert_eq!(cfg, GptConfig::gpt2_small());
+        assert_eq!(cfg.head_size(), 64);
+    }
+
+    #[test]
+    fn to_json_round_trips_and_speaks_transformers() {
+        for cfg in [
+            GptConfig::gpt2_medium(),
+            GptConfig {
+                vocab_size: 256,
+                ..bytes_tiny()
+            },
+        ] {
+            let text = cfg.to_json();
+            assert_eq!(GptConfig::from_json_str(&text).unwrap(), cfg);
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["model_type"], "gpt2");
+            assert_eq!(v["architectures"][0], "GPT2LMHeadModel");
+            assert_eq!(v["n_ctx"], v["n_positions"]);
+            assert_eq!(v["tie_word_embeddings"], true);
+        }
+        let text = bytes_tiny().to_json();
+        assert!(text.contains("\"layer_norm_epsilon\": 0.00001,"), "{text}");
+    }
+
+    fn bytes_tiny() -> GptConfig {
+        GptConfig::from_json_str(
+            r#"{"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 256, "n_positions": 64}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tokenizer_kind_defaults_by_vocab_size_and_obeys_the_key() {
+        assert_eq!(bytes_tiny().tokenizer, TokenizerKind::Bytes);
+        let mut v: Value = serde_json::from_str(HF_GPT2).unwrap();
+        assert_eq!(
+            GptConfig::from_json_str(&v.to_string()).unwrap().tokenizer,
+            TokenizerKind::Gpt2
+        );
+        v["tokenizer"] = json!("bytes");
+        assert_eq!(
+            GptConfig::from_json_str(&v.to_string()).unwrap().tokenizer,
+            TokenizerKind::Bytes
+        );
+    }
+
+    /// The error for the tiny config with `key` set to `value` (`null` removes the key).
+    fn error_with(key: &str, value: Value) -> String {
+        let mut v =
+            json!({"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 256, "n_positions": 64});
+        match value {
+            Value::Null => v.as_object_mut().unwrap().remove(key),
+            value => v.as_object_mut().unwrap().insert(key.to_string(), value),
+        };
+        GptConfig::from_json_str(&v.to_string())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field_and_what_was_found() {
+        let cases = [
+            ("n_embd", Value::Null, "field `n_embd` is missing"),
+            (
+                "n_head",
+                json!("four"),
+                "field `n_head`: expected a non-negative integer, found \"four\"",
+            ),
+            (
+                "n_head",
+                json!(5),
+                "`n_embd` (64) must be divisible by `n_head` (5)",
+            ),
+            ("n_layer", json!(0), "`n_layer` must be positive, found 0"),
+            (
+                "tokenizer",
+                json!("gpt2"),
+                "ids up to 50256, but `vocab_size` is 256",
+            ),
+            (
+                "activation_function",
+                json!("relu"),
+                "`activation_function`: expected \"gelu_new\"",
+            ),
+            (
+                "n_inner",
+                json!(100),
+                "field `n_inner`: expected null or 4·n_embd = 256, found 100",
+            ),
+        ];
+        for (key, value, wanted) in cases {
+            let e = error_with(key, value);
+            assert!(
+                e.starts_with("invalid GPT-2 config: ") && e.contains(wanted),
+                "{e}"
+            );
+        }
+        let error_of = |text: &str| GptConfig::from_json_str(text).unwrap_err().to_string();
+        assert!(error_of("[1, 2]").contains("expected a JSON object"));
+        assert!(error_of("{").contains("not valid JSON"));
+    }
+
+    #[test]
+    fn from_file_names_the_file() {
+        let e = GptConfig::from_file("/nonexistent/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/nonexistent/config.json: "), "{e}");
+    }
+}

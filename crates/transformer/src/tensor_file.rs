@@ -1,0 +1,296 @@
+//! One `.safetensors` file as a list of named f32 tensors: read through a memory map, written
+//! atomically.
+//!
+//! The format (<https://github.com/huggingface/safetensors>) is an 8-byte little-endian header
+//! length, a JSON header `{"name": {"dtype": "F32", "shape": [..], "data_offsets": [a, b]}, ..}`,
+//! then the raw little-endian bytes of every tensor. Parsing and serialising are the
+//! `safetensors` crate's; this file adds dtype conversion (f32, f16 and bf16 on disk, always f32
+//! in memory), error messages that name the file, and crash-safe writes.
+//!
+//! This is generic I/O: no GPT-2 names here. [`crate::checkpoint`] checks a model file against
+//! the size table, and the LoRA crate can use the same two functions for adapter files.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors, View};
+
+use crate::error::{Error, Result};
+
+/// A tensor read from or written to a file: name, shape (row-major, outermost first), values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// How tensors are stored on disk. In memory they are always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveDtype {
+    /// 4 bytes a value, exact.
+    F32,
+    /// IEEE half: 2 bytes, 11-bit significand, largest finite value 65504.
+    F16,
+    /// bfloat16: 2 bytes, f32's exponent range, 8-bit significand.
+    BF16,
+}
+
+/// Reads every tensor of a safetensors file, converting f32, f16 and bf16 to f32, sorted by
+/// name. Any other dtype (integers, f64, fp8) is an error naming the tensor.
+pub fn read_tensors(path: &Path) -> Result<Vec<NamedTensor>> {
+    read_tensors_where(path, |_| true)
+}
+
+/// As [`read_tensors`], for the tensors whose name satisfies `keep`; the others are not
+/// converted, and may have any dtype.
+pub fn read_tensors_where(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<NamedTensor>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and lives only inside this function, while we copy each
+    // tensor out. Another process truncating or rewriting the file during those milliseconds
+    // could change the bytes under us (or fault on a truncation); our own writers never do
+    // that, because they replace files by rename (see `write_tensors`).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let file = SafeTensors::deserialize(&map)
+        .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file: {e}")))?;
+    let mut tensors = Vec::with_capacity(file.len());
+    for (name, view) in file.iter().filter(|(name, _)| keep(name)) {
+        let data = decode(view.dtype(), view.data()).ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!(
+                    "tensor `{name}`: expected dtype F32, F16 or BF16, found {:?}",
+                    view.dtype()
+                ),
+            )
+        })?;
+        tensors.push((name.to_string(), view.shape().to_vec(), data));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(tensors)
+}
+
+/// Little-endian bytes of `dtype` to f32; `None` for dtypes we do not read.
+fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    // `chunks_exact` + `from_le_bytes` reads unaligned data portably: a tensor's offset in the
+    // file need not be a multiple of 4, and the file is little-endian whatever the host is.
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// A tensor as `safetensors` wants to serialise it; the bytes are produced only when the
+/// serialiser asks for them, so saving needs one tensor's worth of extra memory, not a model's.
+struct Encoded<'a> {
+    dtype: SaveDtype,
+    shape: &'a [usize],
+    data: &'a [f32],
+}
+
+impl View for Encoded<'_> {
+    fn dtype(&self) -> Dtype {
+        match self.dtype {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::F16 => Dtype::F16,
+            SaveDtype::BF16 => Dtype::BF16,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let data = self.data.iter();
+        Cow::Owned(match self.dtype {
+            SaveDtype::F32 => data.flat_map(|x| x.to_le_bytes()).collect(),
+            SaveDtype::F16 => data.flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+            SaveDtype::BF16 => data
+                .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+                .collect(),
+        })
+    }
+
+    fn data_len(&self) -> usize {
+        let bytes_per_value = if self.dtype == SaveDtype::F32 { 4 } else { 2 };
+        self.data.len() * bytes_per_value
+    }
+}
+
+/// Writes tensors to a safetensors file at `path`, atomically (see [`write_atomically`]).
+///
+/// `metadata` goes into the header's `__metadata__` (Hugging Face writes `{"format": "pt"}`).
+/// Errors if a shape does not match its data length, or if a finite value would not be finite
+/// in the storage dtype (|x| > 65504 in f16).
+pub fn write_tensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, &'a [usize], &'a [f32])>,
+    dtype: SaveDtype,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut views = Vec::new();
+    for (name, shape, data) in tensors {
+        let expected: usize = shape.iter().product();
+        if expected != data.len() {
+            let found = data.len();
+            let message =
+                format!("tensor `{name}`: shape {shape:?} needs {expected} values, found {found}");
+            return Err(Error::checkpoint(path, message));
+        }
+        let overflow = |x: &f32| match dtype {
+            SaveDtype::F32 => false,
+            SaveDtype::F16 => x.is_finite() && !f16::from_f32(*x).is_finite(),
+            SaveDtype::BF16 => x.is_finite() && !bf16::from_f32(*x).is_finite(),
+        };
+        if let Some(x) = data.iter().find(|x| overflow(x)) {
+            let message = format!("tensor `{name}`: value {x} does not fit in {dtype:?}");
+            return Err(Error::checkpoint(path, message));
+        }
+        views.push((name, Encoded { dtype, shape, data }));
+    }
+    write_atomically(path, |tmp| {
+        safetensors::serialize_to_file(views, metadata, tmp)
+            .map_err(|e| Error::checkpoint(tmp, format!("cannot write safetensors: {e}")))
+    })
+}
+
+/// Replaces `path` with what `write` puts in a temporary sibling file, so a reader (or a crash)
+/// sees either the old file whole or the new file whole, never a torn one:
+/// write `path`'s sibling `.{name}.tmp.{pid}` → fsync it → rename over `path` → fsync the
+/// directory so the rename itself is on disk (best effort: not every platform can open a
+/// directory). The temporary file is removed if any step fails.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temporary_sibling(path);
+    let result = write(&tmp).and_then(|()| {
+        // fsync acts on the file, not on the handle: a fresh read-only handle flushes what
+        // `write` wrote through its own.
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return result;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically (see [`write_atomically`]).
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically(path, |tmp| {
+        File::create(tmp)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(|e| Error::io(tmp, e))
+    })
+}
+
+fn temporary_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("transformer-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn f32_f16_bf16_round_trip_to_their_precision() {
+        let dir = temp_dir("tensor-file");
+        let data = [1.0f32, -2.5, 0.1, 1e-3, 300.0, 0.0];
+        for dtype in [SaveDtype::F32, SaveDtype::F16, SaveDtype::BF16] {
+            let path = dir.join(format!("{dtype:?}.safetensors"));
+            write_tensors(
+                &path,
+                [("x".to_string(), &[2usize, 3][..], &data[..])],
+                dtype,
+                None,
+            )
+            .unwrap();
+            let read = read_tensors(&path).unwrap();
+            assert_eq!(
+                (read[0].0.as_str(), read[0].1.as_slice()),
+                ("x", &[2usize, 3][..])
+            );
+            // Relative spacing of representable values: 2^-23 (f32), 2^-10 (f16), 2^-7 (bf16).
+            let tol = match dtype {
+                SaveDtype::F32 => 0.0,
+                SaveDtype::F16 => 1.0 / 1024.0,
+                SaveDtype::BF16 => 1.0 / 128.0,
+            };
+            for (a, b) in data.iter().zip(&read[0].2) {
+                assert!(
+                    (a - b).abs() <= tol * a.abs(),
+                    "{dtype:?}: {a} read back as {b}"
+                );
+            }
+        }
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 3, "no temporary file is left behind: {left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_values_f16_cannot_hold_and_shapes_that_lie() {
+        let dir = temp_dir("tensor-file-errors");
+        let path = dir.join("m.safetensors");
+        let big = [1.0f32, 70000.0];
+        let e = write_tensors(
+            &path,
+            [("w".to_string(), &[2usize][..], &big[..])],
+            SaveDtype::F16,
+            None,
+        );
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("tensor `w`: value 70000 does not fit in F16")
+        );
+        let e = write_tensors(
+            &path,
+            [("w".to_string(), &[3usize][..], &big[..])],
+            SaveDtype::F32,
+            None,
+        );
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("shape [3] needs 3 values, found 2")
+        );
+        assert!(!path.exists());
+        std::fs::write(&path, b"not a safetensors file").unwrap();
+        let e = read_tensors(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&path.display().to_string()) && e.contains("not a readable safetensors"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
