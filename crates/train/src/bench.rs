@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tensor::ops::matmul::{MatmulOpts, matmul, matmul_naive};
+use tensor::ops::matmul::{MatmulOpts, matmul, matmul_naive_cpu};
 use tensor::{Device, Tensor};
 
 /// Options of `train bench matmul`.
@@ -87,7 +87,7 @@ fn run_once(runner: &Runner, a: &Tensor, b: &Tensor, opts: MatmulOpts) -> crate:
             drop(c);
         }
         Runner::Naive => {
-            matmul_naive(a, b, None, opts)?;
+            matmul_naive_cpu(a, b, None, opts)?;
         }
     }
     Ok(())
@@ -106,7 +106,7 @@ fn time(mut run: impl FnMut() -> crate::Result<()>, min: Duration) -> crate::Res
 }
 
 /// `train bench matmul`.
-pub fn matmul(args: &MatmulArgs) -> crate::Result<()> {
+pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
     let mut runners: Vec<(String, Runner)> = Vec::new();
     for d in &args.devices {
         match d.as_str() {

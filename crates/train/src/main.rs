@@ -40,7 +40,7 @@ fn main() {
     let result = match cli.command {
         Command::Devices => train::devices::print_devices(),
         Command::Bench { what } => match what {
-            BenchCommand::Matmul(args) => train::bench::matmul(&args),
+            BenchCommand::Matmul(args) => train::bench::bench_matmul(&args),
         },
     };
     if let Err(e) = result {
