@@ -32,6 +32,11 @@ impl Var {
     }
 }
 
+/// Bytes of the tensors a backward closure keeps (`None`s, for tensors not kept, count 0).
+pub fn bytes_of<'a>(saved: impl IntoIterator<Item = Option<&'a Tensor>>) -> u64 {
+    saved.into_iter().flatten().map(Tensor::bytes).sum()
+}
+
 /// The gradients a backward closure returns, one per input (None where none is needed).
 pub type InputGrads = Vec<Option<Tensor>>;
 
@@ -127,21 +132,21 @@ impl Tape {
         var
     }
 
-    /// Record an op that produced `value` from `inputs`. `saved` lists what `backward` captured
-    /// (for the memory count). When no input requires a gradient, nothing is recorded and the
+    /// Record an op that produced `value` from `inputs`. `saved` is the bytes of the tensors
+    /// `backward` captured (see [`bytes_of`]), for the memory count. When no input requires a gradient, nothing is recorded and the
     /// closure (with its captures) is dropped at once.
     pub fn record(
         &self,
         op: &'static str,
         value: Tensor,
         inputs: &[&Var],
-        saved: &[&Tensor],
+        saved: u64,
         backward: impl FnOnce(&Tensor) -> Result<InputGrads> + 'static,
-    ) -> Var {
+    ) -> Result<Var> {
         let requires_grad = self.recording && inputs.iter().any(|v| v.requires_grad);
         let id = self.fresh_id();
         if requires_grad {
-            let saved_bytes = saved.iter().map(|t| t.bytes()).sum();
+            let saved_bytes = saved;
             let mut inner = self.inner.borrow_mut();
             inner.saved.add(saved_bytes);
             inner.nodes.push(Node {
@@ -152,11 +157,11 @@ impl Tape {
                 backward: Box::new(backward),
             });
         }
-        Var {
+        Ok(Var {
             id,
             value,
             requires_grad,
-        }
+        })
     }
 
     /// A counter that backward rules bump for each matmul they launch.

@@ -16,7 +16,7 @@ impl Tape {
     pub fn gelu(&self, x: &Var) -> Result<Var> {
         let y = gelu(&x.value)?;
         let x_saved = x.value.clone();
-        self.record("gelu", y, &[x], &[&x.value], move |dy| {
+        self.record("gelu", y, &[x], x.value.bytes(), move |dy| {
             Ok(vec![Some(gelu_backward(&x_saved, dy)?)])
         })
     }
@@ -25,7 +25,7 @@ impl Tape {
     pub fn softmax(&self, x: &Var, causal: bool) -> Result<Var> {
         let y = softmax(&x.value, causal)?;
         let y_saved = y.clone();
-        self.record("softmax", y.clone(), &[x], &[&y], move |dy| {
+        self.record("softmax", y.clone(), &[x], y.bytes(), move |dy| {
             Ok(vec![Some(softmax_backward(&y_saved, dy)?)])
         })
     }
@@ -36,7 +36,7 @@ impl Tape {
             return Ok(x.clone());
         }
         let y = dropout(&x.value, p, seed)?;
-        self.record("dropout", y, &[x], &[], move |dy| {
+        self.record("dropout", y, &[x], 0, move |dy| {
             Ok(vec![Some(dropout_backward(dy, p, seed)?)])
         })
     }

@@ -26,11 +26,10 @@ impl Tape {
         let loss = scale(&sum_all(&out.losses)?, inv)?;
         let (x, lse) = (logits.value.clone(), out.lse);
         let (t, w) = (targets.to_vec(), weights.to_vec());
-        let saved = [&x, &lse];
-        let (x2, lse2) = (x.clone(), lse.clone());
-        self.record("cross_entropy", loss, &[logits], &saved, move |dloss| {
+        let saved = x.bytes() + lse.bytes();
+        self.record("cross_entropy", loss, &[logits], saved, move |dloss| {
             // dloss is a (1) tensor that stays on the device (no host round trip).
-            let dx = cross_entropy_backward(&x2, &t, &w, &lse2, inv)?;
+            let dx = cross_entropy_backward(&x, &t, &w, &lse, inv)?;
             Ok(vec![Some(scale_by(&dx, dloss)?)])
         })
     }

@@ -13,7 +13,7 @@ impl Tape {
         let y = embedding(&table.value, ids)?;
         let ids = ids.to_vec();
         let vocab = table.shape()[0];
-        self.record("embedding", y, &[table], &[], move |dy| {
+        self.record("embedding", y, &[table], 0, move |dy| {
             Ok(vec![Some(embedding_backward(&ids, dy, vocab)?)])
         })
     }

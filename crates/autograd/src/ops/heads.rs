@@ -15,7 +15,7 @@ impl Tape {
         let y = split_heads(&x.value, nh, col0, c)?;
         let shape = x.shape().to_vec();
         let device = x.value.device();
-        self.record("split_heads", y, &[x], &[], move |dy| {
+        self.record("split_heads", y, &[x], 0, move |dy| {
             let dx = Tensor::zeros(&shape, &device)?;
             merge_heads_into(&dx, col0, dy)?;
             Ok(vec![Some(dx)])
@@ -26,7 +26,7 @@ impl Tape {
     pub fn merge_heads(&self, x: &Var) -> Result<Var> {
         let y = merge_heads(&x.value)?;
         let nh = x.shape()[1];
-        self.record("merge_heads", y, &[x], &[], move |dy| {
+        self.record("merge_heads", y, &[x], 0, move |dy| {
             let c = dy.last_dim();
             Ok(vec![Some(split_heads(dy, nh, 0, c)?)])
         })

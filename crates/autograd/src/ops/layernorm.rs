@@ -7,7 +7,7 @@
 use tensor::Result;
 use tensor::ops::layernorm::{layernorm, layernorm_backward};
 
-use crate::tape::{Tape, Var};
+use crate::tape::{Tape, Var, bytes_of};
 
 impl Tape {
     /// Layer norm of x: (…, C) with γ, β: (C).
@@ -15,22 +15,14 @@ impl Tape {
         let out = layernorm(&x.value, &gamma.value, &beta.value, eps)?;
         let (xs, gs, mean, rstd) = (x.value.clone(), gamma.value.clone(), out.mean, out.rstd);
         let (nx, ng, nb) = (x.requires_grad, gamma.requires_grad, beta.requires_grad);
-        let saved = [&xs, &gs, &mean, &rstd];
-        let saved_bytes: Vec<&tensor::Tensor> = saved.to_vec();
-        let (xs2, gs2, mean2, rstd2) = (xs.clone(), gs.clone(), mean.clone(), rstd.clone());
-        self.record(
-            "layernorm",
-            out.y,
-            &[x, gamma, beta],
-            &saved_bytes,
-            move |dy| {
-                let g = layernorm_backward(&xs2, &gs2, &mean2, &rstd2, dy)?;
-                Ok(vec![
-                    nx.then_some(g.dx),
-                    ng.then_some(g.dgamma),
-                    nb.then_some(g.dbeta),
-                ])
-            },
-        )
+        let saved = bytes_of([Some(&xs), Some(&gs), Some(&mean), Some(&rstd)]);
+        self.record("layernorm", out.y, &[x, gamma, beta], saved, move |dy| {
+            let g = layernorm_backward(&xs, &gs, &mean, &rstd, dy)?;
+            Ok(vec![
+                nx.then_some(g.dx),
+                ng.then_some(g.dgamma),
+                nb.then_some(g.dbeta),
+            ])
+        })
     }
 }

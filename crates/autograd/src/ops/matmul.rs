@@ -18,7 +18,7 @@ use tensor::ops::matmul::{MatmulOpts, matmul};
 use tensor::ops::reduce::sum;
 use tensor::{Result, Tensor};
 
-use crate::tape::{Tape, Var};
+use crate::tape::{Tape, Var, bytes_of};
 
 /// Flatten leading axes: (…, R, C) → (∏…·R, C).
 fn rows2d(t: &Tensor) -> Result<Tensor> {
@@ -95,10 +95,10 @@ impl Tape {
         let need_db = bias.is_some_and(|b| b.requires_grad);
         let (x_shape, w_shape) = (x.shape().to_vec(), w.shape().to_vec());
         let counter: Rc<Cell<u64>> = self.matmul_counter();
-        let saved: Vec<&Tensor> = w_saved.iter().chain(x_saved.iter()).collect();
+        let saved = bytes_of([w_saved.as_ref(), x_saved.as_ref()]);
         let mut inputs = vec![x, w];
         inputs.extend(bias);
-        self.record("matmul", y, &inputs, &saved, move |dy| {
+        self.record("matmul", y, &inputs, saved, move |dy| {
             let dx = match &w_saved {
                 Some(w) => {
                     counter.set(counter.get() + 1);

@@ -14,7 +14,7 @@ impl Tape {
     pub fn sum_all(&self, x: &Var) -> Result<Var> {
         let y = sum_all(&x.value)?;
         let (shape, device) = (x.shape().to_vec(), x.value.device());
-        self.record("sum_all", y, &[x], &[], move |dy| {
+        self.record("sum_all", y, &[x], 0, move |dy| {
             let ones = Tensor::full(&shape, 1.0, &device)?;
             Ok(vec![Some(scale_by(&ones, dy)?)])
         })
@@ -25,7 +25,7 @@ impl Tape {
         let n = x.value.numel() as f32;
         let s = self.sum_all(x)?;
         let y = scale(&s.value, 1.0 / n)?;
-        self.record("mean_all", y, &[&s], &[], move |dy| {
+        self.record("mean_all", y, &[&s], 0, move |dy| {
             Ok(vec![Some(scale(dy, 1.0 / n)?)])
         })
     }
