@@ -30,6 +30,17 @@ pub enum Error {
         path: Option<PathBuf>,
         message: String,
     },
+    /// An op of the tensor layer failed (shapes, device limits, GPU errors).
+    Tensor(tensor::Error),
+    /// An argument the model cannot take (too many tokens for its context, ids for the wrong
+    /// batch shape, ...).
+    Invalid(String),
+}
+
+impl From<tensor::Error> for Error {
+    fn from(e: tensor::Error) -> Self {
+        Error::Tensor(e)
+    }
 }
 
 /// This crate's `Result`.
@@ -73,6 +84,8 @@ impl fmt::Display for Error {
                 message,
             } => write!(f, "invalid GPT-2 config: {message}"),
             Error::Checkpoint { path, message } => write!(f, "{}: {message}", path.display()),
+            Error::Tensor(e) => write!(f, "{e}"),
+            Error::Invalid(message) => write!(f, "{message}"),
             Error::Tokenizer {
                 path: Some(path),
                 message,

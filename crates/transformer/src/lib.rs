@@ -66,6 +66,7 @@ mod bpe;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod model;
 pub mod tensor_file;
 pub mod tokenizer;
 
@@ -73,5 +74,6 @@ pub use bpe::bytes_to_unicode;
 pub use checkpoint::{Checkpoint, num_parameters, parameter_shapes};
 pub use config::{GptConfig, TokenizerKind};
 pub use error::{Error, Result};
+pub use model::Gpt2;
 pub use tensor_file::{NamedTensor, SaveDtype};
 pub use tokenizer::Tokenizer;

@@ -1,0 +1,245 @@
+//! GPT-2's modules on the autograd tape: `Linear` (Conv1D layout), `LayerNorm`, the attention
+//! and MLP of a `Block`, and the whole `Gpt2`.
+//!
+//! Forward for training, per block (pre-norm, as GPT-2):
+//! ```text
+//! x = wte[ids] + wpe[0..T]                                  (B,T,C)
+//! for each block:
+//!     qkv = ln_1(x)·c_attn.W + c_attn.b                     (B,T,3C)
+//!     q, k, v = heads of columns [0,C), [C,2C), [2C,3C)     (B,NH,T,hs) each
+//!     att = softmax_causal(q·kᵀ / √hs)                      (B,NH,T,T)
+//!     x = x + merge_heads(att·v)·c_proj.W + c_proj.b        (B,T,C)
+//!     x = x + gelu(ln_2(x)·c_fc.W + c_fc.b)·mlp.c_proj.W + mlp.c_proj.b
+//! logits = ln_f(x)·wteᵀ                                     (B·T,V)
+//! ```
+
+use autograd::{Param, Tape, Var};
+use tensor::ops::matmul::MatmulOpts;
+use tensor::{Device, Tensor};
+
+use crate::checkpoint::{Checkpoint, parameter_shapes};
+use crate::config::GptConfig;
+use crate::error::{Error, Result};
+
+/// `y = x·W + b` with W: (in, out) as Hugging Face's Conv1D stores it.
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Param,
+}
+
+impl Linear {
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        let (w, b) = (tape.param(&self.weight), tape.param(&self.bias));
+        Ok(tape.matmul(x, &w, Some(&b), MatmulOpts::default())?)
+    }
+
+    fn params(&self) -> [&Param; 2] {
+        [&self.weight, &self.bias]
+    }
+
+    fn params_mut(&mut self) -> [&mut Param; 2] {
+        [&mut self.weight, &mut self.bias]
+    }
+}
+
+/// Layer norm over C with learned γ (weight) and β (bias).
+pub struct LayerNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        let (g, b) = (tape.param(&self.weight), tape.param(&self.bias));
+        Ok(tape.layernorm(x, &g, &b, self.eps)?)
+    }
+}
+
+/// One transformer block: attention and MLP, each behind a layer norm and a residual.
+pub struct Block {
+    pub ln_1: LayerNorm,
+    pub c_attn: Linear,
+    pub attn_c_proj: Linear,
+    pub ln_2: LayerNorm,
+    pub c_fc: Linear,
+    pub mlp_c_proj: Linear,
+}
+
+/// GPT-2: embeddings, blocks, final norm; the output head is the token embedding (tied).
+pub struct Gpt2 {
+    pub config: GptConfig,
+    pub wte: Param,
+    pub wpe: Param,
+    pub h: Vec<Block>,
+    pub ln_f: LayerNorm,
+}
+
+impl Block {
+    /// x: (B,T,C) → (B,T,C).
+    pub fn forward(&self, tape: &Tape, x: &Var, cfg: &GptConfig) -> Result<Var> {
+        let (c, nh) = (cfg.n_embd, cfg.n_head);
+        let hs = c / nh;
+        // Attention.
+        let h = self.ln_1.forward(tape, x)?;
+        let qkv = self.c_attn.forward(tape, &h)?; // (B,T,3C)
+        let q = tape.split_heads(&qkv, nh, 0, c)?; // (B,NH,T,hs)
+        let k = tape.split_heads(&qkv, nh, c, c)?;
+        let v = tape.split_heads(&qkv, nh, 2 * c, c)?;
+        let scores = tape.matmul(
+            &q,
+            &k,
+            None,
+            MatmulOpts {
+                trans_a: false,
+                trans_b: true,
+            },
+        )?; // (B,NH,T,T)
+        let scores = tape.scale(&scores, 1.0 / (hs as f32).sqrt())?;
+        let att = tape.softmax(&scores, true)?;
+        let y = tape.matmul(&att, &v, None, MatmulOpts::default())?; // (B,NH,T,hs)
+        let y = tape.merge_heads(&y)?; // (B,T,C)
+        let x = tape.add(x, &self.attn_c_proj.forward(tape, &y)?)?;
+        // MLP.
+        let h = self.ln_2.forward(tape, &x)?;
+        let h = tape.gelu(&self.c_fc.forward(tape, &h)?)?; // (B,T,4C)
+        let h = self.mlp_c_proj.forward(tape, &h)?;
+        Ok(tape.add(&x, &h)?)
+    }
+}
+
+impl Gpt2 {
+    /// Build the model from a loaded checkpoint on `device`; every parameter trainable or
+    /// every parameter frozen (LoRA freezes the base and adds trainable adapters).
+    pub fn from_checkpoint(ckpt: &Checkpoint, device: &Device, trainable: bool) -> Result<Gpt2> {
+        let cfg = ckpt.config.clone();
+        let param = |name: &str| load_param(ckpt, device, name, trainable);
+        let linear = |p: &str| -> Result<Linear> {
+            Ok(Linear {
+                weight: param(&format!("{p}.weight"))?,
+                bias: param(&format!("{p}.bias"))?,
+            })
+        };
+        let norm = |p: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: param(&format!("{p}.weight"))?,
+                bias: param(&format!("{p}.bias"))?,
+                eps: cfg.layer_norm_epsilon,
+            })
+        };
+        let mut h = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            h.push(Block {
+                ln_1: norm(&format!("h.{i}.ln_1"))?,
+                c_attn: linear(&format!("h.{i}.attn.c_attn"))?,
+                attn_c_proj: linear(&format!("h.{i}.attn.c_proj"))?,
+                ln_2: norm(&format!("h.{i}.ln_2"))?,
+                c_fc: linear(&format!("h.{i}.mlp.c_fc"))?,
+                mlp_c_proj: linear(&format!("h.{i}.mlp.c_proj"))?,
+            });
+        }
+        Ok(Gpt2 {
+            wte: param("wte.weight")?,
+            wpe: param("wpe.weight")?,
+            h,
+            ln_f: norm("ln_f")?,
+            config: cfg,
+        })
+    }
+
+    /// Every parameter with its Hugging Face name, in the order of [`parameter_shapes`].
+    pub fn named_params(&self) -> Vec<&Param> {
+        let mut out = vec![&self.wte, &self.wpe];
+        for b in &self.h {
+            out.extend([&b.ln_1.weight, &b.ln_1.bias]);
+            out.extend(b.c_attn.params());
+            out.extend(b.attn_c_proj.params());
+            out.extend([&b.ln_2.weight, &b.ln_2.bias]);
+            out.extend(b.c_fc.params());
+            out.extend(b.mlp_c_proj.params());
+        }
+        out.extend([&self.ln_f.weight, &self.ln_f.bias]);
+        debug_assert_eq!(out.len(), parameter_shapes(&self.config).len());
+        out
+    }
+
+    /// Mutable access to every parameter (to freeze or unfreeze them).
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut out = vec![&mut self.wte, &mut self.wpe];
+        for b in &mut self.h {
+            out.extend([&mut b.ln_1.weight, &mut b.ln_1.bias]);
+            out.extend(b.c_attn.params_mut());
+            out.extend(b.attn_c_proj.params_mut());
+            out.extend([&mut b.ln_2.weight, &mut b.ln_2.bias]);
+            out.extend(b.c_fc.params_mut());
+            out.extend(b.mlp_c_proj.params_mut());
+        }
+        out.extend([&mut self.ln_f.weight, &mut self.ln_f.bias]);
+        out
+    }
+
+    /// Logits (B·T, V) for ids (B·T, row-major by sequence).
+    pub fn logits(&self, tape: &Tape, ids: &[u32], b: usize, t: usize) -> Result<Var> {
+        let cfg = &self.config;
+        if ids.len() != b * t {
+            return Err(Error::Invalid(format!(
+                "{} ids for a batch of {b} sequences of {t}",
+                ids.len()
+            )));
+        }
+        if t > cfg.n_positions {
+            return Err(Error::Invalid(format!(
+                "sequence of {t} tokens is longer than the model's context of {}",
+                cfg.n_positions
+            )));
+        }
+        let c = cfg.n_embd;
+        let tok = tape.embedding(&tape.param(&self.wte), ids)?; // (B·T, C)
+        let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+        let pos = tape.embedding(&tape.param(&self.wpe), &positions)?;
+        let mut x = tape.reshape(&tape.add(&tok, &pos)?, &[b, t, c])?;
+        for block in &self.h {
+            x = block.forward(tape, &x, cfg)?;
+        }
+        let x = self.ln_f.forward(tape, &x)?;
+        let x = tape.reshape(&x, &[b * t, c])?;
+        let wte = tape.param(&self.wte);
+        Ok(tape.matmul(
+            &x,
+            &wte,
+            None,
+            MatmulOpts {
+                trans_a: false,
+                trans_b: true,
+            },
+        )?)
+    }
+
+    /// Mean next-token cross-entropy of `targets` weighted by `weights` (0 = not counted).
+    pub fn loss(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        targets: &[u32],
+        weights: &[f32],
+        b: usize,
+        t: usize,
+    ) -> Result<(Var, Var)> {
+        let logits = self.logits(tape, ids, b, t)?;
+        let loss = tape.cross_entropy(&logits, targets, weights)?;
+        Ok((logits, loss))
+    }
+}
+
+/// One tensor of the checkpoint as a parameter on `device`.
+fn load_param(ckpt: &Checkpoint, device: &Device, name: &str, trainable: bool) -> Result<Param> {
+    let (shape, values) = ckpt
+        .get(name)
+        .ok_or_else(|| Error::Invalid(format!("checkpoint has no tensor `{name}`")))?;
+    let t = Tensor::from_vec(values.to_vec(), shape, device)?;
+    Ok(if trainable {
+        Param::trainable(name, t)
+    } else {
+        Param::frozen(name, t)
+    })
+}
