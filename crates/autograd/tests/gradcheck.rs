@@ -116,12 +116,12 @@ proptest! {
             &|x| x[0].iter().zip(&x[1]).map(|(a, b)| a + b).collect(), seed).unwrap();
         check("mul", &[s.clone(), s.clone()], &|t, v| t.mul(&v[0], &v[1]),
             &|x| x[0].iter().zip(&x[1]).map(|(a, b)| a * b).collect(), seed).unwrap();
-        check("scale", &[s.clone()], &|t, v| t.scale(&v[0], -0.7),
+        check("scale", std::slice::from_ref(&s), &|t, v| t.scale(&v[0], -0.7),
             &|x| x[0].iter().map(|a| -0.7 * a).collect(), seed).unwrap();
         check("add_bias", &[s.clone(), vec![c]], &|t, v| t.add_bias(&v[0], &v[1]),
             &move |x| x[0].iter().enumerate().map(|(i, a)| a + x[1][i % c]).collect(), seed).unwrap();
-        check("gelu", &[s.clone()], &|t, v| t.gelu(&v[0]), &|x| reference::gelu(&x[0]), seed).unwrap();
-        check("mean_all", &[s.clone()], &|t, v| t.mean_all(&v[0]),
+        check("gelu", std::slice::from_ref(&s), &|t, v| t.gelu(&v[0]), &|x| reference::gelu(&x[0]), seed).unwrap();
+        check("mean_all", std::slice::from_ref(&s), &|t, v| t.mean_all(&v[0]),
             &|x| vec![x[0].iter().sum::<f64>() / x[0].len() as f64], seed).unwrap();
     }
 
