@@ -75,6 +75,8 @@ proptest! {
         same_on_gpu("split_heads", &[vec![b, t, 6]], &|tp, v| tp.split_heads(&v[0], 2, 2, 4), seed);
         same_on_gpu("merge_heads", &[vec![b, 2, t, 3]], &|tp, v| tp.merge_heads(&v[0]), seed);
         same_on_gpu("dropout", &[vec![t, c]], &|tp, v| tp.dropout(&v[0], 0.25, 9), seed);
+        same_on_gpu("slice_axis", &[vec![b, t, c + 2]], &move |tp, v| tp.slice_axis(&v[0], 2, 1, c), seed);
+        same_on_gpu("add_into_axis", &[vec![t, c + 3], vec![t, c]], &move |tp, v| tp.add_into_axis(&v[0], 1, 2, &v[1]), seed);
         same_on_gpu("mean_all", &[vec![t, c]], &|tp, v| tp.mean_all(&v[0]), seed);
     }
 }

@@ -182,6 +182,24 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    #[test]
+    fn slice_backward_matches_finite_differences(r in dims(), c in 3usize..9, seed in 0u64..1000) {
+        // columns [1, c-1) of (r, c); then the same range added into a (r, c) base
+        let w = c - 2;
+        check("slice_axis", &[vec![r, c]], &move |t, v| t.slice_axis(&v[0], 1, 1, w),
+            &move |x| x[0].chunks(c).flat_map(|row| row[1..c - 1].to_vec()).collect(), seed).unwrap();
+        check("add_into_axis", &[vec![r, c], vec![r, w]], &move |t, v| t.add_into_axis(&v[0], 1, 1, &v[1]),
+            &move |x| {
+                let mut out = x[0].clone();
+                for i in 0..r { for j in 0..w { out[i * c + 1 + j] += x[1][i * w + j]; } }
+                out
+            }, seed).unwrap();
+    }
+}
+
 #[test]
 fn dropout_backward_matches_finite_differences() {
     // The mask is a function of (seed, index): read it off by dropping out a tensor of ones.

@@ -37,6 +37,9 @@ pub const ADAMW: &str = shader!("adamw");
 /// `shaders/dropout.wgsl`, launched from `ops/dropout.rs`.
 pub const DROPOUT: &str = shader!("dropout");
 
+/// `shaders/slice.wgsl`, launched from `ops/slice.rs`.
+pub const SLICE: &str = shader!("slice");
+
 /// Every shader: (file stem, source).
 pub const ALL: &[(&str, &str)] = &[
     ("elementwise", ELEMENTWISE),
@@ -50,4 +53,5 @@ pub const ALL: &[(&str, &str)] = &[
     ("permute", PERMUTE),
     ("adamw", ADAMW),
     ("dropout", DROPOUT),
+    ("slice", SLICE),
 ];

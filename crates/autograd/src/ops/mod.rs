@@ -11,6 +11,7 @@
 //! | cross-entropy | [`cross_entropy`] |
 //! | head split / merge | [`heads`] |
 //! | sum, mean | [`reduce`] |
+//! | axis slices | [`slice`] |
 
 pub mod activation;
 pub mod cross_entropy;
@@ -20,3 +21,4 @@ pub mod heads;
 pub mod layernorm;
 pub mod matmul;
 pub mod reduce;
+pub mod slice;

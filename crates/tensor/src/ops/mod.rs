@@ -11,4 +11,5 @@ pub mod layernorm;
 pub mod matmul;
 pub mod permute;
 pub mod reduce;
+pub mod slice;
 pub mod softmax;
