@@ -15,22 +15,37 @@
 
 use autograd::{Param, Tape, Var};
 use tensor::ops::matmul::MatmulOpts;
+use tensor::ops::slice::{slice_axis, write_axis};
 use tensor::{Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, parameter_shapes};
 use crate::config::GptConfig;
 use crate::error::{Error, Result};
 
-/// `y = x·W + b` with W: (in, out) as Hugging Face's Conv1D stores it.
+/// Something that adds to a linear layer's output: LoRA's (alpha/r)·B·A·x (crates/lora) is one.
+/// The base layer stays as it is; the adapter sees the input and the base output.
+pub trait Adapter {
+    /// `y` is the base output x·W + b, (…, out); return y plus the adapter's term.
+    fn apply(&self, tape: &Tape, x: &Var, y: Var) -> Result<Var>;
+    /// The adapter's own parameters (trainable ones go to the optimizer).
+    fn params(&self) -> Vec<&Param>;
+}
+
+/// `y = x·W + b` with W: (in, out) as Hugging Face's Conv1D stores it, plus an optional adapter.
 pub struct Linear {
     pub weight: Param,
     pub bias: Param,
+    pub adapter: Option<Box<dyn Adapter>>,
 }
 
 impl Linear {
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
         let (w, b) = (tape.param(&self.weight), tape.param(&self.bias));
-        Ok(tape.matmul(x, &w, Some(&b), MatmulOpts::default())?)
+        let y = tape.matmul(x, &w, Some(&b), MatmulOpts::default())?;
+        match &self.adapter {
+            Some(adapter) => adapter.apply(tape, x, y),
+            None => Ok(y),
+        }
     }
 
     fn params(&self) -> [&Param; 2] {
@@ -75,9 +90,74 @@ pub struct Gpt2 {
     pub ln_f: LayerNorm,
 }
 
+/// Keys and values of the positions seen so far, per layer: (B, NH, T_max, hs) each, filled up to
+/// `len`. Inference reuses them so each new token costs one position of work, not T.
+pub struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Positions filled.
+    pub len: usize,
+    /// Capacity (the model's context).
+    pub max: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `b` sequences on `device`.
+    pub fn new(cfg: &GptConfig, b: usize, device: &Device) -> Result<KvCache> {
+        let shape = [b, cfg.n_head, cfg.n_positions, cfg.n_embd / cfg.n_head];
+        let mut k = Vec::with_capacity(cfg.n_layer);
+        let mut v = Vec::with_capacity(cfg.n_layer);
+        for _ in 0..cfg.n_layer {
+            k.push(Tensor::zeros(&shape, device)?);
+            v.push(Tensor::zeros(&shape, device)?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            len: 0,
+            max: cfg.n_positions,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.k.first().map_or(0, |t| t.shape()[0])
+    }
+}
+
+/// Append this step's k, v (B,NH,T,hs) at position `pos` of a layer's cache and return the
+/// keys and values of positions 0..pos+T.
+fn cached_kv(
+    k: &Var,
+    v: &Var,
+    ck: &Tensor,
+    cv: &Tensor,
+    pos: usize,
+    tape: &Tape,
+) -> Result<(Var, Var)> {
+    write_axis(ck, 2, pos, &k.value, false)?;
+    write_axis(cv, 2, pos, &v.value, false)?;
+    let t = pos + k.shape()[2];
+    Ok((
+        tape.constant(slice_axis(ck, 2, 0, t)?),
+        tape.constant(slice_axis(cv, 2, 0, t)?),
+    ))
+}
+
 impl Block {
     /// x: (B,T,C) → (B,T,C).
     pub fn forward(&self, tape: &Tape, x: &Var, cfg: &GptConfig) -> Result<Var> {
+        self.forward_cached(tape, x, cfg, None)
+    }
+
+    /// The same, attending also to the cached positions when a layer cache (k, v, first
+    /// position) is given; this step's k and v are appended to it.
+    pub fn forward_cached(
+        &self,
+        tape: &Tape,
+        x: &Var,
+        cfg: &GptConfig,
+        cache: Option<(&Tensor, &Tensor, usize)>,
+    ) -> Result<Var> {
         let (c, nh) = (cfg.n_embd, cfg.n_head);
         let hs = c / nh;
         // Attention.
@@ -86,6 +166,12 @@ impl Block {
         let q = tape.split_heads(&qkv, nh, 0, c)?; // (B,NH,T,hs)
         let k = tape.split_heads(&qkv, nh, c, c)?;
         let v = tape.split_heads(&qkv, nh, 2 * c, c)?;
+        // With a cache, keys and values cover positions 0..pos+T and the causal mask lets row
+        // t see columns up to pos + t (softmax masks c > r + (columns − rows)).
+        let (k, v) = match cache {
+            Some((ck, cv, pos)) => cached_kv(&k, &v, ck, cv, pos, tape)?,
+            None => (k, v),
+        };
         let scores = tape.matmul(
             &q,
             &k,
@@ -118,6 +204,7 @@ impl Gpt2 {
             Ok(Linear {
                 weight: param(&format!("{p}.weight"))?,
                 bias: param(&format!("{p}.bias"))?,
+                adapter: None,
             })
         };
         let norm = |p: &str| -> Result<LayerNorm> {
