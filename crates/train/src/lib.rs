@@ -8,7 +8,19 @@
 
 pub mod bench;
 pub mod devices;
+pub mod eval;
+
+use std::path::Path;
+
+use tensor::Device;
+use transformer::{Checkpoint, Gpt2};
 
 /// Errors of the binary: any layer's error, printed as its message.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Load a model directory onto `device`, every parameter trainable or every one frozen.
+pub fn load_model(dir: &Path, device: &Device, trainable: bool) -> Result<Gpt2> {
+    let ckpt = Checkpoint::load(dir)?;
+    Ok(Gpt2::from_checkpoint(&ckpt, device, trainable)?)
+}

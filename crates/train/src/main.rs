@@ -14,6 +14,10 @@ use tensor::DeviceChoice;
     arg_required_else_help = true
 )]
 struct Cli {
+    /// Where to run: auto (a hardware GPU if present, else the CPU), cpu, or gpu (any adapter,
+    /// software ones included).
+    #[arg(long, global = true, default_value = "auto", value_parser = parse_device)]
+    device: DeviceChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -22,6 +26,8 @@ struct Cli {
 enum Command {
     /// List the devices: every GPU adapter wgpu sees, the CPU backend, and which one `auto` picks.
     Devices,
+    /// Score a text file: mean next-token cross-entropy and perplexity.
+    Eval(train::eval::EvalArgs),
     /// Benchmarks (see docs/benchmarks.md for recorded results).
     Bench {
         #[command(subcommand)]
@@ -39,6 +45,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Devices => train::devices::print_devices(),
+        Command::Eval(args) => device(cli.device).and_then(|d| train::eval::run(&args, &d)),
         Command::Bench { what } => match what {
             BenchCommand::Matmul(args) => train::bench::bench_matmul(&args),
         },
@@ -49,8 +56,14 @@ fn main() {
     }
 }
 
+/// Open the chosen device and say which it is.
+fn device(choice: DeviceChoice) -> train::Result<tensor::Device> {
+    let d = tensor::Device::select(choice)?;
+    eprintln!("device: {}", d.describe());
+    Ok(d)
+}
+
 /// Parse `--device auto|cpu|gpu`.
-#[allow(dead_code)]
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     s.parse().map_err(|e: tensor::Error| e.to_string())
 }

@@ -250,6 +250,21 @@ impl Gpt2 {
         out
     }
 
+    /// Copy every parameter back to the host as a checkpoint (for saving).
+    pub fn to_checkpoint(&self) -> Result<Checkpoint> {
+        let mut tensors = Vec::new();
+        for p in self.named_params() {
+            let t = p.value();
+            tensors.push((p.name().to_string(), t.shape().to_vec(), t.to_vec()?));
+        }
+        Ok(Checkpoint { config: self.config.clone(), tensors })
+    }
+
+    /// Total number of parameter values.
+    pub fn num_params(&self) -> usize {
+        self.named_params().iter().map(|p| p.value().numel()).sum()
+    }
+
     /// Mutable access to every parameter (to freeze or unfreeze them).
     pub fn params_mut(&mut self) -> Vec<&mut Param> {
         let mut out = vec![&mut self.wte, &mut self.wpe];

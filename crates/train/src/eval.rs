@@ -1,0 +1,92 @@
+//! `train eval`: how well a model predicts a text file.
+//!
+//! The text is tokenised whole (no token added), cut into consecutive windows of the model's
+//! context length, and each window is scored on predicting its tokens 2..T from the ones before
+//! (a text shorter than the context is one window). The loss is the mean next-token
+//! cross-entropy over every predicted token; perplexity = e^loss.
+
+use std::path::PathBuf;
+
+use autograd::Tape;
+use clap::Args;
+use tensor::Device;
+use transformer::{Gpt2, Tokenizer};
+
+/// Options of `train eval`.
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Model directory: config.json + model.safetensors (+ vocab.json, merges.txt).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A UTF-8 text file to score.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Windows scored together.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Print one JSON object (loss, perplexity, tokens, windows) instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Mean loss and the number of predicted tokens of `ids` under `model`.
+pub fn score(model: &Gpt2, ids: &[u32], batch: usize) -> crate::Result<(f64, usize)> {
+    let ctx = model.config.n_positions;
+    let windows: Vec<&[u32]> = ids.chunks(ctx).filter(|w| w.len() >= 2).collect();
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for group in windows.chunks(batch.max(1)) {
+        // Windows of one group share a length: the full ones go together, a short tail alone.
+        let mut start = 0;
+        while start < group.len() {
+            let t = group[start].len();
+            let end = start + group[start..].iter().take_while(|w| w.len() == t).count();
+            let seqs = &group[start..end];
+            let inputs: Vec<u32> = seqs.iter().flat_map(|w| w.iter().copied()).collect();
+            let mut targets = Vec::with_capacity(inputs.len());
+            let mut weights = Vec::with_capacity(inputs.len());
+            for w in seqs {
+                targets.extend_from_slice(&w[1..]);
+                targets.push(0);
+                weights.extend(std::iter::repeat_n(1.0f32, t - 1));
+                weights.push(0.0);
+            }
+            let tape = Tape::inference();
+            let (_, loss) = model.loss(&tape, &inputs, &targets, &weights, seqs.len(), t)?;
+            let predicted = seqs.len() * (t - 1);
+            total += loss.value.to_vec()?[0] as f64 * predicted as f64;
+            count += predicted;
+            start = end;
+        }
+    }
+    if count == 0 {
+        return Err("the text has fewer than 2 tokens: nothing to predict".into());
+    }
+    Ok((total / count as f64, count))
+}
+
+/// `train eval`.
+pub fn run(args: &EvalArgs, device: &Device) -> crate::Result<()> {
+    let model = crate::load_model(&args.model, device, false)?;
+    let tokenizer = Tokenizer::for_model(&args.model, &model.config)?;
+    let text = std::fs::read(&args.data).map_err(|e| format!("{}: {e}", args.data.display()))?;
+    let text = String::from_utf8(text)
+        .map_err(|e| format!("{}: not UTF-8 text ({e})", args.data.display()))?;
+    let ids = tokenizer.encode(&text);
+    let (loss, tokens) = score(&model, &ids, args.batch)?;
+    let windows = ids.len().div_ceil(model.config.n_positions);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens,
+                "windows": windows, "model": args.model, "data": args.data})
+        );
+    } else {
+        println!(
+            "{}: loss {loss:.4}, perplexity {:.2}, over {tokens} predicted tokens in {windows} windows of up to {}",
+            args.data.display(),
+            loss.exp(),
+            model.config.n_positions
+        );
+    }
+    Ok(())
+}
