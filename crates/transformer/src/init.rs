@@ -27,15 +27,21 @@ pub fn init_checkpoint(cfg: &GptConfig, seed: u64) -> Result<Checkpoint> {
         } else if name.contains("ln_") {
             vec![1.0; n]
         } else {
-            let std = if name.ends_with("c_proj.weight") { residual_std } else { INIT_STD };
+            let std = if name.ends_with("c_proj.weight") {
+                residual_std
+            } else {
+                INIT_STD
+            };
             let normal = Normal::new(0.0f32, std).map_err(|e| Error::Invalid(format!("{e}")))?;
             (0..n).map(|_| normal.sample(&mut rng)).collect()
         };
         tensors.push((name, shape, values));
     }
-    Ok(Checkpoint { config: cfg.clone(), tensors })
+    Ok(Checkpoint {
+        config: cfg.clone(),
+        tensors,
+    })
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -58,8 +64,20 @@ mod tests {
         // 0.02 / sqrt(2·8) = 0.005
         assert!((std("h.3.mlp.c_proj.weight") - 0.005).abs() < 0.0005);
         assert!((std("h.3.attn.c_proj.weight") - 0.005).abs() < 0.0005);
-        assert!(ckpt.get("h.1.ln_2.weight").unwrap().1.iter().all(|&x| x == 1.0));
-        assert!(ckpt.get("h.1.attn.c_attn.bias").unwrap().1.iter().all(|&x| x == 0.0));
+        assert!(
+            ckpt.get("h.1.ln_2.weight")
+                .unwrap()
+                .1
+                .iter()
+                .all(|&x| x == 1.0)
+        );
+        assert!(
+            ckpt.get("h.1.attn.c_attn.bias")
+                .unwrap()
+                .1
+                .iter()
+                .all(|&x| x == 0.0)
+        );
         // reproducible
         assert_eq!(init_checkpoint(&cfg, 1).unwrap().tensors, ckpt.tensors);
     }

@@ -46,7 +46,8 @@
 //! # Reading order
 //!
 //! [`config`] → [`checkpoint`] (the size table and the model directory) → [`tensor_file`] (one
-//! safetensors file, atomic writes) → [`tokenizer`] → `bpe.rs` (byte-level BPE by hand).
+//! safetensors file, atomic writes) → [`tokenizer`] → `bpe.rs` (byte-level BPE by hand) →
+//! [`model`] → [`generate`](mod@generate) (sampling with a KV cache) → [`beam`] (beam search).
 //!
 //! ```
 //! use transformer::{Checkpoint, Tokenizer};
@@ -62,19 +63,23 @@
 //! # Ok::<(), transformer::Error>(())
 //! ```
 
+pub mod beam;
 mod bpe;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod init;
 pub mod model;
 pub mod tensor_file;
 pub mod tokenizer;
 
+pub use beam::{BeamConfig, beam_search};
 pub use bpe::bytes_to_unicode;
 pub use checkpoint::{Checkpoint, num_parameters, parameter_shapes};
 pub use config::{GptConfig, TokenizerKind};
 pub use error::{Error, Result};
+pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_tokens};
 pub use init::init_checkpoint;
 pub use model::{Gpt2, KvCache};
 pub use tensor_file::{NamedTensor, SaveDtype};

@@ -257,7 +257,10 @@ impl Gpt2 {
             let t = p.value();
             tensors.push((p.name().to_string(), t.shape().to_vec(), t.to_vec()?));
         }
-        Ok(Checkpoint { config: self.config.clone(), tensors })
+        Ok(Checkpoint {
+            config: self.config.clone(),
+            tensors,
+        })
     }
 
     /// Total number of parameter values.
@@ -282,6 +285,48 @@ impl Gpt2 {
 
     /// Logits (B·T, V) for ids (B·T, row-major by sequence).
     pub fn logits(&self, tape: &Tape, ids: &[u32], b: usize, t: usize) -> Result<Var> {
+        self.forward(tape, ids, b, t, None)
+    }
+
+    /// Logits (B·T, V) for T more tokens of each of the B sequences in `cache`: token t sits at
+    /// position `cache.len + t` and attends to the cached positions and to itself and the tokens
+    /// before it. Their keys and values are appended, and `cache.len` grows by T. The cache is
+    /// written in place, which no backward could follow, so `tape` must be `Tape::inference()`.
+    pub fn logits_cached(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        cache: &mut KvCache,
+    ) -> Result<Var> {
+        if tape.is_recording() {
+            return Err(Error::Invalid(
+                "logits_cached writes the KV cache in place: use Tape::inference()".into(),
+            ));
+        }
+        if cache.batch() != b || t == 0 || cache.len + t > cache.max {
+            return Err(Error::Invalid(format!(
+                "{t} tokens for {b} sequences do not fit a KV cache of {} sequences holding {} of {} positions",
+                cache.batch(),
+                cache.len,
+                cache.max
+            )));
+        }
+        let logits = self.forward(tape, ids, b, t, Some(&*cache))?;
+        cache.len += t;
+        Ok(logits)
+    }
+
+    /// Embeddings, blocks, final norm and the tied head; positions start at the cache's length.
+    fn forward(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        cache: Option<&KvCache>,
+    ) -> Result<Var> {
         let cfg = &self.config;
         if ids.len() != b * t {
             return Err(Error::Invalid(format!(
@@ -289,19 +334,24 @@ impl Gpt2 {
                 ids.len()
             )));
         }
-        if t > cfg.n_positions {
+        let pos0 = cache.map_or(0, |c| c.len);
+        if pos0 + t > cfg.n_positions {
             return Err(Error::Invalid(format!(
-                "sequence of {t} tokens is longer than the model's context of {}",
+                "sequence of {} tokens is longer than the model's context of {}",
+                pos0 + t,
                 cfg.n_positions
             )));
         }
         let c = cfg.n_embd;
         let tok = tape.embedding(&tape.param(&self.wte), ids)?; // (B·T, C)
-        let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+        let positions: Vec<u32> = (0..b)
+            .flat_map(|_| pos0 as u32..(pos0 + t) as u32)
+            .collect();
         let pos = tape.embedding(&tape.param(&self.wpe), &positions)?;
         let mut x = tape.reshape(&tape.add(&tok, &pos)?, &[b, t, c])?;
-        for block in &self.h {
-            x = block.forward(tape, &x, cfg)?;
+        for (l, block) in self.h.iter().enumerate() {
+            let layer_cache = cache.map(|c| (&c.k[l], &c.v[l], pos0));
+            x = block.forward_cached(tape, &x, cfg, layer_cache)?;
         }
         let x = self.ln_f.forward(tape, &x)?;
         let x = tape.reshape(&x, &[b * t, c])?;
