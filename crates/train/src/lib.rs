@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod devices;
 pub mod eval;
+pub mod generate;
 
 use std::path::Path;
 

@@ -28,6 +28,8 @@ enum Command {
     Devices,
     /// Score a text file: mean next-token cross-entropy and perplexity.
     Eval(train::eval::EvalArgs),
+    /// Continue prompts with a model: greedy, temperature, top-k, top-p, or beam search.
+    Generate(train::generate::GenerateArgs),
     /// Benchmarks (see docs/benchmarks.md for recorded results).
     Bench {
         #[command(subcommand)]
@@ -45,6 +47,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Devices => train::devices::print_devices(),
+        Command::Generate(args) => device(cli.device).and_then(|d| train::generate::run(&args, &d)),
         Command::Eval(args) => device(cli.device).and_then(|d| train::eval::run(&args, &d)),
         Command::Bench { what } => match what {
             BenchCommand::Matmul(args) => train::bench::bench_matmul(&args),
