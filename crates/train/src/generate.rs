@@ -56,7 +56,10 @@ pub fn run(args: &GenerateArgs, device: &Device) -> crate::Result<()> {
                 eot: tokenizer.eot(),
             };
             let ids = beam_search(&model, &tokenizer.encode(prompt), &cfg)?;
-            let ids: Vec<u32> = ids.into_iter().filter(|&t| Some(t) != tokenizer.eot()).collect();
+            let ids: Vec<u32> = ids
+                .into_iter()
+                .filter(|&t| Some(t) != tokenizer.eot())
+                .collect();
             println!("{prompt}{}", tokenizer.decode(&ids));
         }
         return Ok(());
@@ -71,7 +74,10 @@ pub fn run(args: &GenerateArgs, device: &Device) -> crate::Result<()> {
         stop_strings: args.stop.clone(),
     };
     let prompts: Vec<&str> = args.prompt.iter().map(String::as_str).collect();
-    for (prompt, g) in prompts.iter().zip(generate(&model, &tokenizer, &prompts, &cfg)?) {
+    for (prompt, g) in prompts
+        .iter()
+        .zip(generate(&model, &tokenizer, &prompts, &cfg)?)
+    {
         println!("{prompt}{}", g.text);
         eprintln!("({} tokens, stopped: {:?})", g.tokens.len(), g.stopped);
     }
