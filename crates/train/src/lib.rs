@@ -7,7 +7,9 @@
 //! `main.rs` only parses arguments.
 
 pub mod bench;
+pub mod bleu;
 pub mod devices;
+pub mod e2e;
 pub mod eval;
 pub mod generate;
 
