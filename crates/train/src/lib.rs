@@ -12,6 +12,8 @@ pub mod devices;
 pub mod e2e;
 pub mod eval;
 pub mod generate;
+pub mod pretrain;
+pub mod trainer;
 
 use std::path::Path;
 

@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// List the devices: every GPU adapter wgpu sees, the CPU backend, and which one `auto` picks.
     Devices,
+    /// Train a small GPT-2 from scratch (how the shipped base model was made).
+    Pretrain(train::pretrain::PretrainArgs),
     /// Score a text file: mean next-token cross-entropy and perplexity.
     Eval(train::eval::EvalArgs),
     /// Continue prompts with a model: greedy, temperature, top-k, top-p, or beam search.
@@ -48,6 +50,7 @@ fn main() {
     let result = match cli.command {
         Command::Devices => train::devices::print_devices(),
         Command::Generate(args) => device(cli.device).and_then(|d| train::generate::run(&args, &d)),
+        Command::Pretrain(args) => device(cli.device).and_then(|d| train::pretrain::run(&args, &d)),
         Command::Eval(args) => device(cli.device).and_then(|d| train::eval::run(&args, &d)),
         Command::Bench { what } => match what {
             BenchCommand::Matmul(args) => train::bench::bench_matmul(&args),
