@@ -49,6 +49,9 @@
 //!
 //! **PEFT.** Adapters are saved and loaded in PEFT's layout (`adapter_config.json` +
 //! `adapter_model.safetensors`), so they move both ways between this crate and PyTorch.
+//! PEFT cannot name a column slice, so q/k/v adapters are saved as the equivalent whole-`c_attn`
+//! adapter (A stacked, B block-diagonal; `peft_save.rs` shows the layout), which loads back, in
+//! PEFT or here, as a `c_attn` adapter computing the same function.
 //!
 //! ## Reading order
 //! 1. [`target`] and [`config`]: where updates go; rank and α, the plan of sites, counts;
