@@ -50,8 +50,8 @@
 //! **PEFT.** Adapters are saved and loaded in PEFT's layout (`adapter_config.json` +
 //! `adapter_model.safetensors`), so they move both ways between this crate and PyTorch.
 //! PEFT cannot name a column slice, so q/k/v adapters are saved as the equivalent whole-`c_attn`
-//! adapter (A stacked, B block-diagonal; `peft_save.rs` shows the layout), which loads back, in
-//! PEFT or here, as a `c_attn` adapter computing the same function.
+//! adapter (A stacked, B block-diagonal; `peft_save.rs` shows the layout): the same function
+//! under PEFT's one-scale-per-module rule, and it loads back here as a `c_attn` adapter.
 //!
 //! ## Reading order
 //! 1. [`target`] and [`config`]: where updates go; rank and α, the plan of sites, counts;
