@@ -1,0 +1,385 @@
+//! What to adapt and how: [`LoraConfig`], its validation, and the plan it gives for one model
+//! ([`LoraConfig::sites`]: every (layer, target) with its shapes, rank and scale), from which
+//! injection allocates and [`LoraConfig::count`] counts without allocating anything.
+//!
+//! The names follow PEFT's `LoraConfig` where PEFT has one (`r`, `lora_alpha`, `lora_dropout`,
+//! `bias`, `init_lora_weights`, `use_rslora`, `rank_pattern`, `alpha_pattern`,
+//! `layers_to_transform`); targets are ours, because q, k and v are not modules of GPT-2 but
+//! column blocks of the fused `c_attn` (PEFT can only target `c_attn` as a whole).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use transformer::GptConfig;
+
+use crate::error::{Error, Result};
+use crate::target::Target;
+
+/// Which biases train along with the adapters (PEFT's `bias`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BiasMode {
+    /// No bias trains (the default).
+    None,
+    /// Every bias of the model, layer norms' β included.
+    All,
+    /// The biases of the Linears that carry an adapter (all of `c_attn`'s for a q/k/v target).
+    LoraOnly,
+}
+
+impl BiasMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BiasMode::None => "none",
+            BiasMode::All => "all",
+            BiasMode::LoraOnly => "lora_only",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<BiasMode> {
+        match name {
+            "none" => Ok(BiasMode::None),
+            "all" => Ok(BiasMode::All),
+            "lora_only" => Ok(BiasMode::LoraOnly),
+            _ => Err(Error::config(format!(
+                "unknown bias mode `{name}`; known: none, all, lora_only"
+            ))),
+        }
+    }
+}
+
+/// How A and B start (PEFT's `init_lora_weights`, as its `reset_lora_parameters` does it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Init {
+    /// PEFT's `true`, the default: A ~ kaiming_uniform(a = √5), which for A: (r, in) is
+    /// U(−1/√in, 1/√in) (gain √(2/(1+a²)) = √(1/3), bound = gain·√3/√fan_in = 1/√in), and B = 0.
+    KaimingUniform,
+    /// PEFT's `"gaussian"`: A ~ N(0, (1/r)²), B = 0.
+    Gaussian,
+    /// PEFT's `false`: nothing is reset, so both keep `nn.Linear`'s default init,
+    /// A ~ U(±1/√in) and B ~ U(±1/√r). The model does not start at W0; for tests only.
+    BothRandom,
+}
+
+/// What to adapt and how. `LoraConfig::new(8, 16.0, &[Target::Q, Target::V])` is the paper's
+/// GPT-2 setting with α = 2r.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// r: the rank of every update unless `rank_pattern` says otherwise.
+    pub r: usize,
+    /// α: the update is scaled by α/r (or α/√r with `use_rslora`).
+    pub alpha: f32,
+    pub targets: Vec<Target>,
+    /// Blocks to adapt (`None`: all), PEFT's `layers_to_transform`.
+    pub layers: Option<Vec<usize>>,
+    /// Rank per target, overriding `r` (PEFT's `rank_pattern`).
+    pub rank_pattern: BTreeMap<Target, usize>,
+    /// α per target, overriding `alpha` (PEFT's `alpha_pattern`).
+    pub alpha_pattern: BTreeMap<Target, f32>,
+    /// Dropout probability on the adapter's input x (the base path sees x undropped).
+    pub dropout: f32,
+    pub bias: BiasMode,
+    pub init: Init,
+    /// Rank-stabilised LoRA (Kalajdzievski 2023): scale α/√r instead of α/r.
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    /// PEFT's defaults for GPT-2: r 8, α 8, target `c_attn`, no dropout, no bias.
+    fn default() -> Self {
+        LoraConfig::new(8, 8.0, &[Target::CAttn])
+    }
+}
+
+/// The scale of an update of rank r: α/r, or α/√r with rsLoRA.
+pub fn scaling(alpha: f32, r: usize, use_rslora: bool) -> f32 {
+    if use_rslora {
+        alpha / (r as f32).sqrt()
+    } else {
+        alpha / r as f32
+    }
+}
+
+/// One adapted place of one model: target `target` of block `layer`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Site {
+    pub layer: usize,
+    pub target: Target,
+    /// in: rows of W, columns of A (r, in).
+    pub in_features: usize,
+    /// First column of the Linear's output the update adds into.
+    pub col0: usize,
+    /// width: columns it adds into, rows of B (width, r).
+    pub width: usize,
+    pub r: usize,
+    pub alpha: f32,
+    /// s = α/r (or α/√r).
+    pub scale: f32,
+}
+
+impl Site {
+    /// Parameters of A and B: r·(in + width).
+    pub fn numel(&self) -> usize {
+        self.r * (self.in_features + self.width)
+    }
+}
+
+impl LoraConfig {
+    /// Rank r and α for `targets`; everything else at PEFT's defaults.
+    pub fn new(r: usize, alpha: f32, targets: &[Target]) -> LoraConfig {
+        LoraConfig {
+            r,
+            alpha,
+            targets: targets.to_vec(),
+            layers: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            dropout: 0.0,
+            bias: BiasMode::None,
+            init: Init::KaimingUniform,
+            use_rslora: false,
+        }
+    }
+
+    /// Rank of `target`.
+    pub fn rank(&self, target: Target) -> usize {
+        self.rank_pattern.get(&target).copied().unwrap_or(self.r)
+    }
+
+    /// α of `target`.
+    pub fn alpha_of(&self, target: Target) -> f32 {
+        self.alpha_pattern
+            .get(&target)
+            .copied()
+            .unwrap_or(self.alpha)
+    }
+
+    /// Checks what can be checked without a model.
+    pub fn validate(&self) -> Result<()> {
+        let err = |m: String| Err(Error::config(m));
+        if self.targets.is_empty() {
+            return err("no targets: name at least one of q, k, v, c_attn, o, fc, proj".into());
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            if self.targets[..i].contains(t) {
+                return err(format!("target `{}` is listed twice", t.name()));
+            }
+        }
+        let slices = [Target::Q, Target::K, Target::V];
+        if self.targets.contains(&Target::CAttn) {
+            if let Some(s) = self.targets.iter().find(|t| slices.contains(t)) {
+                return err(format!(
+                    "targets `c_attn` and `{}` overlap: `c_attn` already covers q, k and v",
+                    s.name()
+                ));
+            }
+        }
+        for t in &self.targets {
+            let (r, alpha) = (self.rank(*t), self.alpha_of(*t));
+            if r == 0 {
+                return err(format!(
+                    "rank of target `{}` is 0; it must be at least 1",
+                    t.name()
+                ));
+            }
+            if !(alpha.is_finite() && alpha > 0.0) {
+                return err(format!(
+                    "alpha of target `{}` is {alpha}; it must be > 0",
+                    t.name()
+                ));
+            }
+        }
+        for t in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
+            if !self.targets.contains(t) {
+                return err(format!(
+                    "rank_pattern/alpha_pattern name `{}`, which is not a target",
+                    t.name()
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return err(format!("dropout {} is outside [0, 1)", self.dropout));
+        }
+        if let Some(layers) = &self.layers {
+            if layers.is_empty() {
+                return err("`layers` is empty; use None to adapt every layer".into());
+            }
+            for (i, l) in layers.iter().enumerate() {
+                if layers[..i].contains(l) {
+                    return err(format!("layer {l} is listed twice"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`LoraConfig::validate`], and that the layers exist in a model of config `gpt`.
+    pub fn validate_for(&self, gpt: &GptConfig) -> Result<()> {
+        self.validate()?;
+        if let Some(&l) = self.layers.iter().flatten().find(|&&l| l >= gpt.n_layer) {
+            return Err(Error::config(format!(
+                "layer {l} does not exist: the model has {}",
+                layers_phrase(gpt.n_layer)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The blocks to adapt, ascending.
+    pub fn layer_list(&self, n_layer: usize) -> Vec<usize> {
+        let mut layers = self
+            .layers
+            .clone()
+            .unwrap_or_else(|| (0..n_layer).collect());
+        layers.sort_unstable();
+        layers
+    }
+
+    /// Every (layer, target) this config adapts in a model of config `gpt`, layer by layer,
+    /// targets in the order of [`Target::ALL`].
+    pub fn sites(&self, gpt: &GptConfig) -> Result<Vec<Site>> {
+        self.validate_for(gpt)?;
+        let c = gpt.n_embd;
+        let mut targets = self.targets.clone();
+        targets.sort();
+        let mut sites = Vec::new();
+        for layer in self.layer_list(gpt.n_layer) {
+            for &target in &targets {
+                let (r, alpha) = (self.rank(target), self.alpha_of(target));
+                let (col0, width) = target.columns(c);
+                sites.push(Site {
+                    layer,
+                    target,
+                    in_features: target.module().shape(c).0,
+                    col0,
+                    width,
+                    r,
+                    alpha,
+                    scale: scaling(alpha, r, self.use_rslora),
+                });
+            }
+        }
+        Ok(sites)
+    }
+
+    /// Trainable and total parameters of a model of config `gpt` with these adapters, from the
+    /// size table alone (nothing is allocated).
+    pub fn count(&self, gpt: &GptConfig) -> Result<ParamCount> {
+        let sites = self.sites(gpt)?;
+        let lora: usize = sites.iter().map(Site::numel).sum();
+        let biases: usize = transformer::parameter_shapes(gpt)
+            .iter()
+            .filter(|(name, _)| bias_trains(self.bias, name, &sites))
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        Ok(ParamCount {
+            trainable: lora + biases,
+            all: transformer::num_parameters(gpt) + lora,
+        })
+    }
+}
+
+/// "1 layer (h.0)", "12 layers (h.0..h.11)": for error messages.
+pub(crate) fn layers_phrase(n_layer: usize) -> String {
+    match n_layer {
+        0 => "no layers".into(),
+        1 => "1 layer (h.0)".into(),
+        n => format!("{n} layers (h.0..h.{})", n - 1),
+    }
+}
+
+/// Whether the model parameter `name` (size-table name) trains under `mode` given `sites`.
+pub(crate) fn bias_trains(mode: BiasMode, name: &str, sites: &[Site]) -> bool {
+    match mode {
+        BiasMode::None => false,
+        BiasMode::All => name.ends_with(".bias"),
+        BiasMode::LoraOnly => sites
+            .iter()
+            .any(|s| name == format!("h.{}.{}.bias", s.layer, s.target.module().path())),
+    }
+}
+
+/// Parameter counts as PEFT's `print_trainable_parameters` prints them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamCount {
+    /// Parameters the optimizer sees: A, B and any trainable biases.
+    pub trainable: usize,
+    /// Base model plus adapters.
+    pub all: usize,
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+impl fmt::Display for ParamCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pct = 100.0 * self.trainable as f64 / self.all.max(1) as f64;
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {pct:.4}",
+            thousands(self.trainable),
+            thousands(self.all)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_print_as_peft_prints_them() {
+        let c = ParamCount {
+            trainable: 294_912,
+            all: 124_734_720,
+        };
+        assert_eq!(
+            c.to_string(),
+            "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
+        );
+        assert_eq!(thousands(7), "7");
+        assert_eq!(thousands(1000), "1,000");
+    }
+
+    #[test]
+    fn invalid_configs_say_what_is_wrong() {
+        let msg = |cfg: LoraConfig| cfg.validate().unwrap_err().to_string();
+        assert!(msg(LoraConfig::new(0, 8.0, &[Target::Q])).contains("rank of target `q` is 0"));
+        assert!(msg(LoraConfig::new(4, 8.0, &[])).contains("no targets"));
+        assert!(msg(LoraConfig::new(4, 8.0, &[Target::CAttn, Target::V])).contains("overlap"));
+        assert!(msg(LoraConfig::new(4, 8.0, &[Target::Q, Target::Q])).contains("twice"));
+        assert!(msg(LoraConfig::new(4, -1.0, &[Target::O])).contains("must be > 0"));
+        let mut cfg = LoraConfig::new(4, 8.0, &[Target::Q]);
+        cfg.dropout = 1.0;
+        assert!(msg(cfg.clone()).contains("outside [0, 1)"));
+        cfg.dropout = 0.1;
+        cfg.rank_pattern.insert(Target::V, 2);
+        assert!(msg(cfg.clone()).contains("not a target"));
+        cfg.rank_pattern.clear();
+        cfg.layers = Some(vec![0, 5]);
+        cfg.validate_for(&GptConfig::gpt2_small()).unwrap();
+        cfg.layers = Some(vec![12]);
+        let e = cfg.validate_for(&GptConfig::gpt2_small()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("layer 12 does not exist: the model has 12 layers (h.0..h.11)"),
+            "{e}"
+        );
+        assert!(
+            Target::parse("qkv")
+                .unwrap_err()
+                .to_string()
+                .contains("known: q, k, v")
+        );
+        assert!(BiasMode::parse("some").is_err());
+    }
+}

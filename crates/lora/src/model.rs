@@ -1,0 +1,326 @@
+//! [`LoraModel`]: the adapters of one GPT-2, and what can be done with them as a whole:
+//! attach them to the model (freezing the base), detach them, merge them into the weights and
+//! back, list their parameters for the optimizer, count parameters.
+//!
+//! A `LoraModel` owns no model. It holds handles to its A and B tensors (shared with the copies
+//! attached to the model's Linears) and works on the `Gpt2` it is given:
+//!
+//! | state | the forward computes |
+//! |---|---|
+//! | attached, unmerged | x·W0 + b + s·(x·Aᵀ)·Bᵀ: training, and inference that can switch cheaply |
+//! | attached, merged | x·(W0 + s·Aᵀ·Bᵀ) + b: the adapter adds nothing, the cost is the base model's |
+//! | detached, merged | the same (PEFT's merge_and_unload) |
+//! | detached, unmerged | the base model |
+//!
+//! Switching task for inference: `a.unmerge(&m)?; b.merge(&m)?` with both detached (or detach
+//! one, attach the other, for training).
+//!
+//! Biases (bias modes `all` and `lora_only`) are the model's own parameters: training changes
+//! them in the model, and biases carried by a loaded file are written into the model when it
+//! is attached. Merging folds A and B only, so an adapter with trained biases takes full effect
+//! only once attached, and detaching or unmerging does not restore the old biases.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use autograd::{Param, Trainable};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tensor::ops::elementwise::scale;
+use tensor::ops::slice::write_axis;
+use tensor::{Device, Tensor};
+use transformer::{Gpt2, NamedTensor};
+
+use crate::config::{LoraConfig, ParamCount, Site, bias_trains, layers_phrase};
+use crate::error::{Error, Result};
+use crate::linear::{DropoutSeeds, LoraAdapter, LoraLinear};
+use crate::target::{Module, Target};
+
+/// The adapters of one model: a config, and one [`LoraLinear`] per [`Site`].
+pub struct LoraModel {
+    pub config: LoraConfig,
+    /// Written as `base_model_name_or_path` when saving.
+    pub base_model: Option<String>,
+    sites: Vec<(Site, LoraLinear)>,
+    merged: Arc<AtomicBool>,
+    seeds: Arc<DropoutSeeds>,
+    attached: bool,
+    /// Trainable biases of the model (bias mode `all` / `lora_only`), while attached.
+    biases: Vec<Trainable>,
+    /// Bias values to put into the model at the next attach (loaded from a file, or kept
+    /// from the last detach): (size-table name, shape, values).
+    bias_values: Vec<NamedTensor>,
+}
+
+/// `h.{layer}.{module}` and, for q, k, v, the slice: the stem of A's and B's names.
+pub fn site_name(site: &Site) -> String {
+    let stem = format!("h.{}.{}", site.layer, site.target.module().path());
+    match site.target {
+        Target::Q | Target::K | Target::V => format!("{stem}.{}", site.target.name()),
+        _ => stem,
+    }
+}
+
+fn device_of(model: &Gpt2) -> Device {
+    model.wte.value().device()
+}
+
+impl LoraModel {
+    /// Fresh adapters for `model` as `config` says (A random, B zero by default), detached.
+    /// `seed` draws A (and B for [`crate::Init::BothRandom`]) and seeds dropout.
+    pub fn new(model: &Gpt2, config: &LoraConfig, seed: u64) -> Result<LoraModel> {
+        let sites = config.sites(&model.config)?;
+        let device = device_of(model);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut weights = Vec::with_capacity(sites.len());
+        for site in sites {
+            let (a, b) = LoraLinear::init(&site, config.init, &mut rng, &device)?;
+            weights.push((site, a, b));
+        }
+        Ok(Self::from_weights(
+            config.clone(),
+            weights,
+            Vec::new(),
+            seed,
+        ))
+    }
+
+    /// [`LoraModel::new`], then [`LoraModel::attach`]: the usual way to start LoRA training.
+    pub fn inject(model: &mut Gpt2, config: &LoraConfig, seed: u64) -> Result<LoraModel> {
+        let mut lora = Self::new(model, config, seed)?;
+        lora.attach(model)?;
+        Ok(lora)
+    }
+
+    /// A model from given A, B tensors (A: (r, in), B: (width, r) per site).
+    pub(crate) fn from_weights(
+        config: LoraConfig,
+        weights: Vec<(Site, Tensor, Tensor)>,
+        bias_values: Vec<NamedTensor>,
+        seed: u64,
+    ) -> LoraModel {
+        let merged = Arc::new(AtomicBool::new(false));
+        let seeds = Arc::new(DropoutSeeds::new(seed));
+        let sites = weights
+            .into_iter()
+            .map(|(site, a, b)| {
+                let name = site_name(&site);
+                let lora = LoraLinear {
+                    a: Param::trainable(format!("{name}.lora_A"), a),
+                    b: Param::trainable(format!("{name}.lora_B"), b),
+                    alpha: site.alpha,
+                    scale: site.scale,
+                    col0: site.col0,
+                    dropout: config.dropout,
+                    merged: merged.clone(),
+                    seeds: seeds.clone(),
+                };
+                (site, lora)
+            })
+            .collect();
+        LoraModel {
+            config,
+            base_model: None,
+            sites,
+            merged,
+            seeds,
+            attached: false,
+            biases: Vec::new(),
+            bias_values,
+        }
+    }
+
+    /// Every site with its adapter, layer by layer.
+    pub fn sites(&self) -> impl Iterator<Item = (&Site, &LoraLinear)> {
+        self.sites.iter().map(|(s, l)| (s, l))
+    }
+
+    /// W: (in, out) of the Linear `site` adapts, or an error if the model lacks that layer.
+    fn base_weight<'m>(model: &'m Gpt2, site: &Site) -> Result<&'m Tensor> {
+        let block = model.h.get(site.layer).ok_or_else(|| {
+            let phrase = layers_phrase(model.h.len());
+            Error::mismatch(None, format!("{}: the model has {phrase}", site_name(site)))
+        })?;
+        Ok(site.target.module().linear(block).weight.value())
+    }
+
+    /// Checks that every site fits `model`: the layer exists, W has the site's input width and
+    /// enough columns, and A lives on the model's device.
+    pub fn check_fits(&self, model: &Gpt2) -> Result<()> {
+        let device = device_of(model);
+        for (site, lora) in &self.sites {
+            let w = Self::base_weight(model, site)?.shape();
+            let (a, b) = (lora.a.value(), lora.b.value());
+            if w[0] != lora.in_features() || w[1] < site.col0 + lora.width() {
+                let message = format!(
+                    "{}: A is {:?} and B {:?} (columns {}..{}), but the model's W is {w:?}",
+                    site_name(site),
+                    a.shape(),
+                    b.shape(),
+                    site.col0,
+                    site.col0 + lora.width()
+                );
+                return Err(Error::mismatch(None, message));
+            }
+            if !a.device().same(&device) {
+                let message = format!(
+                    "{}: the adapter is on {:?}, the model on {device:?}",
+                    site_name(site),
+                    a.device()
+                );
+                return Err(Error::mismatch(None, message));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the adapters on the model's Linears and makes only them (and the biases the bias
+    /// mode names) trainable: every base parameter is frozen, so it gets no gradient buffer,
+    /// no optimizer state and no backward work for its own gradient. Biases carried by a loaded
+    /// adapter file are written into the model here (and stay there after a detach).
+    pub fn attach(&mut self, model: &mut Gpt2) -> Result<()> {
+        if self.attached {
+            return Err(Error::State("these adapters are already attached".into()));
+        }
+        self.check_fits(model)?;
+        let mut per_linear: BTreeMap<(usize, Module), LoraAdapter> = BTreeMap::new();
+        for (site, lora) in &self.sites {
+            let key = (site.layer, site.target.module());
+            per_linear.entry(key).or_default().parts.push(lora.clone());
+        }
+        for (layer, module) in per_linear.keys() {
+            if module.linear(&model.h[*layer]).adapter.is_some() {
+                return Err(Error::State(format!(
+                    "h.{layer}.{} already has an adapter: detach the LoraModel that put it there first",
+                    module.path()
+                )));
+            }
+        }
+        let device = device_of(model);
+        let sites: Vec<Site> = self.sites.iter().map(|(s, _)| s.clone()).collect();
+        for p in model.params_mut() {
+            p.freeze();
+            // Biases the adapter file carries replace the model's (PEFT loads them the same way).
+            if let Some((name, shape, v)) = self.bias_values.iter().find(|(n, _, _)| n == p.name())
+            {
+                *p = Param::frozen(name.clone(), Tensor::from_vec(v.clone(), shape, &device)?);
+            }
+            if bias_trains(self.config.bias, p.name(), &sites) {
+                p.unfreeze();
+                self.biases.extend(p.as_trainable().cloned());
+            }
+        }
+        self.bias_values.clear();
+        for ((layer, module), adapter) in per_linear {
+            module.linear_mut(&mut model.h[layer]).adapter = Some(Box::new(adapter));
+        }
+        self.attached = true;
+        Ok(())
+    }
+
+    /// Takes the adapters off the model's Linears (a merged update stays in W: detaching a
+    /// merged model is PEFT's merge_and_unload) and freezes the biases that were trained.
+    pub fn detach(&mut self, model: &mut Gpt2) -> Result<()> {
+        if !self.attached {
+            return Err(Error::State("these adapters are not attached".into()));
+        }
+        for (site, _) in &self.sites {
+            site.target
+                .module()
+                .linear_mut(&mut model.h[site.layer])
+                .adapter = None;
+        }
+        self.bias_values = self.biases_on_host()?;
+        let names: Vec<String> = self.biases.drain(..).map(|t| t.name).collect();
+        for p in model.params_mut() {
+            if names.iter().any(|n| n == p.name()) {
+                p.freeze();
+            }
+        }
+        self.attached = false;
+        Ok(())
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.attached
+    }
+
+    pub fn is_merged(&self) -> bool {
+        self.merged.load(Ordering::Relaxed)
+    }
+
+    /// W ← W + s·Aᵀ·Bᵀ for every site, on the device (a q/k/v site writes its columns only).
+    /// Returns false, changing nothing, when already merged.
+    pub fn merge(&self, model: &Gpt2) -> Result<bool> {
+        self.add_to_weights(model, 1.0, true)
+    }
+
+    /// W ← W − s·Aᵀ·Bᵀ, undoing [`LoraModel::merge`] up to f32 rounding (A and B must not have
+    /// changed in between). Returns false, changing nothing, when not merged.
+    pub fn unmerge(&self, model: &Gpt2) -> Result<bool> {
+        self.add_to_weights(model, -1.0, false)
+    }
+
+    fn add_to_weights(&self, model: &Gpt2, sign: f32, merging: bool) -> Result<bool> {
+        if self.is_merged() == merging {
+            return Ok(false);
+        }
+        self.check_fits(model)?;
+        for (site, lora) in &self.sites {
+            let w = Self::base_weight(model, site)?;
+            let delta = scale(&lora.delta_weight()?, sign)?; // ±s·Aᵀ·Bᵀ: (in, width)
+            write_axis(w, 1, site.col0, &delta, true)?;
+        }
+        self.merged.store(merging, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// What the optimizer trains: every A and B, then the trainable biases (while attached).
+    pub fn trainable_params(&self) -> Vec<Trainable> {
+        let lora = self.sites.iter().flat_map(|(_, l)| [&l.a, &l.b]);
+        lora.filter_map(|p| p.as_trainable().cloned())
+            .chain(self.biases.iter().cloned())
+            .collect()
+    }
+
+    /// Bytes of all A and B.
+    pub fn lora_bytes(&self) -> u64 {
+        self.sites
+            .iter()
+            .map(|(_, l)| l.a.value().bytes() + l.b.value().bytes())
+            .sum()
+    }
+
+    /// Trainable and total parameters of `model` with these adapters.
+    pub fn param_count(&self, model: &Gpt2) -> ParamCount {
+        let lora: usize = self
+            .sites
+            .iter()
+            .map(|(_, l)| l.a.value().numel() + l.b.value().numel())
+            .sum();
+        let base: usize = model.named_params().iter().map(|p| p.value().numel()).sum();
+        let biases: usize = self.biases.iter().map(|t| t.value.numel()).sum();
+        ParamCount {
+            trainable: lora + biases,
+            all: base + lora,
+        }
+    }
+
+    /// Restart the dropout seeds from `seed` (to replay a run).
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.seeds.reset(seed);
+    }
+
+    /// The trainable biases' values (size-table name, shape, values), from the model while
+    /// attached, else as kept.
+    pub(crate) fn biases_on_host(&self) -> Result<Vec<NamedTensor>> {
+        if !self.attached {
+            return Ok(self.bias_values.clone());
+        }
+        self.biases
+            .iter()
+            .map(|t| Ok((t.name.clone(), t.value.shape().to_vec(), t.value.to_vec()?)))
+            .collect()
+    }
+}
