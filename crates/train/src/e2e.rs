@@ -100,6 +100,11 @@ impl E2eData {
     }
 
     /// The held-out MRs, each with all its references, in order of first appearance.
+    /// Keep only the first `n` held-out MRs (a quicker evaluation; the split is unchanged).
+    pub fn limit_heldout(&mut self, n: usize) {
+        self.heldout.truncate(n);
+    }
+
     pub fn heldout(&self) -> &[(String, Vec<String>)] {
         &self.heldout
     }

@@ -11,8 +11,11 @@ pub mod bleu;
 pub mod devices;
 pub mod e2e;
 pub mod eval;
+pub mod finetune;
 pub mod generate;
+pub mod main_job;
 pub mod pretrain;
+pub mod report;
 pub mod trainer;
 
 use std::path::Path;

@@ -11,15 +11,17 @@ use tensor::DeviceChoice;
     about = "LoRA fine-tuning of GPT-2 style models, from the GPU matmul up",
     long_about = "LoRA fine-tuning of GPT-2 style models on our own WGSL tensor engine \
                   (wgpu: Vulkan, Metal, DX12) with a CPU fallback.",
-    arg_required_else_help = true
 )]
 struct Cli {
+    /// The default run's options (used when no subcommand is given).
+    #[command(flatten)]
+    run: train::main_job::RunArgs,
     /// Where to run: auto (a hardware GPU if present, else the CPU), cpu, or gpu (any adapter,
     /// software ones included).
     #[arg(long, global = true, default_value = "auto", value_parser = parse_device)]
     device: DeviceChoice,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -48,17 +50,25 @@ enum BenchCommand {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Devices => train::devices::print_devices(),
-        Command::Generate(args) => device(cli.device).and_then(|d| train::generate::run(&args, &d)),
-        Command::Pretrain(args) => device(cli.device).and_then(|d| train::pretrain::run(&args, &d)),
-        Command::Eval(args) => device(cli.device).and_then(|d| train::eval::run(&args, &d)),
-        Command::Bench { what } => match what {
-            BenchCommand::Matmul(args) => train::bench::bench_matmul(&args),
-        },
+        None => device(cli.device).and_then(|d| train::main_job::run(&cli.run, &d)),
+        Some(c) => subcommand(c, cli.device),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
+    }
+}
+
+fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
+    let cli_device = choice;
+    match command {
+        Command::Devices => train::devices::print_devices(),
+        Command::Generate(args) => device(cli_device).and_then(|d| train::generate::run(&args, &d)),
+        Command::Pretrain(args) => device(cli_device).and_then(|d| train::pretrain::run(&args, &d)),
+        Command::Eval(args) => device(cli_device).and_then(|d| train::eval::run(&args, &d)),
+        Command::Bench { what } => match what {
+            BenchCommand::Matmul(args) => train::bench::bench_matmul(&args),
+        },
     }
 }
 

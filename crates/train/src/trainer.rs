@@ -24,6 +24,10 @@ pub struct StepStats {
     pub grad_norm: f32,
     pub lr: f32,
     pub seconds: f64,
+    /// Bytes the tape held for backward at the end of the forward pass.
+    pub saved_peak: u64,
+    /// Bytes of gradient buffers.
+    pub grad_bytes: u64,
 }
 
 /// Optimiser settings of a run.
@@ -46,8 +50,10 @@ pub fn step(
     let start = Instant::now();
     let tape = Tape::new();
     let (_, loss) = model.loss(&tape, &batch.ids, &batch.targets, &batch.weights, batch.b, batch.t)?;
+    let saved_peak = tape.saved_memory().peak;
     let mut grads = Grads::new();
     tape.backward(&loss, &mut grads)?;
+    let grad_bytes = grads.memory().peak;
     let loss_value = loss.value.to_vec()?[0];
     let grad_norm = if cfg.clip > 0.0 {
         clip_grad_norm(&mut grads, cfg.clip)?
@@ -69,6 +75,8 @@ pub fn step(
         grad_norm,
         lr,
         seconds: start.elapsed().as_secs_f64(),
+        saved_peak,
+        grad_bytes,
     })
 }
 

@@ -1,0 +1,174 @@
+//! The default run (`cargo run -p train --release`, no arguments): the paper's story in a few
+//! minutes, offline, on whatever device is there.
+//!
+//! 1. load the shipped base model (`models/base`, pretrained by `train pretrain`);
+//! 2. score it on the 118 held-out E2E meaning representations (BLEU, greedy decoding);
+//! 3. LoRA-fine-tune it (r 8, alpha 32 on every linear layer) and score again;
+//! 4. fully fine-tune a fresh copy with the same budget, for comparison;
+//! 5. merge the adapter, check merged = unmerged, time the three inference modes;
+//! 6. print the table and save the run in `runs/<name>/`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use autograd::Tape;
+use clap::Args;
+use lora::{LoraConfig, LoraModel, Target};
+use tensor::Device;
+use transformer::{Checkpoint, Gpt2, Tokenizer};
+
+use crate::bleu::{Bleu, corpus_bleu};
+use crate::e2e::E2eData;
+use crate::finetune::{RunConfig, RunReport, bleu_heldout, train_e2e};
+use crate::report;
+
+/// Options of the default run (all have defaults; `train run --help` lists them).
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The base model directory.
+    #[arg(long, default_value = "models/base")]
+    pub model: PathBuf,
+    /// The E2E data directory (valid.txt, test.txt).
+    #[arg(long, default_value = "data/e2e")]
+    pub data: PathBuf,
+    /// Where runs are saved (`<runs>/<name>/`).
+    #[arg(long, default_value = "runs")]
+    pub runs: PathBuf,
+    #[arg(long, default_value = "e2e-lora")]
+    pub name: String,
+    /// Optimizer steps of each fine-tuning run.
+    #[arg(long, default_value_t = 292)]
+    pub steps: u32,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 8)]
+    pub r: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f32,
+    /// LoRA targets: any of q, k, v, c_attn, o, fc, proj.
+    #[arg(long, value_delimiter = ',', default_value = "c_attn,o,fc,proj")]
+    pub targets: Vec<String>,
+    #[arg(long, default_value_t = 3e-3)]
+    pub lora_lr: f32,
+    #[arg(long, default_value_t = 1e-3)]
+    pub full_lr: f32,
+    /// Skip the full fine-tuning comparison.
+    #[arg(long)]
+    pub no_full: bool,
+    /// Held-out MRs to score (all 118 by default; fewer for a quick run).
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// One row of the comparison.
+pub struct Row {
+    pub name: String,
+    pub bleu: Bleu,
+    pub report: Option<RunReport>,
+    pub total_params: usize,
+}
+
+/// The first reference of the training MR with the most references: a constant output.
+fn constant_baseline(data: &E2eData, heldout: usize) -> crate::Result<Bleu> {
+    let mut counts: Vec<(&str, usize, &str)> = Vec::new();
+    for (mr, reference) in data.train_pairs() {
+        match counts.iter_mut().find(|(m, _, _)| *m == mr.as_str()) {
+            Some(c) => c.1 += 1,
+            None => counts.push((mr, 1, reference)),
+        }
+    }
+    let best = counts.iter().max_by_key(|c| c.1).ok_or("no training pairs")?;
+    let hyps = vec![best.2.to_string(); heldout];
+    let refs: Vec<&[String]> = data.heldout()[..heldout].iter().map(|(_, r)| r.as_slice()).collect();
+    Ok(corpus_bleu(&hyps, &refs))
+}
+
+fn targets(names: &[String]) -> crate::Result<Vec<Target>> {
+    Ok(names.iter().map(|n| Target::parse(n)).collect::<Result<_, _>>()?)
+}
+
+/// The default run.
+pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
+    let started = Instant::now();
+    let ckpt = Checkpoint::load(&args.model).map_err(|e| {
+        format!("{e}\n(the base model ships in the repository; run from its root, or pass --model)")
+    })?;
+    let tok = Tokenizer::for_model(&args.model, &ckpt.config)?;
+    let mut data = E2eData::load(&args.data)?;
+    if let Some(n) = args.eval_limit {
+        data.limit_heldout(n);
+    }
+    let out = args.runs.join(&args.name);
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let cfg = RunConfig { steps: args.steps, batch: args.batch, lr: args.lora_lr, seed: args.seed, progress: true };
+    println!(
+        "E2E NLG: {} training pairs, {} held-out MRs; {} steps of batch {}",
+        data.train_pairs().len(), data.heldout().len(), cfg.steps, cfg.batch
+    );
+
+    // The base model, frozen.
+    let mut model = Gpt2::from_checkpoint(&ckpt, device, false)?;
+    let total = model.num_params();
+    let (base_bleu, _) = bleu_heldout(&model, &tok, &data)?;
+    println!("base model: BLEU {:.1}", base_bleu.score);
+    let constant = constant_baseline(&data, data.heldout().len())?;
+
+    // LoRA.
+    let lcfg = LoraConfig::new(args.r, args.alpha, &targets(&args.targets)?);
+    let lora = LoraModel::inject(&mut model, &lcfg, args.seed)?;
+    println!("{}", lora.param_count(&model));
+    let lora_report = train_e2e(&model, lora.trainable_params(), &tok, &data, &cfg)?;
+    let (lora_bleu, predictions) = bleu_heldout(&model, &tok, &data)?;
+    println!("LoRA: BLEU {:.1} after {:.1} s", lora_bleu.score, lora_report.seconds);
+    lora.save_peft(out.join("adapter"))?;
+
+    // Merge, check, time.
+    let latency = report::inference_latency(&model, &lora, &tok, &data)?;
+
+    // Full fine-tuning of a fresh copy with the same budget.
+    let full = if args.no_full {
+        None
+    } else {
+        let full_model = Gpt2::from_checkpoint(&ckpt, device, true)?;
+        let params = full_model.named_params().into_iter().filter_map(|p| p.as_trainable().cloned()).collect();
+        let rep = train_e2e(&full_model, params, &tok, &data, &RunConfig { lr: args.full_lr, ..cfg.clone() })?;
+        let (bleu, _) = bleu_heldout(&full_model, &tok, &data)?;
+        println!("full fine-tuning: BLEU {:.1} after {:.1} s", bleu.score, rep.seconds);
+        Some(Row { name: "full fine-tuning".into(), bleu, report: Some(rep), total_params: total })
+    };
+
+    let rows = vec![
+        Row { name: "constant output".into(), bleu: constant, report: None, total_params: total },
+        Row { name: "base model".into(), bleu: base_bleu, report: None, total_params: total },
+        Row { name: format!("LoRA r {} alpha {} ({})", args.r, args.alpha, args.targets.join(",")), bleu: lora_bleu, report: Some(lora_report), total_params: total },
+    ]
+    .into_iter()
+    .chain(full)
+    .collect::<Vec<_>>();
+    let table = report::table(&rows);
+    println!("\n{table}");
+    report::samples(&data, &predictions, 3);
+    println!("\n{latency}");
+    report::save_run(&out, args, &rows, &predictions, &table, &latency)?;
+    println!(
+        "saved the run in {} (adapter in PEFT layout: {}); total time {:.0} s",
+        out.display(),
+        out.join("adapter").display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Logits of the held-out prompts, for the merged-vs-unmerged check.
+pub fn prompt_logits(model: &Gpt2, tok: &Tokenizer, prompt: &str) -> crate::Result<Vec<f32>> {
+    let ids = tok.encode(prompt);
+    let tape = Tape::inference();
+    Ok(model.logits(&tape, &ids, 1, ids.len())?.value.to_vec()?)
+}
+
+/// `runs/<name>` for a path-like display.
+pub fn run_dir(args: &RunArgs) -> PathBuf {
+    Path::new(&args.runs).join(&args.name)
+}
