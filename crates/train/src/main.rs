@@ -48,6 +48,7 @@ enum BenchCommand {
 }
 
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         None => device(cli.device).and_then(|d| train::main_job::run(&cli.run, &d)),
@@ -82,4 +83,18 @@ fn device(choice: DeviceChoice) -> train::Result<tensor::Device> {
 /// Parse `--device auto|cpu|gpu`.
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     s.parse().map_err(|e: tensor::Error| e.to_string())
+}
+
+/// Ask glibc's allocator to serve every allocation from its heap and to keep freed memory
+/// there. A training step frees and re-allocates the same large buffers (logits alone are tens
+/// of MB); by default each of those is a fresh `mmap`, whose pages the kernel must fault in and
+/// zero on every step. Measured on the default run: about a quarter of the CPU time went there.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters; it is called before any thread
+    // is started, and glibc documents both parameters as safe to change at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
 }

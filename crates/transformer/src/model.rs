@@ -327,6 +327,33 @@ impl Gpt2 {
         t: usize,
         cache: Option<&KvCache>,
     ) -> Result<Var> {
+        let x = self.hidden(tape, ids, b, t, cache)?;
+        self.head(tape, &x)
+    }
+
+    /// The tied output head: logits = x·wteᵀ, x: (N, C) → (N, V).
+    fn head(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        let wte = tape.param(&self.wte);
+        Ok(tape.matmul(
+            x,
+            &wte,
+            None,
+            MatmulOpts {
+                trans_a: false,
+                trans_b: true,
+            },
+        )?)
+    }
+
+    /// The final hidden states ln_f(x), (B·T, C).
+    fn hidden(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        cache: Option<&KvCache>,
+    ) -> Result<Var> {
         let cfg = &self.config;
         if ids.len() != b * t {
             return Err(Error::Invalid(format!(
@@ -354,20 +381,11 @@ impl Gpt2 {
             x = block.forward_cached(tape, &x, cfg, layer_cache)?;
         }
         let x = self.ln_f.forward(tape, &x)?;
-        let x = tape.reshape(&x, &[b * t, c])?;
-        let wte = tape.param(&self.wte);
-        Ok(tape.matmul(
-            &x,
-            &wte,
-            None,
-            MatmulOpts {
-                trans_a: false,
-                trans_b: true,
-            },
-        )?)
+        Ok(tape.reshape(&x, &[b * t, c])?)
     }
 
-    /// Mean next-token cross-entropy of `targets` weighted by `weights` (0 = not counted).
+    /// Mean next-token cross-entropy of `targets` weighted by `weights` (0 = not counted), and
+    /// the logits of the counted rows only (all B·T rows when every weight is non-zero).
     pub fn loss(
         &self,
         tape: &Tape,
@@ -377,8 +395,27 @@ impl Gpt2 {
         b: usize,
         t: usize,
     ) -> Result<(Var, Var)> {
-        let logits = self.logits(tape, ids, b, t)?;
-        let loss = tape.cross_entropy(&logits, targets, weights)?;
+        if targets.len() != b * t || weights.len() != b * t {
+            return Err(Error::Invalid(format!(
+                "{} targets and {} weights for a batch of {b} sequences of {t}",
+                targets.len(),
+                weights.len()
+            )));
+        }
+        let x = self.hidden(tape, ids, b, t, None)?;
+        // The (N, V) logits dominate a step's time and memory; compute them only for the rows
+        // whose loss counts (a fine-tuning batch counts its completion tokens, not the prompt
+        // or the padding). The gather is an embedding lookup into x, so its backward scatters.
+        let rows: Vec<u32> = (0..(b * t) as u32).filter(|&i| weights[i as usize] > 0.0).collect();
+        let (x, targets, weights) = if rows.len() < b * t && !rows.is_empty() {
+            let t_sel: Vec<u32> = rows.iter().map(|&i| targets[i as usize]).collect();
+            let w_sel: Vec<f32> = rows.iter().map(|&i| weights[i as usize]).collect();
+            (tape.embedding(&x, &rows)?, t_sel, w_sel)
+        } else {
+            (x, targets.to_vec(), weights.to_vec())
+        };
+        let logits = self.head(tape, &x)?;
+        let loss = tape.cross_entropy(&logits, &targets, &weights)?;
         Ok((logits, loss))
     }
 }
