@@ -18,6 +18,9 @@ pub struct EvalArgs {
     /// Model directory: config.json + model.safetensors (+ vocab.json, merges.txt).
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter directory in PEFT's layout (ours or one PEFT saved), applied unmerged.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// A UTF-8 text file to score.
     #[arg(long)]
     pub data: PathBuf,
@@ -66,7 +69,7 @@ pub fn score(model: &Gpt2, ids: &[u32], batch: usize) -> crate::Result<(f64, usi
 
 /// `train eval`.
 pub fn run(args: &EvalArgs, device: &Device) -> crate::Result<()> {
-    let model = crate::load_model(&args.model, device, false)?;
+    let (model, _lora) = crate::load_with_adapter(&args.model, args.adapter.as_deref(), device)?;
     let tokenizer = Tokenizer::for_model(&args.model, &model.config)?;
     let text = std::fs::read(&args.data).map_err(|e| format!("{}: {e}", args.data.display()))?;
     let text = String::from_utf8(text)

@@ -51,17 +51,26 @@ pub fn train_e2e(
 ) -> crate::Result<RunReport> {
     let eot = end_of_text(tok);
     let (exs, dropped) = examples(tok, data.train_pairs(), model.config.n_positions);
-    let mut order = Batches::new(exs.iter().map(|e| e.ids.len()).collect(), cfg.batch, cfg.seed)
-        .with_buckets(8);
+    let mut order = Batches::new(
+        exs.iter().map(|e| e.ids.len()).collect(),
+        cfg.batch,
+        cfg.seed,
+    )
+    .with_buckets(8);
     let trainable: usize = params.iter().map(|p| p.value.numel()).sum();
     let mut opt = AdamW::new(vec![ParamGroup::new(params, 0.01)]);
     let warmup = (cfg.steps as f32 * 0.06).round() as u32;
     let optim = OptimConfig {
         lr: cfg.lr,
-        schedule: Schedule::WarmupLinear { warmup, total: cfg.steps },
+        schedule: Schedule::WarmupLinear {
+            warmup,
+            total: cfg.steps,
+        },
         clip: 1.0,
     };
-    let bar = cfg.progress.then(|| progress(cfg.steps as u64, "fine-tune"));
+    let bar = cfg
+        .progress
+        .then(|| progress(cfg.steps as u64, "fine-tune"));
     let start = Instant::now();
     let (mut tokens, mut losses) = (0usize, Vec::new());
     let mut peak_activations = autograd::Counter::default();
@@ -89,7 +98,10 @@ pub fn train_e2e(
     let final_loss = losses[losses.len() - tail..].iter().sum::<f32>() / tail as f32;
     let memory = MemoryReport {
         parameters: parameter_bytes(model.named_params()),
-        gradients: autograd::Counter { live: 0, peak: grad_peak },
+        gradients: autograd::Counter {
+            live: 0,
+            peak: grad_peak,
+        },
         optimizer: opt.memory(),
         activations: peak_activations,
     };
@@ -106,7 +118,11 @@ pub fn train_e2e(
 }
 
 /// Greedy outputs for every held-out MR and their corpus BLEU.
-pub fn bleu_heldout(model: &Gpt2, tok: &Tokenizer, data: &E2eData) -> crate::Result<(Bleu, Vec<String>)> {
+pub fn bleu_heldout(
+    model: &Gpt2,
+    tok: &Tokenizer,
+    data: &E2eData,
+) -> crate::Result<(Bleu, Vec<String>)> {
     let cfg = GenerateConfig {
         max_new_tokens: 64,
         temperature: 0.0,

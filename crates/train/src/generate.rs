@@ -12,6 +12,9 @@ pub struct GenerateArgs {
     /// Model directory: config.json + model.safetensors (+ vocab.json, merges.txt).
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter directory in PEFT's layout (ours or one PEFT saved), applied unmerged.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// A prompt to continue; give several to generate them as one batch.
     #[arg(long, required = true)]
     pub prompt: Vec<String>,
@@ -44,7 +47,7 @@ pub struct GenerateArgs {
 
 /// `train generate`.
 pub fn run(args: &GenerateArgs, device: &Device) -> crate::Result<()> {
-    let model = crate::load_model(&args.model, device, false)?;
+    let (model, _lora) = crate::load_with_adapter(&args.model, args.adapter.as_deref(), device)?;
     let tokenizer = Tokenizer::for_model(&args.model, &model.config)?;
     if let Some(beams) = args.beams {
         for prompt in &args.prompt {

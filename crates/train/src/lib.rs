@@ -14,6 +14,7 @@ pub mod eval;
 pub mod finetune;
 pub mod generate;
 pub mod main_job;
+pub mod merge;
 pub mod pretrain;
 pub mod report;
 pub mod trainer;
@@ -31,4 +32,24 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub fn load_model(dir: &Path, device: &Device, trainable: bool) -> Result<Gpt2> {
     let ckpt = Checkpoint::load(dir)?;
     Ok(Gpt2::from_checkpoint(&ckpt, device, trainable)?)
+}
+
+/// Load a frozen model and, if given, attach a LoRA adapter saved in PEFT's layout (ours or
+/// one PEFT wrote). Warnings about config keys we do not use are printed to stderr.
+pub fn load_with_adapter(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: &Device,
+) -> Result<(Gpt2, Option<lora::LoraModel>)> {
+    let mut model = load_model(dir, device, false)?;
+    let Some(adapter) = adapter else {
+        return Ok((model, None));
+    };
+    let loaded = lora::LoraModel::load_peft(adapter, &model)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut lora = loaded.lora;
+    lora.attach(&mut model)?;
+    Ok((model, Some(lora)))
 }

@@ -10,7 +10,7 @@ use tensor::DeviceChoice;
     version,
     about = "LoRA fine-tuning of GPT-2 style models, from the GPU matmul up",
     long_about = "LoRA fine-tuning of GPT-2 style models on our own WGSL tensor engine \
-                  (wgpu: Vulkan, Metal, DX12) with a CPU fallback.",
+                  (wgpu: Vulkan, Metal, DX12) with a CPU fallback."
 )]
 struct Cli {
     /// The default run's options (used when no subcommand is given).
@@ -30,6 +30,8 @@ enum Command {
     Devices,
     /// Train a small GPT-2 from scratch (how the shipped base model was made).
     Pretrain(train::pretrain::PretrainArgs),
+    /// Fold a LoRA adapter into its base and write a merged checkpoint (Hugging Face layout).
+    Merge(train::merge::MergeArgs),
     /// Score a text file: mean next-token cross-entropy and perplexity.
     Eval(train::eval::EvalArgs),
     /// Continue prompts with a model: greedy, temperature, top-k, top-p, or beam search.
@@ -66,6 +68,7 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
         Command::Devices => train::devices::print_devices(),
         Command::Generate(args) => device(cli_device).and_then(|d| train::generate::run(&args, &d)),
         Command::Pretrain(args) => device(cli_device).and_then(|d| train::pretrain::run(&args, &d)),
+        Command::Merge(args) => device(cli_device).and_then(|d| train::merge::run(&args, &d)),
         Command::Eval(args) => device(cli_device).and_then(|d| train::eval::run(&args, &d)),
         Command::Bench { what } => match what {
             BenchCommand::Matmul(args) => train::bench::bench_matmul(&args),

@@ -79,14 +79,23 @@ fn constant_baseline(data: &E2eData, heldout: usize) -> crate::Result<Bleu> {
             None => counts.push((mr, 1, reference)),
         }
     }
-    let best = counts.iter().max_by_key(|c| c.1).ok_or("no training pairs")?;
+    let best = counts
+        .iter()
+        .max_by_key(|c| c.1)
+        .ok_or("no training pairs")?;
     let hyps = vec![best.2.to_string(); heldout];
-    let refs: Vec<&[String]> = data.heldout()[..heldout].iter().map(|(_, r)| r.as_slice()).collect();
+    let refs: Vec<&[String]> = data.heldout()[..heldout]
+        .iter()
+        .map(|(_, r)| r.as_slice())
+        .collect();
     Ok(corpus_bleu(&hyps, &refs))
 }
 
 fn targets(names: &[String]) -> crate::Result<Vec<Target>> {
-    Ok(names.iter().map(|n| Target::parse(n)).collect::<Result<_, _>>()?)
+    Ok(names
+        .iter()
+        .map(|n| Target::parse(n))
+        .collect::<Result<_, _>>()?)
 }
 
 /// The default run.
@@ -102,10 +111,19 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     }
     let out = args.runs.join(&args.name);
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let cfg = RunConfig { steps: args.steps, batch: args.batch, lr: args.lora_lr, seed: args.seed, progress: true };
+    let cfg = RunConfig {
+        steps: args.steps,
+        batch: args.batch,
+        lr: args.lora_lr,
+        seed: args.seed,
+        progress: true,
+    };
     println!(
         "E2E NLG: {} training pairs, {} held-out MRs; {} steps of batch {}",
-        data.train_pairs().len(), data.heldout().len(), cfg.steps, cfg.batch
+        data.train_pairs().len(),
+        data.heldout().len(),
+        cfg.steps,
+        cfg.batch
     );
 
     // The base model, frozen.
@@ -121,7 +139,10 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     println!("{}", lora.param_count(&model));
     let lora_report = train_e2e(&model, lora.trainable_params(), &tok, &data, &cfg)?;
     let (lora_bleu, predictions) = bleu_heldout(&model, &tok, &data)?;
-    println!("LoRA: BLEU {:.1} after {:.1} s", lora_bleu.score, lora_report.seconds);
+    println!(
+        "LoRA: BLEU {:.1} after {:.1} s",
+        lora_bleu.score, lora_report.seconds
+    );
     lora.save_peft(out.join("adapter"))?;
 
     // Merge, check, time.
@@ -132,17 +153,58 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
         None
     } else {
         let full_model = Gpt2::from_checkpoint(&ckpt, device, true)?;
-        let params = full_model.named_params().into_iter().filter_map(|p| p.as_trainable().cloned()).collect();
-        let rep = train_e2e(&full_model, params, &tok, &data, &RunConfig { lr: args.full_lr, ..cfg.clone() })?;
+        let params = full_model
+            .named_params()
+            .into_iter()
+            .filter_map(|p| p.as_trainable().cloned())
+            .collect();
+        let rep = train_e2e(
+            &full_model,
+            params,
+            &tok,
+            &data,
+            &RunConfig {
+                lr: args.full_lr,
+                ..cfg.clone()
+            },
+        )?;
         let (bleu, _) = bleu_heldout(&full_model, &tok, &data)?;
-        println!("full fine-tuning: BLEU {:.1} after {:.1} s", bleu.score, rep.seconds);
-        Some(Row { name: "full fine-tuning".into(), bleu, report: Some(rep), total_params: total })
+        println!(
+            "full fine-tuning: BLEU {:.1} after {:.1} s",
+            bleu.score, rep.seconds
+        );
+        Some(Row {
+            name: "full fine-tuning".into(),
+            bleu,
+            report: Some(rep),
+            total_params: total,
+        })
     };
 
     let rows = vec![
-        Row { name: "constant output".into(), bleu: constant, report: None, total_params: total },
-        Row { name: "base model".into(), bleu: base_bleu, report: None, total_params: total },
-        Row { name: format!("LoRA r {} alpha {} ({})", args.r, args.alpha, args.targets.join(",")), bleu: lora_bleu, report: Some(lora_report), total_params: total },
+        Row {
+            name: "constant output".into(),
+            bleu: constant,
+            report: None,
+            total_params: total,
+        },
+        Row {
+            name: "base model".into(),
+            bleu: base_bleu,
+            report: None,
+            total_params: total,
+        },
+        Row {
+            name: format!(
+                "LoRA r {} alpha {} ({})",
+                args.r,
+                args.alpha,
+                args.targets.join(",")
+            ),
+            bleu: lora_bleu,
+            report: Some(lora_report),
+            total_params: total,
+        },
     ]
     .into_iter()
     .chain(full)

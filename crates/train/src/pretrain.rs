@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tensor::Device;
-use transformer::{GptConfig, Gpt2, SaveDtype, Tokenizer, TokenizerKind, init_checkpoint};
+use transformer::{Gpt2, GptConfig, SaveDtype, Tokenizer, TokenizerKind, init_checkpoint};
 
 use crate::trainer::{Batch, Metrics, OptimConfig, progress, step};
 
@@ -66,7 +66,8 @@ struct Corpus {
 }
 
 fn corpus(args: &PretrainArgs, tok: &Tokenizer, rng: &mut StdRng) -> crate::Result<Corpus> {
-    let text = std::fs::read_to_string(&args.text).map_err(|e| format!("{}: {e}", args.text.display()))?;
+    let text =
+        std::fs::read_to_string(&args.text).map_err(|e| format!("{}: {e}", args.text.display()))?;
     let ids = tok.encode(&text);
     let cut = ids.len() * 9 / 10;
     let (train_text, val_text) = (ids[..cut].to_vec(), ids[cut..].to_vec());
@@ -85,19 +86,41 @@ fn corpus(args: &PretrainArgs, tok: &Tokenizer, rng: &mut StdRng) -> crate::Resu
     }
     let need = args.ctx + 2;
     if train_text.len() < need || val_text.len() < need {
-        return Err(format!("{}: too short for windows of {} tokens", args.text.display(), args.ctx + 1).into());
+        return Err(format!(
+            "{}: too short for windows of {} tokens",
+            args.text.display(),
+            args.ctx + 1
+        )
+        .into());
     }
-    Ok(Corpus { train_text, val_text, e2e })
+    Ok(Corpus {
+        train_text,
+        val_text,
+        e2e,
+    })
 }
 
 /// B random windows of T + 1 tokens: inputs and next-token targets, every position counted.
 fn sample(c: &Corpus, b: usize, t: usize, mix: f64, rng: &mut StdRng) -> Batch {
-    let mut batch = Batch { ids: vec![], targets: vec![], weights: vec![], b, t, lengths: vec![t; b] };
+    let mut batch = Batch {
+        ids: vec![],
+        targets: vec![],
+        weights: vec![],
+        b,
+        t,
+        lengths: vec![t; b],
+    };
     for _ in 0..b {
-        let src = if !c.e2e.is_empty() && c.e2e.len() > t + 1 && rng.random_bool(mix) { &c.e2e } else { &c.train_text };
+        let src = if !c.e2e.is_empty() && c.e2e.len() > t + 1 && rng.random_bool(mix) {
+            &c.e2e
+        } else {
+            &c.train_text
+        };
         let start = rng.random_range(0..src.len() - t - 1);
         batch.ids.extend_from_slice(&src[start..start + t]);
-        batch.targets.extend_from_slice(&src[start + 1..start + t + 1]);
+        batch
+            .targets
+            .extend_from_slice(&src[start + 1..start + t + 1]);
         batch.weights.extend(std::iter::repeat_n(1.0, t));
     }
     batch
@@ -120,14 +143,28 @@ pub fn run(args: &PretrainArgs, device: &Device) -> crate::Result<()> {
     let model = Gpt2::from_checkpoint(&init_checkpoint(&cfg, args.seed)?, device, true)?;
     println!(
         "pretraining a GPT-2 of {} parameters (L {} NH {} C {} T {} V {}) on {} + {} tokens",
-        model.num_params(), cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions, cfg.vocab_size,
-        corpus.train_text.len(), corpus.e2e.len()
+        model.num_params(),
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.n_positions,
+        cfg.vocab_size,
+        corpus.train_text.len(),
+        corpus.e2e.len()
     );
-    let params: Vec<_> = model.named_params().into_iter().filter_map(|p| p.as_trainable().cloned()).collect();
+    let params: Vec<_> = model
+        .named_params()
+        .into_iter()
+        .filter_map(|p| p.as_trainable().cloned())
+        .collect();
     let mut opt = AdamW::new(vec![ParamGroup::new(params, 0.01)]);
     let optim = OptimConfig {
         lr: args.lr,
-        schedule: Schedule::WarmupCosine { warmup: args.warmup, total: args.steps, min_ratio: 0.1 },
+        schedule: Schedule::WarmupCosine {
+            warmup: args.warmup,
+            total: args.steps,
+            min_ratio: 0.1,
+        },
         clip: 1.0,
     };
     let mut metrics = Metrics::create(&args.out.join("pretrain_metrics.jsonl"))?;
@@ -147,7 +184,14 @@ pub fn run(args: &PretrainArgs, device: &Device) -> crate::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let val = val_loss(&model, &corpus, args.ctx)?;
     let ckpt = model.to_checkpoint()?;
-    ckpt.save_as(&args.out, if args.f16 { SaveDtype::F16 } else { SaveDtype::F32 })?;
+    ckpt.save_as(
+        &args.out,
+        if args.f16 {
+            SaveDtype::F16
+        } else {
+            SaveDtype::F32
+        },
+    )?;
     println!(
         "{} steps in {secs:.1} s ({:.0} tokens/s); final training loss {last:.3}, validation loss {val:.3}; saved {}",
         args.steps,
@@ -160,13 +204,29 @@ pub fn run(args: &PretrainArgs, device: &Device) -> crate::Result<()> {
 /// Mean loss over up to 16 consecutive windows of the held-out text.
 fn val_loss(model: &Gpt2, c: &Corpus, t: usize) -> crate::Result<f32> {
     let windows = ((c.val_text.len() - 1) / t).min(16);
-    let mut batch = Batch { ids: vec![], targets: vec![], weights: vec![], b: windows, t, lengths: vec![t; windows] };
+    let mut batch = Batch {
+        ids: vec![],
+        targets: vec![],
+        weights: vec![],
+        b: windows,
+        t,
+        lengths: vec![t; windows],
+    };
     for w in 0..windows {
         batch.ids.extend_from_slice(&c.val_text[w * t..(w + 1) * t]);
-        batch.targets.extend_from_slice(&c.val_text[w * t + 1..(w + 1) * t + 1]);
+        batch
+            .targets
+            .extend_from_slice(&c.val_text[w * t + 1..(w + 1) * t + 1]);
         batch.weights.extend(std::iter::repeat_n(1.0, t));
     }
     let tape = autograd::Tape::inference();
-    let (_, loss) = model.loss(&tape, &batch.ids, &batch.targets, &batch.weights, batch.b, t)?;
+    let (_, loss) = model.loss(
+        &tape,
+        &batch.ids,
+        &batch.targets,
+        &batch.weights,
+        batch.b,
+        t,
+    )?;
     Ok(loss.value.to_vec()?[0])
 }

@@ -49,7 +49,14 @@ pub fn step(
 ) -> crate::Result<StepStats> {
     let start = Instant::now();
     let tape = Tape::new();
-    let (_, loss) = model.loss(&tape, &batch.ids, &batch.targets, &batch.weights, batch.b, batch.t)?;
+    let (_, loss) = model.loss(
+        &tape,
+        &batch.ids,
+        &batch.targets,
+        &batch.weights,
+        batch.b,
+        batch.t,
+    )?;
     let saved_peak = tape.saved_memory().peak;
     let mut grads = Grads::new();
     tape.backward(&loss, &mut grads)?;
@@ -92,7 +99,10 @@ impl Metrics {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Metrics { file, path: path.to_path_buf() })
+        Ok(Metrics {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn write(&mut self, value: serde_json::Value) -> crate::Result<()> {

@@ -406,7 +406,9 @@ impl Gpt2 {
         // The (N, V) logits dominate a step's time and memory; compute them only for the rows
         // whose loss counts (a fine-tuning batch counts its completion tokens, not the prompt
         // or the padding). The gather is an embedding lookup into x, so its backward scatters.
-        let rows: Vec<u32> = (0..(b * t) as u32).filter(|&i| weights[i as usize] > 0.0).collect();
+        let rows: Vec<u32> = (0..(b * t) as u32)
+            .filter(|&i| weights[i as usize] > 0.0)
+            .collect();
         let (x, targets, weights) = if rows.len() < b * t && !rows.is_empty() {
             let t_sel: Vec<u32> = rows.iter().map(|&i| targets[i as usize]).collect();
             let w_sel: Vec<f32> = rows.iter().map(|&i| weights[i as usize]).collect();

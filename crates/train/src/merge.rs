@@ -1,0 +1,54 @@
+//! `train merge`: fold a LoRA adapter into its base, W = W0 + (alpha/r)·(B·A)ᵀ, and write the
+//! merged model in Hugging Face's layout (config.json + model.safetensors), so `transformers`
+//! (or this program) loads it as a plain GPT-2 that costs exactly what the base costs.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use tensor::Device;
+
+/// Options of `train merge`.
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    /// The base model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The adapter directory (PEFT layout).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Where to write the merged model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Store the merged weights in f16.
+    #[arg(long)]
+    pub f16: bool,
+}
+
+/// `train merge`.
+pub fn run(args: &MergeArgs, device: &Device) -> crate::Result<()> {
+    let (mut model, lora) = crate::load_with_adapter(&args.model, Some(&args.adapter), device)?;
+    let mut lora = lora.expect("an adapter was given");
+    lora.merge(&model)?;
+    lora.detach(&mut model)?;
+    let dtype = if args.f16 {
+        transformer::SaveDtype::F16
+    } else {
+        transformer::SaveDtype::F32
+    };
+    model.to_checkpoint()?.save_as(&args.out, dtype)?;
+    // The tokenizer files travel with the model when it has them.
+    for name in ["vocab.json", "merges.txt"] {
+        let src = args.model.join(name);
+        if src.exists() {
+            std::fs::copy(&src, args.out.join(name))
+                .map_err(|e| format!("{}: {e}", src.display()))?;
+        }
+    }
+    println!(
+        "merged {} into {}: wrote {}",
+        args.adapter.display(),
+        args.model.display(),
+        args.out.display()
+    );
+    Ok(())
+}
