@@ -7,7 +7,7 @@
 use tensor::ops::cross_entropy::{cross_entropy, cross_entropy_backward};
 use tensor::ops::elementwise::{scale, scale_by};
 use tensor::ops::reduce::sum_all;
-use tensor::{Error, Result};
+use tensor::{Device, Error, Result};
 
 use crate::tape::{Tape, Var};
 
@@ -28,9 +28,16 @@ impl Tape {
         let (t, w) = (targets.to_vec(), weights.to_vec());
         let saved = x.bytes() + lse.bytes();
         self.record("cross_entropy", loss, &[logits], saved, move |dloss| {
-            // dloss is a (1) tensor that stays on the device (no host round trip).
-            let dx = cross_entropy_backward(&x, &t, &w, &lse, inv)?;
-            Ok(vec![Some(scale_by(&dx, dloss)?)])
+            // On the GPU, dloss is a (1) tensor that stays there (no host round trip), applied
+            // by one more pass; on the CPU it is read directly and folded into the scale.
+            let dx = match dloss.device() {
+                Device::Cpu(_) => {
+                    let d = dloss.to_vec()?[0];
+                    cross_entropy_backward(&x, &t, &w, &lse, inv * d)?
+                }
+                Device::Gpu(_) => scale_by(&cross_entropy_backward(&x, &t, &w, &lse, inv)?, dloss)?,
+            };
+            Ok(vec![Some(dx)])
         })
     }
 }
