@@ -89,7 +89,10 @@ fn constant_baseline(data: &E2eData, heldout: usize) -> crate::Result<Bleu> {
         .ok_or("no training pairs")?
         .1;
     let hyps = vec![constant.clone(); heldout];
-    let refs: Vec<&[String]> = data.heldout()[..heldout].iter().map(|(_, r)| r.as_slice()).collect();
+    let refs: Vec<&[String]> = data.heldout()[..heldout]
+        .iter()
+        .map(|(_, r)| r.as_slice())
+        .collect();
     Ok(corpus_bleu(&hyps, &refs))
 }
 
