@@ -57,7 +57,11 @@
 //! 1. [`target`] and [`config`]: where updates go; rank and α, the plan of sites, counts;
 //! 2. [`linear`]: the adapter on one Linear, forward and backward;
 //! 3. [`model`]: attach (freeze the base), merge and unmerge, what the optimizer trains;
-//! 4. `peft_save.rs`, `peft_config.rs`, `peft_load.rs`: PEFT's files both ways.
+//! 4. `peft_save.rs`, `peft_config.rs`, `peft_load.rs`: PEFT's files both ways;
+//! 5. [`bank`]: many adapters over one unmerged base, a different one per sequence of a batch
+//!    (serving, forward only);
+//! 6. [`analysis`]: the paper's section 7: the spectrum of ΔW, the subspace similarity of two
+//!    adapters, and its heat map.
 //!
 //! ```
 //! use lora::{LoraConfig, LoraModel, Target};
@@ -75,6 +79,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod analysis;
+pub mod bank;
 pub mod config;
 mod error;
 pub mod linear;
@@ -84,6 +90,8 @@ mod peft_load;
 mod peft_save;
 pub mod target;
 
+pub use analysis::{Similarities, SiteSimilarity, SiteSpectrum, Spectra, write_heatmap_svg};
+pub use bank::{AdapterBank, Routing};
 pub use config::{BiasMode, Init, LoraConfig, ParamCount, Site, scaling};
 pub use error::{Error, Result};
 pub use linear::{LoraAdapter, LoraLinear};

@@ -39,6 +39,8 @@ pub const DROPOUT: &str = shader!("dropout");
 
 /// `shaders/slice.wgsl`, launched from `ops/slice.rs`.
 pub const SLICE: &str = shader!("slice");
+/// `shaders/sgmv.wgsl`, launched from `ops/sgmv.rs`.
+pub const SGMV: &str = shader!("sgmv");
 
 /// Every shader: (file stem, source).
 pub const ALL: &[(&str, &str)] = &[
@@ -54,4 +56,5 @@ pub const ALL: &[(&str, &str)] = &[
     ("adamw", ADAMW),
     ("dropout", DROPOUT),
     ("slice", SLICE),
+    ("sgmv", SGMV),
 ];

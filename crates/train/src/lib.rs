@@ -6,6 +6,7 @@
 //! All logic lives in this library so that integration tests run exactly what the binary runs;
 //! `main.rs` only parses arguments.
 
+pub mod analyze;
 pub mod bench;
 pub mod bleu;
 pub mod devices;

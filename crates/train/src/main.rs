@@ -32,6 +32,9 @@ enum Command {
     Pretrain(train::pretrain::PretrainArgs),
     /// Fold a LoRA adapter into its base and write a merged checkpoint (Hugging Face layout).
     Merge(train::merge::MergeArgs),
+    /// The paper's section-7 analysis of one or two adapters: singular values of each learned
+    /// update, and the subspace similarity between two adapters (tables, JSON, SVG heat map).
+    Analyze(train::analyze::AnalyzeArgs),
     /// Score a text file: mean next-token cross-entropy and perplexity.
     Eval(train::eval::EvalArgs),
     /// Continue prompts with a model: greedy, temperature, top-k, top-p, or beam search.
@@ -69,6 +72,7 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
         Command::Generate(args) => device(cli_device).and_then(|d| train::generate::run(&args, &d)),
         Command::Pretrain(args) => device(cli_device).and_then(|d| train::pretrain::run(&args, &d)),
         Command::Merge(args) => device(cli_device).and_then(|d| train::merge::run(&args, &d)),
+        Command::Analyze(args) => device(cli_device).and_then(|d| train::analyze::run(&args, &d)),
         Command::Eval(args) => device(cli_device).and_then(|d| train::eval::run(&args, &d)),
         Command::Bench { what } => match what {
             BenchCommand::Matmul(args) => train::bench::bench_matmul(&args),

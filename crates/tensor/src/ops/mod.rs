@@ -11,5 +11,6 @@ pub mod layernorm;
 pub mod matmul;
 pub mod permute;
 pub mod reduce;
+pub mod sgmv;
 pub mod slice;
 pub mod softmax;
