@@ -41,7 +41,9 @@ fn devices_lists_the_cpu() {
 #[test]
 fn help_explains_every_subcommand() {
     let help = train(&["--help"]);
-    for sub in ["devices", "pretrain", "eval", "generate", "merge", "bench"] {
+    for sub in [
+        "devices", "pretrain", "eval", "generate", "merge", "analyze", "bench",
+    ] {
         assert!(help.contains(sub), "--help lacks {sub}:\n{help}");
     }
 }
@@ -287,4 +289,16 @@ fn the_default_run_writes_every_artefact() {
         state(full),
         state(lora)
     );
+}
+
+#[test]
+fn analyze_prints_the_spectra_of_an_adapter() {
+    let out = train(&[
+        "analyze",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--adapter",
+        tiny().join("adapter").to_str().unwrap(),
+    ]);
+    assert!(out.contains("singular values"), "{out}");
 }
