@@ -10,6 +10,33 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The f64 tensors of a safetensors file of PyTorch-made expectations (`expected.safetensors`).
+pub fn read_f64(path: &Path) -> Vec<(String, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F64)
+        .map(|(name, v)| {
+            let data = v
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, data)
+        })
+        .collect()
+}
+
+/// The tensor called `name`, or a panic that says how to regenerate the fixture.
+pub fn get<'a>(tensors: &'a [(String, Vec<f64>)], name: &str) -> &'a [f64] {
+    &tensors
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("fixture lacks `{name}`: re-run parity.py --make-fixture"))
+        .1
+}
+
 /// Compare `got` with `want` (f64 reference) at |g − w| ≤ atol + rtol·|w|; print the first five
 /// pairs, the largest difference and OK / NOT OK, like llm.c's `check_tensor`. Returns OK.
 pub fn check_tensor(name: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> bool {

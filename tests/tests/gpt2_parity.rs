@@ -8,34 +8,12 @@
 //! absolute or 1e-3 relative, step losses 1e-4 relative.
 
 use autograd::{AdamW, Grads, ParamGroup, Tape};
-use integration_tests::{check_tensor, fixture};
+use integration_tests::{check_tensor, fixture, get, read_f64};
 use tensor::Device;
 use transformer::{Checkpoint, Gpt2};
 
-/// The f64 tensors of an `expected.safetensors`.
 fn expected(file: &str) -> Vec<(String, Vec<f64>)> {
-    let bytes = std::fs::read(fixture("gpt2-tiny").join(file)).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F64)
-        .map(|(name, v)| {
-            let data = v
-                .data()
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (name, data)
-        })
-        .collect()
-}
-
-fn get<'a>(tensors: &'a [(String, Vec<f64>)], name: &str) -> &'a [f64] {
-    &tensors
-        .iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("fixture lacks `{name}`: re-run parity.py --make-fixture"))
-        .1
+    read_f64(&fixture("gpt2-tiny").join(file))
 }
 
 /// The 24 ids; inputs are all 24, targets the next token, the last position not counted.

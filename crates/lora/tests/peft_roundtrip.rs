@@ -22,23 +22,6 @@ fn config() -> LoraConfig {
     cfg
 }
 
-fn f64_tensors(path: &std::path::Path) -> Vec<(String, Vec<f64>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F64)
-        .map(|(n, v)| {
-            let data = v
-                .data()
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (n, data)
-        })
-        .collect()
-}
-
 fn check(device: &Device) {
     let mut model = common::model(device);
     let lora = LoraModel::inject(&mut model, &config(), 7).unwrap();
@@ -53,7 +36,7 @@ fn check(device: &Device) {
             "{name} differs from the file PEFT was checked with: regenerate the fixture"
         );
     }
-    let want = f64_tensors(&ours_in_peft().join("peft_logits.safetensors"));
+    let want = integration_tests::read_f64(&ours_in_peft().join("peft_logits.safetensors"));
     let logits = common::logits(&model);
     println!("== {device:?}");
     assert!(check_tensor(

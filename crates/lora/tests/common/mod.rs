@@ -94,57 +94,11 @@ pub fn logits(model: &Gpt2) -> Vec<f32> {
 
 /// The f64 tensors of a fixture `expected.safetensors`.
 pub fn expected(file: &str) -> Vec<(String, Vec<f64>)> {
-    let bytes = std::fs::read(fixture().join(file)).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F64)
-        .map(|(name, v)| {
-            let data = v
-                .data()
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (name, data)
-        })
-        .collect()
+    integration_tests::read_f64(&fixture().join(file))
 }
 
-pub fn get<'a>(tensors: &'a [(String, Vec<f64>)], name: &str) -> &'a [f64] {
-    &tensors
-        .iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("fixture lacks `{name}`: re-run parity.py --make-fixture"))
-        .1
-}
-
-/// llm.c's `check_tensor`: |g − w| ≤ atol + rtol·|w| elementwise; prints the first five pairs,
-/// the largest difference and OK / NOT OK; returns OK.
-pub fn check_tensor(name: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> bool {
-    assert_eq!(got.len(), want.len(), "{name}: lengths differ");
-    let mut max = 0.0f64;
-    let mut ok = true;
-    for (&g, &w) in got.iter().zip(want) {
-        let d = (g as f64 - w).abs();
-        max = max.max(d);
-        if d > atol + rtol * w.abs() || g.is_nan() {
-            ok = false;
-        }
-    }
-    let first: Vec<String> = got
-        .iter()
-        .zip(want)
-        .take(5)
-        .map(|(g, w)| format!("{g:.6}/{w:.6}"))
-        .collect();
-    println!(
-        "{:<64} {} maxdiff {max:.2e}  [{}]",
-        name,
-        if ok { "OK    " } else { "NOT OK" },
-        first.join(", ")
-    );
-    ok
-}
+#[allow(unused_imports)] // not every test file compares against a fixture
+pub use integration_tests::{check_tensor, get};
 
 /// Largest |a − b| over the largest |b|: a difference measured against the tensor's scale.
 pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
