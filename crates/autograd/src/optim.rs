@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use tensor::ops::adamw::{AdamWParams, adamw_step};
 use tensor::ops::elementwise::{axpy, mul, scale};
 use tensor::ops::reduce::sum_all;
-use tensor::{Result, Tensor};
+use tensor::{Error, Result, Tensor};
 
 use crate::grads::Grads;
 use crate::memory::Counter;
@@ -103,6 +103,52 @@ impl AdamW {
     pub fn state(&self, id: ParamId) -> Option<&(Tensor, Tensor)> {
         self.state.get(&id)
     }
+
+    /// Every parameter that has state, with its m and v, in the groups' order: what a checkpoint
+    /// saves (by the parameter's name, since ids are only valid within one process).
+    pub fn state_tensors(&self) -> Vec<(&Trainable, &Tensor, &Tensor)> {
+        let params = self.groups.iter().flat_map(|g| &g.params);
+        params
+            .filter_map(|p| self.state.get(&p.id).map(|(m, v)| (p, m, v)))
+            .collect()
+    }
+
+    /// Restores a saved state, to resume a run exactly: the step count (the t of the bias
+    /// correction) and m and v of the given parameters, which replace any state they had.
+    /// Errors if an id is none of the groups' parameters or a shape differs from its parameter's.
+    pub fn load_state(
+        &mut self,
+        step: u32,
+        state: impl IntoIterator<Item = (ParamId, Tensor, Tensor)>,
+    ) -> Result<()> {
+        for (id, m, v) in state {
+            let param = self
+                .groups
+                .iter()
+                .flat_map(|g| &g.params)
+                .find(|p| p.id == id);
+            let Some(param) = param else {
+                let message = format!("AdamW state for {id:?}, which is not a parameter it trains");
+                return Err(Error::Invalid(message));
+            };
+            if m.shape() != param.value.shape() || v.shape() != param.value.shape() {
+                let message = format!(
+                    "AdamW state of `{}`: m {:?} and v {:?} for a parameter of shape {:?}",
+                    param.name,
+                    m.shape(),
+                    v.shape(),
+                    param.value.shape()
+                );
+                return Err(Error::Invalid(message));
+            }
+            self.bytes.add(m.bytes() + v.bytes());
+            if let Some((old_m, old_v)) = self.state.insert(id, (m, v)) {
+                self.bytes.sub(old_m.bytes() + old_v.bytes());
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
 }
 
 /// Plain stochastic gradient descent: p ← p − lr·g.
@@ -124,7 +170,9 @@ impl Sgd {
 /// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before
 /// clipping. Reads one number back from the device.
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f32) -> Result<f32> {
-    let ids: Vec<ParamId> = grads.ids().collect();
+    // In id order (creation order), not the map's: the same sum, to the bit, in every process.
+    let mut ids: Vec<ParamId> = grads.ids().collect();
+    ids.sort_unstable();
     let mut total = 0.0f64;
     for &id in &ids {
         let g = grads.get(id).unwrap();

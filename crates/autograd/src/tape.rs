@@ -225,6 +225,11 @@ impl Tape {
             // The closure and what it captured are gone now.
             self.inner.borrow_mut().saved.sub(saved_bytes);
         }
+        // In the order the leaves were made, not the map's: a parameter read twice (GPT-2's
+        // tied wte) then adds its two gradients into `grads` in the same order in every run,
+        // which makes accumulated micro-batches repeat to the bit.
+        let mut leaves: Vec<(usize, ParamId)> = leaves.into_iter().collect();
+        leaves.sort_unstable();
         for (var, id) in leaves {
             if let Some(g) = pending.remove(&var) {
                 grads.accumulate(id, g)?;

@@ -9,10 +9,13 @@
 pub mod analyze;
 pub mod bench;
 pub mod bleu;
+pub mod checkpoint;
 pub mod devices;
 pub mod e2e;
 pub mod eval;
 pub mod finetune;
+pub mod finetune_cmd;
+pub mod finetune_data;
 pub mod generate;
 pub mod main_job;
 pub mod merge;

@@ -1,10 +1,10 @@
-//! The training loop's pieces, shared by `pretrain` and `finetune`: one optimizer step over a
-//! batch, the learning-rate schedule, clipping, progress, metrics, and checkpoints that a run
-//! can resume from exactly.
+//! The training loop's pieces, shared by `pretrain` and the fine-tuning commands: one optimizer
+//! step over a batch or over several micro-batches (gradient accumulation), clipping, progress
+//! and metrics. (Checkpoints a run resumes from exactly are in [`crate::checkpoint`].)
 //!
 //! A step: forward on a recording tape → mean cross-entropy over the counted tokens →
-//! backward into `Grads` (trainable parameters only) → clip the global norm → AdamW at the
-//! scheduled learning rate. A non-finite loss or gradient norm stops the run with the step
+//! backward into `Grads` (trainable parameters only; each micro-batch adds into the same
+//! `Grads`) → clip the global norm → AdamW at the scheduled learning rate. A non-finite loss or gradient norm stops the run with the step
 //! number, before the optimizer can write NaN into the weights.
 
 use std::io::Write;
@@ -47,21 +47,23 @@ pub fn step(
     cfg: &OptimConfig,
     step_index: u32,
 ) -> crate::Result<StepStats> {
+    step_accumulated(model, opt, std::slice::from_ref(batch), cfg, step_index)
+}
+
+/// One optimizer step over the micro-batches `micro` together (gradient accumulation): the
+/// gradients of all of them are summed into one [`Grads`] before clipping and the update.
+/// See [`accumulate`] for how they are weighted; the reported loss is that of the whole.
+pub fn step_accumulated(
+    model: &Gpt2,
+    opt: &mut AdamW,
+    micro: &[Batch],
+    cfg: &OptimConfig,
+    step_index: u32,
+) -> crate::Result<StepStats> {
     let start = Instant::now();
-    let tape = Tape::new();
-    let (_, loss) = model.loss(
-        &tape,
-        &batch.ids,
-        &batch.targets,
-        &batch.weights,
-        batch.b,
-        batch.t,
-    )?;
-    let saved_peak = tape.saved_memory().peak;
     let mut grads = Grads::new();
-    tape.backward(&loss, &mut grads)?;
+    let (loss_value, saved_peak) = accumulate(model, micro, &mut grads)?;
     let grad_bytes = grads.memory().peak;
-    let loss_value = loss.value.to_vec()?[0];
     let grad_norm = if cfg.clip > 0.0 {
         clip_grad_norm(&mut grads, cfg.clip)?
     } else {
@@ -87,6 +89,44 @@ pub fn step(
     })
 }
 
+/// Forward and backward of each micro-batch in turn, its gradients added into `grads`; returns
+/// the loss of the micro-batches taken together and the most bytes one tape held for backward.
+///
+/// Each micro-batch's loss is a mean over its counted tokens, so it is weighted by its share of
+/// all counted tokens (1/n when they count equally many): the sum is then the mean over every
+/// counted token of the micro-batches, exactly the loss one batch holding all of them would
+/// have, and so are the gradients, up to f32 rounding. Only one micro-batch's activations are
+/// alive at a time.
+pub fn accumulate(model: &Gpt2, micro: &[Batch], grads: &mut Grads) -> crate::Result<(f32, u64)> {
+    let counted = |b: &Batch| b.weights.iter().sum::<f32>();
+    let total: f32 = micro.iter().map(counted).sum();
+    if total <= 0.0 {
+        return Err("a training step without a single counted token".into());
+    }
+    let (mut loss_sum, mut saved_peak) = (0.0f32, 0u64);
+    for batch in micro {
+        let tape = Tape::new();
+        let (_, loss) = model.loss(
+            &tape,
+            &batch.ids,
+            &batch.targets,
+            &batch.weights,
+            batch.b,
+            batch.t,
+        )?;
+        let share = counted(batch) / total;
+        let loss = if share == 1.0 {
+            loss
+        } else {
+            tape.scale(&loss, share)?
+        };
+        saved_peak = saved_peak.max(tape.saved_memory().peak);
+        tape.backward(&loss, grads)?;
+        loss_sum += loss.value.to_vec()?[0];
+    }
+    Ok((loss_sum, saved_peak))
+}
+
 /// Metrics written as one JSON object per line.
 pub struct Metrics {
     file: std::fs::File,
@@ -99,6 +139,34 @@ impl Metrics {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Metrics {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Reopen a run's metrics to continue it after `step`: records of later steps (written
+    /// after the checkpoint being resumed from) are dropped, the rest kept, and new ones appended.
+    pub fn resume(path: &Path, step: u32) -> crate::Result<Metrics> {
+        let name = path.display();
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut kept = String::new();
+        for line in text.lines() {
+            let record: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("{name}: {e} in `{line}`"))?;
+            if record["step"]
+                .as_u64()
+                .is_some_and(|s| s <= u64::from(step))
+            {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        transformer::tensor_file::write_file_atomically(path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{name}: {e}"))?;
         Ok(Metrics {
             file,
             path: path.to_path_buf(),
@@ -122,4 +190,53 @@ pub fn progress(steps: u64, what: &str) -> indicatif::ProgressBar {
         .progress_chars("=> "),
     );
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::e2e::{Example, batch};
+    use transformer::Checkpoint;
+
+    /// Two micro-batches of 2 give the loss and gradients of one batch of 4: examples of
+    /// different lengths and prompt lengths, so the micro-batches count different numbers of
+    /// tokens and are padded differently.
+    #[test]
+    fn two_micro_batches_equal_one_batch_of_both() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/gpt2-tiny"
+        );
+        let ckpt = Checkpoint::load(dir).unwrap();
+        let model = Gpt2::from_checkpoint(&ckpt, &tensor::Device::cpu(), true).unwrap();
+        let example = |text: &str, completion_start| Example {
+            ids: text.bytes().map(u32::from).collect(),
+            completion_start,
+        };
+        let rows = [
+            example("name : Aromi || a coffee shop .", 16),
+            example("area : riverside || by the river", 18),
+            example("x || y", 4),
+            example("food : Thai | price : cheap || cheap Thai food here", 30),
+        ];
+        let refs: Vec<&Example> = rows.iter().collect();
+        let (mut apart, mut together) = (Grads::new(), Grads::new());
+        let micro = [batch(&refs[..2], 0), batch(&refs[2..], 0)];
+        let (loss_apart, _) = accumulate(&model, &micro, &mut apart).unwrap();
+        let (loss_together, _) = accumulate(&model, &[batch(&refs, 0)], &mut together).unwrap();
+        assert!(
+            (loss_apart - loss_together).abs() < 1e-5,
+            "{loss_apart} vs {loss_together}"
+        );
+        assert_eq!(apart.len(), model.named_params().len());
+        let mut worst = 0.0f32;
+        for id in together.ids() {
+            let a = apart.get(id).unwrap().to_vec().unwrap();
+            let b = together.get(id).unwrap().to_vec().unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+        assert!(worst < 1e-5, "largest gradient difference {worst}");
+    }
 }

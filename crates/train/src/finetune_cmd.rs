@@ -1,0 +1,320 @@
+//! `train finetune`: fine-tune a GPT-2 on a data file, with LoRA (the default) or every weight,
+//! and resume an interrupted run exactly.
+//!
+//! ```text
+//! train finetune --model DIR --data FILE [--format auto|text|jsonl|e2e]
+//!                [--lora --r 8 --alpha 16 --targets c_attn --dropout 0 | --full]
+//!                [--lr --schedule linear --warmup 0 --batch 8 --grad-accum 1 --seq-len]
+//!                [--steps N | --epochs 1] [--eval-every N] [--seed 0]
+//!                [--out runs/finetune] [--save-every 100] [--resume] [--stop-after N]
+//! ```
+//!
+//! The data formats, and what the loss counts in each, are in [`crate::finetune_data`]. Each
+//! optimizer step draws `--grad-accum` micro-batches of `--batch` examples from a seeded,
+//! length-bucketed order ([`crate::e2e::Batches`]) and adds their gradients into one `Grads`
+//! ([`crate::trainer::accumulate`]); then the global norm is clipped to 1 and AdamW (weight
+//! decay 0.01) steps at the scheduled rate. `--epochs E` means ⌈E · examples / (batch ·
+//! grad-accum)⌉ steps.
+//!
+//! `--out` receives `metrics.jsonl` (one record per step: loss, lr, grad_norm, counted tokens,
+//! tokens/s, epoch; and `eval_loss` records every `--eval-every` steps and after the last),
+//! `checkpoint/` (every `--save-every` steps and when the session ends; see
+//! [`crate::checkpoint`]), and at the end `adapter/` (PEFT's layout, for `train eval
+//! --adapter`) or `model/` (a full checkpoint, for `train eval --model`) and `loss.svg`.
+//!
+//! `--resume` continues from `checkpoint/` and requires the options the run was started with
+//! (the data file's hash included); without it, an existing checkpoint is never overwritten.
+//! `--stop-after N` ends a session after step N, checkpointed, as an interruption would: a run
+//! of 6 steps and one stopped after 3 then resumed have the same losses, bit for bit, on the
+//! CPU backend (`tests/finetune.rs`).
+
+mod session;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use autograd::Schedule;
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+use tensor::Device;
+use transformer::{Checkpoint, Tokenizer};
+
+use crate::checkpoint::{self, Saved};
+use crate::e2e::end_of_text;
+use crate::finetune_data::{self, Dataset, Format, split_heldout};
+use session::{Plan, Session};
+
+pub use session::heldout_loss;
+
+/// Options of `train finetune`.
+#[derive(Args, Debug, Clone)]
+pub struct FinetuneArgs {
+    /// Model directory: a Hugging Face GPT-2 checkpoint (config.json + model.safetensors, with
+    /// vocab.json + merges.txt or GPT-2's own tokenizer) or one of ours.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data: plain text, JSONL with `context`/`completion`, or `context||completion`
+    /// lines (E2E); see --format.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// How to read --data: auto (`.jsonl` → jsonl; else a first line starting with `{` → jsonl,
+    /// containing `||` → e2e, otherwise text), text, jsonl or e2e.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: Format,
+    /// Train LoRA adapters on the frozen model (the default).
+    #[arg(long, conflicts_with = "full")]
+    pub lora: bool,
+    /// Train every weight instead of adapters.
+    #[arg(long)]
+    pub full: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub r: usize,
+    /// LoRA alpha: the update is scaled by alpha / r.
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// LoRA targets: any of q, k, v, c_attn, o, fc, proj.
+    #[arg(long, value_delimiter = ',', default_value = "c_attn")]
+    pub targets: Vec<String>,
+    /// Dropout on the adapters' input.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
+    /// Peak learning rate [default: 1e-3 with LoRA, 1e-4 with --full].
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Learning-rate schedule after the warm-up: constant, or linear or cosine decay to 0.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub schedule: ScheduleKind,
+    /// Warm-up steps (linear from 0 to --lr).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u32,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Longest sequence: text windows are this long, longer examples are dropped [default:
+    /// the model's context].
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u32>,
+    /// Passes over the training examples (the default is 1) instead of --steps.
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    /// Score a held-out 5 % of the examples every N steps (0: no held-out set).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The run's directory.
+    #[arg(long, default_value = "runs/finetune")]
+    pub out: PathBuf,
+    /// Write a checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    pub save_every: u32,
+    /// Continue the run saved in `--out`/checkpoint (same options required).
+    #[arg(long)]
+    pub resume: bool,
+    /// End this session after step N, checkpointed, as an interruption would.
+    #[arg(long)]
+    pub stop_after: Option<u32>,
+}
+
+/// The learning rate after the warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// AdamW's weight decay, as in the E2E recipe.
+const WEIGHT_DECAY: f32 = 0.01;
+
+impl FinetuneArgs {
+    fn lr(&self) -> f32 {
+        self.lr.unwrap_or(if self.full { 1e-4 } else { 1e-3 })
+    }
+
+    fn schedule(&self, total: u32) -> Schedule {
+        let warmup = self.warmup;
+        match self.schedule {
+            ScheduleKind::Constant if warmup == 0 => Schedule::Constant,
+            // A cosine from 100 % to 100 % is flat: the warm-up, then a constant rate.
+            ScheduleKind::Constant => Schedule::WarmupCosine {
+                warmup,
+                total,
+                min_ratio: 1.0,
+            },
+            ScheduleKind::Linear => Schedule::WarmupLinear { warmup, total },
+            ScheduleKind::Cosine => Schedule::WarmupCosine {
+                warmup,
+                total,
+                min_ratio: 0.0,
+            },
+        }
+    }
+
+    /// Optimizer steps of the run: --steps, or --epochs (default 1) over `examples`.
+    fn total_steps(&self, examples: usize) -> u32 {
+        self.steps.unwrap_or_else(|| {
+            let per_step = self.batch * self.grad_accum;
+            let epochs = self.epochs.unwrap_or(1) as usize;
+            (epochs * examples).div_ceil(per_step) as u32
+        })
+    }
+
+    /// The options that define the run (what a resumed run must repeat).
+    fn identity(&self, data: &Dataset, seq_len: usize, total: u32) -> Value {
+        let mut run = json!({
+            "model": self.model, "data": self.data,
+            "data_fnv1a64": format!("{:016x}", data.fingerprint),
+            "format": data.format.name(),
+            "mode": if self.full { "full" } else { "lora" },
+            "lr": short(self.lr()), "schedule": format!("{:?}", self.schedule).to_lowercase(),
+            "warmup": self.warmup, "batch": self.batch, "grad_accum": self.grad_accum,
+            "seq_len": seq_len, "steps": total, "eval_every": self.eval_every, "seed": self.seed,
+        });
+        if !self.full {
+            run["lora"] = json!({"r": self.r, "alpha": short(self.alpha), "targets": self.targets,
+                "dropout": short(self.dropout)});
+        }
+        run
+    }
+}
+
+/// `train finetune`.
+pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
+    let started = Instant::now();
+    let base = Checkpoint::load(&args.model)?;
+    let tok = Tokenizer::for_model(&args.model, &base.config)?;
+    let context = base.config.n_positions;
+    let seq_len = args.seq_len.unwrap_or(context);
+    if !(2..=context).contains(&seq_len) {
+        let message =
+            format!("--seq-len {seq_len}: it must be 2 to the model's context, {context}");
+        return Err(message.into());
+    }
+    if args.batch == 0 || args.grad_accum == 0 {
+        return Err("--batch and --grad-accum must be at least 1".into());
+    }
+    let data = finetune_data::load(&args.data, args.format, &tok, seq_len)?;
+    let (train, heldout) = if args.eval_every > 0 {
+        split_heldout(data.examples.clone())
+    } else {
+        (data.examples.clone(), Vec::new())
+    };
+    println!(
+        "{}: {}, {} examples ({} training, {} held out); {} longer than {seq_len} tokens dropped",
+        args.data.display(),
+        data.format.name(),
+        data.examples.len(),
+        train.len(),
+        heldout.len(),
+        data.dropped
+    );
+    if args.batch > train.len() {
+        let message = format!(
+            "--batch {} is larger than the {} training examples of {}",
+            args.batch,
+            train.len(),
+            args.data.display()
+        );
+        return Err(message.into());
+    }
+    let total = args.total_steps(train.len());
+    if total == 0 {
+        return Err("--steps 0 (or --epochs 0): nothing to train".into());
+    }
+    let run_id = args.identity(&data, seq_len, total);
+    let saved = resume_point(args, &run_id)?;
+    let plan = Plan {
+        train,
+        heldout,
+        pad: end_of_text(&tok),
+        total,
+        run_id,
+    };
+    let mut session = Session::start(args, &base, device, plan, saved)?;
+    drop(base);
+    let stop = args
+        .stop_after
+        .map_or(total, |s| s.clamp(session.state.step, total));
+    session.train_until(stop)?;
+    if session.state.step < total {
+        println!(
+            "stopped after step {} of {total}; `--resume` continues from {}",
+            session.state.step,
+            args.out.join("checkpoint").display()
+        );
+        return Ok(());
+    }
+    let saved_to = session.save_result()?;
+    let last = session.state.losses.last().copied().unwrap_or(f32::NAN);
+    println!(
+        "{total} steps, final training loss {last:.4}; saved {} in {:.1} s (and metrics.jsonl, \
+         loss.svg, checkpoint/ in {})",
+        saved_to.display(),
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The checkpoint to resume from, if `--resume`; refuses to start afresh over an earlier run's
+/// checkpoint, and to resume with options other than the run's.
+fn resume_point(args: &FinetuneArgs, run_id: &Value) -> crate::Result<Option<Saved>> {
+    let dir = args.out.join("checkpoint");
+    match (args.resume, checkpoint::exists(&dir)) {
+        (false, false) => Ok(None),
+        (false, true) => Err(format!(
+            "{} holds the checkpoint of an earlier run: pass --resume to continue it, or choose \
+             another --out (or delete it) to start afresh",
+            dir.display()
+        )
+        .into()),
+        (true, false) => Err(format!("--resume: no checkpoint in {}", dir.display()).into()),
+        (true, true) => {
+            let saved = checkpoint::load(&dir)?;
+            let differences = differences(&saved.progress.run, run_id);
+            if !differences.is_empty() {
+                return Err(format!(
+                    "--resume: the checkpoint in {} was made with other options ({}); resume \
+                     with the same ones",
+                    dir.display(),
+                    differences.join("; ")
+                )
+                .into());
+            }
+            Ok(Some(saved))
+        }
+    }
+}
+
+/// `x` as the shortest decimal that reads back as the same f32 (0.001, not 0.0010000000474974513).
+fn short(x: f32) -> Value {
+    json!(x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
+}
+
+/// `key: saved, now given` for each option that differs.
+fn differences(saved: &Value, now: &Value) -> Vec<String> {
+    let (Some(saved), Some(now)) = (saved.as_object(), now.as_object()) else {
+        return vec![format!("{saved} vs {now}")];
+    };
+    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| saved.get(*k) != now.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} then, {} now",
+                saved.get(k).unwrap_or(&Value::Null),
+                now.get(k).unwrap_or(&Value::Null)
+            )
+        })
+        .collect()
+}

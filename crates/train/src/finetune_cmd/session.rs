@@ -1,0 +1,229 @@
+//! A fine-tuning run in progress ([`Session`]): the model and what trains it, one optimizer
+//! step, the loop with its metrics, evaluations and checkpoints, and the saved result.
+
+use std::path::PathBuf;
+
+use autograd::{AdamW, ParamGroup, Tape, Trainable};
+use lora::{LoraConfig, LoraModel, Target};
+use serde_json::{Value, json};
+use tensor::Device;
+use transformer::{Checkpoint, Gpt2};
+
+use super::{FinetuneArgs, WEIGHT_DECAY};
+use crate::checkpoint::{self, Progress, Saved};
+use crate::e2e::{Batch, Batches, Example, batch};
+use crate::trainer::{Metrics, OptimConfig, progress, step_accumulated};
+
+/// What a run trains on and for how long, decided from the options and the data.
+pub(super) struct Plan {
+    pub train: Vec<Example>,
+    pub heldout: Vec<Example>,
+    /// Pads batches: the end-of-text token.
+    pub pad: u32,
+    /// Optimizer steps of the whole run.
+    pub total: u32,
+    /// The options that define the run, saved with every checkpoint.
+    pub run_id: Value,
+}
+
+/// A run: the model, what trains it, the data order and where it stands.
+pub(super) struct Session<'a> {
+    args: &'a FinetuneArgs,
+    plan: Plan,
+    model: Gpt2,
+    /// The adapters (None for full fine-tuning).
+    lora: Option<LoraModel>,
+    /// What AdamW updates: LoRA's A and B, or every weight.
+    params: Vec<Trainable>,
+    opt: AdamW,
+    optim: OptimConfig,
+    order: Batches,
+    pub(super) state: Progress,
+    metrics: Metrics,
+}
+
+impl<'a> Session<'a> {
+    /// The model on `device` with fresh adapters (unless `--full`) and a fresh optimizer, then,
+    /// when resuming, the saved weights, optimizer state and data position put back.
+    pub(super) fn start(
+        args: &'a FinetuneArgs,
+        base: &Checkpoint,
+        device: &Device,
+        plan: Plan,
+        saved: Option<Saved>,
+    ) -> crate::Result<Session<'a>> {
+        let mut model = Gpt2::from_checkpoint(base, device, args.full)?;
+        let (lora, params) = trainables(args, &mut model)?;
+        let mut opt = AdamW::new(vec![ParamGroup::new(params.clone(), WEIGHT_DECAY)]);
+        let lengths = plan.train.iter().map(|e| e.ids.len()).collect();
+        let mut order = Batches::new(lengths, args.batch, args.seed).with_buckets(8);
+        let path = args.out.join("metrics.jsonl");
+        let (state, metrics) = match saved {
+            None => {
+                let state = Progress::start(args.seed, plan.run_id.clone());
+                (state, Metrics::create(&path)?)
+            }
+            Some(saved) => {
+                let state = saved.restore(&params, &mut opt)?;
+                for _ in 0..state.batches_drawn {
+                    order.next_batch();
+                }
+                println!("resuming after step {} of {}", state.step, plan.total);
+                let metrics = Metrics::resume(&path, state.step)?;
+                (state, metrics)
+            }
+        };
+        let optim = OptimConfig {
+            lr: args.lr(),
+            schedule: args.schedule(plan.total),
+            clip: 1.0,
+        };
+        Ok(Session {
+            args,
+            plan,
+            model,
+            lora,
+            params,
+            opt,
+            optim,
+            order,
+            state,
+            metrics,
+        })
+    }
+
+    /// Steps until `stop`, with progress, metrics, evaluations (every `--eval-every` steps and
+    /// after the last) and checkpoints (every `--save-every` steps and at `stop`).
+    pub(super) fn train_until(&mut self, stop: u32) -> crate::Result<()> {
+        let args = self.args;
+        let bar = progress(u64::from(self.plan.total), "fine-tune");
+        bar.set_position(u64::from(self.state.step));
+        while self.state.step < stop {
+            let (loss, tokens_per_s) = self.step()?;
+            bar.set_message(format!("loss {loss:.3} {tokens_per_s:.0} tok/s"));
+            bar.inc(1);
+            let step = self.state.step;
+            let last = step == self.plan.total;
+            if args.eval_every > 0 && (step.is_multiple_of(args.eval_every) || last) {
+                let loss =
+                    heldout_loss(&self.model, &self.plan.heldout, args.batch, self.plan.pad)?;
+                bar.suspend(|| println!("step {step}: held-out loss {loss:.4}"));
+                self.metrics
+                    .write(json!({"step": step, "eval_loss": loss}))?;
+            }
+            if (args.save_every > 0 && step.is_multiple_of(args.save_every)) || step == stop {
+                let dir = args.out.join("checkpoint");
+                checkpoint::save(&dir, &self.state, &self.params, &self.opt)?;
+            }
+        }
+        bar.finish();
+        Ok(())
+    }
+
+    /// One optimizer step over `--grad-accum` micro-batches; returns its loss and tokens/s.
+    fn step(&mut self) -> crate::Result<(f32, f64)> {
+        let i = self.state.step;
+        if let Some(lora) = &self.lora {
+            lora.set_dropout_seed(dropout_seed(self.args.seed, i));
+        }
+        let mut micro = Vec::with_capacity(self.args.grad_accum);
+        for _ in 0..self.args.grad_accum {
+            let rows: Vec<&Example> = self
+                .order
+                .next_batch()
+                .iter()
+                .map(|&j| &self.plan.train[j])
+                .collect();
+            micro.push(batch(&rows, self.plan.pad));
+        }
+        let s = step_accumulated(&self.model, &mut self.opt, &micro, &self.optim, i)?;
+        self.state.step = i + 1;
+        self.state.batches_drawn += micro.len() as u64;
+        self.state.losses.push(s.loss);
+        let tokens: usize = micro.iter().map(Batch::completion_tokens).sum();
+        let tokens_per_s = tokens as f64 / s.seconds;
+        self.metrics
+            .write(json!({"step": i + 1, "loss": s.loss, "lr": s.lr,
+            "grad_norm": s.grad_norm, "tokens": tokens, "tokens_per_s": tokens_per_s,
+            "epoch": self.order.epoch()}))?;
+        Ok((s.loss, tokens_per_s))
+    }
+
+    /// Writes the adapter (PEFT layout) or the whole model, and the loss plot; returns where
+    /// the weights went.
+    pub(super) fn save_result(&self) -> crate::Result<PathBuf> {
+        let out = &self.args.out;
+        let plot = [("training loss", self.state.losses.as_slice())];
+        crate::report::plot_losses(&out.join("loss.svg"), &plot)?;
+        if let Some(lora) = &self.lora {
+            let dir = out.join("adapter");
+            lora.save_peft(&dir)?;
+            return Ok(dir);
+        }
+        let dir = out.join("model");
+        self.model.to_checkpoint()?.save(&dir)?;
+        for file in ["vocab.json", "merges.txt"] {
+            let from = self.args.model.join(file);
+            if from.exists() {
+                std::fs::copy(&from, dir.join(file))
+                    .map_err(|e| format!("{}: {e}", from.display()))?;
+            }
+        }
+        Ok(dir)
+    }
+}
+
+/// Fresh adapters on `model`, its base frozen, or with `--full` every weight: what AdamW trains.
+fn trainables(
+    args: &FinetuneArgs,
+    model: &mut Gpt2,
+) -> crate::Result<(Option<LoraModel>, Vec<Trainable>)> {
+    if args.full {
+        println!(
+            "full fine-tuning: {} trainable parameters",
+            model.num_params()
+        );
+        let params = model.named_params().into_iter();
+        return Ok((
+            None,
+            params.filter_map(|p| p.as_trainable().cloned()).collect(),
+        ));
+    }
+    let targets = args.targets.iter().map(|t| Target::parse(t));
+    let targets: Vec<Target> = targets.collect::<Result<_, _>>()?;
+    let mut config = LoraConfig::new(args.r, args.alpha, &targets);
+    config.dropout = args.dropout;
+    let lora = LoraModel::inject(model, &config, args.seed)?;
+    println!("{}", lora.param_count(model));
+    let params = lora.trainable_params();
+    Ok((Some(lora), params))
+}
+
+/// The base seed of LoRA dropout at `step`: restarted every step, so that a resumed run draws
+/// the same masks as an uninterrupted one (SplitMix64's increment spreads the steps apart).
+fn dropout_seed(seed: u64, step: u32) -> u64 {
+    seed.wrapping_add(u64::from(step).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Mean loss over the counted tokens of `examples`, in batches of `batch`, without dropout.
+pub fn heldout_loss(
+    model: &Gpt2,
+    examples: &[Example],
+    batch_size: usize,
+    pad: u32,
+) -> crate::Result<f32> {
+    let (mut total, mut count) = (0.0f64, 0.0f64);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let rows: Vec<&Example> = chunk.iter().collect();
+        let b = batch(&rows, pad);
+        let counted = f64::from(b.weights.iter().sum::<f32>());
+        if counted == 0.0 {
+            continue;
+        }
+        let tape = Tape::inference();
+        let (_, loss) = model.loss(&tape, &b.ids, &b.targets, &b.weights, b.b, b.t)?;
+        total += f64::from(loss.value.to_vec()?[0]) * counted;
+        count += counted;
+    }
+    Ok((total / count) as f32)
+}
