@@ -1,7 +1,9 @@
 //! # train: the program people run
 //!
-//! The top layer. Today it lists devices and benchmarks the matrix product; the fine-tuning
-//! commands grow here as the layers below them land (see `docs/` and the README).
+//! The top layer: the default run (`main_job`: LoRA against full fine-tuning on E2E NLG, with
+//! BLEU), and the subcommands `pretrain`, `finetune`, `generate`, `merge`, `eval`, `analyze`,
+//! `bench` and `devices`. A training step is `trainer::step`; data comes from `e2e` or
+//! `finetune_data`; `checkpoint` saves everything a run needs to resume exactly.
 //!
 //! All logic lives in this library so that integration tests run exactly what the binary runs;
 //! `main.rs` only parses arguments.

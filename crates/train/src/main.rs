@@ -30,6 +30,9 @@ enum Command {
     Devices,
     /// Train a small GPT-2 from scratch (how the shipped base model was made).
     Pretrain(train::pretrain::PretrainArgs),
+    /// Fine-tune a model on a data file (text, JSONL with context/completion, or E2E
+    /// `context||completion` lines): LoRA or full, with gradient accumulation; resumable exactly.
+    Finetune(train::finetune_cmd::FinetuneArgs),
     /// Fold a LoRA adapter into its base and write a merged checkpoint (Hugging Face layout).
     Merge(train::merge::MergeArgs),
     /// The paper's section-7 analysis of one or two adapters: singular values of each learned
@@ -71,6 +74,9 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
         Command::Devices => train::devices::print_devices(),
         Command::Generate(args) => device(cli_device).and_then(|d| train::generate::run(&args, &d)),
         Command::Pretrain(args) => device(cli_device).and_then(|d| train::pretrain::run(&args, &d)),
+        Command::Finetune(args) => {
+            device(cli_device).and_then(|d| train::finetune_cmd::run(&args, &d))
+        }
         Command::Merge(args) => device(cli_device).and_then(|d| train::merge::run(&args, &d)),
         Command::Analyze(args) => device(cli_device).and_then(|d| train::analyze::run(&args, &d)),
         Command::Eval(args) => device(cli_device).and_then(|d| train::eval::run(&args, &d)),
