@@ -13,11 +13,16 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// A LoRA adapter directory in PEFT's layout (ours or one PEFT saved), applied unmerged.
+    /// Give it several times to generate every prompt under each adapter in turn (one bank of
+    /// adapters over one base model).
     #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    pub adapter: Vec<PathBuf>,
     /// A prompt to continue; give several to generate them as one batch.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "prompt_file")]
     pub prompt: Vec<String>,
+    /// A file of prompts, one per line (empty lines skipped), added after any --prompt.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 is greedy decoding.
@@ -47,10 +52,57 @@ pub struct GenerateArgs {
 
 /// `train generate`.
 pub fn run(args: &GenerateArgs, device: &Device) -> crate::Result<()> {
-    let (model, _lora) = crate::load_with_adapter(&args.model, args.adapter.as_deref(), device)?;
+    let mut prompts = args.prompt.clone();
+    if let Some(file) = &args.prompt_file {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+    }
+    if prompts.is_empty() {
+        return Err("no prompt: give --prompt or a --prompt-file with non-empty lines".into());
+    }
+    if args.adapter.len() < 2 {
+        let (model, _lora) = crate::load_with_adapter(
+            &args.model,
+            args.adapter.first().map(PathBuf::as_path),
+            device,
+        )?;
+        return generate_all(args, &model, &prompts);
+    }
+    // Several adapters: one bank over one base, each adapter active in turn.
+    let mut model = crate::load_model(&args.model, device, false)?;
+    let mut bank = lora::AdapterBank::new(&model);
+    let names: Vec<String> = args
+        .adapter
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    for (name, dir) in names.iter().zip(&args.adapter) {
+        for w in bank.load_peft(name, dir, &model)? {
+            eprintln!("warning: {w}");
+        }
+    }
+    bank.attach(&mut model)?;
+    for name in &names {
+        bank.set_active(Some(name))?;
+        println!("== adapter {name}");
+        generate_all(args, &model, &prompts)?;
+    }
+    Ok(())
+}
+
+/// Generate every prompt with `model` as it is now.
+fn generate_all(
+    args: &GenerateArgs,
+    model: &transformer::Gpt2,
+    prompts: &[String],
+) -> crate::Result<()> {
     let tokenizer = Tokenizer::for_model(&args.model, &model.config)?;
     if let Some(beams) = args.beams {
-        for prompt in &args.prompt {
+        for prompt in prompts {
             let cfg = BeamConfig {
                 beams,
                 max_new_tokens: args.max_new_tokens,
@@ -58,7 +110,7 @@ pub fn run(args: &GenerateArgs, device: &Device) -> crate::Result<()> {
                 no_repeat_ngram: args.no_repeat_ngram,
                 eot: tokenizer.eot(),
             };
-            let ids = beam_search(&model, &tokenizer.encode(prompt), &cfg)?;
+            let ids = beam_search(model, &tokenizer.encode(prompt), &cfg)?;
             let ids: Vec<u32> = ids
                 .into_iter()
                 .filter(|&t| Some(t) != tokenizer.eot())
@@ -76,10 +128,10 @@ pub fn run(args: &GenerateArgs, device: &Device) -> crate::Result<()> {
         stop_at_eot: true,
         stop_strings: args.stop.clone(),
     };
-    let prompts: Vec<&str> = args.prompt.iter().map(String::as_str).collect();
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
     for (prompt, g) in prompts
         .iter()
-        .zip(generate(&model, &tokenizer, &prompts, &cfg)?)
+        .zip(generate(model, &tokenizer, &prompts, &cfg)?)
     {
         println!("{prompt}{}", g.text);
         eprintln!("({} tokens, stopped: {:?})", g.tokens.len(), g.stopped);

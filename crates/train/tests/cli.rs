@@ -302,3 +302,33 @@ fn analyze_prints_the_spectra_of_an_adapter() {
     ]);
     assert!(out.contains("singular values"), "{out}");
 }
+
+#[test]
+fn generate_runs_a_prompt_file_under_each_of_two_adapters() {
+    let dir = scratch("gen2");
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "Hi\n\nYo\n").unwrap();
+    let a = tiny().join("adapter");
+    let b = root().join("tests/fixtures/ours-in-peft/adapter");
+    let out = train(&[
+        "generate",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--adapter",
+        a.to_str().unwrap(),
+        "--adapter",
+        b.to_str().unwrap(),
+        "--prompt-file",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert_eq!(out.matches("== adapter").count(), 2, "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("Hi") || l.starts_with("Yo"))
+            .count(),
+        4,
+        "{out}"
+    );
+}
