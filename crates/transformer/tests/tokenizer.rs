@@ -1,7 +1,7 @@
 //! Our byte-level BPE (`Tokenizer::from_files`) against tiktoken's GPT-2 (`Tokenizer::gpt2`).
 //!
 //! GPT-2's `vocab.json` + `merges.txt` are generated here from tiktoken's ranks, the way
-//! `shared/peer/tiktoken_to_hf.py` does it (that script checks the result is byte-identical to
+//! the PyTorch reference tooling's `tiktoken_to_hf.py` does it (that script checks the result is byte-identical to
 //! OpenAI's files): token bytes by id give `vocab.json`; a token's merge is the pair that BPE,
 //! restricted to lower ranks, leaves it as. Then both tokenizers must agree token for token.
 //!
