@@ -30,6 +30,57 @@ pub struct EvalArgs {
     /// Print one JSON object (loss, perplexity, tokens, windows) instead of a sentence.
     #[arg(long)]
     pub json: bool,
+    /// Also score generation: a file of `context||reference` lines (E2E's layout; several lines
+    /// may share a context). Each distinct context is continued greedily (stopped at
+    /// end-of-text or a newline) and the outputs get corpus BLEU-4 against all its references.
+    #[arg(long)]
+    pub references: Option<PathBuf>,
+}
+
+/// Corpus BLEU of greedy continuations of every distinct context of a `context||reference` file.
+pub fn bleu_of_file(
+    model: &Gpt2,
+    tok: &Tokenizer,
+    path: &std::path::Path,
+) -> crate::Result<crate::bleu::Bleu> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let (ctx, reference) = line.split_once("||").ok_or_else(|| {
+            format!(
+                "{}:{}: expected `context||reference`",
+                path.display(),
+                n + 1
+            )
+        })?;
+        let (ctx, reference) = (ctx.trim().to_string(), reference.trim().to_string());
+        match groups.iter_mut().find(|(c, _)| *c == ctx) {
+            Some((_, refs)) => refs.push(reference),
+            None => groups.push((ctx, vec![reference])),
+        }
+    }
+    if groups.is_empty() {
+        return Err(format!("{}: no `context||reference` lines", path.display()).into());
+    }
+    let cfg = transformer::GenerateConfig {
+        max_new_tokens: 64,
+        stop_strings: vec!["\n".into()],
+        ..Default::default()
+    };
+    let mut hyps = Vec::new();
+    for chunk in groups.chunks(32) {
+        let prompts: Vec<String> = chunk.iter().map(|(c, _)| format!("{c} ||")).collect();
+        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        for g in transformer::generate(model, tok, &prompts, &cfg)? {
+            hyps.push(g.text.trim().to_string());
+        }
+    }
+    let refs: Vec<&[String]> = groups.iter().map(|(_, r)| r.as_slice()).collect();
+    Ok(crate::bleu::corpus_bleu(&hyps, &refs))
 }
 
 /// Mean loss and the number of predicted tokens of `ids` under `model`.
@@ -77,13 +128,21 @@ pub fn run(args: &EvalArgs, device: &Device) -> crate::Result<()> {
     let ids = tokenizer.encode(&text);
     let (loss, tokens) = score(&model, &ids, args.batch)?;
     let windows = ids.len().div_ceil(model.config.n_positions);
+    let bleu = match &args.references {
+        Some(path) => Some(bleu_of_file(&model, &tokenizer, path)?),
+        None => None,
+    };
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens,
-                "windows": windows, "model": args.model, "data": args.data})
-        );
+        let mut v = serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens,
+            "windows": windows, "model": args.model, "data": args.data});
+        if let Some(b) = &bleu {
+            v["bleu"] = b.score.into();
+        }
+        println!("{v}");
     } else {
+        if let Some(b) = &bleu {
+            println!("BLEU-4 of greedy outputs: {b}");
+        }
         println!(
             "{}: loss {loss:.4}, perplexity {:.2}, over {tokens} predicted tokens in {windows} windows of up to {}",
             args.data.display(),

@@ -332,3 +332,25 @@ fn generate_runs_a_prompt_file_under_each_of_two_adapters() {
         "{out}"
     );
 }
+
+#[test]
+fn eval_scores_bleu_against_references() {
+    let dir = scratch("bleu");
+    let refs = dir.join("refs.txt");
+    std::fs::write(&refs, "name : Aromi||Aromi is a pub .\nname : Aromi||Aromi serves food .\nname : Eagle||The Eagle .\n").unwrap();
+    let text = dir.join("t.txt");
+    std::fs::write(&text, "Aromi is a pub .").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&train(&[
+        "eval",
+        "--model",
+        "models/base",
+        "--data",
+        text.to_str().unwrap(),
+        "--references",
+        refs.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let bleu = v["bleu"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&bleu), "{v}");
+}
