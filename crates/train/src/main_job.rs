@@ -8,10 +8,9 @@
 //! 5. merge the adapter, check merged = unmerged, time the three inference modes;
 //! 6. print the table and save the run in `runs/<name>/`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use autograd::Tape;
 use clap::Args;
 use lora::{LoraConfig, LoraModel, Target};
 use tensor::Device;
@@ -226,16 +225,4 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// Logits of the held-out prompts, for the merged-vs-unmerged check.
-pub fn prompt_logits(model: &Gpt2, tok: &Tokenizer, prompt: &str) -> crate::Result<Vec<f32>> {
-    let ids = tok.encode(prompt);
-    let tape = Tape::inference();
-    Ok(model.logits(&tape, &ids, 1, ids.len())?.value.to_vec()?)
-}
-
-/// `runs/<name>` for a path-like display.
-pub fn run_dir(args: &RunArgs) -> PathBuf {
-    Path::new(&args.runs).join(&args.name)
 }
