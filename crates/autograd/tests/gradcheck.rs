@@ -159,6 +159,21 @@ proptest! {
     }
 
     #[test]
+    fn linear_cross_entropy_backward_matches_finite_differences(n in 1usize..6, c in dims(), v in 2usize..9, seed in 0u64..1000) {
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 5 + seed as usize) % v) as u32).collect();
+        let weights: Vec<f32> = (0..n).map(|i| if i % 3 == 1 { 0.0 } else { 0.5 + i as f32 }).collect();
+        let weights = if weights.iter().sum::<f32>() == 0.0 { vec![1.0; n] } else { weights };
+        let (t2, w2) = (targets.clone(), weights.iter().map(|&w| w as f64).collect::<Vec<_>>());
+        // Loss of the logits h·Wᵀ, h: (n, c), W: (v, c); gradients for both.
+        check("linear_cross_entropy", &[vec![n, c], vec![v, c]],
+            &move |t, x| t.linear_cross_entropy(&x[0], &x[1], &targets, &weights),
+            &move |x| {
+                let logits = reference::matmul(&x[0], &x[1], None, n, c, v, false, true);
+                vec![reference::cross_entropy(&logits, v, &t2, &w2)]
+            }, seed).unwrap();
+    }
+
+    #[test]
     fn head_permutes_backward_match_finite_differences(b in 1usize..3, t in dims(), nh in 1usize..3, hs in 1usize..4, seed in 0u64..1000) {
         let c = nh * hs;
         let w = 3 * c;

@@ -157,7 +157,7 @@ fn one_step_trains_only_the_adapters(device: &Device) {
 
         let (ids, targets, weights) = batch();
         let tape = Tape::new();
-        let (_, loss) = model
+        let loss = model
             .loss(&tape, &ids, &targets, &weights, 1, ids.len())
             .unwrap();
         let mut grads = Grads::new();
@@ -214,30 +214,37 @@ fn dropout_draws_a_fresh_mask_per_call(device: &Device) {
     cfg.dropout = 0.5;
     let lora = LoraModel::inject(&mut model, &cfg, 9).unwrap();
     let (ids, targets, weights) = batch();
-    let train_logits = || {
+    // The loss and every gradient, as bits: a different mask changes them all.
+    let train_bits = || {
         let tape = Tape::new();
-        let (logits, loss) = model
+        let loss = model
             .loss(&tape, &ids, &targets, &weights, 1, ids.len())
             .unwrap();
         let mut grads = Grads::new();
         tape.backward(&loss, &mut grads).unwrap(); // the mask is recomputed from the seed
         assert_eq!(grads.len(), 8);
-        bits(&logits.value.to_vec().unwrap())
+        let mut out = bits(&loss.value.to_vec().unwrap());
+        for p in lora.trainable_params() {
+            out.extend(bits(&grads.get(p.id).unwrap().to_vec().unwrap()));
+        }
+        out
     };
-    let (first, second) = (train_logits(), train_logits());
+    let inference_loss = || {
+        let loss = model
+            .loss(&Tape::inference(), &ids, &targets, &weights, 1, ids.len())
+            .unwrap();
+        bits(&loss.value.to_vec().unwrap())
+    };
+    let (first, second) = (train_bits(), train_bits());
     assert_ne!(first, second, "each forward draws its own mask");
     assert_ne!(
-        first,
-        bits(&logits(&model)),
+        first[..1],
+        inference_loss()[..],
         "inference runs without dropout"
     );
     assert_eq!(bits(&logits(&model)), bits(&logits(&model)));
     lora.set_dropout_seed(9);
-    assert_eq!(
-        train_logits(),
-        first,
-        "the same seed replays the same masks"
-    );
+    assert_eq!(train_bits(), first, "the same seed replays the same masks");
 }
 
 #[test]

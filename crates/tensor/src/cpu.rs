@@ -50,3 +50,40 @@ pub fn for_each(out: &mut [f32], f: impl Fn(usize, &mut f32) + Sync) {
         }
     });
 }
+
+/// Call `f(row_index, a_row, b_row)` for the rows of two outputs that have the same number of
+/// rows (`a_len` and `b_len` elements each), on several threads when `a` is large.
+pub fn for_row_pairs(
+    a: &mut [f32],
+    a_len: usize,
+    b: &mut [f32],
+    b_len: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) {
+    if a_len == 0 || b_len == 0 {
+        return;
+    }
+    let rows = (a.len() / a_len).min(b.len() / b_len);
+    let t = threads();
+    let per = if t == 1 || a.len() < PARALLEL_MIN || rows < 2 {
+        rows.max(1)
+    } else {
+        rows.div_ceil(t)
+    };
+    let chunks = a.chunks_mut(per * a_len).zip(b.chunks_mut(per * b_len));
+    let run = |c: usize, (ca, cb): (&mut [f32], &mut [f32])| {
+        for (i, (ra, rb)) in ca.chunks_mut(a_len).zip(cb.chunks_mut(b_len)).enumerate() {
+            f(c * per + i, ra, rb);
+        }
+    };
+    if per >= rows {
+        chunks.enumerate().for_each(|(c, ab)| run(c, ab));
+        return;
+    }
+    std::thread::scope(|s| {
+        for (c, ab) in chunks.enumerate() {
+            let run = &run;
+            s.spawn(move || run(c, ab));
+        }
+    });
+}

@@ -29,6 +29,7 @@
 pub mod cpu;
 pub mod device;
 mod error;
+pub mod fastmath;
 pub mod gpu;
 pub mod memory;
 pub mod ops;

@@ -105,7 +105,7 @@ pub fn score(model: &Gpt2, ids: &[u32], batch: usize) -> crate::Result<(f64, usi
                 weights.push(0.0);
             }
             let tape = Tape::inference();
-            let (_, loss) = model.loss(&tape, &inputs, &targets, &weights, seqs.len(), t)?;
+            let loss = model.loss(&tape, &inputs, &targets, &weights, seqs.len(), t)?;
             let predicted = seqs.len() * (t - 1);
             total += loss.value.to_vec()?[0] as f64 * predicted as f64;
             count += predicted;

@@ -220,7 +220,7 @@ fn val_loss(model: &Gpt2, c: &Corpus, t: usize) -> crate::Result<f32> {
         batch.weights.extend(std::iter::repeat_n(1.0, t));
     }
     let tape = autograd::Tape::inference();
-    let (_, loss) = model.loss(
+    let loss = model.loss(
         &tape,
         &batch.ids,
         &batch.targets,

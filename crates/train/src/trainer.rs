@@ -106,7 +106,7 @@ pub fn accumulate(model: &Gpt2, micro: &[Batch], grads: &mut Grads) -> crate::Re
     let (mut loss_sum, mut saved_peak) = (0.0f32, 0u64);
     for batch in micro {
         let tape = Tape::new();
-        let (_, loss) = model.loss(
+        let loss = model.loss(
             &tape,
             &batch.ids,
             &batch.targets,

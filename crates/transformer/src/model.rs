@@ -384,8 +384,9 @@ impl Gpt2 {
         Ok(tape.reshape(&x, &[b * t, c])?)
     }
 
-    /// Mean next-token cross-entropy of `targets` weighted by `weights` (0 = not counted), and
-    /// the logits of the counted rows only (all B·T rows when every weight is non-zero).
+    /// Mean next-token cross-entropy of `targets` weighted by `weights` (0 = not counted).
+    /// The (N, V) logits of the output layer are not kept: the loss is the tape's fused
+    /// `linear_cross_entropy`, whose forward leaves only the (small) gradients behind.
     pub fn loss(
         &self,
         tape: &Tape,
@@ -394,7 +395,7 @@ impl Gpt2 {
         weights: &[f32],
         b: usize,
         t: usize,
-    ) -> Result<(Var, Var)> {
+    ) -> Result<Var> {
         if targets.len() != b * t || weights.len() != b * t {
             return Err(Error::Invalid(format!(
                 "{} targets and {} weights for a batch of {b} sequences of {t}",
@@ -403,7 +404,7 @@ impl Gpt2 {
             )));
         }
         let x = self.hidden(tape, ids, b, t, None)?;
-        // The (N, V) logits dominate a step's time and memory; compute them only for the rows
+        // The (N, V) logits dominate a step's time; compute them only for the rows
         // whose loss counts (a fine-tuning batch counts its completion tokens, not the prompt
         // or the padding). The gather is an embedding lookup into x, so its backward scatters.
         let rows: Vec<u32> = (0..(b * t) as u32)
@@ -416,9 +417,8 @@ impl Gpt2 {
         } else {
             (x, targets.to_vec(), weights.to_vec())
         };
-        let logits = self.head(tape, &x)?;
-        let loss = tape.cross_entropy(&logits, &targets, &weights)?;
-        Ok((logits, loss))
+        let wte = tape.param(&self.wte);
+        Ok(tape.linear_cross_entropy(&x, &wte, &targets, &weights)?)
     }
 }
 

@@ -68,7 +68,7 @@ pub struct CrossEntropyOut {
 }
 
 /// Check logits, targets and weights; returns (N, V).
-fn check(
+pub(crate) fn check(
     op: &'static str,
     logits: &Tensor,
     targets: &[u32],

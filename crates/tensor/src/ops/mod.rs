@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod cross_entropy;
+pub mod cross_entropy_grad;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;

@@ -221,7 +221,7 @@ pub fn heldout_loss(
             continue;
         }
         let tape = Tape::inference();
-        let (_, loss) = model.loss(&tape, &b.ids, &b.targets, &b.weights, b.b, b.t)?;
+        let loss = model.loss(&tape, &b.ids, &b.targets, &b.weights, b.b, b.t)?;
         total += f64::from(loss.value.to_vec()?[0]) * counted;
         count += counted;
     }

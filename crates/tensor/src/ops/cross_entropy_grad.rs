@@ -1,0 +1,273 @@
+//! Cross-entropy's loss and its gradient in one pass, the gradient written over the logits.
+//!
+//! Math, for logits x: (N, V), targets t_n < V and weights w_n (as in
+//! [`cross_entropy`](super::cross_entropy)):
+//! - `losses[n] = w_n · (logsumexp(x_n) − x[n, t_n])`;
+//! - `grad[n, v] = w_n · (softmax(x_n)[v] − [v = t_n]) = ∂losses[n]/∂x[n, v]`.
+//!
+//! Why one op: in training, the logits of the output layer are needed for nothing but the loss
+//! and its gradient, and with GPT-2's 50,257-token vocabulary they are the largest tensor of a
+//! step. Computing both in one pass reads the logits once, evaluates each exponential once
+//! (the separate forward and backward evaluate them twice), and stores the gradient in the
+//! logits' own memory instead of a second buffer of the same size. The caller scales the
+//! gradient by the upstream gradient and `1/Σw` later; the loss is linear in neither, but
+//! the gradient of the *mean* loss is this one times a scalar.
+//!
+//! The op takes the logits by value: when no other handle to their storage exists (the usual
+//! case, a fresh matmul output), it is reused for the gradient; otherwise it is copied first,
+//! so no other tensor ever sees its values change.
+//!
+//! Kernel: `shaders/cross_entropy_grad.wgsl`, one 256-invocation workgroup per row: a max and
+//! a sum-of-exponentials tree reduction, then each invocation rewrites its own elements.
+//! CPU: per row, the vectorised [`fastmath`](crate::fastmath) max and exp-and-sum (which leaves
+//! exp(x − m) in the row), then one scaling pass.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::gpu::{Kernel, grid_2d};
+use crate::ops::cross_entropy::check;
+use crate::{Device, Result, Tensor, fastmath, shaders};
+
+/// The `Params` struct of `cross_entropy_grad.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    off_x: u32,
+    off_targets: u32,
+    off_weights: u32,
+    off_losses: u32,
+    _pad: [u32; 2],
+}
+
+const KERNEL: Kernel = Kernel {
+    shader: "cross_entropy_grad",
+    source: shaders::CROSS_ENTROPY_GRAD,
+    entry: "cross_entropy_grad",
+};
+
+/// Per-row losses (N) and the gradient (shaped like `logits`, in their storage when it is not
+/// shared); see the module doc.
+pub fn cross_entropy_grad(
+    logits: Tensor,
+    targets: &[u32],
+    weights: &[f32],
+) -> Result<(Tensor, Tensor)> {
+    let (n, v) = check("cross_entropy_grad", &logits, targets, weights)?;
+    let x = if logits.is_exclusive() {
+        logits
+    } else {
+        logits.copy()?
+    };
+    match x.device() {
+        Device::Cpu(ctx) => {
+            let mut losses = vec![0.0; n];
+            {
+                let mut data = x.cpu_data_mut()?;
+                crate::cpu::for_row_pairs(&mut data, v, &mut losses, 1, |r, row, loss| {
+                    loss[0] = grad_row(row, targets[r] as usize, weights[r]);
+                });
+            }
+            Ok((Tensor::cpu_from(&ctx, losses, &[n]), x))
+        }
+        Device::Gpu(ctx) => {
+            let losses = Tensor::gpu_uninit(&ctx, &[n])?;
+            if n == 0 {
+                return Ok((losses, x));
+            }
+            let tg = Tensor::from_u32(targets, &x.device())?;
+            let wt = Tensor::from_vec(weights.to_vec(), &[n], &x.device())?;
+            let max = ctx.limits.max_compute_workgroups_per_dimension;
+            for (r0, rows) in ctx.row_chunks(n, &[v, 1])? {
+                let xs = ctx.view(&x, r0 * v, rows * v)?;
+                let t = ctx.view(&tg, r0, rows)?;
+                let w = ctx.view(&wt, r0, rows)?;
+                let l = ctx.view(&losses, r0, rows)?;
+                let params = Params {
+                    rows: rows as u32,
+                    cols: v as u32,
+                    off_x: xs.offset,
+                    off_targets: t.offset,
+                    off_weights: w.offset,
+                    off_losses: l.offset,
+                    _pad: [0; 2],
+                };
+                ctx.dispatch(
+                    KERNEL,
+                    bytemuck::bytes_of(&params),
+                    &[
+                        (1, xs.binding),
+                        (2, t.binding),
+                        (3, w.binding),
+                        (4, l.binding),
+                    ],
+                    grid_2d(rows, 1, max),
+                )?;
+            }
+            Ok((losses, x))
+        }
+    }
+}
+
+/// One row: returns its loss and leaves `w·(softmax − onehot(t))` in `row`.
+fn grad_row(row: &mut [f32], t: usize, w: f32) -> f32 {
+    if w == 0.0 {
+        row.fill(0.0);
+        return 0.0;
+    }
+    let xt = row[t];
+    let m = fastmath::max(row);
+    let s = fastmath::exp_sub_sum(row, m);
+    fastmath::scale(row, (w as f64 / s) as f32);
+    row[t] -= w;
+    w * ((m - xt) + (s as f32).ln())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cross_entropy::cross_entropy;
+    use crate::testing::{assert_close_slices, gpu, gpu_with_binding_limit, random_vec, sizes};
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// Random logits of (n, v) spread over ±4·amp, targets, and weights with some zeros.
+    fn case(n: usize, v: usize, amp: f32, seed: u64) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x = random_vec(n * v, seed)
+            .into_iter()
+            .map(|e| e * 4.0 * amp)
+            .collect();
+        let t = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+        let w = (0..n)
+            .map(|i| {
+                if i % 3 == 1 {
+                    0.0
+                } else {
+                    rng.random_range(0.5..2.0)
+                }
+            })
+            .collect();
+        (x, t, w)
+    }
+
+    /// Losses and gradient in f64, the truth the op is held to.
+    fn reference(x: &[f32], t: &[u32], w: &[f32], v: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut losses, mut grad) = (vec![], vec![]);
+        for (r, row) in x.chunks(v).enumerate() {
+            let (wr, tr) = (w[r] as f64, t[r] as usize);
+            let m = row.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+            let s: f64 = row.iter().map(|&e| (e as f64 - m).exp()).sum();
+            losses.push((wr * (m + s.ln() - row[tr] as f64)) as f32);
+            for (j, &e) in row.iter().enumerate() {
+                let hot = if j == tr { 1.0 } else { 0.0 };
+                grad.push((wr * ((e as f64 - m).exp() / s - hot)) as f32);
+            }
+        }
+        (losses, grad)
+    }
+
+    /// The fused op on `d` against the f64 reference, and on the CPU against the separate
+    /// forward's losses. (Not against the separate backward's gradient: it recomputes the
+    /// softmax as exp(x − lse) with lse rounded to f32, so where the target's probability is
+    /// near 1 its w·(p − 1) carries the rounding of lse, up to a few percent; the fused op
+    /// forms p from exp(x − m)/s and stays within 1e-6.)
+    fn check_against_reference(d: &Device, n: usize, v: usize, amp: f32, seed: u64) {
+        let (x, t, w) = case(n, v, amp, seed);
+        let (want_losses, want_grad) = reference(&x, &t, &w, v);
+        let logits = Tensor::from_vec(x, &[n, v], d).unwrap();
+        let unfused = cross_entropy(&logits, &t, &w).unwrap();
+        let (losses, grad) = cross_entropy_grad(logits.clone(), &t, &w).unwrap();
+        assert!(
+            !grad.same_storage(&logits),
+            "a shared input is copied, not overwritten"
+        );
+        let losses = losses.to_vec().unwrap();
+        // Losses are O(log V + 8·amp): relative 1e-5.
+        assert_close_slices("losses", &losses, &want_losses, 1e-5, 1e-5);
+        assert_close_slices(
+            "losses vs unfused",
+            &losses,
+            &unfused.losses.to_vec().unwrap(),
+            1e-5,
+            1e-5,
+        );
+        // Gradient elements are differences of probabilities (≤ 1 in size): absolute 1e-6.
+        assert_close_slices("grad", &grad.to_vec().unwrap(), &want_grad, 1e-6, 0.0);
+    }
+
+    #[test]
+    fn cross_entropy_grad_reuses_exclusive_storage() {
+        let d = Device::cpu();
+        let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 0.0, 0.0, 0.0], &[2, 3], &d).unwrap();
+        let before = x.clone();
+        drop(before);
+        let (losses, g) = cross_entropy_grad(x, &[2, 0], &[1.0, 0.5]).unwrap();
+        let l = losses.to_vec().unwrap();
+        // Row 0: logsumexp(1,2,3) − 3 = log(e⁻² + e⁻¹ + 1); row 1: 0.5·log 3.
+        let l0 = ((-2.0f64).exp() + (-1.0f64).exp() + 1.0).ln();
+        assert!((l[0] as f64 - l0).abs() < 1e-6 && (l[1] as f64 - 0.5 * 3f64.ln()).abs() < 1e-6);
+        let g = g.to_vec().unwrap();
+        assert!((g[2] as f64 - (1.0 / (1.0 + (-1f64).exp() + (-2f64).exp()) - 1.0)).abs() < 1e-6);
+        assert!((g[3] - 0.5 * (1.0 / 3.0 - 1.0)).abs() < 1e-6 && (g[4] - 0.5 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn cross_entropy_grad_matches_f64_large_vocab() {
+        check_against_reference(&Device::cpu(), 5, 50257, 1.0, 3);
+    }
+
+    #[test]
+    fn cross_entropy_grad_rejects_bad_targets() {
+        let d = Device::cpu();
+        let x = Tensor::zeros(&[2, 4], &d).unwrap();
+        let e = cross_entropy_grad(x, &[0, 4], &[1.0, 1.0]).unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn cross_entropy_grad_matches_cpu_split_bindings() {
+        let Some(_) = gpu() else { return };
+        let g = gpu_with_binding_limit(4096);
+        // 7 rows of 300 floats: a row range per 3 rows under a 4 KiB binding.
+        let (x, t, w) = case(7, 300, 1.0, 9);
+        let cpu = cross_entropy_grad(
+            Tensor::from_vec(x.clone(), &[7, 300], &Device::cpu()).unwrap(),
+            &t,
+            &w,
+        )
+        .unwrap();
+        let gpu = cross_entropy_grad(Tensor::from_vec(x, &[7, 300], &g).unwrap(), &t, &w).unwrap();
+        assert_close_slices(
+            "losses",
+            &gpu.0.to_vec().unwrap(),
+            &cpu.0.to_vec().unwrap(),
+            1e-5,
+            1e-5,
+        );
+        assert_close_slices(
+            "grad",
+            &gpu.1.to_vec().unwrap(),
+            &cpu.1.to_vec().unwrap(),
+            1e-6,
+            1e-4,
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+        #[test]
+        fn cross_entropy_grad_matches_f64(n in sizes(), v in sizes(), amp in 0.1f32..20.0, seed in 0u64..1000) {
+            check_against_reference(&Device::cpu(), n, v, amp, seed);
+            if let Some(g) = gpu() {
+                check_against_reference(&g, n, v, amp, seed);
+                let (x, t, w) = case(n, v, amp, seed);
+                let cpu = cross_entropy_grad(Tensor::from_vec(x.clone(), &[n, v], &Device::cpu()).unwrap(), &t, &w).unwrap();
+                let gpu = cross_entropy_grad(Tensor::from_vec(x, &[n, v], &g).unwrap(), &t, &w).unwrap();
+                assert_close_slices("losses", &gpu.0.to_vec().unwrap(), &cpu.0.to_vec().unwrap(), 1e-5, 1e-5);
+                assert_close_slices("grad", &gpu.1.to_vec().unwrap(), &cpu.1.to_vec().unwrap(), 1e-6, 1e-4);
+            }
+        }
+    }
+}
