@@ -31,7 +31,8 @@ pub struct RunReport {
     pub trainable: usize,
     pub steps: u32,
     pub seconds: f64,
-    /// Tokens processed (padding included) per second.
+    /// Tokens trained on per second: the examples' own tokens, padding not counted (as the
+    /// PyTorch recipe of the comparison counts them).
     pub tokens_per_s: f64,
     /// Mean loss over the last 10 % of steps.
     pub final_loss: f32,
@@ -80,7 +81,7 @@ pub fn train_e2e(
         let rows: Vec<_> = idx.iter().map(|&j| &exs[j]).collect();
         let b = batch(&rows, eot);
         let s = step(model, &mut opt, &b, &optim, i)?;
-        tokens += b.b * b.t;
+        tokens += b.lengths.iter().sum::<usize>();
         losses.push(s.loss);
         peak_activations.peak = peak_activations.peak.max(s.saved_peak);
         grad_peak = grad_peak.max(s.grad_bytes);
