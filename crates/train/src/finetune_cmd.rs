@@ -337,8 +337,10 @@ fn resume_point(args: &FinetuneArgs, run_id: &Value) -> crate::Result<Option<Sav
     }
 }
 
-/// Deletes the temporary files (`.NAME.tmp.PID`) that writes interrupted by a crash left in
-/// the checkpoint directory: they are never read, but each is as large as a checkpoint. (One
+/// Deletes the temporary files that writes interrupted by a crash left in the checkpoint
+/// directory: ours (`.NAME.tmp.PID`, see [`transformer::tensor_file::write_atomically`]) and
+/// the one the `safetensors` crate writes first and renames to ours (`.tmpXXXXXX`, the
+/// `tempfile` crate's names). They are never read, but each is as large as a checkpoint. (One
 /// run writes to a directory at a time, so none of them belongs to a write still going on.)
 fn remove_torn_writes(dir: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -347,7 +349,7 @@ fn remove_torn_writes(dir: &std::path::Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.contains(".tmp.") {
+        if name.starts_with(".tmp") || (name.starts_with('.') && name.contains(".tmp.")) {
             if let Err(e) = std::fs::remove_file(entry.path()) {
                 eprintln!("warning: {}: {e}", entry.path().display());
             }
