@@ -169,20 +169,19 @@ fn skip_nonfinite_skips_steps_lowers_the_rate_and_resumes_exactly() {
     );
 }
 
-/// Sends `signal` (a `kill` name: INT, TERM) to process `pid`.
+/// Sends `signal` (`libc::SIGINT`, `libc::SIGTERM`) to process `pid`.
 #[cfg(unix)]
-fn send(signal: &str, pid: u32) {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
+fn send(signal: libc::c_int, pid: u32) {
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill(2) only sends a signal; `pid` is our own child, not yet waited for.
+    let result = unsafe { libc::kill(pid, signal) };
+    assert_eq!(result, 0, "kill({pid}, {signal})");
 }
 
 /// Starts `args`, signals it once `out` has `lines` metrics records, and returns the step it
 /// says it stopped after, checking its status and message.
 #[cfg(unix)]
-fn interrupt(args: &[String], out: &Path, lines: usize, signal: &str, total: u32) -> u32 {
+fn interrupt(args: &[String], out: &Path, lines: usize, signal: libc::c_int, total: u32) -> u32 {
     let mut child = spawn(args);
     assert!(
         wait_for_lines(&mut child, out, lines),
@@ -191,7 +190,11 @@ fn interrupt(args: &[String], out: &Path, lines: usize, signal: &str, total: u32
     send(signal, child.id());
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(130), "after SIGINT:\n{stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "after signal {signal}:\n{stderr}"
+    );
     let said = stderr
         .lines()
         .find_map(|l| l.strip_prefix("interrupted: stopped after step "))
@@ -242,10 +245,16 @@ fn ctrl_c_and_sigterm_save_a_checkpoint_and_the_run_resumes_exactly() {
     train_ok(&finetune_args(&data, &straight, &args));
 
     let out = dir.join("interrupted");
-    let first = interrupt(&finetune_args(&data, &out, &args), &out, 3, "INT", 80);
+    let first = interrupt(
+        &finetune_args(&data, &out, &args),
+        &out,
+        3,
+        libc::SIGINT,
+        80,
+    );
     assert!((3..80).contains(&first), "stopped after {first}");
     let resume = finetune_args(&data, &out, &with(&args, &["--resume"]));
-    let second = interrupt(&resume, &out, first as usize + 3, "TERM", 80);
+    let second = interrupt(&resume, &out, first as usize + 3, libc::SIGTERM, 80);
     assert!((first + 3..80).contains(&second), "{first} then {second}");
     let printed = train_ok(&resume);
     assert!(
