@@ -7,6 +7,7 @@
 //!                [--lr --schedule linear --warmup 0 --batch 8 --grad-accum 1 --seq-len]
 //!                [--steps N | --epochs 1] [--eval-every N] [--seed 0]
 //!                [--out runs/finetune] [--save-every 100] [--resume] [--stop-after N]
+//!                [--skip-nonfinite --skip-lr-factor 0.5 --max-consecutive-skips 5]
 //! ```
 //!
 //! The data formats, and what the loss counts in each, are in [`crate::finetune_data`]. Each
@@ -27,7 +28,23 @@
 //! `--stop-after N` ends a session after step N, checkpointed, as an interruption would: a run
 //! of 6 steps and one stopped after 3 then resumed have the same losses, bit for bit, on the
 //! CPU backend (`tests/finetune.rs`).
+//!
+//! **When things go wrong.**
+//! - A step whose loss or gradient norm is NaN or infinite updates nothing and stops the run
+//!   with the step's number; the last checkpoint is left as it was. `--skip-nonfinite` skips
+//!   such steps instead and lowers the learning rate (see [`session`]'s docs).
+//! - Ctrl-C or SIGTERM: the step under way finishes, the checkpoint is saved, and the command
+//!   exits with status 130 and a message saying how to resume ([`interrupt`]).
+//! - A crash or `kill -9` at any moment: every file is replaced atomically, so `checkpoint/`
+//!   holds the last complete save (a torn write leaves only a hidden temporary file, which
+//!   `--resume` deletes), and `--resume` continues from it exactly (`tests/crash.rs`).
+//! - Bad data: an empty file, text that is not UTF-8 (the line and byte offset are named), an
+//!   E2E line without `||` or a JSONL line without its fields (the line number is named), or a
+//!   `--batch` larger than the training examples are refused with a message; examples longer
+//!   than `--seq-len` (the model's context by default) are dropped, and a warning says how many
+//!   (see [`crate::finetune_data`]).
 
+pub mod interrupt;
 mod session;
 
 use std::path::PathBuf;
@@ -121,6 +138,16 @@ pub struct FinetuneArgs {
     /// End this session after step N, checkpointed, as an interruption would.
     #[arg(long)]
     pub stop_after: Option<u32>,
+    /// Skip a step whose loss or gradient norm is NaN or infinite (no weight or optimizer
+    /// change) and lower the learning rate, instead of stopping the run.
+    #[arg(long)]
+    pub skip_nonfinite: bool,
+    /// With --skip-nonfinite: multiply the learning rate by this after each skipped step.
+    #[arg(long, default_value_t = 0.5, requires = "skip_nonfinite")]
+    pub skip_lr_factor: f32,
+    /// With --skip-nonfinite: stop when more than this many steps in a row were non-finite.
+    #[arg(long, default_value_t = 5, requires = "skip_nonfinite")]
+    pub max_consecutive_skips: u32,
 }
 
 /// The learning rate after the warm-up.
@@ -201,6 +228,10 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
     if args.batch == 0 || args.grad_accum == 0 {
         return Err("--batch and --grad-accum must be at least 1".into());
     }
+    if !(args.skip_lr_factor > 0.0 && args.skip_lr_factor <= 1.0) {
+        let factor = args.skip_lr_factor;
+        return Err(format!("--skip-lr-factor {factor}: it must be above 0 and at most 1").into());
+    }
     let data = finetune_data::load(&args.data, args.format, &tok, seq_len)?;
     let (train, heldout) = if args.eval_every > 0 {
         split_heldout(data.examples.clone())
@@ -216,6 +247,15 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
         heldout.len(),
         data.dropped
     );
+    if data.dropped > 0 {
+        eprintln!(
+            "warning: {} of the {} examples of {} are longer than {seq_len} tokens (--seq-len) \
+             and were dropped, not truncated",
+            data.dropped,
+            data.dropped + data.examples.len(),
+            args.data.display()
+        );
+    }
     if args.batch > train.len() {
         let message = format!(
             "--batch {} is larger than the {} training examples of {}",
@@ -243,6 +283,7 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
     let stop = args
         .stop_after
         .map_or(total, |s| s.clamp(session.state.step, total));
+    interrupt::watch();
     session.train_until(stop)?;
     if session.state.step < total {
         println!(
@@ -253,7 +294,8 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
         return Ok(());
     }
     let saved_to = session.save_result()?;
-    let last = session.state.losses.last().copied().unwrap_or(f32::NAN);
+    let finite = session::finite_losses(&session.state.losses);
+    let last = finite.last().copied().unwrap_or(f32::NAN);
     println!(
         "{total} steps, final training loss {last:.4}; saved {} in {:.1} s (and metrics.jsonl, \
          loss.svg, checkpoint/ in {})",
@@ -268,6 +310,7 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
 /// checkpoint, and to resume with options other than the run's.
 fn resume_point(args: &FinetuneArgs, run_id: &Value) -> crate::Result<Option<Saved>> {
     let dir = args.out.join("checkpoint");
+    remove_torn_writes(&dir);
     match (args.resume, checkpoint::exists(&dir)) {
         (false, false) => Ok(None),
         (false, true) => Err(format!(
@@ -290,6 +333,26 @@ fn resume_point(args: &FinetuneArgs, run_id: &Value) -> crate::Result<Option<Sav
                 .into());
             }
             Ok(Some(saved))
+        }
+    }
+}
+
+/// Deletes the temporary files that writes interrupted by a crash left in the checkpoint
+/// directory: ours (`.NAME.tmp.PID`, see [`transformer::tensor_file::write_atomically`]) and
+/// the one the `safetensors` crate writes first and renames to ours (`.tmpXXXXXX`, the
+/// `tempfile` crate's names). They are never read, but each is as large as a checkpoint. (One
+/// run writes to a directory at a time, so none of them belongs to a write still going on.)
+fn remove_torn_writes(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".tmp") || (name.starts_with('.') && name.contains(".tmp.")) {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                eprintln!("warning: {}: {e}", entry.path().display());
+            }
         }
     }
 }

@@ -63,6 +63,12 @@ fn main() {
         Some(c) => subcommand(c, cli.device),
     };
     if let Err(e) = result {
+        // A run stopped by Ctrl-C/SIGTERM saved its checkpoint: not a failure, but a distinct
+        // status, as shells give a process a signal ended.
+        if e.is::<train::finetune_cmd::interrupt::Interrupted>() {
+            eprintln!("{e}");
+            std::process::exit(train::finetune_cmd::interrupt::EXIT_CODE);
+        }
         eprintln!("error: {e}");
         std::process::exit(1);
     }

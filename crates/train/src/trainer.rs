@@ -4,8 +4,13 @@
 //!
 //! A step: forward on a recording tape → mean cross-entropy over the counted tokens →
 //! backward into `Grads` (trainable parameters only; each micro-batch adds into the same
-//! `Grads`) → clip the global norm → AdamW at the scheduled learning rate. A non-finite loss or gradient norm stops the run with the step
-//! number, before the optimizer can write NaN into the weights.
+//! `Grads`) → clip the global norm → AdamW at the scheduled learning rate.
+//!
+//! **Non-finite steps.** A loss or gradient norm that is NaN or infinite is caught before the
+//! optimizer can write it into the weights or its moments: [`try_step_accumulated`] then leaves
+//! parameters and optimizer untouched and returns [`NonFinite`], for a caller that skips such
+//! steps (`train finetune --skip-nonfinite`); [`step_accumulated`] turns it into an error that
+//! names the step.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -50,6 +55,26 @@ pub fn step(
     step_accumulated(model, opt, std::slice::from_ref(batch), cfg, step_index)
 }
 
+/// A step whose loss or gradient norm was not finite; nothing was updated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NonFinite {
+    /// The step, counted from 1.
+    pub step: u32,
+    pub loss: f32,
+    /// The global gradient norm before clipping (NaN when the run does not clip).
+    pub grad_norm: f32,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {}: the loss is {} and the gradient norm {}",
+            self.step, self.loss, self.grad_norm
+        )
+    }
+}
+
 /// One optimizer step over the micro-batches `micro` together (gradient accumulation): the
 /// gradients of all of them are summed into one [`Grads`] before clipping and the update.
 /// See [`accumulate`] for how they are weighted; the reported loss is that of the whole.
@@ -60,6 +85,21 @@ pub fn step_accumulated(
     cfg: &OptimConfig,
     step_index: u32,
 ) -> crate::Result<StepStats> {
+    try_step_accumulated(model, opt, micro, cfg, step_index)?.map_err(|bad| {
+        format!("{bad}; stopping before the weights are damaged (try a lower learning rate)").into()
+    })
+}
+
+/// [`step_accumulated`], but a non-finite loss or gradient norm is not an error: the step is
+/// abandoned before the update, leaving the parameters and the optimizer (its moments and its
+/// step count) as they were, and `Ok(Err(NonFinite))` says so.
+pub fn try_step_accumulated(
+    model: &Gpt2,
+    opt: &mut AdamW,
+    micro: &[Batch],
+    cfg: &OptimConfig,
+    step_index: u32,
+) -> crate::Result<Result<StepStats, NonFinite>> {
     let start = Instant::now();
     let mut grads = Grads::new();
     let (loss_value, saved_peak) = accumulate(model, micro, &mut grads)?;
@@ -70,23 +110,22 @@ pub fn step_accumulated(
         f32::NAN
     };
     if !loss_value.is_finite() || (cfg.clip > 0.0 && !grad_norm.is_finite()) {
-        return Err(format!(
-            "step {}: the loss is {loss_value} and the gradient norm {grad_norm}; stopping before \
-             the weights are damaged (try a lower learning rate)",
-            step_index + 1
-        )
-        .into());
+        return Ok(Err(NonFinite {
+            step: step_index + 1,
+            loss: loss_value,
+            grad_norm,
+        }));
     }
     let lr = cfg.schedule.lr(cfg.lr, step_index);
     opt.step(&grads, lr)?;
-    Ok(StepStats {
+    Ok(Ok(StepStats {
         loss: loss_value,
         grad_norm,
         lr,
         seconds: start.elapsed().as_secs_f64(),
         saved_peak,
         grad_bytes,
-    })
+    }))
 }
 
 /// Forward and backward of each micro-batch in turn, its gradients added into `grads`; returns
@@ -150,8 +189,12 @@ impl Metrics {
     pub fn resume(path: &Path, step: u32) -> crate::Result<Metrics> {
         let name = path.display();
         let text = std::fs::read_to_string(path).unwrap_or_default();
+        // A crash in the middle of a write can leave a last line without its newline: it is
+        // a record of a step after the checkpoint (records are written after their step), so
+        // it goes with them.
+        let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
         let mut kept = String::new();
-        for line in text.lines() {
+        for line in whole.lines() {
             let record: serde_json::Value =
                 serde_json::from_str(line).map_err(|e| format!("{name}: {e} in `{line}`"))?;
             if record["step"]
@@ -173,8 +216,13 @@ impl Metrics {
         })
     }
 
+    /// Appends `value` as one line, in a single write (a record is never interleaved with
+    /// another, and a crash leaves at most the last one torn).
     pub fn write(&mut self, value: serde_json::Value) -> crate::Result<()> {
-        writeln!(self.file, "{value}").map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let line = format!("{value}\n");
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
         Ok(())
     }
 }
@@ -197,6 +245,25 @@ mod tests {
     use super::*;
     use crate::e2e::{Example, batch};
     use transformer::Checkpoint;
+
+    /// A record torn by a crash (no newline at the end) and the records after the checkpoint
+    /// are dropped when a run resumes; the kept ones stay and new ones follow.
+    #[test]
+    fn resumed_metrics_drop_a_torn_last_record() {
+        let dir = std::env::temp_dir().join(format!("train-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let text = "{\"step\":1}\n{\"step\":2,\"eval_loss\":1}\n{\"step\":3}\n{\"step\":4,\"lo";
+        std::fs::write(&path, text).unwrap();
+        let mut metrics = Metrics::resume(&path, 2).unwrap();
+        metrics.write(serde_json::json!({"step": 3})).unwrap();
+        let back = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            back,
+            "{\"step\":1}\n{\"step\":2,\"eval_loss\":1}\n{\"step\":3}\n"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// Two micro-batches of 2 give the loss and gradients of one batch of 4: examples of
     /// different lengths and prompt lengths, so the micro-batches count different numbers of

@@ -1,5 +1,19 @@
 //! A fine-tuning run in progress ([`Session`]): the model and what trains it, one optimizer
 //! step, the loop with its metrics, evaluations and checkpoints, and the saved result.
+//!
+//! **A step that goes wrong.** When a step's loss or gradient norm is not finite, nothing is
+//! updated ([`crate::trainer::try_step_accumulated`]). By default the session then stops with
+//! an error naming the step and the last checkpoint, which is left as it was. With
+//! `--skip-nonfinite` the step is skipped instead: it counts as a step (its batches are used up,
+//! the schedule moves on) but changes no weight and no optimizer state; its loss is recorded as
+//! NaN; and from then on the learning rate is multiplied by `--skip-lr-factor` once more. After
+//! `--max-consecutive-skips` skipped steps in a row the session stops. The NaN losses, which the
+//! checkpoint saves, are the record of the skips: a resumed run recounts them to get the same
+//! learning-rate factor and the same count of skips in a row, so it goes on exactly as an
+//! uninterrupted one.
+//!
+//! **Signals.** Between steps the loop asks [`super::interrupt::requested`]; after Ctrl-C or
+//! SIGTERM it saves the checkpoint and ends with [`Interrupted`].
 
 use std::path::PathBuf;
 
@@ -9,10 +23,11 @@ use serde_json::{Value, json};
 use tensor::Device;
 use transformer::{Checkpoint, Gpt2};
 
+use super::interrupt::{self, Interrupted};
 use super::{FinetuneArgs, WEIGHT_DECAY};
 use crate::checkpoint::{self, Progress, Saved};
 use crate::e2e::{Batch, Batches, Example, batch};
-use crate::trainer::{Metrics, OptimConfig, progress, step_accumulated};
+use crate::trainer::{Metrics, NonFinite, OptimConfig, progress, try_step_accumulated};
 
 /// What a run trains on and for how long, decided from the options and the data.
 pub(super) struct Plan {
@@ -40,6 +55,10 @@ pub(super) struct Session<'a> {
     order: Batches,
     pub(super) state: Progress,
     metrics: Metrics,
+    /// The step of the checkpoint on disk, if this run has one.
+    saved_step: Option<u32>,
+    /// What the learning rate is multiplied by: `--skip-lr-factor` once per skipped step.
+    lr_scale: f32,
 }
 
 impl<'a> Session<'a> {
@@ -58,10 +77,10 @@ impl<'a> Session<'a> {
         let lengths = plan.train.iter().map(|e| e.ids.len()).collect();
         let mut order = Batches::new(lengths, args.batch, args.seed).with_buckets(8);
         let path = args.out.join("metrics.jsonl");
-        let (state, metrics) = match saved {
+        let (state, metrics, saved_step) = match saved {
             None => {
                 let state = Progress::start(args.seed, plan.run_id.clone());
-                (state, Metrics::create(&path)?)
+                (state, Metrics::create(&path)?, None)
             }
             Some(saved) => {
                 let state = saved.restore(&params, &mut opt)?;
@@ -70,11 +89,13 @@ impl<'a> Session<'a> {
                 }
                 println!("resuming after step {} of {}", state.step, plan.total);
                 let metrics = Metrics::resume(&path, state.step)?;
-                (state, metrics)
+                let step = state.step;
+                (state, metrics, Some(step))
             }
         };
+        let lr_scale = skipped(&state.losses).fold(1.0, |scale, _| scale * args.skip_lr_factor);
         let optim = OptimConfig {
-            lr: args.lr(),
+            lr: args.lr() * lr_scale,
             schedule: args.schedule(plan.total),
             clip: 1.0,
         };
@@ -89,7 +110,17 @@ impl<'a> Session<'a> {
             order,
             state,
             metrics,
+            saved_step,
+            lr_scale,
         })
+    }
+
+    /// Writes the checkpoint of the steps so far.
+    fn save_checkpoint(&mut self) -> crate::Result<()> {
+        let dir = self.args.out.join("checkpoint");
+        checkpoint::save(&dir, &self.state, &self.params, &self.opt)?;
+        self.saved_step = Some(self.state.step);
+        Ok(())
     }
 
     /// Steps until `stop`, with progress, metrics, evaluations (every `--eval-every` steps and
@@ -99,6 +130,16 @@ impl<'a> Session<'a> {
         let bar = progress(u64::from(self.plan.total), "fine-tune");
         bar.set_position(u64::from(self.state.step));
         while self.state.step < stop {
+            if interrupt::requested() {
+                bar.finish_and_clear();
+                self.save_checkpoint()?;
+                return Err(Interrupted {
+                    step: self.state.step,
+                    total: self.plan.total,
+                    checkpoint: args.out.join("checkpoint"),
+                }
+                .into());
+            }
             let (loss, tokens_per_s) = self.step()?;
             bar.set_message(format!("loss {loss:.3} {tokens_per_s:.0} tok/s"));
             bar.inc(1);
@@ -112,8 +153,7 @@ impl<'a> Session<'a> {
                     .write(json!({"step": step, "eval_loss": loss}))?;
             }
             if (args.save_every > 0 && step.is_multiple_of(args.save_every)) || step == stop {
-                let dir = args.out.join("checkpoint");
-                checkpoint::save(&dir, &self.state, &self.params, &self.opt)?;
+                self.save_checkpoint()?;
             }
         }
         bar.finish();
@@ -136,9 +176,13 @@ impl<'a> Session<'a> {
                 .collect();
             micro.push(batch(&rows, self.plan.pad));
         }
-        let s = step_accumulated(&self.model, &mut self.opt, &micro, &self.optim, i)?;
+        let outcome = try_step_accumulated(&self.model, &mut self.opt, &micro, &self.optim, i)?;
         self.state.step = i + 1;
         self.state.batches_drawn += micro.len() as u64;
+        let s = match outcome {
+            Ok(s) => s,
+            Err(bad) => return self.skip(bad),
+        };
         self.state.losses.push(s.loss);
         let tokens: usize = micro.iter().map(Batch::completion_tokens).sum();
         let tokens_per_s = tokens as f64 / s.seconds;
@@ -149,11 +193,55 @@ impl<'a> Session<'a> {
         Ok((s.loss, tokens_per_s))
     }
 
+    /// After a non-finite step (nothing updated, its batches used up): the error that stops the
+    /// run, or with `--skip-nonfinite` the step recorded as skipped and the learning rate lowered.
+    fn skip(&mut self, bad: NonFinite) -> crate::Result<(f32, f64)> {
+        let args = self.args;
+        let checkpoint = match self.saved_step {
+            Some(step) => format!(
+                "the checkpoint of step {step} in {} is as it was",
+                args.out.join("checkpoint").display()
+            ),
+            None => "no checkpoint was written yet".to_string(),
+        };
+        if !args.skip_nonfinite {
+            return Err(format!(
+                "{bad}: stopped before the update, so no weight was changed; {checkpoint}. \
+                 Resume with --skip-nonfinite to skip such steps and lower the learning rate, or \
+                 start again with a lower --lr"
+            )
+            .into());
+        }
+        self.state.losses.push(f32::NAN);
+        let in_a_row = skipped_in_a_row(&self.state.losses);
+        if in_a_row > args.max_consecutive_skips {
+            return Err(format!(
+                "{bad}: {in_a_row} non-finite steps in a row, more than \
+                 --max-consecutive-skips {}, each skipped with the learning rate lowered to \
+                 {:e} × --lr; stopping ({checkpoint})",
+                args.max_consecutive_skips, self.lr_scale
+            )
+            .into());
+        }
+        self.lr_scale *= args.skip_lr_factor;
+        self.optim.lr = args.lr() * self.lr_scale;
+        println!(
+            "{bad}: step skipped (no update); learning rate now {:e} × --lr",
+            self.lr_scale
+        );
+        self.metrics
+            .write(json!({"step": bad.step, "skipped": true,
+            "loss": json_number(bad.loss), "grad_norm": json_number(bad.grad_norm),
+            "lr_scale": self.lr_scale, "epoch": self.order.epoch()}))?;
+        Ok((bad.loss, 0.0))
+    }
+
     /// Writes the adapter (PEFT layout) or the whole model, and the loss plot; returns where
     /// the weights went.
     pub(super) fn save_result(&self) -> crate::Result<PathBuf> {
         let out = &self.args.out;
-        let plot = [("training loss", self.state.losses.as_slice())];
+        let finite = finite_losses(&self.state.losses);
+        let plot = [("training loss", finite.as_slice())];
         crate::report::plot_losses(&out.join("loss.svg"), &plot)?;
         if let Some(lora) = &self.lora {
             let dir = out.join("adapter");
@@ -170,6 +258,39 @@ impl<'a> Session<'a> {
             }
         }
         Ok(dir)
+    }
+}
+
+/// The skipped steps among `losses` (recorded as NaN).
+fn skipped(losses: &[f32]) -> impl Iterator<Item = &f32> {
+    losses.iter().filter(|l| l.is_nan())
+}
+
+/// How many of the last steps were skipped, in a row.
+fn skipped_in_a_row(losses: &[f32]) -> u32 {
+    losses.iter().rev().take_while(|l| l.is_nan()).count() as u32
+}
+
+/// `losses` with each skipped step's NaN replaced by the loss before it (for the plot).
+pub(super) fn finite_losses(losses: &[f32]) -> Vec<f32> {
+    let mut last = None;
+    losses
+        .iter()
+        .filter_map(|&l| {
+            if !l.is_nan() {
+                last = Some(l);
+            }
+            last
+        })
+        .collect()
+}
+
+/// A number for metrics.jsonl, or its name as a string for NaN and infinities (which JSON lacks).
+fn json_number(x: f32) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        json!(x.to_string())
     }
 }
 
