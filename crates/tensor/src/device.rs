@@ -50,7 +50,7 @@ impl std::str::FromStr for DeviceChoice {
 
 static CPU: OnceLock<Arc<CpuContext>> = OnceLock::new();
 static GPU: OnceLock<std::result::Result<Arc<GpuContext>, Error>> = OnceLock::new();
-static HARDWARE_GPU: OnceLock<Option<Arc<GpuContext>>> = OnceLock::new();
+static HARDWARE_GPU: OnceLock<std::result::Result<Arc<GpuContext>, Error>> = OnceLock::new();
 
 impl Device {
     /// The process-wide CPU device.
@@ -76,15 +76,27 @@ impl Device {
     }
 
     /// Resolve a user's choice: `Auto` takes a hardware GPU if there is one, else the CPU.
+    /// `Gpu` with no usable adapter is an error naming what was asked and what exists.
     pub fn select(choice: DeviceChoice) -> Result<Device> {
+        Self::select_explained(choice).map(|(device, _)| device)
+    }
+
+    /// [`Device::select`], and when `Auto` fell back to the CPU, a sentence saying why (to
+    /// print, so a user who expected a GPU learns what was missing).
+    pub fn select_explained(choice: DeviceChoice) -> Result<(Device, Option<String>)> {
         match choice {
-            DeviceChoice::Cpu => Ok(Device::cpu()),
-            DeviceChoice::Gpu => Device::gpu(),
+            DeviceChoice::Cpu => Ok((Device::cpu(), None)),
+            DeviceChoice::Gpu => Device::gpu().map(|d| (d, None)),
             DeviceChoice::Auto => {
-                let hw = HARDWARE_GPU.get_or_init(|| GpuContext::new(&GpuOptions::default()).ok());
+                let hw = HARDWARE_GPU.get_or_init(|| GpuContext::new(&GpuOptions::default()));
                 Ok(match hw {
-                    Some(ctx) => Device::Gpu(ctx.clone()),
-                    None => Device::cpu(),
+                    Ok(ctx) => (Device::Gpu(ctx.clone()), None),
+                    Err(e) => (
+                        Device::cpu(),
+                        Some(format!(
+                            "--device auto found no hardware GPU, so it uses the CPU backend ({e})"
+                        )),
+                    ),
                 })
             }
         }

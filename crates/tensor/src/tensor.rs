@@ -48,7 +48,7 @@ pub struct Tensor {
 impl Tensor {
     /// Upload `data` as a tensor of `shape` on `device`.
     pub fn from_vec(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel(shape)?;
         if data.len() != numel {
             return shape_err(
                 "Tensor::from_vec",
@@ -92,11 +92,7 @@ impl Tensor {
     /// A tensor with every element `value`.
     pub fn full(shape: &[usize], value: f32, device: &Device) -> Result<Tensor> {
         match device {
-            Device::Cpu(ctx) => Ok(Self::cpu_from(
-                ctx,
-                vec![value; shape.iter().product()],
-                shape,
-            )),
+            Device::Cpu(ctx) => Ok(Self::cpu_from(ctx, filled(ctx, shape, value)?, shape)),
             Device::Gpu(ctx) => {
                 let t = Self::gpu_uninit(ctx, shape)?;
                 crate::ops::elementwise::fill_gpu(ctx, &t, value)?;
@@ -125,8 +121,10 @@ impl Tensor {
 
     /// A GPU tensor whose contents are undefined (NaN when the context poisons outputs).
     pub(crate) fn gpu_uninit(ctx: &Arc<GpuContext>, shape: &[usize]) -> Result<Tensor> {
-        let numel: usize = shape.iter().product();
-        let buffer = ctx.alloc(numel as u64 * 4)?;
+        let numel = checked_numel(shape)?;
+        let buffer = ctx
+            .alloc(numel as u64 * 4)
+            .map_err(|e| e.allocating(|| format!("a tensor of shape {shape:?}")))?;
         let t = Tensor {
             shape: shape.to_vec(),
             storage: Arc::new(Storage::Gpu {
@@ -143,11 +141,7 @@ impl Tensor {
     /// A new tensor on `device` whose contents will all be written by the caller's op.
     pub(crate) fn uninit(shape: &[usize], device: &Device) -> Result<Tensor> {
         match device {
-            Device::Cpu(ctx) => Ok(Self::cpu_from(
-                ctx,
-                vec![0.0; shape.iter().product()],
-                shape,
-            )),
+            Device::Cpu(ctx) => Ok(Self::cpu_from(ctx, filled(ctx, shape, 0.0)?, shape)),
             Device::Gpu(ctx) => Self::gpu_uninit(ctx, shape),
         }
     }
@@ -180,7 +174,7 @@ impl Tensor {
 
     /// The same storage seen with another shape of as many elements.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        if shape.iter().product::<usize>() != self.numel() {
+        if checked_numel(shape).ok() != Some(self.numel()) {
             return shape_err(
                 "reshape",
                 format!("a shape of {} elements", self.numel()),
@@ -279,6 +273,47 @@ impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tensor{:?} on {:?}", self.shape, self.device())
     }
+}
+
+/// The number of elements of `shape`, or an error when it cannot be held at all: the product
+/// overflows `usize`, or its bytes exceed `isize::MAX` (the largest allocation Rust allows).
+pub(crate) fn checked_numel(shape: &[usize]) -> Result<usize> {
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "shape {shape:?} has more elements than a usize can count"
+            ))
+        })?;
+    let bytes = numel as u128 * 4;
+    if bytes > isize::MAX as u128 {
+        return Err(Error::TooLarge {
+            what: format!("a tensor of shape {shape:?}"),
+            needed: u64::try_from(bytes).unwrap_or(u64::MAX),
+            limit: "largest allocation (isize::MAX bytes)",
+            available: isize::MAX as u64,
+        });
+    }
+    Ok(numel)
+}
+
+/// A host vector of `shape`'s elements, all `value`. The memory is reserved with `try_reserve`,
+/// so a request the system allocator refuses is an [`Error::OutOfMemory`], not an abort of the
+/// process. (Under Linux's overcommit a request within the address space may still succeed
+/// and be killed later when touched; only the refused ones can be reported.)
+fn filled(ctx: &CpuContext, shape: &[usize], value: f32) -> Result<Vec<f32>> {
+    let numel = checked_numel(shape)?;
+    let mut data = Vec::new();
+    data.try_reserve_exact(numel)
+        .map_err(|e| Error::OutOfMemory {
+            what: format!("a tensor of shape {shape:?}"),
+            needed: numel as u64 * 4,
+            live: ctx.memory.snapshot().live,
+            detail: format!("the system allocator refused: {e}"),
+        })?;
+    data.resize(numel, value);
+    Ok(data)
 }
 
 /// Check that every tensor is on `first`'s device; returns that device.

@@ -36,6 +36,7 @@ pub fn gpu_with_binding_limit(bytes: u64) -> Device {
     let device = Device::gpu_with(&GpuOptions {
         allow_software: true,
         max_binding_bytes: Some(bytes),
+        ..Default::default()
     })
     .expect("a GPU adapter was found a moment ago");
     if let Device::Gpu(ctx) = &device {

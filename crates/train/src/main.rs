@@ -94,9 +94,7 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
 
 /// Open the chosen device and say which it is.
 fn device(choice: DeviceChoice) -> train::Result<tensor::Device> {
-    let d = tensor::Device::select(choice)?;
-    eprintln!("device: {}", d.describe());
-    Ok(d)
+    train::devices::open(choice)
 }
 
 /// Parse `--device auto|cpu|gpu`.

@@ -12,11 +12,16 @@
 //!    `sync` is called. wgpu inserts the barriers between dependent dispatches.
 
 pub(crate) mod bind;
+mod errors;
 mod pool;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use errors::{Health, capture};
+/// The wgpu this crate is built on, for the wgpu types in [`GpuOptions`].
+pub use wgpu;
 
 use crate::memory::{MemoryCounters, MemoryStats};
 use crate::{Error, Result};
@@ -27,6 +32,9 @@ use pool::BufferPool;
 const PARAM_SLOT: u64 = 256;
 /// Dispatches recorded before the batch is submitted on its own.
 const MAX_BATCH: u64 = 1024;
+/// Waits for a readback to be mapped before giving up (the first one maps it on every backend
+/// seen so far; more are a margin, not a loop that could spin forever).
+const MAP_POLLS: usize = 4;
 
 /// A WGSL entry point: the shader file (by its registry name and source) and the function.
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +52,16 @@ pub struct GpuOptions {
     /// Use a smaller storage-binding limit than the adapter's, so the code that splits large
     /// tensors over several bindings can be exercised with small tensors.
     pub max_binding_bytes: Option<u64>,
+    /// The wgpu backends to look on; `None`: those of `WGPU_BACKEND`, else all.
+    pub backends: Option<wgpu::Backends>,
+    /// The limits to ask the device for; `None`: every limit the adapter offers. Asking for more
+    /// than the adapter has is an [`Error::Unsupported`] listing each shortfall.
+    pub limits: Option<wgpu::Limits>,
+    /// Ask for this `max_buffer_size` instead (the largest tensor the device will hold): smaller
+    /// to keep a model within a budget, or to test what happens when it does not fit.
+    pub max_buffer_bytes: Option<u64>,
+    /// Features the device must have.
+    pub features: wgpu::Features,
 }
 
 /// What a GPU context was made from, printable for the user.
@@ -106,7 +124,7 @@ pub struct GpuContext {
     pub(crate) memory: MemoryCounters,
     poison: AtomicBool,
     dispatches: AtomicU64,
-    lost: Arc<Mutex<Option<String>>>,
+    health: Arc<Health>,
 }
 
 fn is_software(info: &wgpu::AdapterInfo) -> bool {
@@ -125,73 +143,150 @@ fn rank(info: &wgpu::AdapterInfo) -> u32 {
     by_type * 2 + u32::from(info.backend == wgpu::Backend::Gl)
 }
 
+/// The backends wgpu looks on by default: those named by `WGPU_BACKEND`, else all.
+pub fn default_backends() -> wgpu::Backends {
+    wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all())
+}
+
 /// List the adapters wgpu can see (honours `WGPU_BACKEND`), best first.
 pub fn adapters() -> Vec<wgpu::Adapter> {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let mut adapters = pollster::block_on(
-        instance.enumerate_adapters(wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all())),
-    );
+    adapters_on(default_backends())
+}
+
+/// List the adapters on `backends`, best first.
+pub fn adapters_on(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    descriptor.backends = backends;
+    let instance = wgpu::Instance::new(descriptor);
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
     adapters.sort_by_key(|a| rank(&a.get_info()));
     adapters
 }
 
-impl GpuContext {
-    /// Open the best adapter that `options` accepts.
-    pub fn new(options: &GpuOptions) -> Result<Arc<Self>> {
-        let all = adapters();
-        if all.is_empty() {
-            return Err(Error::NoAdapter(
-                "wgpu found no adapter (is a Vulkan, Metal or DX12 driver installed? \
-                 On Debian, `apt-get install mesa-vulkan-drivers` gives the lavapipe software GPU)"
-                    .into(),
-            ));
+/// One adapter as the user would recognise it: "llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)".
+fn adapter_line(info: &wgpu::AdapterInfo) -> String {
+    format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type)
+}
+
+/// Why `backends` gave no adapter: what was asked and which adapters exist on any backend.
+fn no_adapter_message(backends: wgpu::Backends) -> String {
+    let present: Vec<String> = if backends.contains(wgpu::Backends::all()) {
+        Vec::new()
+    } else {
+        adapters_on(wgpu::Backends::all())
+            .iter()
+            .map(|a| adapter_line(&a.get_info()))
+            .collect()
+    };
+    format!(
+        "asked for an adapter on {backends:?}{}, found none; adapters on any backend: {}",
+        match std::env::var("WGPU_BACKEND") {
+            Ok(v) => format!(" (WGPU_BACKEND={v})"),
+            Err(_) => String::new(),
+        },
+        if present.is_empty() {
+            "none (is a Vulkan, Metal or DX12 driver installed? On Debian, `apt-get install \
+             mesa-vulkan-drivers` gives the lavapipe software GPU)"
+                .to_string()
+        } else {
+            present.join(", ")
         }
-        let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
-        let adapter = all
-            .into_iter()
-            .find(|a| options.allow_software || !is_software(&a.get_info()))
-            .ok_or_else(|| {
-                Error::NoAdapter(format!(
-                    "only software adapters were found ({}); force the GPU backend to accept them",
-                    names.join(", ")
-                ))
-            })?;
-        Self::from_adapter(adapter, options)
+    )
+}
+
+impl GpuContext {
+    /// Open the best adapter that `options` accepts. When the best cannot give what `options`
+    /// asks, the next is tried; the error is the best adapter's.
+    pub fn new(options: &GpuOptions) -> Result<Arc<Self>> {
+        let backends = options.backends.unwrap_or_else(default_backends);
+        let all = adapters_on(backends);
+        if all.is_empty() {
+            return Err(Error::NoAdapter(no_adapter_message(backends)));
+        }
+        let names: Vec<String> = all.iter().map(|a| adapter_line(&a.get_info())).collect();
+        let mut first_error = None;
+        for adapter in all {
+            if !options.allow_software && is_software(&adapter.get_info()) {
+                continue;
+            }
+            match Self::from_adapter(adapter, options) {
+                Ok(ctx) => return Ok(ctx),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| {
+            Error::NoAdapter(format!(
+                "asked for a hardware adapter, found only software ones ({}); \
+                 `--device gpu` accepts them",
+                names.join(", ")
+            ))
+        }))
     }
 
-    /// Open a device on `adapter`, asking for every limit it offers.
+    /// Open a device on `adapter` with the limits and features `options` asks (by default every
+    /// limit the adapter offers). What the adapter lacks is an error listing asked and offered.
     pub fn from_adapter(adapter: wgpu::Adapter, options: &GpuOptions) -> Result<Arc<Self>> {
         let adapter_info = adapter.get_info();
-        let limits = adapter.limits();
+        let offered = adapter.limits();
+        let mut asked = options.limits.clone().unwrap_or_else(|| offered.clone());
+        if let Some(bytes) = options.max_buffer_bytes {
+            asked.max_buffer_size = bytes;
+        }
+        if asked.max_buffer_size < PARAM_SLOT * MAX_BATCH {
+            return Err(Error::TooLarge {
+                what: "the uniform arena of the op parameters".into(),
+                needed: PARAM_SLOT * MAX_BATCH,
+                limit: "max_buffer_size (as asked)",
+                available: asked.max_buffer_size,
+            });
+        }
+        errors::check_request(
+            &adapter_line(&adapter_info),
+            &asked,
+            &offered,
+            options.features,
+            adapter.features(),
+        )?;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("tensor"),
-            required_features: wgpu::Features::empty(),
-            required_limits: limits.clone(),
+            required_features: options.features,
+            required_limits: asked,
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
-        .map_err(|e| Error::Gpu(format!("request_device on {}: {e}", adapter_info.name)))?;
-        let lost = Arc::new(Mutex::new(None));
-        let sink = lost.clone();
-        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            let mut slot = sink.lock().unwrap();
-            if slot.is_none() {
-                *slot = Some(e.to_string());
-            }
-        }));
+        .map_err(|e| {
+            Error::Gpu(format!(
+                "request_device on {}: {e}",
+                adapter_line(&adapter_info)
+            ))
+        })?;
+        let health = Health::install(&device);
+        let limits = device.limits();
         let max_binding = options
             .max_binding_bytes
             .unwrap_or(u64::MAX)
             .min(limits.max_storage_buffer_binding_size)
             .min(limits.max_buffer_size);
-        let params = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("params arena"),
-            size: PARAM_SLOT * MAX_BATCH,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
+        let (params, error) = capture(&device, || {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params arena"),
+                size: PARAM_SLOT * MAX_BATCH,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
         });
+        if let Some(e) = error {
+            return Err(errors::alloc_error(
+                e,
+                "the uniform arena of the op parameters",
+                PARAM_SLOT * MAX_BATCH,
+                0,
+                &health,
+            ));
+        }
         let info = GpuInfo {
             name: adapter_info.name.clone(),
             backend: format!("{:?}", adapter_info.backend),
@@ -224,7 +319,7 @@ impl GpuContext {
             memory: MemoryCounters::default(),
             poison: AtomicBool::new(false),
             dispatches: AtomicU64::new(0),
-            lost,
+            health,
         }))
     }
 
@@ -265,21 +360,52 @@ impl GpuContext {
         self.memory.set_pooled(0);
     }
 
-    fn check_lost(&self) -> Result<()> {
-        match self.lost.lock().unwrap().clone() {
-            Some(msg) => Err(Error::Gpu(msg)),
-            None => Ok(()),
+    /// Why the device was lost (`"Destroyed"`, `"Unknown: <driver message>"`), if it was.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.health.lost_reason()
+    }
+
+    /// Destroy the device now, as a driver reset would: recorded work is dropped, the driver
+    /// frees the memory, and every later operation on this context fails at once with
+    /// [`Error::DeviceLost`]. Tests of that path use it; so can a program that wants the GPU
+    /// memory back before its last tensor is dropped.
+    pub fn destroy(&self) {
+        {
+            let mut batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+            batch.pass = None;
+            batch.encoder = None;
+            batch.dispatches = 0;
+        }
+        self.device.destroy();
+        // wgpu calls the device-lost callback from a poll once its queue is empty.
+        let _ = self.wait();
+        if self.health.lost_reason().is_none() {
+            self.health
+                .mark_lost("destroyed by GpuContext::destroy (wgpu has not reported it)".into());
         }
     }
 
-    /// A storage buffer of at least `bytes` bytes, from the pool when one is free.
+    /// Our error for a wgpu error caught while `doing` something: the loss of the device when
+    /// that is what happened, else wgpu's description.
+    fn gpu_error(&self, doing: impl std::fmt::Display, e: wgpu::Error) -> Error {
+        match self.health.lost_reason() {
+            Some(why) => Error::DeviceLost(why),
+            None => Error::Gpu(format!("{doing}: {}", errors::describe(&e))),
+        }
+    }
+
+    /// A storage buffer of at least `bytes` bytes, from the pool when one is free. A size above
+    /// `max_buffer_size` is refused before wgpu is asked (wgpu would only report a validation
+    /// error, and hand back an unusable buffer).
     pub(crate) fn alloc(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        self.health.check()?;
         // Bindings need 4-byte sizes; rounding to 256 makes pool buckets coarser and more reusable.
-        let size = bytes.max(4).div_ceil(256) * 256;
+        let size = bytes.max(4).div_ceil(256).saturating_mul(256);
         if size > self.limits.max_buffer_size {
-            return Err(Error::Limit {
-                limit: "max_buffer_size",
+            return Err(Error::TooLarge {
+                what: "a GPU buffer".into(),
                 needed: size,
+                limit: "max_buffer_size",
                 available: self.limits.max_buffer_size,
             });
         }
@@ -293,19 +419,31 @@ impl GpuContext {
             self.memory.alloc(size);
             return Ok(buffer);
         }
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            // Give cached buffers back to the driver and try once more before failing.
+        let create = || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        let (mut buffer, mut error) = capture(&self.device, create);
+        if matches!(error, Some(wgpu::Error::OutOfMemory { .. })) && self.memory().pooled > 0 {
+            // Give the cached buffers back to the driver and try once more before failing.
             self.trim_pool();
-            return Err(Error::Gpu(format!("allocating {size} bytes: {e}")));
+            (buffer, error) = capture(&self.device, create);
+        }
+        if let Some(e) = error {
+            let live = self.memory().live;
+            return Err(errors::alloc_error(
+                e,
+                "a GPU buffer",
+                size,
+                live,
+                &self.health,
+            ));
         }
         self.memory.count_fresh_allocation();
         self.memory.alloc(size);
@@ -316,7 +454,10 @@ impl GpuContext {
     pub(crate) fn release(&self, buffer: wgpu::Buffer) {
         let size = buffer.size();
         self.memory.free(size);
-        let mut pool = self.pool.lock().unwrap();
+        if self.health.lost_reason().is_some() {
+            return; // nothing can reuse it
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.put(buffer);
         self.memory.set_pooled(pool.bytes());
     }
@@ -325,8 +466,19 @@ impl GpuContext {
     /// the write (applied at the next submission) cannot overtake a command recorded earlier.
     pub(crate) fn write(&self, buffer: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
         self.flush()?;
-        self.queue.write_buffer(buffer, offset, data);
-        Ok(())
+        let ((), error) = capture(&self.device, || {
+            self.queue.write_buffer(buffer, offset, data)
+        });
+        match error {
+            Some(e) => Err(self.gpu_error(
+                format_args!(
+                    "uploading {} at byte {offset}",
+                    crate::error::bytes(data.len() as u64)
+                ),
+                e,
+            )),
+            None => Ok(()),
+        }
     }
 
     fn pipeline(&self, kernel: Kernel) -> Result<wgpu::ComputePipeline> {
@@ -338,35 +490,37 @@ impl GpuContext {
         {
             return Ok(p.clone());
         }
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = {
-            let mut modules = self.modules.lock().unwrap();
-            modules
-                .entry(kernel.shader)
-                .or_insert_with(|| {
-                    self.device
-                        .create_shader_module(wgpu::ShaderModuleDescriptor {
-                            label: Some(kernel.shader),
-                            source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
-                        })
+        let (pipeline, error) = capture(&self.device, || {
+            let module = {
+                let mut modules = self.modules.lock().unwrap();
+                modules
+                    .entry(kernel.shader)
+                    .or_insert_with(|| {
+                        self.device
+                            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                                label: Some(kernel.shader),
+                                source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
+                            })
+                    })
+                    .clone()
+            };
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(kernel.entry),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(kernel.entry),
+                    compilation_options: Default::default(),
+                    cache: None,
                 })
-                .clone()
-        };
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(kernel.entry),
-                layout: None,
-                module: &module,
-                entry_point: Some(kernel.entry),
-                compilation_options: Default::default(),
-                cache: None,
-            });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!(
-                "compiling {}::{}: {e}",
-                kernel.shader, kernel.entry
-            )));
+        });
+        if let Some(e) = error {
+            // A module that failed to compile must not be reused by the next entry point.
+            self.modules.lock().unwrap().remove(kernel.shader);
+            return Err(self.gpu_error(
+                format_args!("compiling {}::{}", kernel.shader, kernel.entry),
+                e,
+            ));
         }
         self.pipelines
             .lock()
@@ -376,7 +530,8 @@ impl GpuContext {
     }
 
     /// Record one dispatch of `kernel` with `params` at binding 0 and each storage range at the
-    /// binding number given with it.
+    /// binding number given with it. Limits and bindings are checked here, so a bad dispatch is
+    /// an error of this call and never enters the batch.
     pub(crate) fn dispatch(
         &self,
         kernel: Kernel,
@@ -385,6 +540,7 @@ impl GpuContext {
         groups: [u32; 3],
     ) -> Result<()> {
         debug_assert!(params.len() as u64 <= PARAM_SLOT);
+        self.health.check()?;
         let max = self.limits.max_compute_workgroups_per_dimension;
         if let Some(&g) = groups.iter().find(|&&g| g > max) {
             return Err(Error::Limit {
@@ -421,11 +577,19 @@ impl GpuContext {
                 }),
             });
         }
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.entry),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
+        let (bind_group, error) = capture(&self.device, || {
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel.entry),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
         });
+        if let Some(e) = error {
+            return Err(self.gpu_error(
+                format_args!("binding the buffers of {}::{}", kernel.shader, kernel.entry),
+                e,
+            ));
+        }
         if batch.encoder.is_none() {
             batch.encoder = Some(self.device.create_command_encoder(&Default::default()));
         }
@@ -433,12 +597,12 @@ impl GpuContext {
             let pass = batch
                 .encoder
                 .as_mut()
-                .unwrap()
+                .expect("the encoder was made above")
                 .begin_compute_pass(&wgpu::ComputePassDescriptor::default())
                 .forget_lifetime();
             batch.pass = Some(pass);
         }
-        let pass = batch.pass.as_mut().unwrap();
+        let pass = batch.pass.as_mut().expect("the pass was begun above");
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
@@ -465,17 +629,35 @@ impl GpuContext {
         batch.dispatches += 1;
     }
 
+    /// Submit the batch. Errors wgpu found while recording it (reported when its pass ends and
+    /// its encoder finishes) and any error no scope caught since the last submission come back
+    /// here; the batch is then dropped whole, and the context stays usable for the next one.
     fn submit(&self, batch: &mut Batch) -> Result<()> {
-        batch.pass = None;
+        let commands = batch.dispatches;
         batch.dispatches = 0;
-        if let Some(encoder) = batch.encoder.take() {
-            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-            self.queue.submit([encoder.finish()]);
-            if let Some(e) = pollster::block_on(scope.pop()) {
-                return Err(Error::Gpu(e.to_string()));
-            }
+        if let Err(e) = self.health.check() {
+            batch.pass = None;
+            batch.encoder = None;
+            return Err(e);
         }
-        self.check_lost()
+        let ((), error) = capture(&self.device, || {
+            // Ending the pass and finishing the encoder report what was wrong inside them.
+            batch.pass = None;
+            if let Some(encoder) = batch.encoder.take() {
+                self.queue.submit([encoder.finish()]);
+            }
+        });
+        if let Some(e) = error {
+            return Err(self.gpu_error(
+                format_args!(
+                    "submitting a batch of {commands} GPU commands (none of them ran; \
+                     the tensors they were to write are undefined)"
+                ),
+                e,
+            ));
+        }
+        self.health.take_pending()?;
+        self.health.check()
     }
 
     /// Submit what has been recorded, without waiting for it.
@@ -484,42 +666,96 @@ impl GpuContext {
         self.submit(&mut batch)
     }
 
+    /// Wait until the GPU is idle. wgpu 30 panics inside `Device::poll` when the driver reports
+    /// the device lost; that panic is caught here and becomes [`Error::DeviceLost`].
+    fn wait(&self) -> Result<()> {
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.device.poll(wgpu::PollType::wait_indefinitely())
+        }));
+        match polled {
+            Ok(Ok(_)) => self.health.check(),
+            Ok(Err(e)) => {
+                self.health.check()?;
+                Err(Error::Gpu(format!("waiting for the GPU: {e}")))
+            }
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "wgpu panicked while waiting for the GPU".into());
+                self.health.mark_lost(why);
+                self.health.check()
+            }
+        }
+    }
+
     /// Submit what has been recorded and wait until the GPU has finished it.
     pub fn sync(&self) -> Result<()> {
         self.flush()?;
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
-        self.check_lost()
+        self.wait()
     }
 
     /// Copy `bytes` bytes of `buffer` from `offset` back to the host.
     pub(crate) fn read(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
+        self.health.check()?;
         let size = bytes.max(4).div_ceil(4) * 4;
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
+        let (staging, error) = capture(&self.device, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
         });
+        if let Some(e) = error {
+            let live = self.memory().live;
+            return Err(errors::alloc_error(
+                e,
+                "the readback buffer",
+                size,
+                live,
+                &self.health,
+            ));
+        }
         self.copy(buffer, offset, &staging, 0, size);
         self.flush()?;
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
-        rx.recv()
-            .map_err(|e| Error::Gpu(format!("readback: {e}")))?
-            .map_err(|e| Error::Gpu(format!("readback: {e}")))?;
+        // The callback runs inside a poll once the copy is done; never block on the channel, so
+        // a device that stops answering is an error rather than a hang.
+        let mut mapped = None;
+        for _ in 0..MAP_POLLS {
+            self.wait()?;
+            match rx.try_recv() {
+                Ok(r) => {
+                    mapped = Some(r);
+                    break;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => continue,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+            }
+        }
+        let Some(mapped) = mapped else {
+            self.health.check()?;
+            return Err(Error::Gpu(format!(
+                "readback: the GPU finished but did not map the result after {MAP_POLLS} waits"
+            )));
+        };
+        mapped.map_err(|e| {
+            self.health
+                .check()
+                .err()
+                .unwrap_or_else(|| Error::Gpu(format!("readback: {e}")))
+        })?;
         let data = staging
             .get_mapped_range(..)
             .map_err(|e| Error::Gpu(format!("readback: {e}")))?[..bytes as usize]
             .to_vec();
         staging.unmap();
-        self.check_lost()?;
+        self.health.check()?;
         Ok(data)
     }
 }

@@ -1,0 +1,69 @@
+//! `--device` when the device says no: `gpu` without an adapter is one clear error line and
+//! exit status 1 (no panic, no backtrace); `auto` without a GPU runs on the CPU and says why.
+//!
+//! `WGPU_BACKEND=webgpu` asks wgpu for the browser's WebGPU, which no native build has, so
+//! these run the same on every machine, with or without a GPU.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `train --device DEVICE eval` of the tiny model on one sentence, seeing no adapter.
+fn eval_without_adapter(device: &str, name: &str) -> Output {
+    let dir = std::env::temp_dir().join(format!("train-device-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("t.txt");
+    std::fs::write(&text, "To be, or not to be, that is the question.").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+        .current_dir(root())
+        .env("WGPU_BACKEND", "webgpu")
+        .env("RUST_BACKTRACE", "1")
+        .args(["--device", device, "eval", "--json", "--model"])
+        .arg(root().join("tests/fixtures/gpt2-tiny"))
+        .arg("--data")
+        .arg(&text)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+#[test]
+fn device_gpu_without_an_adapter_is_a_clear_error_and_exit_status_1() {
+    let out = eval_without_adapter("gpu", "gpu");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: no GPU adapter: asked for an adapter on Backends(BROWSER_WEBGPU) \
+             (WGPU_BACKEND=webgpu), found none; adapters on any backend: "
+        ),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn device_auto_without_a_gpu_runs_on_the_cpu_and_says_why() {
+    let out = eval_without_adapter("auto", "auto");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "note: --device auto found no hardware GPU, so it uses the CPU backend \
+             (no GPU adapter: asked for an adapter on Backends(BROWSER_WEBGPU)"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("device: CPU reference backend"), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["loss"].as_f64().unwrap().is_finite());
+}
