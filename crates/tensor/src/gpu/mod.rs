@@ -32,9 +32,10 @@ use pool::BufferPool;
 const PARAM_SLOT: u64 = 256;
 /// Dispatches recorded before the batch is submitted on its own.
 const MAX_BATCH: u64 = 1024;
-/// Waits for a readback to be mapped before giving up (the first one maps it on every backend
-/// seen so far; more are a margin, not a loop that could spin forever).
-const MAP_POLLS: usize = 4;
+/// How long a readback waits for its buffer to be mapped after the GPU finished, before it
+/// gives up (normally the first poll maps it; under several threads polling one device the
+/// callback can arrive a moment later, in another thread's poll).
+const MAP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A WGSL entry point: the shader file (by its registry name and source) and the function.
 #[derive(Clone, Copy, Debug)]
@@ -724,24 +725,31 @@ impl GpuContext {
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        // The callback runs inside a poll once the copy is done; never block on the channel, so
-        // a device that stops answering is an error rather than a hang.
+        // The callback runs inside a poll once the copy is done, in whichever thread polls
+        // (another thread's poll may be delivering it right now). Never block on the channel,
+        // so a device that stops answering is an error after MAP_WAIT rather than a hang.
         let mut mapped = None;
-        for _ in 0..MAP_POLLS {
+        let deadline = std::time::Instant::now() + MAP_WAIT;
+        loop {
             self.wait()?;
             match rx.try_recv() {
                 Ok(r) => {
                     mapped = Some(r);
                     break;
                 }
-                Err(std::sync::mpsc::TryRecvError::Empty) => continue,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    if std::time::Instant::now() > deadline {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
             }
         }
         let Some(mapped) = mapped else {
             self.health.check()?;
             return Err(Error::Gpu(format!(
-                "readback: the GPU finished but did not map the result after {MAP_POLLS} waits"
+                "readback: the GPU finished but did not map the result within {MAP_WAIT:?}"
             )));
         };
         mapped.map_err(|e| {
