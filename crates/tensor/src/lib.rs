@@ -32,6 +32,7 @@ mod error;
 pub mod gpu;
 pub mod memory;
 pub mod ops;
+pub mod profile;
 pub mod shaders;
 pub mod tensor;
 #[cfg(any(test, feature = "testing"))]
