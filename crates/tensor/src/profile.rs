@@ -110,8 +110,9 @@ pub const OTHER: &str = "other";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static METHOD: AtomicU8 = AtomicU8::new(0);
-static TOTALS: Mutex<BTreeMap<(&'static str, &'static str), (f64, u64)>> =
-    Mutex::new(BTreeMap::new());
+/// Seconds and outermost scopes by (phase, family).
+type Totals = BTreeMap<(&'static str, &'static str), (f64, u64)>;
+static TOTALS: Mutex<Totals> = Mutex::new(BTreeMap::new());
 /// The device the fallback method synchronises.
 static SYNC_DEVICE: Mutex<Option<Device>> = Mutex::new(None);
 
