@@ -180,13 +180,11 @@ pub(crate) fn skip(report: &Report, bench: &str, what: serde_json::Value, why: &
 }
 
 fn short(v: &serde_json::Value) -> String {
-    format!(
-        "{} {} {}x{}",
-        v["model"].as_str().unwrap_or("?"),
-        v["mode"].as_str().unwrap_or(""),
-        v["b"],
-        v["t"]
-    )
+    let mode = v["mode"]
+        .as_str()
+        .map_or(String::new(), |m| format!(" {m}"));
+    let model = v["model"].as_str().unwrap_or("?");
+    format!("{model}{mode} {}x{}", v["b"], v["t"])
 }
 
 /// `train bench step`.
