@@ -65,6 +65,7 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient, at learning rate `lr`.
     pub fn step(&mut self, grads: &Grads, lr: f32) -> Result<()> {
+        let _profile = tensor::profile::scope("optimizer");
         self.step += 1;
         for group in &self.groups {
             for p in &group.params {
@@ -170,6 +171,7 @@ impl Sgd {
 /// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before
 /// clipping. Reads one number back from the device.
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f32) -> Result<f32> {
+    let _profile = tensor::profile::scope("optimizer");
     // In id order (creation order), not the map's: the same sum, to the bit, in every process.
     let mut ids: Vec<ParamId> = grads.ids().collect();
     ids.sort_unstable();

@@ -48,6 +48,8 @@ struct Node {
     inputs: Vec<usize>,
     saved_bytes: u64,
     backward: BackwardFn,
+    /// The profiler's family open when the op ran forward, so backward is attributed alike.
+    family: Option<&'static str>,
 }
 
 #[derive(Default)]
@@ -155,6 +157,7 @@ impl Tape {
                 inputs: inputs.iter().map(|v| v.id).collect(),
                 saved_bytes,
                 backward: Box::new(backward),
+                family: tensor::profile::current_family(),
             });
         }
         Ok(Var {
@@ -211,6 +214,7 @@ impl Tape {
         for node in nodes.into_iter().rev() {
             let saved_bytes = node.saved_bytes;
             if let Some(dout) = pending.remove(&node.output) {
+                let _profile = node.family.map(tensor::profile::scope);
                 let input_grads = (node.backward)(&dout)?;
                 stats.nodes += 1;
                 for (input, g) in node.inputs.iter().zip(input_grads) {

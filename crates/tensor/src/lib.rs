@@ -33,6 +33,7 @@ pub mod fastmath;
 pub mod gpu;
 pub mod memory;
 pub mod ops;
+pub mod profile;
 pub mod shaders;
 pub mod tensor;
 #[cfg(any(test, feature = "testing"))]

@@ -53,6 +53,16 @@ enum Command {
 enum BenchCommand {
     /// Matmul GFLOP/s for square sizes and GPT-2 124M's training shapes, on every device present.
     Matmul(train::bench::MatmulArgs),
+    /// One training step, LoRA and full: ms/step, tokens/s, memory by purpose.
+    Step(train::bench::StepArgs),
+    /// Time of a training step by op family and phase (profiler).
+    Ops(train::bench::OpsArgs),
+    /// Inference with the KV cache: base, unmerged, merged and mixed-adapter batches.
+    Infer(train::bench::InferArgs),
+    /// Step time and memory against B, T and model size.
+    Scaling(train::bench::ScalingArgs),
+    /// Every bench with its defaults for the chosen device.
+    All(train::bench::AllArgs),
 }
 
 fn main() {
@@ -88,6 +98,21 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
         Command::Eval(args) => device(cli_device).and_then(|d| train::eval::run(&args, &d)),
         Command::Bench { what } => match what {
             BenchCommand::Matmul(args) => train::bench::bench_matmul(&args),
+            BenchCommand::Step(args) => {
+                device(cli_device).and_then(|d| train::bench::step::run(&args, &d))
+            }
+            BenchCommand::Ops(args) => {
+                device(cli_device).and_then(|d| train::bench::ops::run(&args, &d))
+            }
+            BenchCommand::Infer(args) => {
+                device(cli_device).and_then(|d| train::bench::infer::run(&args, &d))
+            }
+            BenchCommand::Scaling(args) => {
+                device(cli_device).and_then(|d| train::bench::scaling::run(&args, &d))
+            }
+            BenchCommand::All(args) => {
+                device(cli_device).and_then(|d| train::bench::run_all(&args, &d))
+            }
         },
     }
 }

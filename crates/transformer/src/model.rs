@@ -163,6 +163,7 @@ impl Block {
         // Attention.
         let h = self.ln_1.forward(tape, x)?;
         let qkv = self.c_attn.forward(tape, &h)?; // (B,T,3C)
+        let attention = tensor::profile::scope("attention"); // q·kᵀ, softmax, att·v, heads
         let q = tape.split_heads(&qkv, nh, 0, c)?; // (B,NH,T,hs)
         let k = tape.split_heads(&qkv, nh, c, c)?;
         let v = tape.split_heads(&qkv, nh, 2 * c, c)?;
@@ -185,6 +186,7 @@ impl Block {
         let att = tape.softmax(&scores, true)?;
         let y = tape.matmul(&att, &v, None, MatmulOpts::default())?; // (B,NH,T,hs)
         let y = tape.merge_heads(&y)?; // (B,T,C)
+        drop(attention);
         let x = tape.add(x, &self.attn_c_proj.forward(tape, &y)?)?;
         // MLP.
         let h = self.ln_2.forward(tape, &x)?;

@@ -36,6 +36,21 @@ const MAX_BATCH: u64 = 1024;
 /// gives up (normally the first poll maps it; under several threads polling one device the
 /// callback can arrive a moment later, in another thread's poll).
 const MAP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Timestamped compute passes per submission when profiling (two queries each).
+const MAX_TIMED_PASSES: u32 = 512;
+
+/// The profiler's (phase, family) of a timestamped compute pass.
+type Tag = (&'static str, &'static str);
+
+/// Timestamp queries for the profiler (`crate::profile`), on adapters that offer them: each
+/// timed pass writes queries 2k and 2k+1; they are resolved and read back at submission.
+struct Timestamps {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    /// Nanoseconds per timestamp tick.
+    period_ns: f32,
+}
 
 /// A WGSL entry point: the shader file (by its registry name and source) and the function.
 #[derive(Clone, Copy, Debug)]
@@ -107,6 +122,9 @@ struct Batch {
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     dispatches: u64,
+    /// The profiler's tag of the open pass, and of each timed pass of this batch in order.
+    pass_tag: Option<Tag>,
+    tags: Vec<Tag>,
 }
 
 /// A wgpu device with everything the tensor ops need to run on it.
@@ -126,6 +144,7 @@ pub struct GpuContext {
     poison: AtomicBool,
     dispatches: AtomicU64,
     health: Arc<Health>,
+    timestamps: Option<Timestamps>,
 }
 
 fn is_software(info: &wgpu::AdapterInfo) -> bool {
@@ -252,7 +271,9 @@ impl GpuContext {
         )?;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("tensor"),
-            required_features: options.features,
+            // Timestamp queries only serve the profiler; asked for when the adapter has them.
+            required_features: options.features
+                | (adapter.features() & wgpu::Features::TIMESTAMP_QUERY),
             required_limits: asked,
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -301,6 +322,32 @@ impl GpuContext {
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
             max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
         };
+        let timestamps = device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| {
+                let bytes = 2 * MAX_TIMED_PASSES as u64 * 8;
+                Timestamps {
+                    set: device.create_query_set(&wgpu::QuerySetDescriptor {
+                        label: Some("profile timestamps"),
+                        ty: wgpu::QueryType::Timestamp,
+                        count: 2 * MAX_TIMED_PASSES,
+                    }),
+                    resolve: device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("timestamp resolve"),
+                        size: bytes,
+                        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                        mapped_at_creation: false,
+                    }),
+                    readback: device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("timestamp readback"),
+                        size: bytes,
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    }),
+                    period_ns: queue.get_timestamp_period(),
+                }
+            });
         Ok(Arc::new(Self {
             device,
             queue,
@@ -314,6 +361,8 @@ impl GpuContext {
                 encoder: None,
                 pass: None,
                 dispatches: 0,
+                pass_tag: None,
+                tags: Vec::new(),
             }),
             params,
             pool: Mutex::default(),
@@ -321,12 +370,18 @@ impl GpuContext {
             poison: AtomicBool::new(false),
             dispatches: AtomicU64::new(0),
             health,
+            timestamps,
         }))
     }
 
     /// Name, backend, type and the limits that matter.
     pub fn info(&self) -> &GpuInfo {
         &self.info
+    }
+
+    /// Does the device take timestamp queries (what the profiler's GPU method needs)?
+    pub fn has_timestamps(&self) -> bool {
+        self.timestamps.is_some()
     }
 
     /// True for a CPU-emulated adapter such as lavapipe.
@@ -554,9 +609,19 @@ impl GpuContext {
             return Ok(());
         }
         let pipeline = self.pipeline(kernel)?;
+        let tag = match self.timestamps {
+            Some(_) => crate::profile::gpu_tag(),
+            None => None,
+        };
         let mut batch = self.batch.lock().unwrap();
-        if batch.dispatches >= MAX_BATCH {
+        if batch.dispatches >= MAX_BATCH
+            || (tag.is_some() && batch.tags.len() as u32 >= MAX_TIMED_PASSES)
+        {
             self.submit(&mut batch)?;
+        }
+        // Profiling with timestamps: a new pass whenever the family changes.
+        if tag.is_some() && batch.pass_tag != tag {
+            batch.pass = None;
         }
         let slot = batch.dispatches * PARAM_SLOT;
         self.queue.write_buffer(&self.params, slot, params);
@@ -595,13 +660,29 @@ impl GpuContext {
             batch.encoder = Some(self.device.create_command_encoder(&Default::default()));
         }
         if batch.pass.is_none() {
+            let index = 2 * batch.tags.len() as u32;
+            let timestamp_writes = match (tag, &self.timestamps) {
+                (Some(_), Some(t)) => Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &t.set,
+                    beginning_of_pass_write_index: Some(index),
+                    end_of_pass_write_index: Some(index + 1),
+                }),
+                _ => None,
+            };
             let pass = batch
                 .encoder
                 .as_mut()
                 .expect("the encoder was made above")
-                .begin_compute_pass(&wgpu::ComputePassDescriptor::default())
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes,
+                })
                 .forget_lifetime();
             batch.pass = Some(pass);
+            batch.pass_tag = tag;
+            if let Some(tag) = tag {
+                batch.tags.push(tag);
+            }
         }
         let pass = batch.pass.as_mut().expect("the pass was begun above");
         pass.set_pipeline(&pipeline);
@@ -636,15 +717,24 @@ impl GpuContext {
     fn submit(&self, batch: &mut Batch) -> Result<()> {
         let commands = batch.dispatches;
         batch.dispatches = 0;
+        batch.pass_tag = None;
+        let tags = std::mem::take(&mut batch.tags);
         if let Err(e) = self.health.check() {
             batch.pass = None;
             batch.encoder = None;
             return Err(e);
         }
+        let mut timed = None;
         let ((), error) = capture(&self.device, || {
             // Ending the pass and finishing the encoder report what was wrong inside them.
             batch.pass = None;
-            if let Some(encoder) = batch.encoder.take() {
+            if let Some(mut encoder) = batch.encoder.take() {
+                if let Some(t) = self.timestamps.as_ref().filter(|_| !tags.is_empty()) {
+                    let n = 2 * tags.len() as u32;
+                    encoder.resolve_query_set(&t.set, 0..n, &t.resolve, 0);
+                    encoder.copy_buffer_to_buffer(&t.resolve, 0, &t.readback, 0, n as u64 * 8);
+                    timed = Some(t);
+                }
                 self.queue.submit([encoder.finish()]);
             }
         });
@@ -657,8 +747,41 @@ impl GpuContext {
                 e,
             ));
         }
+        if let Some(t) = timed {
+            self.read_timestamps(t, &tags)?;
+        }
         self.health.take_pending()?;
         self.health.check()
+    }
+
+    /// Wait for the submission just made, read its pass timestamps and give each pass's time
+    /// to the profiler under the pass's tag.
+    fn read_timestamps(&self, t: &Timestamps, tags: &[Tag]) -> Result<()> {
+        let bytes = tags.len() as u64 * 16;
+        let (tx, rx) = std::sync::mpsc::channel();
+        t.readback
+            .map_async(wgpu::MapMode::Read, ..bytes, move |r| {
+                let _ = tx.send(r);
+            });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        rx.recv()
+            .map_err(|e| Error::Gpu(format!("timestamp readback: {e}")))?
+            .map_err(|e| Error::Gpu(format!("timestamp readback: {e}")))?;
+        let ticks: Vec<u64> = t
+            .readback
+            .get_mapped_range(..bytes)
+            .map_err(|e| Error::Gpu(format!("timestamp readback: {e}")))?
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunks")))
+            .collect();
+        t.readback.unmap();
+        for (tag, pair) in tags.iter().zip(ticks.chunks_exact(2)) {
+            let ns = pair[1].saturating_sub(pair[0]) as f64 * f64::from(t.period_ns);
+            crate::profile::add_gpu_time(*tag, ns * 1e-9);
+        }
+        Ok(())
     }
 
     /// Submit what has been recorded, without waiting for it.

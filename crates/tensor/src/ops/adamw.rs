@@ -167,6 +167,7 @@ pub fn adamw_step(
     v: &Tensor,
     hp: &AdamWParams,
 ) -> Result<()> {
+    let _profile = crate::profile::scope("optimizer");
     for (name, t) in [("grad", grad), ("m", m), ("v", v)] {
         if t.shape() != param.shape() {
             return shape_err(

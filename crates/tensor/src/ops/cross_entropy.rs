@@ -131,6 +131,7 @@ fn par_rows(out: &mut [f32], row_len: usize, cost: usize, f: impl Fn(usize, &mut
 
 /// Per-row losses and logsumexps of logits (N, V) (or (…, V)); see the module doc.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<CrossEntropyOut> {
+    let _profile = crate::profile::scope("loss");
     let (n, v) = check("cross_entropy", logits, targets, weights)?;
     match logits.device() {
         Device::Cpu(ctx) => {
@@ -179,6 +180,7 @@ pub fn cross_entropy_backward(
     lse: &Tensor,
     scale: f32,
 ) -> Result<Tensor> {
+    let _profile = crate::profile::scope("loss");
     let (n, v) = check("cross_entropy_backward", logits, targets, weights)?;
     if lse.shape() != [n] {
         return shape_err(

@@ -54,6 +54,7 @@ pub fn cross_entropy_grad(
     targets: &[u32],
     weights: &[f32],
 ) -> Result<(Tensor, Tensor)> {
+    let _profile = crate::profile::scope("loss");
     let (n, v) = check("cross_entropy_grad", &logits, targets, weights)?;
     let x = if logits.is_exclusive() {
         logits

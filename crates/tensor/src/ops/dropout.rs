@@ -127,11 +127,13 @@ fn apply(op: &'static str, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
 
 /// `x · mask / (1 − p)` with mask ~ Bernoulli(1 − p) drawn from `seed` and the element index.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let _profile = crate::profile::scope("elementwise");
     apply("dropout", x, p, seed)
 }
 
 /// The gradient of [`dropout`]: `dy · mask / (1 − p)` with the mask of the same `p` and `seed`.
 pub fn dropout_backward(dy: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let _profile = crate::profile::scope("elementwise");
     apply("dropout_backward", dy, p, seed)
 }
 

@@ -156,16 +156,19 @@ fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: fn(f32, f32) -> f32) -> R
 
 /// `a + b`, shapes equal.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("elementwise");
     binary("add", a, b, |x, y| x + y)
 }
 
 /// `a ⊙ b` (elementwise product), shapes equal.
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("elementwise");
     binary("mul", a, b, |x, y| x * y)
 }
 
 /// `s · a`.
 pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
+    let _profile = crate::profile::scope("elementwise");
     match a.device() {
         Device::Cpu(ctx) => {
             let x = a.cpu_data()?;
@@ -183,6 +186,7 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
 
 /// `s · a` where `s` is a one-element tensor on a's device.
 pub fn scale_by(a: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("elementwise");
     if s.numel() != 1 {
         return shape_err("scale_by", "a one-element scale", s.shape());
     }
@@ -201,6 +205,7 @@ pub fn scale_by(a: &Tensor, s: &Tensor) -> Result<Tensor> {
 
 /// In place: `y ← y + s · x`, shapes equal. Writes into `y`'s storage (shared by its clones).
 pub fn axpy(y: &Tensor, s: f32, x: &Tensor) -> Result<()> {
+    let _profile = crate::profile::scope("elementwise");
     check_same_shape("axpy", y, x)?;
     match same_device("axpy", &[y, x])? {
         Device::Cpu(_) => {
@@ -220,6 +225,7 @@ pub fn axpy(y: &Tensor, s: f32, x: &Tensor) -> Result<()> {
 
 /// `x + b` with b: (C) broadcast over the rows of x: (…, C).
 pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("elementwise");
     let c = x.last_dim();
     if b.shape() != [c] {
         return shape_err("add_bias", format!("bias of shape [{c}]"), b.shape());

@@ -185,6 +185,7 @@ fn launch(
 
 /// `out[n] = table[ids[n]]`: table (V, C), ids N values < V (host slice), out (N, C).
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let _profile = crate::profile::scope("embedding");
     let &[vocab, cols] = table.shape() else {
         return shape_err("embedding", "a table of shape (V, C)", table.shape());
     };
@@ -214,6 +215,7 @@ pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
 /// (the product of its leading axes), dtable (vocab, C) on dout's device. Deterministic: each
 /// row is summed in ascending n.
 pub fn embedding_backward(ids: &[u32], dout: &Tensor, vocab: usize) -> Result<Tensor> {
+    let _profile = crate::profile::scope("embedding");
     let cols = dout.last_dim();
     let n = ids.len();
     if dout.shape().len() < 2 || dout.numel() != n * cols {

@@ -124,6 +124,7 @@ fn launch(
 
 /// `y = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, element by element, any shape.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("elementwise");
     match x.device() {
         Device::Cpu(ctx) => {
             let xd = x.cpu_data()?;
@@ -141,6 +142,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 
 /// `dx = dy · gelu'(x)` (derivative in the module doc); `x` is the forward's input, shapes equal.
 pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("elementwise");
     if x.shape() != dy.shape() {
         return shape_err(
             "gelu_backward",

@@ -102,6 +102,7 @@ fn row_stats(xs: &[f32]) -> (f64, f64) {
 
 /// Layer norm of x: (…, C) over its last axis with γ, β: (C); see the module doc.
 pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<LayerNormOut> {
+    let _profile = crate::profile::scope("layernorm");
     let c = x.last_dim();
     if x.shape().is_empty() || c == 0 {
         return shape_err("layernorm", "x of shape (…, C) with C ≥ 1", x.shape());
@@ -211,6 +212,7 @@ pub fn layernorm_backward(
     rstd: &Tensor,
     dy: &Tensor,
 ) -> Result<LayerNormGrads> {
+    let _profile = crate::profile::scope("layernorm");
     let op = "layernorm_backward";
     let c = x.last_dim();
     if x.shape().is_empty() || c == 0 {

@@ -215,6 +215,7 @@ fn check_bias(op: &'static str, bias: Option<&Tensor>, n: usize) -> Result<()> {
 /// Leading (batch) dims of A and B equal, or B 2-D. Returns `(…, M, N)`. The backward rules
 /// (dA, dB through the transpose flags) are in the module documentation.
 pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, opts: MatmulOpts) -> Result<Tensor> {
+    let _profile = crate::profile::scope("matmul");
     let d = dims("matmul", a, b, opts)?;
     check_bias("matmul", bias, d.n)?;
     let mut all = vec![a, b];
@@ -228,6 +229,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, opts: MatmulOpts) -
 /// In place: `C += op(A)·op(B)` (gradient accumulation, e.g. `dW += xᵀ·dy`). C must have the
 /// result's shape and must not share storage with A or B.
 pub fn matmul_accumulate(c: &Tensor, a: &Tensor, b: &Tensor, opts: MatmulOpts) -> Result<()> {
+    let _profile = crate::profile::scope("matmul");
     let d = dims("matmul_accumulate", a, b, opts)?;
     if c.shape() != d.out_shape {
         return shape_err(

@@ -149,6 +149,7 @@ fn launch(
 /// Heads `nh` of the C = `c` columns of x: (B, T, W) starting at `col0`, as (B, NH, T, hs):
 /// `out[b, h, t, d] = x[b, t, col0 + h·hs + d]`. A (T, W) x is taken as B = 1.
 pub fn split_heads(x: &Tensor, nh: usize, col0: usize, c: usize) -> Result<Tensor> {
+    let _profile = crate::profile::scope("layout");
     let (b, t, w) = wide_dims("split_heads", x)?;
     if nh == 0 || !c.is_multiple_of(nh) {
         return shape_err(
@@ -189,6 +190,7 @@ pub fn split_heads(x: &Tensor, nh: usize, col0: usize, c: usize) -> Result<Tenso
 
 /// (B, NH, T, hs) → (B, T, NH·hs): `out[b, t, h·hs + d] = x[b, h, t, d]`.
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("layout");
     let &[b, nh, t, hs] = x.shape() else {
         return shape_err("merge_heads", "a (B, NH, T, hs) tensor", x.shape());
     };
@@ -200,6 +202,7 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// In place: `dst[b, t, col0 + h·hs + d] = x[b, h, t, d]` for x: (B, NH, T, hs) and dst: (B, T, W)
 /// (or (T, W) with B = 1); the other columns of dst are untouched.
 pub fn merge_heads_into(dst: &Tensor, col0: usize, x: &Tensor) -> Result<()> {
+    let _profile = crate::profile::scope("layout");
     let &[xb, nh, xt, hs] = x.shape() else {
         return shape_err("merge_heads_into", "x of shape (B, NH, T, hs)", x.shape());
     };

@@ -218,18 +218,21 @@ fn reduce(
 
 /// `Σ_a x[o, a, i]` over `axis`: x's shape with the axis removed (`[1]` for a 1-D x).
 pub fn sum(x: &Tensor, axis: usize) -> Result<Tensor> {
+    let _profile = crate::profile::scope("reduce");
     let (outer, a, inner, shape) = split_axis("sum", x, axis)?;
     reduce(x, (outer, a, inner), false, &shape)
 }
 
 /// `(1/A) Σ_a x[o, a, i]` over `axis`: x's shape with the axis removed (`[1]` for a 1-D x).
 pub fn mean(x: &Tensor, axis: usize) -> Result<Tensor> {
+    let _profile = crate::profile::scope("reduce");
     let (outer, a, inner, shape) = split_axis("mean", x, axis)?;
     reduce(x, (outer, a, inner), true, &shape)
 }
 
 /// The sum of every element, shape `[1]`.
 pub fn sum_all(x: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("reduce");
     reduce(x, (1, x.numel(), 1), false, &[1])
 }
 

@@ -121,6 +121,7 @@ fn dims(x: &Tensor, idx: &Tensor, a: &Tensor, b: &Tensor, scales: &Tensor) -> Re
 /// x: (…, in); `idx`: N adapter indices from [`Tensor::from_u32`] (N = rows of x);
 /// A: (n_adapters, r, in); B: (n_adapters, out, r); scales: (n_adapters). Returns (…, out).
 pub fn sgmv(x: &Tensor, idx: &Tensor, a: &Tensor, b: &Tensor, scales: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("sgmv");
     let d = dims(x, idx, a, b, scales)?;
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("x has at least one axis") = d.n_out;

@@ -112,6 +112,7 @@ fn launch(
 
 /// Positions `start..start + len` of `axis` of x, as a new tensor.
 pub fn slice_axis(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+    let _profile = crate::profile::scope("layout");
     check_range("slice_axis", x.shape(), axis, start, len)?;
     let mut shape = x.shape().to_vec();
     shape[axis] = len;
@@ -143,6 +144,7 @@ pub fn write_axis(
     src: &Tensor,
     accumulate: bool,
 ) -> Result<()> {
+    let _profile = crate::profile::scope("layout");
     let len = src.shape().get(axis).copied().unwrap_or(0);
     check_range("write_axis", dst.shape(), axis, start, len)?;
     let mut expected = dst.shape().to_vec();

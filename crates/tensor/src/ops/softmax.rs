@@ -111,6 +111,7 @@ fn launch(
 /// Softmax over the last axis of x: (…, R, Cn); `causal` masks column c of row r when
 /// c > r + (Cn − R) (needs at least two axes and R ≤ Cn). See the module doc.
 pub fn softmax(x: &Tensor, causal: bool) -> Result<Tensor> {
+    let _profile = crate::profile::scope("softmax");
     let shape = x.shape();
     let cols = x.last_dim();
     let r_len = if shape.len() >= 2 {
@@ -168,6 +169,7 @@ pub fn softmax(x: &Tensor, causal: bool) -> Result<Tensor> {
 
 /// `dx = y ⊙ (dy − Σ_c y·dy)` per row of the last axis, y the forward's output; shapes equal.
 pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::scope("softmax");
     if y.shape() != dy.shape() {
         return shape_err(
             "softmax_backward",

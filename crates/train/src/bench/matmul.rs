@@ -1,19 +1,23 @@
-//! `train bench ...`: measured speed. Results are recorded in `docs/benchmarks.md` with the
-//! machine and the date; tests never time anything.
-//!
-//! `bench matmul` measures C = A·B in f32 for square sizes and for the matmuls of a GPT-2 124M
+//! `train bench matmul` measures C = A·B in f32 for square sizes and for the matmuls of a GPT-2 124M
 //! training step at B·T = 8192 rows (768→2304 for c_attn, 768→768 for attn.c_proj, 768→3072 for
 //! mlp.c_fc, 3072→768 for mlp.c_proj, 768→50257 for the tied lm_head, x·wteᵀ), on every device
 //! present: each GPU adapter, the CPU backend (matrixmultiply), and the CPU's naive oracle loop.
+//!
+//! **Fraction of peak.** Each case also reports its share of the device's *measured* peak: the
+//! best GFLOP/s of any case of this run on that device (usually the largest square size that
+//! fit the budget). It is not the hardware's datasheet peak, which f32 matmul in WGSL or in
+//! matrixmultiply does not reach; it says how far a shape (a thin lm_head, a small square) falls
+//! short of what this implementation can do on this device. Rows of a device are printed once
+//! all its cases have run, since the peak is known only then.
 
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::Parser;
 use tensor::ops::matmul::{MatmulOpts, matmul, matmul_naive_cpu};
 use tensor::{Device, Tensor};
 
 /// Options of `train bench matmul`.
-#[derive(Args, Debug, Clone)]
+#[derive(Parser, Debug, Clone)]
 pub struct MatmulArgs {
     /// Square sizes to measure (M = N = K).
     #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048,4096")]
@@ -126,13 +130,8 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
     }
     let cases = cases(args);
     for (label, runner) in &runners {
-        if !args.json {
-            println!("\n{label}");
-            println!(
-                "{:<30} {:>6} {:>6} {:>6} {:>10} {:>10}",
-                "case", "M", "K", "N", "ms", "GFLOP/s"
-            );
-        }
+        // (case, seconds) or (case, estimated seconds of a skipped case).
+        let mut rows: Vec<(&Case, Result<f64, f64>)> = Vec::new();
         let device = match runner {
             Runner::Device(d) => d.clone(),
             Runner::Naive => Device::cpu(),
@@ -140,11 +139,11 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
         // Rate so far, to skip cases that would take longer than the budget.
         let mut rate: Option<f64> = None;
         for case in &cases {
-            let flops = 2.0 * case.m as f64 * case.k as f64 * case.n as f64;
+            let flops = flops(case);
             if let Some(r) = rate {
                 let estimate = flops / r;
                 if estimate > args.budget {
-                    report_skip(args.json, label, case, estimate);
+                    rows.push((case, Err(estimate)));
                     continue;
                 }
             }
@@ -163,26 +162,61 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
             let secs = time(|| run_once(runner, &a, &b, opts), min)?;
             let gflops = flops / secs / 1e9;
             rate = Some(rate.map_or(gflops * 1e9, |r: f64| r.min(gflops * 1e9)));
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"bench": "matmul", "device": label, "case": case.name,
-                        "m": case.m, "k": case.k, "n": case.n, "ms": secs * 1e3, "gflops": gflops})
-                );
-            } else {
-                println!(
-                    "{:<30} {:>6} {:>6} {:>6} {:>10.2} {:>10.1}",
-                    case.name,
-                    case.m,
-                    case.k,
-                    case.n,
-                    secs * 1e3,
-                    gflops
-                );
-            }
+            rows.push((case, Ok(secs)));
         }
+        print_device(args.json, label, &rows);
     }
     Ok(())
+}
+
+fn flops(case: &Case) -> f64 {
+    2.0 * case.m as f64 * case.k as f64 * case.n as f64
+}
+
+/// Print a device's rows with each case's fraction of the best GFLOP/s measured on it.
+fn print_device(json: bool, label: &str, rows: &[(&Case, Result<f64, f64>)]) {
+    let peak = rows
+        .iter()
+        .filter_map(|(c, r)| r.as_ref().ok().map(|s| flops(c) / s / 1e9))
+        .fold(0.0f64, f64::max);
+    if !json {
+        println!("\n{label}");
+        println!("measured peak: {peak:.1} GFLOP/s (best case of this run)");
+        println!(
+            "{:<30} {:>6} {:>6} {:>6} {:>10} {:>10} {:>7}",
+            "case", "M", "K", "N", "ms", "GFLOP/s", "of peak"
+        );
+    }
+    for (case, result) in rows {
+        let secs = match result {
+            Ok(s) => *s,
+            Err(estimate) => {
+                report_skip(json, label, case, *estimate);
+                continue;
+            }
+        };
+        let gflops = flops(case) / secs / 1e9;
+        let fraction = if peak > 0.0 { gflops / peak } else { 0.0 };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "matmul", "device": label, "case": case.name,
+                    "m": case.m, "k": case.k, "n": case.n, "ms": secs * 1e3, "gflops": gflops,
+                    "peak_gflops": peak, "fraction_of_peak": fraction})
+            );
+        } else {
+            println!(
+                "{:<30} {:>6} {:>6} {:>6} {:>10.2} {:>10.1} {:>6.0}%",
+                case.name,
+                case.m,
+                case.k,
+                case.n,
+                secs * 1e3,
+                gflops,
+                100.0 * fraction
+            );
+        }
+    }
 }
 
 fn report_skip(json: bool, label: &str, case: &Case, estimate: f64) {

@@ -1,0 +1,389 @@
+//! `train bench ...`: measured speed and memory. Results are recorded in `docs/benchmarks.md`
+//! with the machine and the date; tests run every bench with the tiniest settings but never
+//! assert on a time.
+//!
+//! - [`matmul`]: GFLOP/s of C = A·B for square sizes and GPT-2 124M's training shapes, and the
+//!   fraction of the device's measured peak;
+//! - [`step`]: one training step (forward, loss, backward, clipping, AdamW) of a GPT-2 shape with
+//!   random weights, LoRA and full fine-tuning: ms/step, tokens/s, memory by purpose;
+//! - [`ops`]: where a step's time goes, by op family (the profiler of `tensor::profile`);
+//! - [`infer`]: prompt throughput and time per generated token with the KV cache, for the base
+//!   model, an unmerged and a merged adapter, and a batch mixing adapters (SGMV);
+//! - [`scaling`]: step time and memory against B, T and the model's size.
+//!
+//! Every bench prints a table, or one JSON object per line with `--json`, and skips a case
+//! whose estimated time exceeds `--budget` seconds (the estimate comes from the FLOPs of the
+//! case and the rate the device achieved so far, starting from a short matmul probe).
+//!
+//! The model shapes ([`shape`]): `e2e` (the shipped base model: 4 layers, 4 heads, 128 wide,
+//! GPT-2's vocabulary of 50257, 128 positions), `tiny` (4 layers, 4 heads, 256 wide, a byte
+//! vocabulary of 256, 256 positions: the PyTorch peer's CPU model), `124m` (GPT-2 small) and
+//! `medium` (GPT-2 medium, 355M). Weights are random (GPT-2's init): speed does not depend on
+//! their values.
+
+pub mod infer;
+pub mod matmul;
+pub mod ops;
+pub mod scaling;
+pub mod step;
+pub mod table;
+
+use std::time::Instant;
+
+use autograd::{AdamW, Grads, ParamGroup, Tape, Trainable, clip_grad_norm};
+use lora::{LoraConfig, LoraModel, Target};
+use tensor::ops::matmul::{MatmulOpts, matmul};
+use tensor::{Device, Tensor, profile};
+use transformer::{Gpt2, GptConfig, TokenizerKind, init_checkpoint};
+
+pub use infer::InferArgs;
+pub use matmul::{MatmulArgs, bench_matmul};
+pub use ops::OpsArgs;
+pub use scaling::ScalingArgs;
+pub use step::StepArgs;
+
+/// Options of `train bench all`.
+#[derive(clap::Parser, Debug, Clone)]
+pub struct AllArgs {
+    /// Skip a case whose estimated time exceeds this many seconds (passed to every bench).
+    #[arg(long, default_value_t = 60.0)]
+    pub budget: f64,
+    /// Print one JSON object per measurement instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `train bench all`: every bench with its defaults for `device` (matmul on that device and the
+/// CPU), in the order of the module doc.
+pub fn run_all(args: &AllArgs, device: &Device) -> crate::Result<()> {
+    use clap::Parser;
+    let budget = args.budget.to_string();
+    let mut common = vec!["--budget", budget.as_str()];
+    if args.json {
+        common.push("--json");
+    }
+    let with = |name: &'static str, extra: &[&'static str]| {
+        let mut v = vec![name];
+        v.extend(extra);
+        v.extend(common.iter().copied());
+        v
+    };
+    let devices: &[&str] = if device.is_gpu() {
+        &["--devices", "gpu,cpu"]
+    } else {
+        &["--devices", "cpu"]
+    };
+    bench_matmul(&MatmulArgs::try_parse_from(with("matmul", devices))?)?;
+    step::run(&StepArgs::try_parse_from(with("step", &[]))?, device)?;
+    ops::run(&OpsArgs::try_parse_from(with("ops", &[]))?, device)?;
+    infer::run(&InferArgs::try_parse_from(with("infer", &[]))?, device)?;
+    scaling::run(&ScalingArgs::try_parse_from(with("scaling", &[]))?, device)
+}
+
+/// The model shapes benches accept, by name.
+pub const SHAPES: [&str; 4] = ["e2e", "tiny", "124m", "medium"];
+
+/// The configuration of a named shape (see the module doc).
+pub fn shape(name: &str) -> crate::Result<GptConfig> {
+    let small = GptConfig::gpt2_small();
+    Ok(match name {
+        "e2e" => GptConfig {
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 128,
+            n_positions: 128,
+            ..small
+        },
+        "tiny" => GptConfig {
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 256,
+            vocab_size: 256,
+            n_positions: 256,
+            tokenizer: TokenizerKind::Bytes,
+            ..small
+        },
+        "124m" => small,
+        "medium" => GptConfig::gpt2_medium(),
+        other => {
+            return Err(format!(
+                "unknown model shape `{other}`: expected one of {}",
+                SHAPES.join(", ")
+            )
+            .into());
+        }
+    })
+}
+
+/// Parse `BxT` (e.g. `8x1024`) into (B, T).
+pub fn parse_bt(s: &str) -> crate::Result<(usize, usize)> {
+    let bad = || format!("`{s}` is not a batch shape: expected BxT with B, T > 0, e.g. 8x1024");
+    let (b, t) = s.split_once(['x', 'X', '×']).ok_or_else(bad)?;
+    let (b, t): (usize, usize) = (
+        b.trim().parse().map_err(|_| bad())?,
+        t.trim().parse().map_err(|_| bad())?,
+    );
+    if b == 0 || t == 0 {
+        return Err(bad().into());
+    }
+    Ok((b, t))
+}
+
+/// What a training step updates.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// LoRA of rank r with this alpha on these targets; the base is frozen.
+    Lora {
+        r: usize,
+        alpha: f32,
+        targets: Vec<Target>,
+    },
+    /// Every parameter trainable.
+    Full,
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Lora { .. } => "lora",
+            Mode::Full => "full",
+        }
+    }
+
+    /// `lora` or `full`, LoRA with rank `r`, `alpha` and targets `targets` (e.g. q,v).
+    pub fn parse(name: &str, r: usize, alpha: f32, targets: &[String]) -> crate::Result<Mode> {
+        match name {
+            "lora" => Ok(Mode::Lora {
+                r,
+                alpha,
+                targets: targets
+                    .iter()
+                    .map(|t| Target::parse(t))
+                    .collect::<Result<_, _>>()?,
+            }),
+            "full" => Ok(Mode::Full),
+            other => Err(format!("unknown mode `{other}`: expected lora or full").into()),
+        }
+    }
+}
+
+/// A randomly initialised model set up for training, with its optimizer.
+pub struct Trainee {
+    pub model: Gpt2,
+    pub lora: Option<LoraModel>,
+    pub opt: AdamW,
+    /// Trainable parameter values.
+    pub trainable: usize,
+    /// Bytes of every parameter (base and adapter).
+    pub parameter_bytes: u64,
+}
+
+/// Build `cfg` with GPT-2's random init on `device`, for `mode`.
+pub fn trainee(cfg: &GptConfig, mode: &Mode, device: &Device, seed: u64) -> crate::Result<Trainee> {
+    let ckpt = init_checkpoint(cfg, seed)?;
+    let full = matches!(mode, Mode::Full);
+    let mut model = Gpt2::from_checkpoint(&ckpt, device, full)?;
+    drop(ckpt);
+    let (lora, params): (Option<LoraModel>, Vec<Trainable>) = match mode {
+        Mode::Lora { r, alpha, targets } => {
+            let lcfg = LoraConfig::new(*r, *alpha, targets);
+            let lora = LoraModel::inject(&mut model, &lcfg, seed)?;
+            let params = lora.trainable_params();
+            (Some(lora), params)
+        }
+        Mode::Full => (
+            None,
+            model
+                .named_params()
+                .iter()
+                .filter_map(|p| p.as_trainable().cloned())
+                .collect(),
+        ),
+    };
+    let trainable = params.iter().map(|p| p.value.numel()).sum();
+    let parameter_bytes = autograd::memory::parameter_bytes(model.named_params()).live
+        + lora.as_ref().map_or(0, LoraModel::lora_bytes);
+    Ok(Trainee {
+        model,
+        lora,
+        opt: AdamW::new(vec![ParamGroup::new(params, 0.01)]),
+        trainable,
+        parameter_bytes,
+    })
+}
+
+/// B sequences of T pseudo-random token ids below `vocab`, their next-token targets and unit
+/// weights (every position counts, as in pretraining-style batches).
+pub struct TokenBatch {
+    pub ids: Vec<u32>,
+    pub targets: Vec<u32>,
+    pub weights: Vec<f32>,
+    pub b: usize,
+    pub t: usize,
+}
+
+/// Pseudo-random ids (a fixed linear congruential sequence; no statistics depend on them).
+pub fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+pub fn token_batch(b: usize, t: usize, vocab: usize, seed: u64) -> TokenBatch {
+    let ids = random_ids(b * t + 1, vocab, seed);
+    TokenBatch {
+        targets: ids[1..].to_vec(),
+        ids: ids[..b * t].to_vec(),
+        weights: vec![1.0; b * t],
+        b,
+        t,
+    }
+}
+
+/// What one step measured, beyond its time.
+pub struct StepMemory {
+    /// Bytes the tape held for backward at its peak.
+    pub activations: u64,
+    /// Bytes of gradient buffers at their peak.
+    pub gradients: u64,
+}
+
+/// One optimizer step as `trainer::step` does it (forward and mean cross-entropy on a recording
+/// tape, backward, global-norm clipping to 1, AdamW), with the profiler's phases marked. Waits
+/// for the device, so the time around it is the step's.
+pub fn train_step(tr: &mut Trainee, batch: &TokenBatch) -> crate::Result<StepMemory> {
+    let tape = Tape::new();
+    let mut grads = Grads::new();
+    let loss = {
+        let _phase = profile::phase("forward");
+        tr.model.loss(
+            &tape,
+            &batch.ids,
+            &batch.targets,
+            &batch.weights,
+            batch.b,
+            batch.t,
+        )?
+    };
+    let activations = tape.saved_memory().peak;
+    {
+        let _phase = profile::phase("backward");
+        tape.backward(&loss, &mut grads)?;
+    }
+    let gradients = grads.memory().peak;
+    {
+        let _phase = profile::phase("optimizer");
+        clip_grad_norm(&mut grads, 1.0)?;
+        tr.opt.step(&grads, 1e-4)?;
+    }
+    let value = loss.value.to_vec()?[0];
+    if !value.is_finite() {
+        return Err(format!("the benchmark step's loss is {value}").into());
+    }
+    loss.value.device().sync()?;
+    Ok(StepMemory {
+        activations,
+        gradients,
+    })
+}
+
+/// Multiply-adds ×2 of one training step of `cfg` on B×T tokens: the forward's matmuls
+/// (12·C² per token per layer, the head's V·C, attention's 2·T·C per token per layer) counted
+/// once for the forward and twice (full: dx and dW) or once (LoRA: dx only, the adapters'
+/// thin products neglected) for the backward.
+pub fn step_flops(cfg: &GptConfig, b: usize, t: usize, full: bool) -> f64 {
+    let (c, l, v) = (cfg.n_embd as f64, cfg.n_layer as f64, cfg.vocab_size as f64);
+    let n = (b * t) as f64;
+    let forward = 2.0 * n * (l * 12.0 * c * c + v * c) + 2.0 * 2.0 * n * t as f64 * c * l;
+    forward * if full { 3.0 } else { 2.0 }
+}
+
+/// Multiply-adds ×2 of a forward pass over `n` new tokens that attend to `ctx` positions.
+pub fn forward_flops(cfg: &GptConfig, n: usize, ctx: usize) -> f64 {
+    let (c, l, v) = (cfg.n_embd as f64, cfg.n_layer as f64, cfg.vocab_size as f64);
+    2.0 * n as f64 * (l * 12.0 * c * c + v * c + 2.0 * ctx as f64 * c * l)
+}
+
+/// Skips cases whose estimated time exceeds a budget: the estimate is the case's FLOPs over the
+/// rate the device achieved on the last case measured (before the first: half the rate of a
+/// short 256³ matmul probe).
+pub struct Budget {
+    pub seconds: f64,
+    rate: f64,
+}
+
+impl Budget {
+    pub fn new(seconds: f64, device: &Device) -> crate::Result<Budget> {
+        let n = 256;
+        let a = Tensor::full(&[n, n], 0.5, device)?;
+        let _ = matmul(&a, &a, None, MatmulOpts::default())?;
+        device.sync()?;
+        let start = Instant::now();
+        for _ in 0..3 {
+            let _ = matmul(&a, &a, None, MatmulOpts::default())?;
+        }
+        device.sync()?;
+        let secs = start.elapsed().as_secs_f64().max(1e-9) / 3.0;
+        Ok(Budget {
+            seconds,
+            rate: 0.5 * 2.0 * (n * n * n) as f64 / secs,
+        })
+    }
+
+    /// Estimated seconds of work of `flops`.
+    pub fn estimate(&self, flops: f64) -> f64 {
+        flops / self.rate
+    }
+
+    /// Learn the rate from a measured case.
+    pub fn observe(&mut self, flops: f64, seconds: f64) {
+        if seconds > 0.0 && flops > 0.0 {
+            self.rate = flops / seconds;
+        }
+    }
+}
+
+/// The median of `xs` (mean of the two middle values for an even count).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The process's peak resident set size in bytes (getrusage), where the platform tells it.
+pub fn peak_rss() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: getrusage writes into the zeroed struct we pass and reads nothing else.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: RUSAGE_SELF with a valid pointer is always a valid call.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+            return Some(usage.ru_maxrss as u64 * 1024);
+        }
+    }
+    None
+}
+
+/// A short label of the device for tables and JSON.
+pub fn device_label(device: &Device) -> String {
+    match device {
+        Device::Cpu(_) => format!("cpu ({} threads)", tensor::cpu::threads()),
+        Device::Gpu(g) => {
+            let info = g.info();
+            let kind = if g.is_software() { ", software" } else { "" };
+            format!("gpu {} ({}{kind})", info.name, info.backend)
+        }
+    }
+}
