@@ -1,7 +1,7 @@
 //! Hostile model directories: every way a file can be damaged or forged is an error that names
 //! the file, never a panic, an abort or an allocation the file's size does not justify.
 //!
-//! The cases, one test each: a `model.safetensors` truncated at every offset, a byte flipped
+//! The cases, one test each: a safetensors file truncated at every offset, a byte flipped
 //! anywhere, a header length larger than the file or than any memory, overlapping and
 //! out-of-range data offsets, dtypes we do not read, shapes that disagree with `config.json`,
 //! NaN and infinite weights, a `config.json` that is not an object, lacks a field, or declares
@@ -14,49 +14,16 @@
 //!
 //! `cargo test -p transformer --test hostile_files`
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
+use integration_tests::hostile::{
+    JsonEdit, Mutation, Watch, apply, cases, edit_json, join, json_edit, mutation, split, watched,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 use transformer::{Checkpoint, GptConfig, NamedTensor, SaveDtype, Tokenizer};
-
-// ---------------------------------------------------------------------------------------------
-// A guard against large allocations: the largest single request made by this thread.
-
-/// Every allocation goes to the system allocator; the size of the largest one a thread asks
-/// for is remembered, so a test can check what a load of hostile input requested.
-struct Watch;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
-}
-
-// SAFETY: forwards every call to `System` unchanged; only records sizes in a const-initialised
-// thread-local `Cell`, which neither allocates nor can re-enter the allocator.
-unsafe impl GlobalAlloc for Watch {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static WATCH: Watch = Watch;
@@ -65,13 +32,6 @@ static WATCH: Watch = Watch;
 /// the size table of a config at [`GptConfig::MAX_LAYERS`] is the largest legitimate one
 /// (49,156 names and shapes, about 2.4 MB).
 const ALLOCATION_BOUND: usize = 8 << 20;
-
-/// Runs `f`, returning its result and the largest single allocation it made.
-fn watched<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    LARGEST.with(|l| l.set(0));
-    let out = f();
-    (out, LARGEST.with(Cell::get))
-}
 
 // ---------------------------------------------------------------------------------------------
 // Small valid files.
@@ -121,22 +81,6 @@ fn tiny_model_dir(tag: &str) -> (PathBuf, Vec<u8>) {
     (dir, bytes)
 }
 
-/// A safetensors file's header as JSON and the data bytes after it.
-fn split(bytes: &[u8]) -> (Value, Vec<u8>) {
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    (header, bytes[8 + n..].to_vec())
-}
-
-/// A safetensors file made of `header` (serialised, with its true length) and `data`.
-fn join(header: &Value, data: &[u8]) -> Vec<u8> {
-    let text = header.to_string();
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(text.as_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
 /// The error of loading `dir`, which must start with the path of one of `dir`'s files.
 fn load_error(dir: &Path) -> String {
     match Checkpoint::load(dir) {
@@ -157,13 +101,48 @@ fn assert_names_a_file_of(dir: &Path, e: &str) {
 // ---------------------------------------------------------------------------------------------
 // model.safetensors
 
+/// A small safetensors file of every dtype we read and one we skip: F32 [2, 3], F16 [4],
+/// BF16 [3], and a U8 [2] that `read_tensors_where` filters out (as the loader does with the
+/// causal-mask buffers). About 330 bytes.
+fn small_mixed_file(path: &Path) -> Vec<u8> {
+    use safetensors::{Dtype, tensor::TensorView};
+    let f32s: Vec<u8> = [0.5f32, -1.0, 2.0, 0.25, 3.0, -0.5]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let f16s: Vec<u8> = [1.0f32, 2.0, -3.0, 0.125]
+        .iter()
+        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+        .collect();
+    let bf16s: Vec<u8> = [7.0f32, -8.0, 0.0]
+        .iter()
+        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+        .collect();
+    let mask = [1u8, 0];
+    let views = [
+        ("a", TensorView::new(Dtype::F32, vec![2, 3], &f32s).unwrap()),
+        ("b", TensorView::new(Dtype::F16, vec![4], &f16s).unwrap()),
+        ("c", TensorView::new(Dtype::BF16, vec![3], &bf16s).unwrap()),
+        ("mask", TensorView::new(Dtype::U8, vec![2], &mask).unwrap()),
+    ];
+    safetensors::serialize_to_file(views, None, path).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+fn read_small(path: &Path) -> transformer::Result<Vec<NamedTensor>> {
+    transformer::tensor_file::read_tensors_where(path, |name| name != "mask")
+}
+
 #[test]
 fn truncated_at_every_offset_is_an_error_naming_the_file() {
-    let (dir, bytes) = tiny_model_dir("truncated");
-    let path = dir.join("model.safetensors");
+    let dir = scratch("truncated");
+    let path = dir.join("small.safetensors");
+    let bytes = small_mixed_file(&path);
+    assert_eq!(read_small(&path).unwrap().len(), 3);
     for len in 0..bytes.len() {
         std::fs::write(&path, &bytes[..len]).unwrap();
-        let (e, largest) = watched(|| load_error(&dir));
+        let (result, largest) = watched(|| read_small(&path));
+        let e = result.unwrap_err().to_string();
         assert!(
             e.starts_with(&format!("{}: not a", path.display())),
             "cut at {len}: {e}"
@@ -172,25 +151,48 @@ fn truncated_at_every_offset_is_an_error_naming_the_file() {
     }
     // The messages say what is wrong: too short for the length, or a length past the end.
     std::fs::write(&path, &bytes[..5]).unwrap();
-    assert!(load_error(&dir).contains("5 bytes, too short for the 8-byte header length"));
+    let e = read_small(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("5 bytes, too short for the 8-byte header length"),
+        "{e}"
+    );
     std::fs::write(&path, &bytes[..100]).unwrap();
-    let e = load_error(&dir);
+    let e = read_small(&path).unwrap_err().to_string();
     assert!(e.contains("but only 92 follow it"), "{e}");
-    println!("{} truncations of a {}-byte file", bytes.len(), bytes.len());
+
+    // A whole model directory (the same reader, behind `Checkpoint::load`): the first 16 cuts,
+    // then every 13th.
+    let (dir2, model) = tiny_model_dir("truncated-model");
+    let cuts: Vec<usize> = (0..16).chain((16..model.len()).step_by(13)).collect();
+    for &len in &cuts {
+        std::fs::write(dir2.join("model.safetensors"), &model[..len]).unwrap();
+        let (e, largest) = watched(|| load_error(&dir2));
+        assert!(e.contains("model.safetensors: not a"), "cut at {len}: {e}");
+        assert!(largest <= ALLOCATION_BOUND, "cut at {len}: {largest} bytes");
+    }
+    println!(
+        "{} cuts of a {}-byte file, {} of a {}-byte model",
+        bytes.len(),
+        bytes.len(),
+        cuts.len(),
+        model.len()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&dir2).unwrap();
 }
 
 #[test]
 fn a_flipped_byte_anywhere_loads_or_fails_naming_the_file() {
-    let (dir, bytes) = tiny_model_dir("flipped");
-    let path = dir.join("model.safetensors");
-    let (header_len, mut loaded, mut refused) = (bytes.len() - split(&bytes).1.len(), 0, 0);
+    let dir = scratch("flipped");
+    let path = dir.join("small.safetensors");
+    let bytes = small_mixed_file(&path);
+    let (mut loaded, mut refused) = (0, 0);
     for at in 0..bytes.len() {
         for mask in [0x01u8, 0x80, 0xFF] {
             let mut damaged = bytes.clone();
             damaged[at] ^= mask;
             std::fs::write(&path, &damaged).unwrap();
-            let (result, largest) = watched(|| Checkpoint::load(&dir));
+            let (result, largest) = watched(|| read_small(&path));
             assert!(largest <= ALLOCATION_BOUND, "flip {mask:#x} at {at}");
             match result {
                 Ok(_) => {
@@ -199,7 +201,8 @@ fn a_flipped_byte_anywhere_loads_or_fails_naming_the_file() {
                     loaded += 1;
                 }
                 Err(e) => {
-                    assert_names_a_file_of(&dir, &e.to_string());
+                    let e = e.to_string();
+                    assert!(e.starts_with(&path.display().to_string()), "{e}");
                     refused += 1;
                 }
             }
@@ -208,10 +211,25 @@ fn a_flipped_byte_anywhere_loads_or_fails_naming_the_file() {
     // Every flip of the 8 length bytes is refused; so is any flip that makes a value NaN/inf.
     assert!(refused >= 24 && loaded > 0);
     println!(
-        "{} flips ({header_len}-byte header): {loaded} loaded (a value changed), {refused} refused",
+        "{} flips: {loaded} loaded (a value or the skipped mask changed), {refused} refused",
         3 * bytes.len()
     );
+
+    // A whole model directory: one flip every 5 bytes of the header, masks in turn.
+    let (dir2, model) = tiny_model_dir("flipped-model");
+    let data_start = model.len() - split(&model).1.len();
+    for at in (0..data_start).step_by(5) {
+        let mut damaged = model.clone();
+        damaged[at] ^= [0x01u8, 0x80, 0xFF][at % 3];
+        std::fs::write(dir2.join("model.safetensors"), &damaged).unwrap();
+        let (result, largest) = watched(|| Checkpoint::load(&dir2));
+        assert!(largest <= ALLOCATION_BOUND, "flip at {at}");
+        if let Err(e) = result {
+            assert_names_a_file_of(&dir2, &e.to_string());
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&dir2).unwrap();
 }
 
 #[test]
@@ -499,7 +517,9 @@ fn tokenizer_files_truncated_anywhere_fail_naming_the_file() {
     );
     for (file, bytes) in [("vocab.json", &vocab), ("merges.txt", &merges)] {
         let path = dir.join(file);
-        for len in 0..bytes.len() {
+        // Every cut of merges.txt; vocab.json's cuts are all invalid JSON, so every 7th will do.
+        let step = if file == "vocab.json" { 7 } else { 1 };
+        for len in (0..bytes.len()).step_by(step) {
             std::fs::write(&path, &bytes[..len]).unwrap();
             // A cut at a line or character boundary of merges.txt may leave a valid, shorter
             // list of merges; anything else is an error naming the file.
@@ -551,135 +571,6 @@ fn tokenizer_files_of_the_wrong_kind_are_named() {
 
 // ---------------------------------------------------------------------------------------------
 // Mutation fuzzing
-
-/// The number of cases each fuzzer runs: `PROPTEST_CASES`, or 256.
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256)
-}
-
-/// One change to a file's bytes.
-#[derive(Clone, Debug)]
-enum Mutation {
-    /// XOR the byte at (offset mod length) with a mask.
-    Flip(usize, u8),
-    /// Keep the first (n mod (length + 1)) bytes.
-    Truncate(usize),
-    /// Insert bytes at (offset mod (length + 1)).
-    Insert(usize, Vec<u8>),
-    /// Remove up to n bytes from (offset mod length).
-    Delete(usize, usize),
-    /// Overwrite the first 8 bytes (a safetensors header's length).
-    HeaderLength(u64),
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    prop_oneof![
-        4 => (any::<usize>(), 1..=255u8).prop_map(|(at, m)| Mutation::Flip(at, m)),
-        1 => any::<usize>().prop_map(Mutation::Truncate),
-        1 => (any::<usize>(), prop::collection::vec(any::<u8>(), 1..8))
-            .prop_map(|(at, b)| Mutation::Insert(at, b)),
-        1 => (any::<usize>(), 1..16usize).prop_map(|(at, n)| Mutation::Delete(at, n)),
-        1 => prop_oneof![any::<u64>(), 0..8192u64].prop_map(Mutation::HeaderLength),
-    ]
-}
-
-fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
-    let len = bytes.len();
-    match m {
-        Mutation::Flip(at, mask) if len > 0 => bytes[at % len] ^= mask,
-        Mutation::Truncate(n) => bytes.truncate(n % (len + 1)),
-        Mutation::Insert(at, new) => {
-            let at = at % (len + 1);
-            bytes.splice(at..at, new.iter().copied());
-        }
-        Mutation::Delete(at, n) if len > 0 => {
-            let at = at % len;
-            bytes.drain(at..(at + n).min(len));
-        }
-        Mutation::HeaderLength(n) if len >= 8 => bytes[..8].copy_from_slice(&n.to_le_bytes()),
-        _ => {}
-    }
-}
-
-/// A JSON value to splice in: the kinds a field can be mistyped as, and numbers at the edges.
-fn json_value() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        (0..70u32).prop_map(|e| json!(1u64.checked_shl(e).unwrap_or(u64::MAX))),
-        any::<i64>().prop_map(Value::from),
-        (-1e300..1e300f64).prop_map(Value::from),
-        "[A-Z0-9_]{0,6}".prop_map(Value::from),
-        prop_oneof![
-            Just("F32"),
-            Just("F16"),
-            Just("BF16"),
-            Just("F64"),
-            Just("I8"),
-            Just("U8")
-        ]
-        .prop_map(Value::from),
-        prop::collection::vec(0..300u64, 0..4).prop_map(|v| json!(v)),
-        prop::collection::vec(any::<u64>(), 0..4).prop_map(|v| json!(v)),
-        Just(json!({})),
-    ]
-}
-
-/// One edit inside a JSON object: set or remove key number `k` (mod the key count), set a
-/// field of the entry under it (safetensors headers nest one level), or replace the root.
-#[derive(Clone, Debug)]
-enum JsonEdit {
-    Set(usize, Value),
-    SetField(usize, &'static str, Value),
-    Remove(usize),
-    Root(Value),
-}
-
-fn json_edit() -> impl Strategy<Value = JsonEdit> {
-    let field = prop_oneof![Just("dtype"), Just("shape"), Just("data_offsets")];
-    prop_oneof![
-        3 => (any::<usize>(), json_value()).prop_map(|(k, v)| JsonEdit::Set(k, v)),
-        4 => (any::<usize>(), field, json_value()).prop_map(|(k, f, v)| JsonEdit::SetField(k, f, v)),
-        1 => any::<usize>().prop_map(JsonEdit::Remove),
-        1 => json_value().prop_map(JsonEdit::Root),
-    ]
-}
-
-fn edit_json(value: &mut Value, edit: &JsonEdit) {
-    if let JsonEdit::Root(v) = edit {
-        *value = v.clone();
-        return;
-    }
-    let Some(obj) = value.as_object_mut() else {
-        return;
-    };
-    let keys: Vec<String> = obj.keys().cloned().collect();
-    let key = |k: usize| keys.get(k % keys.len().max(1)).cloned();
-    match edit {
-        JsonEdit::Set(k, v) => {
-            if let Some(key) = key(*k) {
-                obj.insert(key, v.clone());
-            }
-        }
-        JsonEdit::SetField(k, f, v) => {
-            if let Some(entry) = key(*k).and_then(|key| obj.get_mut(&key)) {
-                if let Some(entry) = entry.as_object_mut() {
-                    entry.insert(f.to_string(), v.clone());
-                }
-            }
-        }
-        JsonEdit::Remove(k) => {
-            if let Some(key) = key(*k) {
-                obj.remove(&key);
-            }
-        }
-        JsonEdit::Root(_) => {}
-    }
-}
 
 /// A damaged model directory: JSON edits to the safetensors header (re-serialised with its true
 /// length), then byte mutations of the file, and JSON edits to config.json.
