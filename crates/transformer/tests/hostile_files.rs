@@ -103,10 +103,11 @@ fn assert_names_a_file_of(dir: &Path, e: &str) {
 
 /// A small safetensors file of every dtype we read and one we skip: F32 [2, 3], F16 [4],
 /// BF16 [3], and a U8 [2] that `read_tensors_where` filters out (as the loader does with the
-/// causal-mask buffers). About 330 bytes.
+/// causal-mask buffers). About 280 bytes. The last F32 is 2^126 (bits 0x7E80_0000), one bit
+/// away from infinity, so that a flipped byte can make a value non-finite.
 fn small_mixed_file(path: &Path) -> Vec<u8> {
     use safetensors::{Dtype, tensor::TensorView};
-    let f32s: Vec<u8> = [0.5f32, -1.0, 2.0, 0.25, 3.0, -0.5]
+    let f32s: Vec<u8> = [0.5f32, -1.0, 2.0, 0.25, 3.0, f32::from_bits(0x7E80_0000)]
         .iter()
         .flat_map(|x| x.to_le_bytes())
         .collect();
@@ -195,9 +196,12 @@ fn a_flipped_byte_anywhere_loads_or_fails_naming_the_file() {
             let (result, largest) = watched(|| read_small(&path));
             assert!(largest <= ALLOCATION_BOUND, "flip {mask:#x} at {at}");
             match result {
-                Ok(_) => {
-                    // Only a value can change unnoticed, never the length or the layout.
+                Ok(tensors) => {
+                    // Only a value can change unnoticed, never the length or the layout, and
+                    // no value read is NaN or infinite.
                     assert!(at >= 8, "flip {mask:#x} of the header length loaded");
+                    let finite = tensors.iter().all(|t| t.2.iter().all(|x| x.is_finite()));
+                    assert!(finite, "flip {mask:#x} at {at} loaded a non-finite value");
                     loaded += 1;
                 }
                 Err(e) => {
