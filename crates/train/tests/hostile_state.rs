@@ -223,9 +223,12 @@ fn moments_that_do_not_fit_their_parameter_are_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A change to a checkpoint's header and to the state JSON inside it.
+type Edit = fn(&mut Value, &mut Value);
+
 #[test]
 fn a_saved_state_that_lacks_a_field_or_disagrees_is_refused() {
-    let cases: [(&str, fn(&mut Value, &mut Value), &str); 6] = [
+    let cases: [(&str, Edit, &str); 6] = [
         (
             "no-seed",
             |_, s| drop(s.as_object_mut().unwrap().remove("seed")),
