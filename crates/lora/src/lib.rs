@@ -96,6 +96,7 @@ pub use config::{BiasMode, Init, LoraConfig, ParamCount, Site, scaling};
 pub use error::{Error, Result};
 pub use linear::{LoraAdapter, LoraLinear};
 pub use model::{LoraModel, site_name};
+pub use peft_config::MAX_CONFIG_BYTES as MAX_ADAPTER_CONFIG_BYTES;
 pub use peft_load::LoadedAdapter;
 pub use peft_save::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, peft_target_name};
 pub use target::{Module, Target};

@@ -8,14 +8,21 @@
 //! equal its name (`transformer.h.0.attn.c_attn`) or a dot-separated suffix of it, as PEFT's
 //! do for literal names; the longest matching pattern key wins. A regular expression (a string
 //! `target_modules`, or pattern keys with regex syntax) is not interpreted: a warning says so.
+//!
+//! A file that is not a JSON object, lacks `r`, or gives a key the wrong type is an error naming
+//! the file and the key; the file is read only up to [`MAX_CONFIG_BYTES`].
 
 use std::path::Path;
 
 use serde_json::{Map, Value};
 use tensor::Tensor;
+use transformer::tensor_file::read_text;
 
 use crate::config::{BiasMode, Init, LoraConfig, Site};
 use crate::error::{Error, Result};
+
+/// The largest `adapter_config.json` read (1 MiB; PEFT writes about 2 kB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Config keys this loader interprets, or knows to leave alone.
 const KNOWN: &[&str] = &[
@@ -89,11 +96,7 @@ pub(crate) struct PeftConfig {
 }
 
 pub(crate) fn parse_config(path: &Path, warnings: &mut Vec<String>) -> Result<PeftConfig> {
-    let io = |e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    let text = std::fs::read_to_string(path).map_err(io)?;
+    let text = read_text(path, MAX_CONFIG_BYTES)?;
     let err = |m: String| Error::config_in(path, m);
     let json: Value = serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
     let obj = json

@@ -8,7 +8,13 @@
 //! - a layer the model lacks, or a layer `target_modules` names that the file lacks (layer count);
 //! - A not (r, in) or B not (out, r) for the model's W (in, out) (shapes);
 //! - weights for a module `target_modules` does not name (targets);
-//! - a rank other than `r` / `rank_pattern` says (rank).
+//! - a rank other than `r` / `rank_pattern` says, or a rank of 0 (rank);
+//! - `layers_to_transform` naming a layer the model lacks (layer count).
+//!
+//! The weights file is read by [`transformer::tensor_file::read_tensors`], so a damaged file
+//! (truncated, a header that lies, an unreadable dtype) is an error naming it, and so is a NaN
+//! or infinite value in any A, B or bias (the tensor and the count of such values are named).
+//! A tensor given twice (with and without the `transformer.` prefix) is an error too.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -85,11 +91,22 @@ fn read_weights(path: &Path, model: &Gpt2) -> Result<FileWeights> {
                 )));
             }
             let slot = file.pairs.entry((layer, module)).or_default();
-            *(if is_a { &mut slot.0 } else { &mut slot.1 }) = Some((shape, data));
+            let slot = if is_a { &mut slot.0 } else { &mut slot.1 };
+            if slot.replace((shape, data)).is_some() {
+                return Err(mismatch(format!(
+                    "tensor `{key}`: the file holds this LoRA weight twice (with and without \
+                     the `transformer.` prefix)"
+                )));
+            }
         } else if let Some(want) = shapes.get(rest).filter(|_| rest.ends_with(".bias")) {
             if *want != shape {
                 return Err(mismatch(format!(
                     "tensor `{key}` is {shape:?}, the model's `{rest}` is {want:?}"
+                )));
+            }
+            if file.biases.iter().any(|(name, _, _)| name == rest) {
+                return Err(mismatch(format!(
+                    "tensor `{key}`: the file holds the bias `{rest}` twice"
                 )));
             }
             file.biases.push((rest.to_string(), shape, data));
@@ -107,6 +124,12 @@ fn read_weights(path: &Path, model: &Gpt2) -> Result<FileWeights> {
 /// The layers and modules the config names must be exactly those the file holds.
 fn check_targets(pc: &PeftConfig, file: &FileWeights, n_layer: usize, path: &Path) -> Result<()> {
     let mismatch = |m: String| Error::mismatch(Some(path), m);
+    if let Some(l) = pc.layers.iter().flatten().find(|&&l| l >= n_layer) {
+        return Err(mismatch(format!(
+            "layers_to_transform names layer {l}, but the model has {}",
+            layers_phrase(n_layer)
+        )));
+    }
     let layers = pc.layers.clone().unwrap_or_else(|| (0..n_layer).collect());
     if let Some((l, m)) = file.pairs.keys().find(|(l, _)| !layers.contains(l)) {
         return Err(mismatch(format!(
@@ -176,9 +199,19 @@ fn site_of(
             "{stem}: rank {r} in the file, but adapter_config.json says r = {want_r}"
         ));
     }
+    if r == 0 {
+        return Err(format!(
+            "{stem}: rank 0 (lora_A is {sa:?}); a LoRA rank is at least 1"
+        ));
+    }
     let alpha = pattern_value(&pc.alpha_pattern, &name)
         .and_then(Value::as_f64)
         .map_or(pc.alpha, |v| v as f32);
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(format!(
+            "{stem}: lora_alpha is {alpha} in adapter_config.json; it must be positive and finite"
+        ));
+    }
     Ok(Site {
         layer,
         target: target_of(module),

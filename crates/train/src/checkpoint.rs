@@ -23,6 +23,14 @@
 //! **Crash safety.** The state is one file, replaced atomically
 //! ([`transformer::tensor_file::write_atomically`]: temporary sibling, fsync, rename, fsync of
 //! the directory): a crash at any point leaves the previous checkpoint whole and loadable.
+//!
+//! **Damaged files.** [`load`] and [`Saved::restore`] never panic on what they read: a file
+//! truncated or altered anywhere is an error naming it (the tensors go through
+//! [`transformer::tensor_file::read_tensors`], which also refuses NaN and infinite values; the
+//! state JSON is read only after its length is checked against the file's). Beyond the format,
+//! they check what a run needs: `step`, `adam_step`, `batches_drawn` and `seed` present and in
+//! range, one loss per step, each value and moment shaped as its parameter, m and v together,
+//! and no negative second moment (AdamW divides by its square root).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -122,21 +130,28 @@ pub fn load(dir: &Path) -> crate::Result<Saved> {
     let bad = |what: &str| format!("{}: not a fine-tuning checkpoint ({what})", path.display());
     let state = read_state(&path)?;
     let number = |key: &str| {
-        state[key]
-            .as_u64()
-            .ok_or_else(|| bad(&format!("no `{key}`")))
+        state
+            .get(key)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad(&format!("no `{key}`, or not a non-negative integer")))
     };
     let (step, adam_step) = (number("step")?, number("adam_step")?);
     let mut tensors: HashMap<String, HostTensor> = read_tensors(&path)?
         .into_iter()
         .map(|(name, shape, data)| (name, (shape, data)))
         .collect();
-    let (_, losses) = tensors.remove("losses").ok_or_else(|| bad("no `losses`"))?;
+    let (shape, losses) = tensors.remove("losses").ok_or_else(|| bad("no `losses`"))?;
+    if shape.len() != 1 || losses.len() as u64 != step {
+        return Err(bad(&format!(
+            "`losses` is {shape:?}, but the state says {step} steps were taken: one loss a step"
+        ))
+        .into());
+    }
     let progress = Progress {
         step: u32::try_from(step).map_err(|_| bad("step out of range"))?,
         batches_drawn: number("batches_drawn")?,
         seed: number("seed")?,
-        run: state["run"].clone(),
+        run: state.get("run").cloned().unwrap_or(Value::Null),
         losses,
     };
     Ok(Saved {
@@ -182,9 +197,35 @@ impl Saved {
             )?;
             let m = self.tensors.remove(&format!("adam_m/{}", p.name));
             let v = self.tensors.remove(&format!("adam_v/{}", p.name));
-            if let (Some((sm, m)), Some((sv, v))) = (m, v) {
-                let m = Tensor::from_vec(m, &sm, &device)?;
-                moments.push((p.id, m, Tensor::from_vec(v, &sv, &device)?));
+            match (m, v) {
+                (Some((sm, m)), Some((sv, v))) => {
+                    if sm != shape || sv != shape {
+                        let message = format!(
+                            "{name}: AdamW moments of `{}` are {sm:?} (m) and {sv:?} (v), but the \
+                             parameter is {shape:?}",
+                            p.name
+                        );
+                        return Err(message.into());
+                    }
+                    if let Some(x) = v.iter().find(|x| **x < 0.0) {
+                        let message = format!(
+                            "{name}: `adam_v/{}` holds {x}; a second moment is never negative",
+                            p.name
+                        );
+                        return Err(message.into());
+                    }
+                    let m = Tensor::from_vec(m, &sm, &device)?;
+                    moments.push((p.id, m, Tensor::from_vec(v, &sv, &device)?));
+                }
+                (None, None) => {} // a parameter that has not taken a step yet
+                (m, _) => {
+                    let (has, lacks) = if m.is_some() { ("m", "v") } else { ("v", "m") };
+                    let message = format!(
+                        "{name}: `{}` has the AdamW moment {has} but not {lacks}",
+                        p.name
+                    );
+                    return Err(message.into());
+                }
             }
         }
         if let Some(extra) = self.tensors.keys().min() {
@@ -200,22 +241,34 @@ impl Saved {
 /// 8 bytes (its length, little-endian) then that many bytes of JSON.
 fn read_state(path: &Path) -> crate::Result<Value> {
     let name = path.display();
+    let bad = |what: String| format!("{name}: not a fine-tuning checkpoint ({what})");
     let mut file = std::fs::File::open(path).map_err(|e| format!("{name}: {e}"))?;
+    let file_len = file.metadata().map_err(|e| format!("{name}: {e}"))?.len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len)
-        .map_err(|e| format!("{name}: {e}"))?;
+        .map_err(|e| bad(format!("{file_len} bytes, too short for a header: {e}")))?;
     let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(format!("{name}: a header of {len} bytes: not a checkpoint").into());
+    // Checked before allocating: a flipped bit in these 8 bytes must not ask for exabytes.
+    if len > file_len.saturating_sub(8) || len > 100 << 20 {
+        return Err(bad(format!(
+            "the header length says {len} bytes, but the file is {file_len} bytes"
+        ))
+        .into());
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header)
         .map_err(|e| format!("{name}: {e}"))?;
-    let header: Value = serde_json::from_slice(&header).map_err(|e| format!("{name}: {e}"))?;
-    let state = header["__metadata__"]["state"]
-        .as_str()
-        .ok_or_else(|| format!("{name}: not a fine-tuning checkpoint (no saved state)"))?;
-    Ok(serde_json::from_str(state).map_err(|e| format!("{name}: {e}"))?)
+    let header: Value = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let state = header
+        .get("__metadata__")
+        .and_then(|m| m.get("state"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("no saved state".to_string()))?;
+    let state: Value = serde_json::from_str(state).map_err(|e| bad(format!("saved state: {e}")))?;
+    if !state.is_object() {
+        return Err(bad(format!("the saved state is {state}, not a JSON object")).into());
+    }
+    Ok(state)
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@
 //!
 //! We work with ids from step 2 on: a merge is `(left id, right id) -> (rank, merged id)`, and
 //! loading checks that every byte and every merge result has an id, so encoding cannot fail.
+//! Malformed files (not JSON, not an object, ids that are not u32, a merge line that is not two
+//! symbols, a symbol missing from the vocabulary, a file over [`MAX_TOKENIZER_FILE_BYTES`]) are
+//! errors naming the file and, for `merges.txt`, the line.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,6 +25,10 @@ use fancy_regex::Regex;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::tensor_file::read_text;
+
+/// The largest `vocab.json` or `merges.txt` read (64 MiB; GPT-2's are 1.0 MB and 0.5 MB).
+pub const MAX_TOKENIZER_FILE_BYTES: u64 = 64 << 20;
 
 /// GPT-2's pre-tokenisation regex, from OpenAI's `encoder.py`. `(?!\S)` keeps the last space of
 /// a whitespace run for the next word, so `"a   b"` splits as `"a"`, `"  "`, `" b"`.
@@ -76,7 +83,7 @@ pub(crate) struct BytePairEncoder {
 
 impl BytePairEncoder {
     pub(crate) fn from_files(vocab_path: &Path, merges_path: &Path) -> Result<Self> {
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
+        let read = |p: &Path| read_text(p, MAX_TOKENIZER_FILE_BYTES);
         Self::from_strs(
             &read(vocab_path)?,
             vocab_path,

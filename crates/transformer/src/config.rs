@@ -6,12 +6,22 @@
 //! keys that would make this crate compute a different function than `transformers` does (another
 //! activation, an `n_inner` other than 4·C, untied embeddings, ...), so a checkpoint either loads
 //! and means what it meant in PyTorch, or fails with a message saying why.
+//!
+//! A config is also a promise about sizes that later code allocates from (the size table, the
+//! model), so [`GptConfig::validate`] bounds them ([`GptConfig::MAX_LAYERS`],
+//! [`GptConfig::MAX_DIM`], [`GptConfig::MAX_PARAMETERS`]): a hostile `"n_layer": 1e18` or
+//! `"n_embd": 2^62` is an error naming the field, never an overflow or an attempt to allocate
+//! it. `config.json` itself is read only up to [`MAX_CONFIG_BYTES`].
 
 use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
+use crate::tensor_file::read_text;
+
+/// The largest `config.json` read (16 MiB; Hugging Face's GPT-2 config is under 1 kB).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// Which tokenizer a model's ids come from, when its directory has no `vocab.json`/`merges.txt`.
 ///
@@ -64,6 +74,13 @@ pub struct GptConfig {
 }
 
 impl GptConfig {
+    /// The most blocks a config may have (GPT-2 XL has 48).
+    pub const MAX_LAYERS: usize = 1 << 12;
+    /// The largest `n_head`, `n_embd`, `vocab_size` or `n_positions` (2^24 = 16,777,216).
+    pub const MAX_DIM: usize = 1 << 24;
+    /// The most parameters a config may describe (2^36, 256 GiB of f32; GPT-2 XL has 1.6·2^30).
+    pub const MAX_PARAMETERS: u64 = 1 << 36;
+
     /// GPT-2 small (124M parameters), as `openai-community/gpt2`.
     pub fn gpt2_small() -> Self {
         Self::gpt2_sized(12, 12, 768)
@@ -94,7 +111,7 @@ impl GptConfig {
     /// Reads and validates a Hugging Face `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_text(path, MAX_CONFIG_BYTES)?;
         parse(&text, Some(path))
     }
 
@@ -103,8 +120,10 @@ impl GptConfig {
         parse(text, None)
     }
 
-    /// Checks that the sizes describe a model we can build: all positive, C divisible by NH,
-    /// ε positive, and a vocabulary large enough for the tokenizer's ids.
+    /// Checks that the sizes describe a model we can build: all positive and within
+    /// [`GptConfig::MAX_LAYERS`] / [`GptConfig::MAX_DIM`], at most
+    /// [`GptConfig::MAX_PARAMETERS`] parameters in all, C divisible by NH, ε positive, and a
+    /// vocabulary large enough for the tokenizer's ids.
     pub fn validate(&self) -> Result<()> {
         self.check().map_err(|message| Error::Config {
             path: None,
@@ -124,6 +143,29 @@ impl GptConfig {
             if value == 0 {
                 return Err(format!("`{key}` must be positive, found 0"));
             }
+            let max = if key == "n_layer" {
+                Self::MAX_LAYERS
+            } else {
+                Self::MAX_DIM
+            };
+            if value > max {
+                return Err(format!("`{key}` must be at most {max}, found {value}"));
+            }
+        }
+        // Within the bounds above every term fits in u128 (and most in u64).
+        let (l, c) = (self.n_layer as u128, self.n_embd as u128);
+        let (v, p) = (self.vocab_size as u128, self.n_positions as u128);
+        let parameters = (v + p) * c + l * (12 * c * c + 13 * c) + 2 * c;
+        if parameters > u128::from(Self::MAX_PARAMETERS) {
+            return Err(format!(
+                "{parameters} parameters (L={} C={} V={} n_positions={}) is more than the {} \
+                 this crate accepts",
+                self.n_layer,
+                self.n_embd,
+                self.vocab_size,
+                self.n_positions,
+                Self::MAX_PARAMETERS
+            ));
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!(
@@ -206,7 +248,6 @@ fn parse(text: &str, path: Option<&Path>) -> Result<GptConfig> {
         }
     };
     let n_embd = size("n_embd")?;
-    refuse_other_math(obj, n_embd).map_err(err)?;
 
     let layer_norm_epsilon = match present(obj, "layer_norm_epsilon") {
         None => 1e-5,
@@ -240,12 +281,14 @@ fn parse(text: &str, path: Option<&Path>) -> Result<GptConfig> {
         tokenizer,
     };
     config.check().map_err(err)?;
+    // After `check`, which bounds n_embd, so 4·n_embd cannot overflow.
+    refuse_other_math(obj, n_embd).map_err(err)?;
     Ok(config)
 }
 
 /// Refuses GPT-2 variants whose forward pass differs from ours; each key may be absent.
 fn refuse_other_math(obj: &Map<String, Value>, n_embd: usize) -> std::result::Result<(), String> {
-    let four_c = (4 * n_embd) as u64;
+    let four_c = (n_embd as u64).saturating_mul(4);
     // Both GELU names denote 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), the form we compute.
     let gelu_tanh = |v: &Value| v == "gelu_new" || v == "gelu_pytorch_tanh";
     let inner = |v: &Value| v.as_u64() == Some(four_c);

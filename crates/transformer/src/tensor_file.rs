@@ -9,11 +9,30 @@
 //!
 //! This is generic I/O: no GPT-2 names here. [`crate::checkpoint`] checks a model file against
 //! the size table, and the LoRA crate can use the same two functions for adapter files.
+//!
+//! **Hostile files.** Every loader of the workspace reads tensors through [`read_tensors`], so
+//! this is where a damaged or malicious file is stopped. Reading never panics and never
+//! allocates more than the file's own size: the header length is checked against the file's
+//! length before anything is parsed, the `safetensors` crate then checks that the header is
+//! UTF-8 JSON, that every tensor's `data_offsets` are in range, contiguous and not overlapping,
+//! and that each shape's product (with overflow checks) times its dtype's size is exactly its
+//! byte range; only then are values copied out. Every error starts with the file's path.
+//!
+//! **Non-finite values are errors.** A NaN or ±inf among the values of a tensor we read makes
+//! [`read_tensors`] fail with the tensor's name, how many values are not finite and where the
+//! first one is. No weight, adapter or optimizer moment of a usable model is NaN or infinite
+//! (the trainer stops before a step would write one), so such a value means a damaged file,
+//! and loading it would only turn every later output into NaN far from the cause. Tensors a
+//! loader skips (`read_tensors_where`'s filter) are not decoded and not checked.
+//!
+//! Text files beside the tensors (`config.json`, `adapter_config.json`, `vocab.json`, ...) are
+//! read with [`read_text`], which refuses files larger than a stated bound instead of
+//! allocating whatever a (possibly endless) file holds.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -36,7 +55,8 @@ pub enum SaveDtype {
 }
 
 /// Reads every tensor of a safetensors file, converting f32, f16 and bf16 to f32, sorted by
-/// name. Any other dtype (integers, f64, fp8) is an error naming the tensor.
+/// name. Any other dtype (integers, f64, fp8) is an error naming the tensor, and so is a NaN or
+/// infinite value (see the module docs).
 pub fn read_tensors(path: &Path) -> Result<Vec<NamedTensor>> {
     read_tensors_where(path, |_| true)
 }
@@ -50,6 +70,7 @@ pub fn read_tensors_where(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Ve
     // could change the bytes under us (or fault on a truncation); our own writers never do
     // that, because they replace files by rename (see `write_tensors`).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    check_header_length(&map).map_err(|m| Error::checkpoint(path, m))?;
     let file = SafeTensors::deserialize(&map)
         .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file: {e}")))?;
     let mut tensors = Vec::with_capacity(file.len());
@@ -63,10 +84,78 @@ pub fn read_tensors_where(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Ve
                 ),
             )
         })?;
+        check_finite(name, &data).map_err(|m| Error::checkpoint(path, m))?;
         tensors.push((name.to_string(), view.shape().to_vec(), data));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(tensors)
+}
+
+/// The largest header the `safetensors` crate parses (100 MB); GPT-2 XL's is under 100 kB.
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// The first 8 bytes, little-endian, are the header's length: it must fit in the file (after
+/// those 8 bytes) and under [`MAX_HEADER_BYTES`]. Checked here, before any parsing, so that the
+/// message says what the length is and what the file holds.
+fn check_header_length(bytes: &[u8]) -> std::result::Result<(), String> {
+    let file_len = bytes.len() as u64;
+    let Some(prefix) = bytes.get(..8) else {
+        return Err(format!(
+            "not a safetensors file: {file_len} bytes, too short for the 8-byte header length"
+        ));
+    };
+    let mut len = [0u8; 8];
+    len.copy_from_slice(prefix);
+    let header = u64::from_le_bytes(len);
+    if header > file_len - 8 {
+        return Err(format!(
+            "not a readable safetensors file: the header length says {header} bytes, but only \
+             {} follow it (the file is {file_len} bytes; truncated or not safetensors)",
+            file_len - 8
+        ));
+    }
+    if header > MAX_HEADER_BYTES {
+        return Err(format!(
+            "not a readable safetensors file: a header of {header} bytes, more than the \
+             {MAX_HEADER_BYTES} this reader accepts"
+        ));
+    }
+    Ok(())
+}
+
+/// `Err` naming the tensor, the count of NaN/±inf values and the first one's index.
+fn check_finite(name: &str, data: &[f32]) -> std::result::Result<(), String> {
+    let Some(first) = data.iter().position(|x| !x.is_finite()) else {
+        return Ok(());
+    };
+    let count = data[first..].iter().filter(|x| !x.is_finite()).count();
+    Err(format!(
+        "tensor `{name}`: {count} of its {} values are not finite (NaN or infinite; the first, \
+         at index {first}, is {}); a damaged file or a diverged run",
+        data.len(),
+        data[first]
+    ))
+}
+
+/// Reads the text file `path`, refusing one larger than `max_bytes` (or not UTF-8) with an error
+/// naming the file (an [`Error::Io`] of kind `InvalidData`); at most `max_bytes + 1` bytes are ever read, so a huge or endless file (a
+/// device, a pipe) cannot exhaust memory.
+pub fn read_text(path: &Path, max_bytes: u64) -> Result<String> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    let invalid = |m: String| Error::io(path, std::io::Error::new(ErrorKind::InvalidData, m));
+    if bytes.len() as u64 > max_bytes {
+        return Err(invalid(format!(
+            "larger than {max_bytes} bytes, the most this reader accepts for this file"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        invalid(format!("not UTF-8 text (invalid byte at offset {at})"))
+    })
 }
 
 /// Little-endian bytes of `dtype` to f32; `None` for dtypes we do not read.
