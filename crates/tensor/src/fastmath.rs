@@ -69,9 +69,9 @@ pub fn exp(x: f32) -> f32 {
 /// (checked at run time; std caches the answer), else as plain code. `$generic` is
 /// `#[inline(always)]`, so both copies come from the same source.
 macro_rules! multiversion {
-    ($(#[$doc:meta])* $name:ident => $generic:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+    ($(#[$doc:meta])* $vis:vis $name:ident => $generic:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
@@ -89,10 +89,11 @@ macro_rules! multiversion {
         }
     };
 }
+pub(crate) use multiversion;
 
 multiversion! {
     /// The largest element of `row` (`f32::MIN` for an empty row; NaNs are skipped).
-    max => max_generic(row: &[f32]) -> f32
+    pub max => max_generic(row: &[f32]) -> f32
 }
 
 #[inline(always)]
@@ -110,7 +111,7 @@ fn max_generic(row: &[f32]) -> f32 {
 
 multiversion! {
     /// Replace every x of `row` by exp(x − m) and return the sum of the new values (in f64).
-    exp_sub_sum => exp_sub_sum_generic(row: &mut [f32], m: f32) -> f64
+    pub exp_sub_sum => exp_sub_sum_generic(row: &mut [f32], m: f32) -> f64
 }
 
 #[inline(always)]
@@ -138,7 +139,7 @@ fn exp_sub_sum_generic(row: &mut [f32], m: f32) -> f64 {
 
 multiversion! {
     /// The sum of exp(x − m) over `row`, in f64, without writing anything.
-    sum_exp_sub => sum_exp_sub_generic(row: &[f32], m: f32) -> f64
+    pub sum_exp_sub => sum_exp_sub_generic(row: &[f32], m: f32) -> f64
 }
 
 #[inline(always)]
@@ -160,7 +161,7 @@ fn sum_exp_sub_generic(row: &[f32], m: f32) -> f64 {
 
 multiversion! {
     /// Multiply every element of `row` by `k`.
-    scale => scale_generic(row: &mut [f32], k: f32) -> ()
+    pub scale => scale_generic(row: &mut [f32], k: f32) -> ()
 }
 
 #[inline(always)]

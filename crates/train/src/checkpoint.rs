@@ -22,11 +22,13 @@
 //!
 //! **Crash safety.** The state is one file, replaced atomically
 //! ([`transformer::tensor_file::write_atomically`]: temporary sibling, fsync, rename, fsync of
-//! the directory): a crash at any point leaves the previous checkpoint whole and loadable.
+//! the directory): a crash at any point leaves the previous checkpoint whole and loadable. A
+//! state with a non-finite weight or moment (an update that overflowed) is never written.
 //!
 //! **Damaged files.** [`load`] and [`Saved::restore`] never panic on what they read: a file
 //! truncated or altered anywhere is an error naming it (the tensors go through
-//! [`transformer::tensor_file::read_tensors`], which also refuses NaN and infinite values; the
+//! [`transformer::tensor_file::read_tensors_with`], which also refuses NaN and infinite values
+//! except in `losses`, where NaN marks a step `--skip-nonfinite` skipped; the
 //! state JSON is read only after its length is checked against the file's). Beyond the format,
 //! they check what a run needs: `step`, `adam_step`, `batches_drawn` and `seed` present and in
 //! range, one loss per step, each value and moment shaped as its parameter, m and v together,
@@ -41,7 +43,7 @@ use serde_json::{Value, json};
 use tensor::Tensor;
 use tensor::ops::slice::write_axis;
 use transformer::SaveDtype;
-use transformer::tensor_file::{read_tensors, write_tensors};
+use transformer::tensor_file::{check_finite, read_tensors_with, write_tensors};
 
 /// The checkpoint's file inside its directory.
 pub const FILE: &str = "state.safetensors";
@@ -107,6 +109,19 @@ pub fn save(
         tensors.push((format!("adam_m/{}", p.name), host(m)?));
         tensors.push((format!("adam_v/{}", p.name), host(v)?));
     }
+    // A checkpoint is only worth writing if it can be resumed: an update that overflowed
+    // (a learning rate far too large) leaves non-finite weights although its loss and
+    // gradient were finite. Refuse, and keep the previous checkpoint as it is.
+    for (name, (_, data)) in &tensors {
+        check_finite(name, data).map_err(|m| {
+            format!(
+                "step {}: after the update, {m}; the previous checkpoint in {} is kept as it \
+                 was (a learning rate too large? try a lower --lr)",
+                progress.step,
+                dir.display()
+            )
+        })?;
+    }
     let losses = (vec![progress.losses.len()], progress.losses.clone());
     tensors.push(("losses".to_string(), losses));
     let state = json!({
@@ -136,10 +151,13 @@ pub fn load(dir: &Path) -> crate::Result<Saved> {
             .ok_or_else(|| bad(&format!("no `{key}`, or not a non-negative integer")))
     };
     let (step, adam_step) = (number("step")?, number("adam_step")?);
-    let mut tensors: HashMap<String, HostTensor> = read_tensors(&path)?
-        .into_iter()
-        .map(|(name, shape, data)| (name, (shape, data)))
-        .collect();
+    // `losses` holds NaN for the steps `--skip-nonfinite` skipped; every other tensor must be
+    // finite.
+    let mut tensors: HashMap<String, HostTensor> =
+        read_tensors_with(&path, |_| true, |name| name == "losses")?
+            .into_iter()
+            .map(|(name, shape, data)| (name, (shape, data)))
+            .collect();
     let (shape, losses) = tensors.remove("losses").ok_or_else(|| bad("no `losses`"))?;
     if shape.len() != 1 || losses.len() as u64 != step {
         return Err(bad(&format!(

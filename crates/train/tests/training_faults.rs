@@ -3,8 +3,10 @@
 //! the learning rate lowered; Ctrl-C (SIGINT) and SIGTERM save a checkpoint, exit with status
 //! 130, and `--resume` then ends exactly where an uninterrupted run does.
 //!
-//! Non-finite losses are made for real: a learning rate of 1e38 turns the weights into numbers
-//! near f32's largest after the first step, and the second step's forward pass overflows.
+//! Non-finite losses are made for real: a learning rate of 1e30 turns the weights into numbers
+//! near 1e30 after the first step (still finite, so its checkpoint is written), and the second
+//! step's forward pass overflows. (At 1e38 the first update itself overflows; the checkpoint
+//! then refuses to be written, as `an_update_that_overflows_is_not_checkpointed` checks.)
 
 mod common;
 
@@ -22,7 +24,7 @@ fn exploding(mode: &str) -> Vec<&str> {
         "--save-every",
         "1",
         "--lr",
-        "1e38",
+        "1e30",
         "--schedule",
         "constant",
     ];
@@ -38,6 +40,28 @@ fn with<'a>(args: &[&'a str], more: &[&'a str]) -> Vec<&'a str> {
 
 fn state_file(out: &Path) -> Vec<u8> {
     std::fs::read(out.join("checkpoint/state.safetensors")).unwrap()
+}
+
+#[test]
+fn an_update_that_overflows_is_not_checkpointed() {
+    let dir = scratch("overflow");
+    let data = write(&dir, "pairs.txt", e2e(20));
+    let out = dir.join("lora");
+    let mut args = exploding("lora");
+    let lr = args.iter().position(|a| *a == "1e30").unwrap();
+    args[lr] = "1e38";
+    let e = train_fails(&finetune_args(&data, &out, &args));
+    for want in [
+        "step 1: after the update",
+        "not finite",
+        "previous checkpoint",
+    ] {
+        assert!(e.contains(want), "expected `{want}` in:\n{e}");
+    }
+    assert!(
+        !out.join("checkpoint/state.safetensors").exists(),
+        "no checkpoint of non-finite weights"
+    );
 }
 
 #[test]

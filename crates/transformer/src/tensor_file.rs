@@ -64,6 +64,17 @@ pub fn read_tensors(path: &Path) -> Result<Vec<NamedTensor>> {
 /// As [`read_tensors`], for the tensors whose name satisfies `keep`; the others are not
 /// converted, and may have any dtype.
 pub fn read_tensors_where(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<NamedTensor>> {
+    read_tensors_with(path, keep, |_| false)
+}
+
+/// As [`read_tensors_where`], where the tensors named by `nonfinite_ok` may hold NaN or
+/// infinite values (a record that uses NaN as a marker, such as the per-step losses of a
+/// training state, where a skipped step is NaN).
+pub fn read_tensors_with(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+    nonfinite_ok: impl Fn(&str) -> bool,
+) -> Result<Vec<NamedTensor>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only and lives only inside this function, while we copy each
     // tensor out. Another process truncating or rewriting the file during those milliseconds
@@ -84,7 +95,9 @@ pub fn read_tensors_where(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Ve
                 ),
             )
         })?;
-        check_finite(name, &data).map_err(|m| Error::checkpoint(path, m))?;
+        if !nonfinite_ok(name) {
+            check_finite(name, &data).map_err(|m| Error::checkpoint(path, m))?;
+        }
         tensors.push((name.to_string(), view.shape().to_vec(), data));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -124,7 +137,7 @@ fn check_header_length(bytes: &[u8]) -> std::result::Result<(), String> {
 }
 
 /// `Err` naming the tensor, the count of NaN/±inf values and the first one's index.
-fn check_finite(name: &str, data: &[f32]) -> std::result::Result<(), String> {
+pub fn check_finite(name: &str, data: &[f32]) -> std::result::Result<(), String> {
     let Some(first) = data.iter().position(|x| !x.is_finite()) else {
         return Ok(());
     };

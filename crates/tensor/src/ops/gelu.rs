@@ -54,9 +54,10 @@ fn kernel(entry: &'static str) -> Kernel {
 
 /// (s, 1 − s) with s = 0.5·(1 + tanh u) = 1/(1 + exp(−2u)), saturated at |u| ≥ U_SAT as in
 /// the kernel.
+#[inline(always)]
 fn halves(u: f32) -> (f32, f32) {
     if u.abs() < U_SAT {
-        let e = (-2.0 * u).exp();
+        let e = crate::fastmath::exp(-2.0 * u);
         let s = 1.0 / (1.0 + e);
         (s, e * s)
     } else {
@@ -65,16 +66,19 @@ fn halves(u: f32) -> (f32, f32) {
     }
 }
 
+#[inline(always)]
 fn inner(x: f32) -> f32 {
     K * (x + A * x * x * x)
 }
 
 /// GELU of one value (CPU reference).
+#[inline(always)]
 pub(crate) fn gelu_scalar(x: f32) -> f32 {
     x * halves(inner(x)).0
 }
 
 /// gelu'(x) of one value (CPU reference).
+#[inline(always)]
 pub(crate) fn gelu_grad_scalar(x: f32) -> f32 {
     let u = inner(x);
     let (s, s1) = halves(u);
@@ -84,6 +88,30 @@ pub(crate) fn gelu_grad_scalar(x: f32) -> f32 {
         0.0
     };
     s + tail
+}
+
+crate::fastmath::multiversion! {
+    /// `out[i] = gelu(x[i])` over equal-length slices (vectorised; module doc).
+    gelu_slice => gelu_slice_generic(x: &[f32], out: &mut [f32]) -> ()
+}
+
+#[inline(always)]
+fn gelu_slice_generic(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = gelu_scalar(v);
+    }
+}
+
+crate::fastmath::multiversion! {
+    /// `out[i] = dy[i]·gelu'(x[i])` over equal-length slices (vectorised).
+    gelu_backward_slice => gelu_backward_slice_generic(x: &[f32], dy: &[f32], out: &mut [f32]) -> ()
+}
+
+#[inline(always)]
+fn gelu_backward_slice_generic(x: &[f32], dy: &[f32], out: &mut [f32]) {
+    for ((o, &v), &d) in out.iter_mut().zip(x).zip(dy) {
+        *o = d * gelu_grad_scalar(v);
+    }
 }
 
 /// Launch `entry` over every element of `out`, split over bindings when large.
@@ -129,7 +157,10 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
         Device::Cpu(ctx) => {
             let xd = x.cpu_data()?;
             let mut out = vec![0.0; xd.len()];
-            crate::cpu::for_each(&mut out, |i, o| *o = gelu_scalar(xd[i]));
+            let chunk = xd.len().div_ceil(crate::cpu::threads()).max(1);
+            crate::cpu::for_rows(&mut out, chunk.min(xd.len().max(1)), |c, o| {
+                gelu_slice(&xd[c * chunk..c * chunk + o.len()], o)
+            });
             Ok(Tensor::cpu_from(&ctx, out, x.shape()))
         }
         Device::Gpu(ctx) => {
@@ -154,7 +185,11 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         Device::Cpu(ctx) => {
             let (xd, dyd) = (x.cpu_data()?, dy.cpu_data()?);
             let mut out = vec![0.0; xd.len()];
-            crate::cpu::for_each(&mut out, |i, o| *o = dyd[i] * gelu_grad_scalar(xd[i]));
+            let chunk = xd.len().div_ceil(crate::cpu::threads()).max(1);
+            crate::cpu::for_rows(&mut out, chunk.min(xd.len().max(1)), |c, o| {
+                let at = c * chunk..c * chunk + o.len();
+                gelu_backward_slice(&xd[at.clone()], &dyd[at], o)
+            });
             Ok(Tensor::cpu_from(&ctx, out, x.shape()))
         }
         Device::Gpu(ctx) => {

@@ -16,7 +16,8 @@
 //! Only the output y is saved for it; masked columns have y = 0, hence dx = 0, so the backward
 //! needs no mask.
 //!
-//! The CPU reference sums in f64. Kernel: `shaders/softmax.wgsl`, one workgroup of 256 per row,
+//! The CPU path evaluates exp with the vectorised [`fastmath`](crate::fastmath) kernels (sums
+//! in f32 lanes over blocks, the blocks in f64); its backward's dot product is in f64. Kernel: `shaders/softmax.wgsl`, one workgroup of 256 per row,
 //! with workgroup-memory tree reductions for the max and the sums.
 
 use std::sync::Arc;
@@ -136,15 +137,11 @@ pub fn softmax(x: &Tensor, causal: bool) -> Result<Tensor> {
             crate::cpu::for_rows(&mut out, cols, |g, row| {
                 let xs = &xd[g * cols..(g + 1) * cols];
                 let lim = kept(g, cols, r_len, causal);
-                let m = xs[..lim].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut z = 0.0f64;
-                for (o, &v) in row[..lim].iter_mut().zip(xs) {
-                    *o = (v - m).exp();
-                    z += *o as f64;
-                }
-                for o in &mut row[..lim] {
-                    *o = (*o as f64 / z) as f32;
-                }
+                let kept = &mut row[..lim];
+                kept.copy_from_slice(&xs[..lim]);
+                let m = crate::fastmath::max(kept);
+                let z = crate::fastmath::exp_sub_sum(kept, m);
+                crate::fastmath::scale(kept, (1.0 / z) as f32);
                 // Masked columns keep the 0.0 they were made with.
             });
             Ok(Tensor::cpu_from(&ctx, out, shape))
