@@ -165,6 +165,14 @@ pub fn load(dir: &Path) -> crate::Result<Saved> {
         ))
         .into());
     }
+    if let Some(i) = losses.iter().position(|l| l.is_infinite()) {
+        return Err(bad(&format!(
+            "`losses` holds {} at step {}: NaN marks a skipped step, but no loss is infinite",
+            losses[i],
+            i + 1
+        ))
+        .into());
+    }
     let progress = Progress {
         step: u32::try_from(step).map_err(|_| bad("step out of range"))?,
         batches_drawn: number("batches_drawn")?,

@@ -171,11 +171,7 @@ fn a_header_length_beyond_the_file_is_refused_before_allocating() {
 
 #[test]
 fn nan_or_infinite_values_and_moments_are_refused_naming_the_tensor() {
-    for (name, x) in [
-        ("param/w", f32::NAN),
-        ("adam_m/u", f32::INFINITY),
-        ("losses", f32::NAN),
-    ] {
+    for (name, x) in [("param/w", f32::NAN), ("adam_m/u", f32::INFINITY)] {
         let (dir, _) = saved("nan");
         overwrite_first_value(&dir, name, x);
         let e = error_naming_the_file(&dir);
@@ -185,6 +181,18 @@ fn nan_or_infinite_values_and_moments_are_refused_naming_the_tensor() {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+#[test]
+fn a_nan_loss_marks_a_skipped_step_but_an_infinite_one_is_refused() {
+    let (dir, _) = saved("nan-loss");
+    overwrite_first_value(&dir, "losses", f32::NAN);
+    let progress = load_and_restore(&dir).expect("NaN is how --skip-nonfinite records a step");
+    assert!(progress.losses[0].is_nan());
+    overwrite_first_value(&dir, "losses", f32::INFINITY);
+    let e = error_naming_the_file(&dir);
+    assert!(e.contains("`losses` holds inf at step 1"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

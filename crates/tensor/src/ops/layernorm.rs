@@ -14,7 +14,8 @@
 //! (x̂ depends on x directly and through μ and rstd: ∂x̂_k/∂x_c = rstd·(δ_ck − 1/C − x̂_k·x̂_c/C)),
 //!   dγ = Σ_rows dy ⊙ x̂,   dβ = Σ_rows dy.
 //!
-//! The CPU reference computes in f64 and rounds the results to f32. The kernels
+//! The CPU path computes the row statistics and the sums of the backward in f64 and the
+//! elementwise parts in f32 (as the kernels do). The kernels
 //! (`shaders/layernorm.wgsl`) run one workgroup of 256 per row with workgroup-memory tree
 //! reductions, shifting each row by its first element before summing (so rows like 1e4 + noise
 //! stay accurate in f32); dγ and dβ are summed over rows deterministically, per block of
@@ -115,19 +116,17 @@ pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<
             let (xd, gd, bd) = (x.cpu_data()?, gamma.cpu_data()?, beta.cpu_data()?);
             let eps = eps as f64;
             let mut y = vec![0.0; xd.len()];
-            crate::cpu::for_rows(&mut y, c, |r, row| {
+            let mut stats = vec![0.0; 2 * rows];
+            crate::cpu::for_row_pairs(&mut y, c, &mut stats, 2, |r, row, st| {
                 let xs = &xd[r * c..(r + 1) * c];
                 let (mu, var) = row_stats(xs);
-                let rs = 1.0 / (var + eps).sqrt();
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = ((xs[j] as f64 - mu) * rs * gd[j] as f64 + bd[j] as f64) as f32;
+                let rs = (1.0 / (var + eps).sqrt()) as f32;
+                // x − μ in f64: μ rounded to f32 would cost rows like 1e4 + noise their digits.
+                for ((o, &x), (&g, &b)) in row.iter_mut().zip(xs).zip(gd.iter().zip(bd.iter())) {
+                    *o = ((x as f64 - mu) as f32) * rs * g + b;
                 }
-            });
-            let mut stats = vec![0.0; 2 * rows];
-            crate::cpu::for_rows(&mut stats, 2, |r, s| {
-                let (mu, var) = row_stats(&xd[r * c..(r + 1) * c]);
-                s[0] = mu as f32;
-                s[1] = (1.0 / (var + eps).sqrt()) as f32;
+                st[0] = mu as f32;
+                st[1] = rs;
             });
             let (mean, rstd) = stats.chunks(2).map(|s| (s[0], s[1])).unzip();
             Ok(LayerNormOut {
@@ -240,22 +239,30 @@ pub fn layernorm_backward(
         Device::Cpu(ctx) => {
             let (xd, gd, dyd) = (x.cpu_data()?, gamma.cpu_data()?, dy.cpu_data()?);
             let (md, rd) = (mean.cpu_data()?, rstd.cpu_data()?);
-            let xhat = |r: usize, j: usize| (xd[r * c + j] as f64 - md[r] as f64) * rd[r] as f64;
             let mut dx = vec![0.0; xd.len()];
             crate::cpu::for_rows(&mut dx, c, |r, row| {
-                let g = |j: usize| dyd[r * c + j] as f64 * gd[j] as f64;
-                let mg = (0..c).map(g).sum::<f64>() / c as f64;
-                let mgx = (0..c).map(|j| g(j) * xhat(r, j)).sum::<f64>() / c as f64;
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = (rd[r] as f64 * (g(j) - mg - xhat(r, j) * mgx)) as f32;
+                let (xs, dys) = (&xd[r * c..(r + 1) * c], &dyd[r * c..(r + 1) * c]);
+                let (m, rs) = (md[r] as f64, rd[r]);
+                let xhat = |x: f32| ((x as f64 - m) as f32) * rs;
+                // Σ g and Σ g·x̂ over the row, g = dy·γ, in f64.
+                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+                for ((&x, &d), &ga) in xs.iter().zip(dys).zip(gd.iter()) {
+                    let g = d * ga;
+                    sg += g as f64;
+                    sgx += (g * xhat(x)) as f64;
+                }
+                let (mg, mgx) = ((sg / c as f64) as f32, (sgx / c as f64) as f32);
+                for (((o, &x), &d), &ga) in row.iter_mut().zip(xs).zip(dys).zip(gd.iter()) {
+                    *o = rs * (d * ga - mg - xhat(x) * mgx);
                 }
             });
             let (mut dg, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
             for r in 0..rows {
-                for j in 0..c {
-                    let d = dyd[r * c + j] as f64;
-                    dg[j] += d * xhat(r, j);
-                    db[j] += d;
+                let (xs, dys) = (&xd[r * c..(r + 1) * c], &dyd[r * c..(r + 1) * c]);
+                let (m, rs) = (md[r] as f64, rd[r]);
+                for (((g, b), &x), &d) in dg.iter_mut().zip(db.iter_mut()).zip(xs).zip(dys) {
+                    *g += (d * (((x as f64 - m) as f32) * rs)) as f64;
+                    *b += d as f64;
                 }
             }
             let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
