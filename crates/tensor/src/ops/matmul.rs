@@ -308,9 +308,10 @@ fn sgemm_cpu(
     } else {
         0.0
     };
-    for z in 0..d.batch {
-        // SAFETY: the shapes were checked, so a[z·pa..], b[z·pb..] and c[z·pc..] hold one full
-        // batch entry at these strides, and c is borrowed mutably.
+    // One batch entry into its slice of C.
+    let one = |z: usize, cz: &mut [f32]| {
+        // SAFETY: the shapes were checked, so a[z·pa..] and b[z·pb..] hold one full batch
+        // entry at these strides, and cz is that entry's m·n block of C, borrowed mutably.
         unsafe {
             matrixmultiply::sgemm(
                 m,
@@ -324,13 +325,39 @@ fn sgemm_cpu(
                 rsb as isize,
                 csb as isize,
                 beta,
-                c.as_mut_ptr().add(z * pc),
+                cz.as_mut_ptr(),
                 n as isize,
                 1,
             );
         }
+    };
+    // matrixmultiply runs a product this small on one thread (its own size heuristic), so a
+    // batch of them (attention's per-head products) is spread over the threads here instead.
+    let small = m * k + k * n < SMALL_GEMM;
+    let threads = crate::cpu::threads();
+    if d.batch >= 2 && threads > 1 && small {
+        let per = d.batch.div_ceil(threads);
+        std::thread::scope(|s| {
+            for (i, chunk) in c.chunks_mut(per * pc).enumerate() {
+                let one = &one;
+                s.spawn(move || {
+                    for (j, cz) in chunk.chunks_mut(pc).enumerate() {
+                        one(i * per + j, cz);
+                    }
+                });
+            }
+        });
+    } else {
+        for (z, cz) in c.chunks_mut(pc).enumerate().take(d.batch) {
+            one(z, cz);
+        }
     }
 }
+
+/// Below this `m·k + k·n`, matrixmultiply keeps a product on one thread (its heuristic on x86:
+/// one thread per 2¹⁴ of `m·k + k·n`); batches of such products are split over threads by
+/// batch entry.
+const SMALL_GEMM: usize = 1 << 15;
 
 /// The test oracle: `op(A)·op(B) [+ bias]` as a readable triple loop accumulating in f64, on the
 /// CPU whatever the inputs' device. Same shapes and rules as [`matmul`].
