@@ -38,6 +38,7 @@
 //! binding is cut into sub-blocks along each operand's stored-row dimension (M, N and K chunks;
 //! K chunks after the first accumulate into C), using leading dimensions to address sub-blocks.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
@@ -221,6 +222,38 @@ pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, opts: MatmulOpts) -
     let mut all = vec![a, b];
     all.extend(bias);
     let device = same_device("matmul", &all)?;
+    if let Device::Cpu(ctx) = &device {
+        // C is written whole by sgemm (β = 0, or β = 1 over the bias rows written first), so
+        // it is not zero-filled first: that memset was a twentieth of a small model's step.
+        let numel = d.out_shape.iter().product::<usize>();
+        let mut c: Vec<MaybeUninit<f32>> = Vec::new();
+        c.try_reserve_exact(numel).map_err(|e| Error::OutOfMemory {
+            what: format!("the matmul output of shape {:?}", d.out_shape),
+            needed: numel as u64 * 4,
+            live: ctx.memory.snapshot().live,
+            detail: format!("the system allocator refused: {e}"),
+        })?;
+        // SAFETY: MaybeUninit needs no initialisation, and the capacity was reserved above.
+        unsafe { c.set_len(numel) };
+        let (ad, bd) = (a.cpu_data()?, b.cpu_data()?);
+        let biasd = bias.map(|t| t.cpu_data()).transpose()?;
+        sgemm_cpu(
+            &ad,
+            &bd,
+            biasd.as_deref().map(|v| v.as_slice()),
+            &mut c,
+            &d,
+            opts,
+            false,
+        );
+        // SAFETY: sgemm_cpu initialised every element (see above); MaybeUninit<f32> and f32
+        // have the same layout, so the allocation is a valid Vec<f32> of the same length.
+        let c = unsafe {
+            let mut c = std::mem::ManuallyDrop::new(c);
+            Vec::from_raw_parts(c.as_mut_ptr().cast::<f32>(), c.len(), c.capacity())
+        };
+        return Ok(Tensor::cpu_from(ctx, c, &d.out_shape));
+    }
     let c = Tensor::uninit(&d.out_shape, &device)?;
     run(&device, &c, a, b, bias, &d, opts, false)?;
     Ok(c)
@@ -263,11 +296,16 @@ fn run(
             let (ad, bd) = (a.cpu_data()?, b.cpu_data()?);
             let biasd = bias.map(|t| t.cpu_data()).transpose()?;
             let mut cd = c.cpu_data_mut()?;
+            // SAFETY: f32 and MaybeUninit<f32> have the same layout, and sgemm_cpu only writes
+            // initialised values.
+            let cd = unsafe {
+                std::slice::from_raw_parts_mut(cd.as_mut_ptr().cast::<MaybeUninit<f32>>(), cd.len())
+            };
             sgemm_cpu(
                 &ad,
                 &bd,
                 biasd.as_deref().map(|v| v.as_slice()),
-                &mut cd,
+                cd,
                 d,
                 o,
                 accumulate,
@@ -282,12 +320,13 @@ fn run(
 }
 
 /// The CPU path: one `sgemm` per batch entry. The strides encode the transposes; bias and
-/// accumulation come in through C's initial value and `beta = 1`.
+/// accumulation come in through C's initial value and `beta = 1`. Without either, C may be
+/// uninitialised: sgemm with β = 0 writes every element without reading it.
 fn sgemm_cpu(
     a: &[f32],
     b: &[f32],
     bias: Option<&[f32]>,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     d: &Dims,
     o: MatmulOpts,
     accumulate: bool,
@@ -301,7 +340,11 @@ fn sgemm_cpu(
     let (rsa, csa) = if o.trans_a { (1, lda) } else { (lda, 1) };
     let (rsb, csb) = if o.trans_b { (1, ldb) } else { (ldb, 1) };
     if let Some(bias) = bias {
-        c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+        for row in c.chunks_mut(n) {
+            for (o, &b) in row.iter_mut().zip(bias) {
+                o.write(b);
+            }
+        }
     }
     let beta = if accumulate || bias.is_some() {
         1.0
@@ -309,7 +352,7 @@ fn sgemm_cpu(
         0.0
     };
     // One batch entry into its slice of C.
-    let one = |z: usize, cz: &mut [f32]| {
+    let one = |z: usize, cz: &mut [MaybeUninit<f32>]| {
         // SAFETY: the shapes were checked, so a[z·pa..] and b[z·pb..] hold one full batch
         // entry at these strides, and cz is that entry's m·n block of C, borrowed mutably.
         unsafe {
@@ -325,7 +368,7 @@ fn sgemm_cpu(
                 rsb as isize,
                 csb as isize,
                 beta,
-                cz.as_mut_ptr(),
+                cz.as_mut_ptr().cast::<f32>(),
                 n as isize,
                 1,
             );
