@@ -160,6 +160,29 @@ fn sum_exp_sub_generic(row: &[f32], m: f32) -> f64 {
 }
 
 multiversion! {
+    /// Σ a_i·b_i over equal-length slices, in f32 lanes per block and f64 across blocks.
+    pub dot => dot_generic(a: &[f32], b: &[f32]) -> f64
+}
+
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f64 {
+    let mut total = 0.0f64;
+    for (ba, bb) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let mut lanes = [0.0f32; LANES];
+        let (ca, cb) = (ba.chunks_exact(LANES), bb.chunks_exact(LANES));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..LANES {
+                lanes[l] += x[l] * y[l];
+            }
+        }
+        let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+        total += (lanes.iter().sum::<f32>() + tail) as f64;
+    }
+    total
+}
+
+multiversion! {
     /// Multiply every element of `row` by `k`.
     pub scale => scale_generic(row: &mut [f32], k: f32) -> ()
 }
@@ -227,6 +250,11 @@ mod tests {
             for (y, x) in e.iter().zip(&row) {
                 prop_assert!(ulps(*y, ((x - m) as f64).exp()) <= 2.0);
             }
+            let other: Vec<f32> = row.iter().map(|x| x * 0.5 - 1.0).collect();
+            let want_dot: f64 = row.iter().zip(&other).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let got_dot = dot(&row, &other);
+            let size: f64 = row.iter().zip(&other).map(|(&x, &y)| (x as f64 * y as f64).abs()).sum();
+            prop_assert!((got_dot - want_dot).abs() <= 1e-6 * size.max(1.0), "{got_dot} vs {want_dot}");
             let mut scaled = row.clone();
             scale(&mut scaled, k);
             for (y, x) in scaled.iter().zip(&row) {

@@ -17,7 +17,7 @@
 //! needs no mask.
 //!
 //! The CPU path evaluates exp with the vectorised [`fastmath`](crate::fastmath) kernels (sums
-//! in f32 lanes over blocks, the blocks in f64); its backward's dot product is in f64. Kernel: `shaders/softmax.wgsl`, one workgroup of 256 per row,
+//! in f32 lanes over blocks, the blocks in f64); its backward's dot product sums f32 lanes per block, blocks in f64. Kernel: `shaders/softmax.wgsl`, one workgroup of 256 per row,
 //! with workgroup-memory tree reductions for the max and the sums.
 
 use std::sync::Arc;
@@ -188,9 +188,9 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
                     &yd[g * cols..(g + 1) * cols],
                     &dyd[g * cols..(g + 1) * cols],
                 );
-                let dot: f64 = ys.iter().zip(ds).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let dot = crate::fastmath::dot(ys, ds) as f32;
                 for ((o, &a), &b) in row.iter_mut().zip(ys).zip(ds) {
-                    *o = (a as f64 * (b as f64 - dot)) as f32;
+                    *o = a * (b - dot);
                 }
             });
             Ok(Tensor::cpu_from(&ctx, out, y.shape()))
