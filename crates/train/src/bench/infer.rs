@@ -40,15 +40,9 @@ pub struct InferArgs {
     /// Generated tokens per sequence.
     #[arg(long, default_value_t = 32)]
     pub new_tokens: usize,
-    /// LoRA rank of the adapters.
-    #[arg(long, default_value_t = 8)]
-    pub r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f32,
-    /// LoRA targets.
-    #[arg(long, value_delimiter = ',', default_value = "q,v")]
-    pub targets: Vec<String>,
+    /// The adapters' LoRA settings.
+    #[command(flatten)]
+    pub lora: super::LoraArgs,
     /// Measured repetitions of each case (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -119,11 +113,12 @@ pub fn run(args: &InferArgs, device: &Device) -> crate::Result<()> {
         .into());
     }
     let targets: Vec<lora::Target> = args
+        .lora
         .targets
         .iter()
         .map(|t| lora::Target::parse(t))
         .collect::<Result<_, _>>()?;
-    let mut lcfg = LoraConfig::new(args.r, args.alpha, &targets);
+    let mut lcfg = LoraConfig::new(args.lora.r, args.lora.alpha, &targets);
     lcfg.init = Init::BothRandom;
     let mut model = Gpt2::from_checkpoint(&init_checkpoint(&cfg, 1)?, device, false)?;
     let mut lora = LoraModel::new(&model, &lcfg, 2)?;

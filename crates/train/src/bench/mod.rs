@@ -362,6 +362,30 @@ pub fn median(xs: &[f64]) -> f64 {
     }
 }
 
+/// The LoRA settings of the benches (rank, alpha, targets).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoraArgs {
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// LoRA targets.
+    #[arg(long, value_delimiter = ',', default_value = "q,v")]
+    pub targets: Vec<String>,
+}
+
+/// Which fine-tuning modes a training bench compares, and the LoRA settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModeArgs {
+    /// Modes: lora, full.
+    #[arg(long, value_delimiter = ',', default_value = "lora,full")]
+    pub modes: Vec<String>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
 /// The process's peak resident set size in bytes (getrusage), where the platform tells it.
 pub fn peak_rss() -> Option<u64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -29,18 +29,8 @@ pub struct OpsArgs {
     /// Batch shape B×T [default: 8x1024 on a GPU, 8x128 on the CPU].
     #[arg(long)]
     pub bt: Option<String>,
-    /// Modes: lora, full.
-    #[arg(long, value_delimiter = ',', default_value = "lora,full")]
-    pub modes: Vec<String>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    pub r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f32,
-    /// LoRA targets.
-    #[arg(long, value_delimiter = ',', default_value = "q,v")]
-    pub targets: Vec<String>,
+    #[command(flatten)]
+    pub mode: super::ModeArgs,
     /// Unmeasured steps first.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -78,8 +68,13 @@ pub fn run(args: &OpsArgs, device: &Device) -> crate::Result<()> {
     }
     let mut budget = Budget::new(args.budget, device)?;
     let steps = args.steps.max(1);
-    for mode in &args.modes {
-        let mode = Mode::parse(mode, args.r, args.alpha, &args.targets)?;
+    for mode in &args.mode.modes {
+        let mode = Mode::parse(
+            mode,
+            args.mode.lora.r,
+            args.mode.lora.alpha,
+            &args.mode.lora.targets,
+        )?;
         let flops = step_flops(&cfg, b, t, matches!(mode, Mode::Full));
         // Warm-up, unprofiled and profiled steps, the latter up to a few times slower.
         let estimate = budget.estimate(flops) * (args.warmup + 3 * steps) as f64;

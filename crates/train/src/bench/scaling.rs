@@ -34,18 +34,8 @@ pub struct ScalingArgs {
     /// CPU].
     #[arg(long, value_delimiter = ',')]
     pub t: Vec<usize>,
-    /// Modes: lora, full.
-    #[arg(long, value_delimiter = ',', default_value = "lora,full")]
-    pub modes: Vec<String>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    pub r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f32,
-    /// LoRA targets.
-    #[arg(long, value_delimiter = ',', default_value = "q,v")]
-    pub targets: Vec<String>,
+    #[command(flatten)]
+    pub mode: super::ModeArgs,
     /// Unmeasured steps first.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -95,8 +85,13 @@ pub fn run(args: &ScalingArgs, device: &Device) -> crate::Result<()> {
         points.push(("model", m.clone(), b0, t0));
     }
     let mut budget = Budget::new(args.budget, device)?;
-    for mode in &args.modes {
-        let mode = Mode::parse(mode, args.r, args.alpha, &args.targets)?;
+    for mode in &args.mode.modes {
+        let mode = Mode::parse(
+            mode,
+            args.mode.lora.r,
+            args.mode.lora.alpha,
+            &args.mode.lora.targets,
+        )?;
         let mut columns = vec![("sweep", 5)];
         columns.extend(COLUMNS);
         let report = Report::new(

@@ -25,18 +25,8 @@ pub struct StepArgs {
     /// shapes longer than a model's context are skipped.
     #[arg(long, value_delimiter = ',')]
     pub bt: Vec<String>,
-    /// Modes: lora, full.
-    #[arg(long, value_delimiter = ',', default_value = "lora,full")]
-    pub modes: Vec<String>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    pub r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f32,
-    /// LoRA targets.
-    #[arg(long, value_delimiter = ',', default_value = "q,v")]
-    pub targets: Vec<String>,
+    #[command(flatten)]
+    pub mode: super::ModeArgs,
     /// Unmeasured steps first.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -200,9 +190,17 @@ pub fn run(args: &StepArgs, device: &Device) -> crate::Result<()> {
     };
     let bts: Vec<(usize, usize)> = bts.iter().map(|s| parse_bt(s)).collect::<Result<_, _>>()?;
     let modes: Vec<Mode> = args
+        .mode
         .modes
         .iter()
-        .map(|m| Mode::parse(m, args.r, args.alpha, &args.targets))
+        .map(|m| {
+            Mode::parse(
+                m,
+                args.mode.lora.r,
+                args.mode.lora.alpha,
+                &args.mode.lora.targets,
+            )
+        })
         .collect::<Result<_, _>>()?;
     let report = Report::new(
         args.json,
