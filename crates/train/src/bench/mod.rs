@@ -386,6 +386,17 @@ pub struct ModeArgs {
     pub lora: LoraArgs,
 }
 
+impl ModeArgs {
+    /// The modes asked for, each with the LoRA settings.
+    pub fn parse(&self) -> crate::Result<Vec<Mode>> {
+        let l = &self.lora;
+        self.modes
+            .iter()
+            .map(|m| Mode::parse(m, l.r, l.alpha, &l.targets))
+            .collect()
+    }
+}
+
 /// The process's peak resident set size in bytes (getrusage), where the platform tells it.
 pub fn peak_rss() -> Option<u64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

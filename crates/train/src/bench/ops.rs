@@ -68,13 +68,7 @@ pub fn run(args: &OpsArgs, device: &Device) -> crate::Result<()> {
     }
     let mut budget = Budget::new(args.budget, device)?;
     let steps = args.steps.max(1);
-    for mode in &args.mode.modes {
-        let mode = Mode::parse(
-            mode,
-            args.mode.lora.r,
-            args.mode.lora.alpha,
-            &args.mode.lora.targets,
-        )?;
+    for mode in args.mode.parse()? {
         let flops = step_flops(&cfg, b, t, matches!(mode, Mode::Full));
         // Warm-up, unprofiled and profiled steps, the latter up to a few times slower.
         let estimate = budget.estimate(flops) * (args.warmup + 3 * steps) as f64;

@@ -85,13 +85,7 @@ pub fn run(args: &ScalingArgs, device: &Device) -> crate::Result<()> {
         points.push(("model", m.clone(), b0, t0));
     }
     let mut budget = Budget::new(args.budget, device)?;
-    for mode in &args.mode.modes {
-        let mode = Mode::parse(
-            mode,
-            args.mode.lora.r,
-            args.mode.lora.alpha,
-            &args.mode.lora.targets,
-        )?;
+    for mode in args.mode.parse()? {
         let mut columns = vec![("sweep", 5)];
         columns.extend(COLUMNS);
         let report = Report::new(

@@ -189,19 +189,7 @@ pub fn run(args: &StepArgs, device: &Device) -> crate::Result<()> {
         false => args.bt.clone(),
     };
     let bts: Vec<(usize, usize)> = bts.iter().map(|s| parse_bt(s)).collect::<Result<_, _>>()?;
-    let modes: Vec<Mode> = args
-        .mode
-        .modes
-        .iter()
-        .map(|m| {
-            Mode::parse(
-                m,
-                args.mode.lora.r,
-                args.mode.lora.alpha,
-                &args.mode.lora.targets,
-            )
-        })
-        .collect::<Result<_, _>>()?;
+    let modes = args.mode.parse()?;
     let report = Report::new(
         args.json,
         &format!(
