@@ -303,16 +303,23 @@ pub(crate) fn checked_numel(shape: &[usize]) -> Result<usize> {
 /// process. (Under Linux's overcommit a request within the address space may still succeed
 /// and be killed later when touched; only the refused ones can be reported.)
 fn filled(ctx: &CpuContext, shape: &[usize], value: f32) -> Result<Vec<f32>> {
+    let mut data = reserved(ctx, shape)?;
+    data.resize(checked_numel(shape)?, value);
+    Ok(data)
+}
+
+/// An empty host vector with room for exactly `shape`'s elements, reserved with `try_reserve`
+/// (see [`filled`]): a request the allocator refuses is an [`Error::OutOfMemory`].
+pub(crate) fn reserved<T>(ctx: &CpuContext, shape: &[usize]) -> Result<Vec<T>> {
     let numel = checked_numel(shape)?;
     let mut data = Vec::new();
     data.try_reserve_exact(numel)
         .map_err(|e| Error::OutOfMemory {
             what: format!("a tensor of shape {shape:?}"),
-            needed: numel as u64 * 4,
+            needed: (numel * std::mem::size_of::<T>()) as u64,
             live: ctx.memory.snapshot().live,
             detail: format!("the system allocator refused: {e}"),
         })?;
-    data.resize(numel, value);
     Ok(data)
 }
 

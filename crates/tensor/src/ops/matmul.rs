@@ -225,15 +225,9 @@ pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, opts: MatmulOpts) -
     if let Device::Cpu(ctx) = &device {
         // C is written whole by sgemm (β = 0, or β = 1 over the bias rows written first), so
         // it is not zero-filled first: that memset was a twentieth of a small model's step.
-        let numel = d.out_shape.iter().product::<usize>();
-        let mut c: Vec<MaybeUninit<f32>> = Vec::new();
-        c.try_reserve_exact(numel).map_err(|e| Error::OutOfMemory {
-            what: format!("the matmul output of shape {:?}", d.out_shape),
-            needed: numel as u64 * 4,
-            live: ctx.memory.snapshot().live,
-            detail: format!("the system allocator refused: {e}"),
-        })?;
-        // SAFETY: MaybeUninit needs no initialisation, and the capacity was reserved above.
+        let mut c: Vec<MaybeUninit<f32>> = crate::tensor::reserved(ctx, &d.out_shape)?;
+        let numel = d.out_shape.iter().product();
+        // SAFETY: MaybeUninit needs no initialisation, and room for numel was reserved above.
         unsafe { c.set_len(numel) };
         let (ad, bd) = (a.cpu_data()?, b.cpu_data()?);
         let biasd = bias.map(|t| t.cpu_data()).transpose()?;
