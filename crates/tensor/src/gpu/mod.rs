@@ -11,9 +11,11 @@
 //! 5. the batch is submitted when it is full, when data is read back (`Tensor::to_vec`) or when
 //!    `sync` is called. wgpu inserts the barriers between dependent dispatches.
 
+mod adapters;
 pub(crate) mod bind;
 mod errors;
 mod pool;
+mod timestamps;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,8 +27,11 @@ pub use wgpu;
 
 use crate::memory::{MemoryCounters, MemoryStats};
 use crate::{Error, Result};
+pub use adapters::{GpuInfo, GpuOptions, adapters, adapters_on, default_backends};
+use adapters::{adapter_line, is_software, no_adapter_message};
 pub(crate) use bind::{Binding, grid_2d};
 use pool::BufferPool;
+use timestamps::{MAX_TIMED_PASSES, Tag, Timestamps};
 
 /// Bytes reserved per dispatch in the uniform arena (the common minimum uniform offset alignment).
 const PARAM_SLOT: u64 = 256;
@@ -36,21 +41,6 @@ const MAX_BATCH: u64 = 1024;
 /// gives up (normally the first poll maps it; under several threads polling one device the
 /// callback can arrive a moment later, in another thread's poll).
 const MAP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
-/// Timestamped compute passes per submission when profiling (two queries each).
-const MAX_TIMED_PASSES: u32 = 512;
-
-/// The profiler's (phase, family) of a timestamped compute pass.
-type Tag = (&'static str, &'static str);
-
-/// Timestamp queries for the profiler (`crate::profile`), on adapters that offer them: each
-/// timed pass writes queries 2k and 2k+1; they are resolved and read back at submission.
-struct Timestamps {
-    set: wgpu::QuerySet,
-    resolve: wgpu::Buffer,
-    readback: wgpu::Buffer,
-    /// Nanoseconds per timestamp tick.
-    period_ns: f32,
-}
 
 /// A WGSL entry point: the shader file (by its registry name and source) and the function.
 #[derive(Clone, Copy, Debug)]
@@ -58,63 +48,6 @@ pub(crate) struct Kernel {
     pub shader: &'static str,
     pub source: &'static str,
     pub entry: &'static str,
-}
-
-/// Options for making a GPU context; the defaults take everything the adapter offers.
-#[derive(Clone, Debug, Default)]
-pub struct GpuOptions {
-    /// Accept a software adapter (lavapipe, WARP, SwiftShader).
-    pub allow_software: bool,
-    /// Use a smaller storage-binding limit than the adapter's, so the code that splits large
-    /// tensors over several bindings can be exercised with small tensors.
-    pub max_binding_bytes: Option<u64>,
-    /// The wgpu backends to look on; `None`: those of `WGPU_BACKEND`, else all.
-    pub backends: Option<wgpu::Backends>,
-    /// The limits to ask the device for; `None`: every limit the adapter offers. Asking for more
-    /// than the adapter has is an [`Error::Unsupported`] listing each shortfall.
-    pub limits: Option<wgpu::Limits>,
-    /// Ask for this `max_buffer_size` instead (the largest tensor the device will hold): smaller
-    /// to keep a model within a budget, or to test what happens when it does not fit.
-    pub max_buffer_bytes: Option<u64>,
-    /// Features the device must have.
-    pub features: wgpu::Features,
-}
-
-/// What a GPU context was made from, printable for the user.
-#[derive(Clone, Debug)]
-pub struct GpuInfo {
-    pub name: String,
-    pub backend: String,
-    pub device_type: String,
-    pub driver: String,
-    pub max_buffer_size: u64,
-    pub max_storage_buffer_binding_size: u64,
-    pub max_compute_workgroup_storage_size: u32,
-    pub max_compute_invocations_per_workgroup: u32,
-    pub max_compute_workgroups_per_dimension: u32,
-}
-
-impl std::fmt::Display for GpuInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} ({}, {}, driver {}); max buffer {} MiB, max storage binding {} MiB, \
-             workgroup memory {} KiB, {} invocations per workgroup, {} workgroups per dimension",
-            self.name,
-            self.backend,
-            self.device_type,
-            if self.driver.is_empty() {
-                "?"
-            } else {
-                &self.driver
-            },
-            self.max_buffer_size >> 20,
-            self.max_storage_buffer_binding_size >> 20,
-            self.max_compute_workgroup_storage_size >> 10,
-            self.max_compute_invocations_per_workgroup,
-            self.max_compute_workgroups_per_dimension
-        )
-    }
 }
 
 /// Commands recorded but not yet submitted.
@@ -145,73 +78,6 @@ pub struct GpuContext {
     dispatches: AtomicU64,
     health: Arc<Health>,
     timestamps: Option<Timestamps>,
-}
-
-fn is_software(info: &wgpu::AdapterInfo) -> bool {
-    info.device_type == wgpu::DeviceType::Cpu
-}
-
-fn rank(info: &wgpu::AdapterInfo) -> u32 {
-    let by_type = match info.device_type {
-        wgpu::DeviceType::DiscreteGpu => 0,
-        wgpu::DeviceType::IntegratedGpu => 1,
-        wgpu::DeviceType::VirtualGpu => 2,
-        wgpu::DeviceType::Other => 3,
-        wgpu::DeviceType::Cpu => 4,
-    };
-    // GL comes last among equals: its shader compiles are slow and its limits small.
-    by_type * 2 + u32::from(info.backend == wgpu::Backend::Gl)
-}
-
-/// The backends wgpu looks on by default: those named by `WGPU_BACKEND`, else all.
-pub fn default_backends() -> wgpu::Backends {
-    wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all())
-}
-
-/// List the adapters wgpu can see (honours `WGPU_BACKEND`), best first.
-pub fn adapters() -> Vec<wgpu::Adapter> {
-    adapters_on(default_backends())
-}
-
-/// List the adapters on `backends`, best first.
-pub fn adapters_on(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
-    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    descriptor.backends = backends;
-    let instance = wgpu::Instance::new(descriptor);
-    let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
-    adapters.sort_by_key(|a| rank(&a.get_info()));
-    adapters
-}
-
-/// One adapter as the user would recognise it: "llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)".
-fn adapter_line(info: &wgpu::AdapterInfo) -> String {
-    format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type)
-}
-
-/// Why `backends` gave no adapter: what was asked and which adapters exist on any backend.
-fn no_adapter_message(backends: wgpu::Backends) -> String {
-    let present: Vec<String> = if backends.contains(wgpu::Backends::all()) {
-        Vec::new()
-    } else {
-        adapters_on(wgpu::Backends::all())
-            .iter()
-            .map(|a| adapter_line(&a.get_info()))
-            .collect()
-    };
-    format!(
-        "asked for an adapter on {backends:?}{}, found none; adapters on any backend: {}",
-        match std::env::var("WGPU_BACKEND") {
-            Ok(v) => format!(" (WGPU_BACKEND={v})"),
-            Err(_) => String::new(),
-        },
-        if present.is_empty() {
-            "none (is a Vulkan, Metal or DX12 driver installed? On Debian, `apt-get install \
-             mesa-vulkan-drivers` gives the lavapipe software GPU)"
-                .to_string()
-        } else {
-            present.join(", ")
-        }
-    )
 }
 
 impl GpuContext {
@@ -325,29 +191,7 @@ impl GpuContext {
         let timestamps = device
             .features()
             .contains(wgpu::Features::TIMESTAMP_QUERY)
-            .then(|| {
-                let bytes = 2 * MAX_TIMED_PASSES as u64 * 8;
-                Timestamps {
-                    set: device.create_query_set(&wgpu::QuerySetDescriptor {
-                        label: Some("profile timestamps"),
-                        ty: wgpu::QueryType::Timestamp,
-                        count: 2 * MAX_TIMED_PASSES,
-                    }),
-                    resolve: device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("timestamp resolve"),
-                        size: bytes,
-                        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                        mapped_at_creation: false,
-                    }),
-                    readback: device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("timestamp readback"),
-                        size: bytes,
-                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                        mapped_at_creation: false,
-                    }),
-                    period_ns: queue.get_timestamp_period(),
-                }
-            });
+            .then(|| Timestamps::new(&device, &queue));
         Ok(Arc::new(Self {
             device,
             queue,
@@ -662,11 +506,7 @@ impl GpuContext {
         if batch.pass.is_none() {
             let index = 2 * batch.tags.len() as u32;
             let timestamp_writes = match (tag, &self.timestamps) {
-                (Some(_), Some(t)) => Some(wgpu::ComputePassTimestampWrites {
-                    query_set: &t.set,
-                    beginning_of_pass_write_index: Some(index),
-                    end_of_pass_write_index: Some(index + 1),
-                }),
+                (Some(_), Some(t)) => Some(t.pass_writes(index)),
                 _ => None,
             };
             let pass = batch
@@ -730,9 +570,7 @@ impl GpuContext {
             batch.pass = None;
             if let Some(mut encoder) = batch.encoder.take() {
                 if let Some(t) = self.timestamps.as_ref().filter(|_| !tags.is_empty()) {
-                    let n = 2 * tags.len() as u32;
-                    encoder.resolve_query_set(&t.set, 0..n, &t.resolve, 0);
-                    encoder.copy_buffer_to_buffer(&t.resolve, 0, &t.readback, 0, n as u64 * 8);
+                    t.resolve(&mut encoder, tags.len());
                     timed = Some(t);
                 }
                 self.queue.submit([encoder.finish()]);
@@ -748,40 +586,10 @@ impl GpuContext {
             ));
         }
         if let Some(t) = timed {
-            self.read_timestamps(t, &tags)?;
+            t.read(&self.device, &tags)?;
         }
         self.health.take_pending()?;
         self.health.check()
-    }
-
-    /// Wait for the submission just made, read its pass timestamps and give each pass's time
-    /// to the profiler under the pass's tag.
-    fn read_timestamps(&self, t: &Timestamps, tags: &[Tag]) -> Result<()> {
-        let bytes = tags.len() as u64 * 16;
-        let (tx, rx) = std::sync::mpsc::channel();
-        t.readback
-            .map_async(wgpu::MapMode::Read, ..bytes, move |r| {
-                let _ = tx.send(r);
-            });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
-        rx.recv()
-            .map_err(|e| Error::Gpu(format!("timestamp readback: {e}")))?
-            .map_err(|e| Error::Gpu(format!("timestamp readback: {e}")))?;
-        let ticks: Vec<u64> = t
-            .readback
-            .get_mapped_range(..bytes)
-            .map_err(|e| Error::Gpu(format!("timestamp readback: {e}")))?
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunks")))
-            .collect();
-        t.readback.unmap();
-        for (tag, pair) in tags.iter().zip(ticks.chunks_exact(2)) {
-            let ns = pair[1].saturating_sub(pair[0]) as f64 * f64::from(t.period_ns);
-            crate::profile::add_gpu_time(*tag, ns * 1e-9);
-        }
-        Ok(())
     }
 
     /// Submit what has been recorded, without waiting for it.
