@@ -22,7 +22,8 @@
 //!   between is the family's. Waiting for the GPU at every scope removes the overlap of host and
 //!   device work, so the step gets slower, but each family's share is measured honestly.
 //!
-//! Attribution is per thread (the scope stack is thread-local), totals are global.
+//! Only the thread that called [`start`] is profiled: its scope stack is thread-local, and ops
+//! that other threads run meanwhile (other tests, other work of the program) are not counted.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -120,12 +121,20 @@ thread_local! {
     static DEPTH: Cell<u32> = const { Cell::new(0) };
     static OUTER: Cell<Option<(&'static str, Instant)>> = const { Cell::new(None) };
     static PHASE: Cell<&'static str> = const { Cell::new(NO_PHASE) };
+    /// Set on the thread that called [`start`], until [`stop`].
+    static PROFILED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Is the profiler on? (One relaxed load: what a disabled scope costs.)
 #[inline]
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
+}
+
+/// Is this thread's work being profiled? (The profiler is on and this thread started it.)
+#[inline]
+fn here() -> bool {
+    enabled() && PROFILED.with(Cell::get)
 }
 
 fn method() -> Method {
@@ -155,6 +164,7 @@ pub fn start_with(device: &Device, method: Method) -> Method {
     TOTALS.lock().unwrap().clear();
     *SYNC_DEVICE.lock().unwrap() = Some(device.clone());
     METHOD.store(method.code(), Ordering::Relaxed);
+    PROFILED.with(|p| p.set(true));
     ENABLED.store(true, Ordering::Relaxed);
     method
 }
@@ -167,6 +177,7 @@ pub fn stop() -> Profile {
         let _ = d.sync();
     }
     ENABLED.store(false, Ordering::Relaxed);
+    PROFILED.with(|p| p.set(false));
     let entries = TOTALS
         .lock()
         .unwrap()
@@ -207,7 +218,7 @@ pub struct Scope {
 /// Open a scope of `family` (see the module doc); near-free when the profiler is off.
 #[inline]
 pub fn scope(family: &'static str) -> Scope {
-    if !enabled() {
+    if !here() {
         return Scope { active: false };
     }
     open(family)
@@ -259,7 +270,7 @@ impl Drop for Scope {
 /// The family of the outermost open scope of this thread, when profiling (else `None`). The
 /// tape stores it with each node so that an op's backward is attributed like its forward.
 pub fn current_family() -> Option<&'static str> {
-    if !enabled() {
+    if !here() {
         return None;
     }
     OUTER.with(|o| o.get()).map(|(f, _)| f)
@@ -274,7 +285,7 @@ pub struct Phase {
 /// Enter phase `name` (forward, backward, optimizer …); near-free when the profiler is off.
 #[inline]
 pub fn phase(name: &'static str) -> Phase {
-    if !enabled() {
+    if !here() {
         return Phase { previous: None };
     }
     Phase {
@@ -292,7 +303,7 @@ impl Drop for Phase {
 
 /// The (phase, family) a GPU dispatch recorded now belongs to, when timestamps are being taken.
 pub(crate) fn gpu_tag() -> Option<(&'static str, &'static str)> {
-    if !enabled() || method() != Method::GpuTimestamps {
+    if !here() || method() != Method::GpuTimestamps {
         return None;
     }
     let family = OUTER.with(|o| o.get()).map_or(OTHER, |(f, _)| f);
