@@ -15,6 +15,7 @@ mod adapters;
 pub(crate) mod bind;
 mod errors;
 mod pool;
+mod readback;
 mod timestamps;
 
 use std::collections::HashMap;
@@ -37,10 +38,6 @@ use timestamps::{MAX_TIMED_PASSES, Tag, Timestamps};
 const PARAM_SLOT: u64 = 256;
 /// Dispatches recorded before the batch is submitted on its own.
 const MAX_BATCH: u64 = 1024;
-/// How long a readback waits for its buffer to be mapped after the GPU finished, before it
-/// gives up (normally the first poll maps it; under several threads polling one device the
-/// callback can arrive a moment later, in another thread's poll).
-const MAP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A WGSL entry point: the shader file (by its registry name and source) and the function.
 #[derive(Clone, Copy, Debug)]
@@ -586,7 +583,7 @@ impl GpuContext {
             ));
         }
         if let Some(t) = timed {
-            t.read(&self.device, &tags)?;
+            t.read(self, &tags)?;
         }
         self.health.take_pending()?;
         self.health.check()
@@ -626,75 +623,5 @@ impl GpuContext {
     pub fn sync(&self) -> Result<()> {
         self.flush()?;
         self.wait()
-    }
-
-    /// Copy `bytes` bytes of `buffer` from `offset` back to the host.
-    pub(crate) fn read(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
-        self.health.check()?;
-        let size = bytes.max(4).div_ceil(4) * 4;
-        let (staging, error) = capture(&self.device, || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("readback"),
-                size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        });
-        if let Some(e) = error {
-            let live = self.memory().live;
-            return Err(errors::alloc_error(
-                e,
-                "the readback buffer",
-                size,
-                live,
-                &self.health,
-            ));
-        }
-        self.copy(buffer, offset, &staging, 0, size);
-        self.flush()?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        // The callback runs inside a poll once the copy is done, in whichever thread polls
-        // (another thread's poll may be delivering it right now). Never block on the channel,
-        // so a device that stops answering is an error after MAP_WAIT rather than a hang.
-        let mut mapped = None;
-        let deadline = std::time::Instant::now() + MAP_WAIT;
-        loop {
-            self.wait()?;
-            match rx.try_recv() {
-                Ok(r) => {
-                    mapped = Some(r);
-                    break;
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => {
-                    if std::time::Instant::now() > deadline {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                }
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
-            }
-        }
-        let Some(mapped) = mapped else {
-            self.health.check()?;
-            return Err(Error::Gpu(format!(
-                "readback: the GPU finished but did not map the result within {MAP_WAIT:?}"
-            )));
-        };
-        mapped.map_err(|e| {
-            self.health
-                .check()
-                .err()
-                .unwrap_or_else(|| Error::Gpu(format!("readback: {e}")))
-        })?;
-        let data = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("readback: {e}")))?[..bytes as usize]
-            .to_vec();
-        staging.unmap();
-        self.health.check()?;
-        Ok(data)
     }
 }

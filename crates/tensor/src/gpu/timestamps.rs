@@ -65,19 +65,9 @@ impl Timestamps {
 
     /// Wait for the submission just made, read its pass timestamps and give each pass's time
     /// to the profiler under the pass's tag.
-    pub(super) fn read(&self, device: &wgpu::Device, tags: &[Tag]) -> Result<()> {
+    pub(super) fn read(&self, ctx: &super::GpuContext, tags: &[Tag]) -> Result<()> {
         let bytes = tags.len() as u64 * 16;
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.readback
-            .map_async(wgpu::MapMode::Read, ..bytes, move |r| {
-                let _ = tx.send(r);
-            });
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
-        rx.recv()
-            .map_err(|e| Error::Gpu(format!("timestamp readback: {e}")))?
-            .map_err(|e| Error::Gpu(format!("timestamp readback: {e}")))?;
+        ctx.map_for_reading(&self.readback, bytes, "timestamp readback")?;
         let ticks: Vec<u64> = self
             .readback
             .get_mapped_range(..bytes)
