@@ -143,8 +143,12 @@ proptest! {
     fn embedding_backward_matches_finite_differences(v in 1usize..6, c in dims(), ids in proptest::collection::vec(0u32..6, 1..8), seed in 0u64..1000) {
         let ids: Vec<u32> = ids.into_iter().map(|i| i % v as u32).collect();
         let ids2 = ids.clone();
+        let (ids3, ids4) = (ids.clone(), ids.clone());
         check("embedding", &[vec![v, c]], &move |t, x| t.embedding(&x[0], &ids),
             &move |x| ids2.iter().flat_map(|&i| x[0][i as usize * c..(i as usize + 1) * c].to_vec()).collect(),
+            seed).unwrap();
+        check("gather_rows", &[vec![v, c]], &move |t, x| t.gather_rows(&x[0], &ids3),
+            &move |x| ids4.iter().flat_map(|&i| x[0][i as usize * c..(i as usize + 1) * c].to_vec()).collect(),
             seed).unwrap();
     }
 

@@ -94,7 +94,7 @@ pub use analysis::{Similarities, SiteSimilarity, SiteSpectrum, Spectra, write_he
 pub use bank::{AdapterBank, Routing};
 pub use config::{BiasMode, Init, LoraConfig, ParamCount, Site, scaling};
 pub use error::{Error, Result};
-pub use linear::{LoraAdapter, LoraLinear};
+pub use linear::{LoraAdapter, LoraUpdate};
 pub use model::{LoraModel, site_name};
 pub use peft_config::MAX_CONFIG_BYTES as MAX_ADAPTER_CONFIG_BYTES;
 pub use peft_load::LoadedAdapter;

@@ -1,4 +1,4 @@
-//! The adapter layer: [`LoraLinear`] is one low-rank update of one Linear's output columns, and
+//! The adapter layer: [`LoraUpdate`] is one low-rank update of one Linear's output columns, and
 //! [`LoraAdapter`] is what hangs on a [`transformer::model::Linear`] (one or more of them: q and
 //! v of the same `c_attn` are two).
 //!
@@ -83,7 +83,7 @@ impl DropoutSeeds {
 /// Clones share A, B (the same tensors and ids), the merged flag and the dropout seeds: the
 /// copy on the model's Linear and the copy in [`crate::LoraModel`] are one adapter.
 #[derive(Clone, Debug)]
-pub struct LoraLinear {
+pub struct LoraUpdate {
     /// A: (r, in), PEFT's `lora_A.weight`.
     pub a: Param,
     /// B: (width, r), PEFT's `lora_B.weight`.
@@ -100,7 +100,7 @@ pub struct LoraLinear {
     pub(crate) seeds: Arc<DropoutSeeds>,
 }
 
-impl LoraLinear {
+impl LoraUpdate {
     /// A: (r, in) and B: (width, r) initialised as `init` says for `site`, on `device`.
     pub(crate) fn init(
         site: &Site,
@@ -176,7 +176,7 @@ impl LoraLinear {
     }
 }
 
-impl Adapter for LoraLinear {
+impl Adapter for LoraUpdate {
     fn apply(&self, tape: &Tape, x: &Var, y: Var) -> transformer::Result<Var> {
         if self.is_merged() {
             return Ok(y);
@@ -199,7 +199,7 @@ impl Adapter for LoraLinear {
 /// The adapters on one Linear: applied one after the other (each adds into its own columns).
 #[derive(Clone, Debug, Default)]
 pub struct LoraAdapter {
-    pub parts: Vec<LoraLinear>,
+    pub parts: Vec<LoraUpdate>,
 }
 
 impl Adapter for LoraAdapter {

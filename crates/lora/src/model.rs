@@ -34,15 +34,15 @@ use transformer::{Gpt2, NamedTensor};
 
 use crate::config::{LoraConfig, ParamCount, Site, bias_trains, layers_phrase};
 use crate::error::{Error, Result};
-use crate::linear::{DropoutSeeds, LoraAdapter, LoraLinear};
+use crate::linear::{DropoutSeeds, LoraAdapter, LoraUpdate};
 use crate::target::{Module, Target};
 
-/// The adapters of one model: a config, and one [`LoraLinear`] per [`Site`].
+/// The adapters of one model: a config, and one [`LoraUpdate`] per [`Site`].
 pub struct LoraModel {
     pub config: LoraConfig,
     /// Written as `base_model_name_or_path` when saving.
     pub base_model: Option<String>,
-    sites: Vec<(Site, LoraLinear)>,
+    sites: Vec<(Site, LoraUpdate)>,
     merged: Arc<AtomicBool>,
     seeds: Arc<DropoutSeeds>,
     attached: bool,
@@ -75,7 +75,7 @@ impl LoraModel {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut weights = Vec::with_capacity(sites.len());
         for site in sites {
-            let (a, b) = LoraLinear::init(&site, config.init, &mut rng, &device)?;
+            let (a, b) = LoraUpdate::init(&site, config.init, &mut rng, &device)?;
             weights.push((site, a, b));
         }
         Ok(Self::from_weights(
@@ -106,7 +106,7 @@ impl LoraModel {
             .into_iter()
             .map(|(site, a, b)| {
                 let name = site_name(&site);
-                let lora = LoraLinear {
+                let lora = LoraUpdate {
                     a: Param::trainable(format!("{name}.lora_A"), a),
                     b: Param::trainable(format!("{name}.lora_B"), b),
                     alpha: site.alpha,
@@ -132,7 +132,7 @@ impl LoraModel {
     }
 
     /// Every site with its adapter, layer by layer.
-    pub fn sites(&self) -> impl Iterator<Item = (&Site, &LoraLinear)> {
+    pub fn sites(&self) -> impl Iterator<Item = (&Site, &LoraUpdate)> {
         self.sites.iter().map(|(s, l)| (s, l))
     }
 

@@ -28,8 +28,8 @@ pub const LAYERNORM: &str = shader!("layernorm");
 pub const EMBEDDING: &str = shader!("embedding");
 /// `shaders/cross_entropy.wgsl`, launched from `ops/cross_entropy.rs`.
 pub const CROSS_ENTROPY: &str = shader!("cross_entropy");
-/// `shaders/cross_entropy_grad.wgsl`, launched from `ops/cross_entropy_grad.rs`.
-pub const CROSS_ENTROPY_GRAD: &str = shader!("cross_entropy_grad");
+/// `shaders/cross_entropy_fused.wgsl`, launched from `ops/cross_entropy_fused.rs`.
+pub const CROSS_ENTROPY_FUSED: &str = shader!("cross_entropy_fused");
 /// `shaders/reduce.wgsl`, launched from `ops/reduce.rs`.
 pub const REDUCE: &str = shader!("reduce");
 /// `shaders/permute.wgsl`, launched from `ops/permute.rs`.
@@ -53,7 +53,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("layernorm", LAYERNORM),
     ("embedding", EMBEDDING),
     ("cross_entropy", CROSS_ENTROPY),
-    ("cross_entropy_grad", CROSS_ENTROPY_GRAD),
+    ("cross_entropy_fused", CROSS_ENTROPY_FUSED),
     ("reduce", REDUCE),
     ("permute", PERMUTE),
     ("adamw", ADAMW),

@@ -408,14 +408,14 @@ impl Gpt2 {
         let x = self.hidden(tape, ids, b, t, None)?;
         // The (N, V) logits dominate a step's time; compute them only for the rows
         // whose loss counts (a fine-tuning batch counts its completion tokens, not the prompt
-        // or the padding). The gather is an embedding lookup into x, so its backward scatters.
+        // or the padding); the gather's backward scatters the rows' gradients back.
         let rows: Vec<u32> = (0..(b * t) as u32)
             .filter(|&i| weights[i as usize] > 0.0)
             .collect();
         let (x, targets, weights) = if rows.len() < b * t && !rows.is_empty() {
             let t_sel: Vec<u32> = rows.iter().map(|&i| targets[i as usize]).collect();
             let w_sel: Vec<f32> = rows.iter().map(|&i| weights[i as usize]).collect();
-            (tape.embedding(&x, &rows)?, t_sel, w_sel)
+            (tape.gather_rows(&x, &rows)?, t_sel, w_sel)
         } else {
             (x, targets.to_vec(), weights.to_vec())
         };

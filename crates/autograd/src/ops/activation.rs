@@ -1,13 +1,11 @@
-//! GELU (tanh form, as GPT-2), softmax over the last axis (optionally causal) and dropout.
+//! GELU (tanh form, as GPT-2) and dropout; softmax has its own file ([`super::softmax`]).
 //!
 //! - `gelu`:    y = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)));  dx = dy·gelu'(x)  (needs x)
-//! - `softmax`: y_i = e^{x_i} / Σ_j e^{x_j};  dx = y ⊙ (dy − Σ_j y_j·dy_j)      (needs y)
 //! - `dropout`: y = x·mask/(1−p); dx = dy·mask/(1−p), the mask recomputed from the seed (nothing saved)
 
 use tensor::Result;
 use tensor::ops::dropout::{dropout, dropout_backward};
 use tensor::ops::gelu::{gelu, gelu_backward};
-use tensor::ops::softmax::{softmax, softmax_backward};
 
 use crate::tape::{Tape, Var};
 
@@ -18,15 +16,6 @@ impl Tape {
         let x_saved = x.value.clone();
         self.record("gelu", y, &[x], x.value.bytes(), move |dy| {
             Ok(vec![Some(gelu_backward(&x_saved, dy)?)])
-        })
-    }
-
-    /// Softmax over the last axis; `causal` masks column c > row r (+ columns − rows).
-    pub fn softmax(&self, x: &Var, causal: bool) -> Result<Var> {
-        let y = softmax(&x.value, causal)?;
-        let y_saved = y.clone();
-        self.record("softmax", y.clone(), &[x], y.bytes(), move |dy| {
-            Ok(vec![Some(softmax_backward(&y_saved, dy)?)])
         })
     }
 

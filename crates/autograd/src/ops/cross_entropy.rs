@@ -6,14 +6,14 @@
 //!
 //! `linear_cross_entropy` is the same loss of the logits h·Wᵀ of an output layer, fused so that
 //! the (N, V) logits never outlive the forward: with G = ∂(Σ_n w_n·l_n)/∂logits (one pass of
-//! [`cross_entropy_grad`], written over the logits), the gradients are dh = G·W and
+//! [`cross_entropy_fused`], written over the logits), the gradients are dh = G·W and
 //! dW = Gᵀ·h, both linear in the upstream dloss, so the forward computes them at once and the
 //! backward only scales them by dloss/Σw. What stays saved until the backward is dh (N, C) and,
 //! when W is trainable, dW (V, C): for GPT-2's tied 50,257-token head that is a few hundred KB
 //! instead of the logits' N·V floats (100 MB for 500 rows).
 
 use tensor::ops::cross_entropy::{cross_entropy, cross_entropy_backward};
-use tensor::ops::cross_entropy_grad::cross_entropy_grad;
+use tensor::ops::cross_entropy_fused::cross_entropy_fused;
 use tensor::ops::elementwise::{scale, scale_by};
 use tensor::ops::matmul::{MatmulOpts, matmul};
 use tensor::ops::reduce::sum_all;
@@ -68,7 +68,7 @@ impl Tape {
                 |_| Ok(vec![]),
             );
         }
-        let (losses, g) = cross_entropy_grad(logits, targets, weights)?;
+        let (losses, g) = cross_entropy_fused(logits, targets, weights)?;
         let loss = scale(&sum_all(&losses)?, inv)?;
         let dh = match h.requires_grad {
             true => Some(matmul(&g, &w.value, None, MatmulOpts::default())?),

@@ -5,9 +5,10 @@
 //! |---|---|
 //! | matmul (+ bias) | [`matmul`] |
 //! | add, mul, scale, add_bias, reshape | [`elementwise`] |
-//! | gelu, softmax, dropout | [`activation`] |
+//! | gelu, dropout | [`activation`] |
+//! | softmax | [`softmax`] |
 //! | layer norm | [`layernorm`] |
-//! | embedding | [`embedding`] |
+//! | embedding, row gather | [`embedding`] |
 //! | cross-entropy | [`cross_entropy`] |
 //! | head split / merge | [`heads`] |
 //! | sum, mean | [`reduce`] |
@@ -22,3 +23,4 @@ pub mod layernorm;
 pub mod matmul;
 pub mod reduce;
 pub mod slice;
+pub mod softmax;

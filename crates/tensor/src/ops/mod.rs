@@ -3,7 +3,7 @@
 
 pub mod adamw;
 pub mod cross_entropy;
-pub mod cross_entropy_grad;
+pub mod cross_entropy_fused;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;

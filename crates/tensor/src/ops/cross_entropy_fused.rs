@@ -17,7 +17,7 @@
 //! case, a fresh matmul output), it is reused for the gradient; otherwise it is copied first,
 //! so no other tensor ever sees its values change.
 //!
-//! Kernel: `shaders/cross_entropy_grad.wgsl`, one 256-invocation workgroup per row: a max and
+//! Kernel: `shaders/cross_entropy_fused.wgsl`, one 256-invocation workgroup per row: a max and
 //! a sum-of-exponentials tree reduction, then each invocation rewrites its own elements.
 //! CPU: per row, the vectorised [`fastmath`](crate::fastmath) max and exp-and-sum (which leaves
 //! exp(x − m) in the row), then one scaling pass.
@@ -28,7 +28,7 @@ use crate::gpu::{Kernel, grid_2d};
 use crate::ops::cross_entropy::check;
 use crate::{Device, Result, Tensor, fastmath, shaders};
 
-/// The `Params` struct of `cross_entropy_grad.wgsl`.
+/// The `Params` struct of `cross_entropy_fused.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
@@ -42,20 +42,20 @@ struct Params {
 }
 
 const KERNEL: Kernel = Kernel {
-    shader: "cross_entropy_grad",
-    source: shaders::CROSS_ENTROPY_GRAD,
-    entry: "cross_entropy_grad",
+    shader: "cross_entropy_fused",
+    source: shaders::CROSS_ENTROPY_FUSED,
+    entry: "cross_entropy_fused",
 };
 
 /// Per-row losses (N) and the gradient (shaped like `logits`, in their storage when it is not
 /// shared); see the module doc.
-pub fn cross_entropy_grad(
+pub fn cross_entropy_fused(
     logits: Tensor,
     targets: &[u32],
     weights: &[f32],
 ) -> Result<(Tensor, Tensor)> {
     let _profile = crate::profile::scope("loss");
-    let (n, v) = check("cross_entropy_grad", &logits, targets, weights)?;
+    let (n, v) = check("cross_entropy_fused", &logits, targets, weights)?;
     let x = if logits.is_exclusive() {
         logits
     } else {
@@ -179,7 +179,7 @@ mod tests {
         let (want_losses, want_grad) = reference(&x, &t, &w, v);
         let logits = Tensor::from_vec(x, &[n, v], d).unwrap();
         let unfused = cross_entropy(&logits, &t, &w).unwrap();
-        let (losses, grad) = cross_entropy_grad(logits.clone(), &t, &w).unwrap();
+        let (losses, grad) = cross_entropy_fused(logits.clone(), &t, &w).unwrap();
         assert!(
             !grad.same_storage(&logits),
             "a shared input is copied, not overwritten"
@@ -199,12 +199,12 @@ mod tests {
     }
 
     #[test]
-    fn cross_entropy_grad_reuses_exclusive_storage() {
+    fn cross_entropy_fused_reuses_exclusive_storage() {
         let d = Device::cpu();
         let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 0.0, 0.0, 0.0], &[2, 3], &d).unwrap();
         let before = x.clone();
         drop(before);
-        let (losses, g) = cross_entropy_grad(x, &[2, 0], &[1.0, 0.5]).unwrap();
+        let (losses, g) = cross_entropy_fused(x, &[2, 0], &[1.0, 0.5]).unwrap();
         let l = losses.to_vec().unwrap();
         // Row 0: logsumexp(1,2,3) − 3 = log(e⁻² + e⁻¹ + 1); row 1: 0.5·log 3.
         let l0 = ((-2.0f64).exp() + (-1.0f64).exp() + 1.0).ln();
@@ -215,31 +215,31 @@ mod tests {
     }
 
     #[test]
-    fn cross_entropy_grad_matches_f64_large_vocab() {
+    fn cross_entropy_fused_matches_f64_large_vocab() {
         check_against_reference(&Device::cpu(), 5, 50257, 1.0, 3);
     }
 
     #[test]
-    fn cross_entropy_grad_rejects_bad_targets() {
+    fn cross_entropy_fused_rejects_bad_targets() {
         let d = Device::cpu();
         let x = Tensor::zeros(&[2, 4], &d).unwrap();
-        let e = cross_entropy_grad(x, &[0, 4], &[1.0, 1.0]).unwrap_err();
+        let e = cross_entropy_fused(x, &[0, 4], &[1.0, 1.0]).unwrap_err();
         assert!(e.to_string().contains("out of range"), "{e}");
     }
 
     #[test]
-    fn cross_entropy_grad_matches_cpu_split_bindings() {
+    fn cross_entropy_fused_matches_cpu_split_bindings() {
         let Some(_) = gpu() else { return };
         let g = gpu_with_binding_limit(4096);
         // 7 rows of 300 floats: a row range per 3 rows under a 4 KiB binding.
         let (x, t, w) = case(7, 300, 1.0, 9);
-        let cpu = cross_entropy_grad(
+        let cpu = cross_entropy_fused(
             Tensor::from_vec(x.clone(), &[7, 300], &Device::cpu()).unwrap(),
             &t,
             &w,
         )
         .unwrap();
-        let gpu = cross_entropy_grad(Tensor::from_vec(x, &[7, 300], &g).unwrap(), &t, &w).unwrap();
+        let gpu = cross_entropy_fused(Tensor::from_vec(x, &[7, 300], &g).unwrap(), &t, &w).unwrap();
         assert_close_slices(
             "losses",
             &gpu.0.to_vec().unwrap(),
@@ -259,13 +259,13 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(12))]
         #[test]
-        fn cross_entropy_grad_matches_f64(n in sizes(), v in sizes(), amp in 0.1f32..20.0, seed in 0u64..1000) {
+        fn cross_entropy_fused_matches_f64(n in sizes(), v in sizes(), amp in 0.1f32..20.0, seed in 0u64..1000) {
             check_against_reference(&Device::cpu(), n, v, amp, seed);
             if let Some(g) = gpu() {
                 check_against_reference(&g, n, v, amp, seed);
                 let (x, t, w) = case(n, v, amp, seed);
-                let cpu = cross_entropy_grad(Tensor::from_vec(x.clone(), &[n, v], &Device::cpu()).unwrap(), &t, &w).unwrap();
-                let gpu = cross_entropy_grad(Tensor::from_vec(x, &[n, v], &g).unwrap(), &t, &w).unwrap();
+                let cpu = cross_entropy_fused(Tensor::from_vec(x.clone(), &[n, v], &Device::cpu()).unwrap(), &t, &w).unwrap();
+                let gpu = cross_entropy_fused(Tensor::from_vec(x, &[n, v], &g).unwrap(), &t, &w).unwrap();
                 assert_close_slices("losses", &gpu.0.to_vec().unwrap(), &cpu.0.to_vec().unwrap(), 1e-5, 1e-5);
                 assert_close_slices("grad", &gpu.1.to_vec().unwrap(), &cpu.1.to_vec().unwrap(), 1e-6, 1e-4);
             }

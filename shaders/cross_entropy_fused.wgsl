@@ -1,7 +1,7 @@
-// cross_entropy_grad.wgsl — cross-entropy's loss AND its gradient in one pass over the logits,
+// cross_entropy_fused.wgsl — cross-entropy's loss AND its gradient in one pass over the logits,
 // written over the logits (in place).
 //
-// Launcher: crates/tensor/src/ops/cross_entropy_grad.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/cross_entropy_fused.rs (CPU reference beside it).
 //
 // For each row n of x: (N, V), with target t_n < V and weight w_n:
 //   m_n     = max_v x[n, v]
@@ -16,7 +16,7 @@
 //   3 weights  (rows)
 //   4 losses   (rows)      output
 //
-// cross_entropy_grad: a workgroup of 256 invocations per row, row = wg.y * num_workgroups.x +
+// cross_entropy_fused: a workgroup of 256 invocations per row, row = wg.y * num_workgroups.x +
 //   wg.x (a 2-D grid: one dimension holds at most 65,535 workgroups). Invocation li strides
 //   over v = li, li + 256, ... < V: a workgroup tree reduction gives m_n, a second one s_n;
 //   x[n, t_n] is read first (before any write) and every invocation rewrites only its own
@@ -47,7 +47,7 @@ const LOWEST: f32 = -3.40282347e38;
 var<workgroup> red: array<f32, 256>;
 
 @compute @workgroup_size(256)
-fn cross_entropy_grad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn cross_entropy_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) li: u32) {
     let row = wg.y * nwg.x + wg.x;
     if (row >= p.rows) { return; }          // uniform over the workgroup: barriers stay legal
