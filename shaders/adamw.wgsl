@@ -1,7 +1,7 @@
 // adamw.wgsl — one AdamW step, in place (decoupled weight decay, Loshchilov & Hutter;
 // torch.optim.AdamW semantics).
 //
-// Launcher: crates/tensor/src/ops/adamw.rs (CPU reference beside it, same constants).
+// Launcher: crates/tensor/src/ops/adamw.rs (CPU path beside it, same constants).
 //
 //   param[i] ← param[i] · (1 − lr·wd)                         (decay)
 //   m[i]     ← β1 · m[i] + (1 − β1) · g[i]
@@ -44,7 +44,7 @@ struct Params {
 @compute @workgroup_size(256)
 fn adamw_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
-    let i = (wg.y * nwg.x + wg.x) * 256u + li;
+    let i = flat_index(wg, nwg, li);
     if (i >= p.n) { return; }
     let g = grad[p.off_g + i];
     let mi = p.beta1 * m[p.off_m + i] + p.one_minus_beta1 * g;

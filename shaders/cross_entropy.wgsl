@@ -1,6 +1,6 @@
 // cross_entropy.wgsl — fused log-softmax + negative log-likelihood with a per-token weight.
 //
-// Launcher: crates/tensor/src/ops/cross_entropy.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/cross_entropy.rs (CPU path beside it).
 //
 // For each row n of logits x: (N, V), with target t_n < V and weight w_n:
 //   m_n      = max_v x[n, v]
@@ -51,42 +51,23 @@ struct Params {
 @group(0) @binding(6) var<storage, read> lse: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dlogits: array<f32>;
 
-const WG: u32 = 256u;
-// The lowest finite f32, the identity of the max reduction (−inf would give inf − inf = NaN
-// in invocations that see no element when V < 256).
-const LOWEST: f32 = -3.40282347e38;
-
-var<workgroup> red: array<f32, 256>;
-
 @compute @workgroup_size(256)
 fn cross_entropy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_index) li: u32) {
-    let row = wg.y * nwg.x + wg.x;
+    let row = group_index(wg, nwg);
     if (row >= p.rows) { return; }          // uniform over the workgroup: barriers stay legal
     let base = p.off_logits + row * p.cols;
 
     var m = LOWEST;
     for (var v = li; v < p.cols; v += WG) { m = max(m, logits[base + v]); }
-    red[li] = m;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (li < s) { red[li] = max(red[li], red[li + s]); }
-        workgroupBarrier();
-    }
-    let mx = red[0];
-    workgroupBarrier();                     // everyone has read red[0] before it is overwritten
+    let mx = workgroup_max(li, m);
 
     var acc = 0.0;
     for (var v = li; v < p.cols; v += WG) { acc += exp(logits[base + v] - mx); }
-    red[li] = acc;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (li < s) { red[li] = red[li] + red[li + s]; }
-        workgroupBarrier();
-    }
+    let sum = workgroup_sum(li, acc);
 
     if (li == 0u) {
-        let log_s = log(red[0]);
+        let log_s = log(sum);
         lse_out[p.off_lse_out + row] = mx + log_s;
         let w = weights[p.off_weights + row];
         let xt = logits[base + targets[p.off_targets + row]];
@@ -97,7 +78,7 @@ fn cross_entropy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
 @compute @workgroup_size(256)
 fn cross_entropy_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_index) li: u32) {
-    let i = (wg.y * nwg.x + wg.x) * WG + li;
+    let i = flat_index(wg, nwg, li);
     if (i >= p.n) { return; }
     let row = i / p.cols;
     let v = i - row * p.cols;

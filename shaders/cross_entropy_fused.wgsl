@@ -1,7 +1,7 @@
 // cross_entropy_fused.wgsl — cross-entropy's loss AND its gradient in one pass over the logits,
 // written over the logits (in place).
 //
-// Launcher: crates/tensor/src/ops/cross_entropy_fused.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/cross_entropy_fused.rs (CPU path beside it).
 //
 // For each row n of x: (N, V), with target t_n < V and weight w_n:
 //   m_n     = max_v x[n, v]
@@ -39,17 +39,10 @@ struct Params {
 @group(0) @binding(3) var<storage, read> weights: array<f32>;
 @group(0) @binding(4) var<storage, read_write> losses: array<f32>;
 
-const WG: u32 = 256u;
-// The lowest finite f32, the identity of the max reduction (−inf would give inf − inf = NaN
-// in invocations that see no element when V < 256).
-const LOWEST: f32 = -3.40282347e38;
-
-var<workgroup> red: array<f32, 256>;
-
 @compute @workgroup_size(256)
 fn cross_entropy_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) li: u32) {
-    let row = wg.y * nwg.x + wg.x;
+    let row = group_index(wg, nwg);
     if (row >= p.rows) { return; }          // uniform over the workgroup: barriers stay legal
     let base = p.off_x + row * p.cols;
     let t = targets[p.off_targets + row];
@@ -58,24 +51,11 @@ fn cross_entropy_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgr
 
     var m = LOWEST;
     for (var v = li; v < p.cols; v += WG) { m = max(m, x[base + v]); }
-    red[li] = m;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (li < s) { red[li] = max(red[li], red[li + s]); }
-        workgroupBarrier();
-    }
-    let mx = red[0];
-    workgroupBarrier();                     // everyone has read red[0] before it is overwritten
+    let mx = workgroup_max(li, m);
 
     var acc = 0.0;
     for (var v = li; v < p.cols; v += WG) { acc += exp(x[base + v] - mx); }
-    red[li] = acc;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (li < s) { red[li] = red[li] + red[li + s]; }
-        workgroupBarrier();
-    }
-    let sum = red[0];
+    let sum = workgroup_sum(li, acc);
 
     // Each invocation rewrites only the elements it read itself, after both reductions.
     let inv = 1.0 / sum;

@@ -1,6 +1,6 @@
 // dropout.wgsl — inverted dropout with a mask recomputed from (seed, element index).
 //
-// Launcher: crates/tensor/src/ops/dropout.rs (CPU reference beside it, the same hash in Rust).
+// Launcher: crates/tensor/src/ops/dropout.rs (CPU path beside it, the same hash in Rust).
 //
 //   bits(i) = fmix32(pcg_hash(i) ^ fmix32(seed_lo ^ fmix32(seed_hi ^ 0x9e3779b9)))
 //   out[i]  = x[i] · scale   if bits(i) ≥ threshold,   else 0
@@ -59,7 +59,7 @@ fn dropout_bits(seed_lo: u32, seed_hi: u32, i: u32) -> u32 {
 @compute @workgroup_size(256)
 fn dropout(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) li: u32) {
-    let i = (wg.y * nwg.x + wg.x) * 256u + li;
+    let i = flat_index(wg, nwg, li);
     if (i >= p.n) { return; }
     let keep = dropout_bits(p.seed_lo, p.seed_hi, p.start + i) >= p.threshold;
     out[p.off_out + i] = select(0.0, x[p.off_x + i] * p.scale, keep);

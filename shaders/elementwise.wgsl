@@ -1,6 +1,6 @@
 // elementwise.wgsl — element-by-element ops over flat f32 arrays.
 //
-// Launcher: crates/tensor/src/ops/elementwise.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/elementwise.rs (CPU path beside it).
 //
 //   fill:      out[i] = alpha
 //   add:       out[i] = a[i] + b[i]
@@ -30,10 +30,6 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-
-fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, local: u32) -> u32 {
-    return (wg.y * nwg.x + wg.x) * 256u + local;
-}
 
 @compute @workgroup_size(256)
 fn fill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -1,6 +1,6 @@
 // embedding.wgsl — token embedding: a gather (forward) and its scatter-add (backward).
 //
-// Launcher: crates/tensor/src/ops/embedding.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/embedding.rs (CPU path beside it).
 //
 //   embedding_forward:   out[n, c]    = table[ids[n], c]
 //   embedding_backward:  dtable[v, c] = dtable[v, c] + Σ_{n in this dispatch : ids[n] = v} dout[n, c]
@@ -51,17 +51,17 @@ struct Params {
 @group(0) @binding(6) var<storage, read> dout: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dtable: array<f32>;
 
-const WG: u32 = 64u;
+const TOKEN_WG: u32 = 64u;
 
 @compute @workgroup_size(64)
 fn embedding_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) li: u32) {
-    let t = wg.y * nwg.x + wg.x;
+    let t = group_index(wg, nwg);
     if (t >= p.tokens) { return; }
     let row = p.off_table + (tokens[p.off_tokens + t] - p.v0) * p.cols;
     let start = offsets[p.off_offsets + t];
     let end = offsets[p.off_offsets + t + 1u];
-    for (var c = li; c < p.cols; c += WG) {
+    for (var c = li; c < p.cols; c += TOKEN_WG) {
         let value = table[row + c];
         for (var k = start; k < end; k++) {
             out[p.off_rows + positions[p.off_positions + k] * p.cols + c] = value;
@@ -72,12 +72,12 @@ fn embedding_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
 @compute @workgroup_size(64)
 fn embedding_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) li: u32) {
-    let t = wg.y * nwg.x + wg.x;
+    let t = group_index(wg, nwg);
     if (t >= p.tokens) { return; }
     let row = p.off_table + (tokens[p.off_tokens + t] - p.v0) * p.cols;
     let start = offsets[p.off_offsets + t];
     let end = offsets[p.off_offsets + t + 1u];
-    for (var c = li; c < p.cols; c += WG) {
+    for (var c = li; c < p.cols; c += TOKEN_WG) {
         var acc = dtable[row + c];
         for (var k = start; k < end; k++) {
             acc += dout[p.off_rows + positions[p.off_positions + k] * p.cols + c];

@@ -1,6 +1,6 @@
 // gelu.wgsl — GPT-2's GELU (tanh form) and its derivative, element by element.
 //
-// Launcher: crates/tensor/src/ops/gelu.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/gelu.rs (CPU path beside it).
 //
 //   u  = K·(x + A·x³)                     K = 0.7978845608 = sqrt(2/pi), A = 0.044715
 //   t  = tanh(u)
@@ -13,7 +13,7 @@
 //   out = x·s  and  gelu'(x) = s + 2·x·s·(1 − s)·K·(1 + 3A·x²)      (1 − t² = 4·s·(1 − s)),
 // products only, each to a few ulp. For |u| ≥ 40 we take s = 0 or 1 and the second term 0
 // (exp(80) ≈ 5.5e34 still fits f32; what is dropped is below 1e-32): huge |x| gives no NaN
-// (x³ overflows from |x| ≈ 7e12). The CPU reference computes the same way.
+// (x³ overflows from |x| ≈ 7e12). The CPU path computes the same way.
 //
 // Bindings: 0 params; 1 x (n); 2 dy (n, backward only); 3 out (n).
 // Each array is a bound *range* of a larger buffer; `off_*` is where the data starts inside it.
@@ -35,10 +35,6 @@ struct Params {
 const K: f32 = 0.7978845608;   // sqrt(2/pi)
 const A: f32 = 0.044715;       // GPT-2's cubic coefficient
 const U_SAT: f32 = 40.0;       // |u| past which s is 0 or 1 in f32 (exp(80) < f32 max)
-
-fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, local: u32) -> u32 {
-    return (wg.y * nwg.x + wg.x) * 256u + local;
-}
 
 fn inner(v: f32) -> f32 {
     return K * (v + A * v * v * v);

@@ -1,6 +1,6 @@
 // layernorm.wgsl — layer norm over the last axis (C = cols), forward and backward.
 //
-// Launcher: crates/tensor/src/ops/layernorm.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/layernorm.rs (CPU path beside it).
 //
 // x: (rows, C) row-major; gamma, beta, dgamma, dbeta: (C); mean, rstd: (rows).
 //   layernorm_forward (one workgroup per row):
@@ -63,40 +63,10 @@ struct Params {
 @group(0) @binding(10) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dbeta: array<f32>;
 
-const WG: u32 = 256u;
-
-var<workgroup> red: array<f32, 256>;
-var<workgroup> red2: array<f32, 256>;
-
-fn row_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wg.y * nwg.x + wg.x;
-}
-
-fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, local: u32) -> u32 {
-    return (wg.y * nwg.x + wg.x) * WG + local;
-}
-
-// Sums of `a` and of `b` over the workgroup (every invocation gets both).
-fn reduce_sum2(li: u32, a: f32, b: f32) -> vec2<f32> {
-    red[li] = a;
-    red2[li] = b;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (li < s) {
-            red[li] = red[li] + red[li + s];
-            red2[li] = red2[li] + red2[li + s];
-        }
-        workgroupBarrier();
-    }
-    let r = vec2<f32>(red[0], red2[0]);
-    workgroupBarrier();   // everyone has read the sums before the arrays are reused
-    return r;
-}
-
 @compute @workgroup_size(256)
 fn layernorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) li: u32) {
-    let row = row_index(wg, nwg);
+    let row = group_index(wg, nwg);
     if (row >= p.rows) { return; }
     let xb = p.off_x + row * p.cols;
     let n = f32(p.cols);
@@ -104,14 +74,14 @@ fn layernorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
 
     var s = 0.0;
     for (var c = li; c < p.cols; c += WG) { s += x[xb + c] - k; }
-    let d = reduce_sum2(li, s, 0.0).x / n;          // μ = k + d
+    let d = workgroup_sum(li, s) / n;                // μ = k + d
 
     var q = 0.0;
     for (var c = li; c < p.cols; c += WG) {
         let e = (x[xb + c] - k) - d;
         q += e * e;
     }
-    let sigma2 = reduce_sum2(li, q, 0.0).x / n;
+    let sigma2 = workgroup_sum(li, q) / n;
     let rs = 1.0 / sqrt(sigma2 + p.eps);
 
     let ob = p.off_out + row * p.cols;
@@ -128,7 +98,7 @@ fn layernorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
 @compute @workgroup_size(256)
 fn layernorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) li: u32) {
-    let row = row_index(wg, nwg);
+    let row = group_index(wg, nwg);
     if (row >= p.rows) { return; }
     let xb = p.off_x + row * p.cols;
     let db = p.off_dy + row * p.cols;
@@ -142,7 +112,7 @@ fn layernorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
         sg += g;
         sgx += g * (x[xb + c] - mu) * rs;
     }
-    let sums = reduce_sum2(li, sg, sgx) / f32(p.cols);   // (mean g, mean g·x̂)
+    let sums = workgroup_sum2(li, sg, sgx) / f32(p.cols);   // (mean g, mean g·x̂)
 
     let ob = p.off_out + row * p.cols;
     for (var c = li; c < p.cols; c += WG) {

@@ -1,7 +1,7 @@
 // matmul.wgsl — tiled, register-blocked matrix product with optional transposes, batch, fused
 // bias and accumulation.
 //
-// Launcher: crates/tensor/src/ops/matmul.rs (CPU reference and test oracle beside it).
+// Launcher: crates/tensor/src/ops/matmul.rs (CPU path beside it; the f64 oracle is crates/tensor/src/reference.rs).
 //
 // Math, for every batch index z (workgroup_id.z) and 0 <= i < M, 0 <= j < N:
 //   C[z, i, j] = (accumulate ? C[z, i, j] : 0) + (has_bias ? bias[j] : 0)
@@ -55,9 +55,9 @@ struct Params {
 const TM: u32 = 64u;       // rows of C per workgroup = 16 invocations · 4 rows
 const TN: u32 = 64u;       // columns of C per workgroup = 16 invocations · 4 columns
 const BK: u32 = 16u;       // depth of one staged K slice
-const WG: u32 = 16u;       // invocations along each side of the workgroup
+const SIDE: u32 = 16u;     // invocations along each side of the workgroup
 const PAD: u32 = 65u;      // row pitch of the staged tiles: TM + 1, so transposing stores hit distinct banks
-const THREADS: u32 = 256u; // WG · WG
+const THREADS: u32 = 256u; // SIDE · SIDE
 const LOADS: u32 = 4u;     // TM · BK / THREADS elements of each tile loaded per invocation
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -117,7 +117,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
             let bv = vec4<f32>(bs_tile[row + tx], bs_tile[row + tx + 16u],
                                bs_tile[row + tx + 32u], bs_tile[row + tx + 48u]);
             for (var r = 0u; r < 4u; r++) {
-                acc[r] = fma(vec4<f32>(as_tile[row + ty + r * WG]), bv, acc[r]);
+                acc[r] = fma(vec4<f32>(as_tile[row + ty + r * SIDE]), bv, acc[r]);
             }
         }
         workgroupBarrier();
@@ -125,10 +125,10 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
 
     let c_base = p.off_c + z * p.stride_c;
     for (var r = 0u; r < 4u; r++) {
-        let i = m0 + ty + r * WG;
+        let i = m0 + ty + r * SIDE;
         if (i >= p.m) { continue; }
         for (var s = 0u; s < 4u; s++) {
-            let j = n0 + tx + s * WG;
+            let j = n0 + tx + s * SIDE;
             if (j >= p.n) { continue; }
             var v = acc[r][s];
             if (p.has_bias != 0u) { v += bias[p.off_bias + j]; }

@@ -1,7 +1,7 @@
 // permute.wgsl — attention head split and merge: copies between a slice of columns of a (B, T, W)
 // tensor and a (B, NH, T, hs) tensor, C = NH·hs columns starting at col0.
 //
-// Launcher: crates/tensor/src/ops/permute.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/permute.rs (CPU path beside it).
 //
 //   split_heads:  dst[b, h, t, d]              = src[b, t, col0 + h·hs + d]
 //   merge_heads:  dst[b, t, col0 + h·hs + d]   = src[b, h, t, d]   (other columns of dst untouched)
@@ -33,10 +33,6 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
-
-fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, local: u32) -> u32 {
-    return (wg.y * nwg.x + wg.x) * 256u + local;
-}
 
 @compute @workgroup_size(256)
 fn split_heads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

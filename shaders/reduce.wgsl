@@ -1,6 +1,6 @@
 // reduce.wgsl — sum of a tensor over one axis, by workgroup-memory tree reductions.
 //
-// Launcher: crates/tensor/src/ops/reduce.rs (CPU reference beside it; `sum`, `mean`, `sum_all`).
+// Launcher: crates/tensor/src/ops/reduce.rs (CPU path beside it; `sum`, `mean`, `sum_all`).
 //
 //   x viewed as (outer, A, inner);  out[o, g, i] = alpha · Σ_{a in item g} x[o, a, i]
 //
@@ -48,7 +48,7 @@ var<workgroup> partial: array<f32, 256>;
 @compute @workgroup_size(256)
 fn reduce_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
-    let wid = wg.y * nwg.x + wg.x;
+    let wid = group_index(wg, nwg);
     let rel = wid / p.tiles;
     // Whole workgroups past the end leave together (uniform control flow for the barriers).
     if (rel >= p.items) { return; }

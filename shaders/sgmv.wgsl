@@ -1,7 +1,7 @@
 // sgmv.wgsl — segmented gather matrix-vector product: many LoRA adapters in one batch
 // (Punica's SGMV, S-LoRA's batched LoRA), forward only.
 //
-// Launcher: crates/tensor/src/ops/sgmv.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/sgmv.rs (CPU path beside it).
 //
 // Every row n of x carries the index a_n of its adapter. Adapter a has A[a]: (r, in),
 // B[a]: (out, r) and a scale s[a]; an index ≥ n_adapters (the sentinel u32::MAX) means no
@@ -10,7 +10,7 @@
 //   sgmv_shrink:  h[n, k] = s[a_n] · Σ_i A[a_n, k, i] · x[n, i]   h: (N, r)   (0 without adapter)
 //   sgmv_expand:  y[n, j] = Σ_k B[a_n, j, k] · h[n, k]            y: (N, out) (0 without adapter)
 //
-// Each sum runs in ascending order and the scale multiplies after the sum, as the CPU reference
+// Each sum runs in ascending order and the scale multiplies after the sum, as the CPU path
 // does. The adapters are gathered per row, so rows of one batch may use different adapters and
 // no weight is ever copied: the stacks are read where they lie.
 //
@@ -53,14 +53,15 @@ struct Params {
 @group(0) @binding(7) var<storage, read> b: array<f32>;
 @group(0) @binding(8) var<storage, read_write> y: array<f32>;
 
-fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, local: u32) -> u32 {
-    return (wg.y * nwg.x + wg.x) * 64u + local;
+// Element i of a 64-wide workgroup's invocation `local`.
+fn flat_index64(wg: vec3<u32>, nwg: vec3<u32>, local: u32) -> u32 {
+    return group_index(wg, nwg) * 64u + local;
 }
 
 @compute @workgroup_size(64)
 fn sgmv_shrink(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) li: u32) {
-    let i = flat_index(wg, nwg, li);
+    let i = flat_index64(wg, nwg, li);
     if (i >= p.rows * p.rank) { return; }
     let n = i / p.rank;
     let k = i % p.rank;
@@ -80,7 +81,7 @@ fn sgmv_shrink(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 @compute @workgroup_size(64)
 fn sgmv_expand(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) li: u32) {
-    let i = flat_index(wg, nwg, li);
+    let i = flat_index64(wg, nwg, li);
     if (i >= p.rows * p.n_out) { return; }
     let n = i / p.n_out;
     let j = i % p.n_out;

@@ -1,6 +1,6 @@
 // slice.wgsl — a range of one axis: read it out, or write (or add) into it.
 //
-// Launcher: crates/tensor/src/ops/slice.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/slice.rs (CPU path beside it).
 //
 // The big tensor `big` is viewed as (outer, A, inner) around the axis; the small one `small` is
 // (outer, len, inner). With s = start:
@@ -27,10 +27,6 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> big: array<f32>;
 @group(0) @binding(2) var<storage, read_write> small: array<f32>;
-
-fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, local: u32) -> u32 {
-    return (wg.y * nwg.x + wg.x) * 256u + local;
-}
 
 // Index into `big` of element `idx` of `small`.
 fn big_index(idx: u32) -> u32 {

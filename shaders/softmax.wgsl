@@ -1,6 +1,6 @@
 // softmax.wgsl — softmax over the last axis, optionally causal, and its backward.
 //
-// Launcher: crates/tensor/src/ops/softmax.rs (CPU reference beside it).
+// Launcher: crates/tensor/src/ops/softmax.rs (CPU path beside it).
 //
 // The input is viewed as rows of length Cn (= cols); consecutive groups of R rows form the
 // (R, Cn) matrices of the last two axes, so row g is row r = g mod R of its matrix.
@@ -35,45 +35,10 @@ struct Params {
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-const WG: u32 = 256u;
-const LOWEST: f32 = -3.4028234663852886e38;   // the most negative finite f32: identity of max
-
-var<workgroup> red: array<f32, 256>;
-
-fn row_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wg.y * nwg.x + wg.x;
-}
-
-// Max of `v` over the workgroup (every invocation gets it).
-fn reduce_max(li: u32, v: f32) -> f32 {
-    red[li] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (li < s) { red[li] = max(red[li], red[li + s]); }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();   // everyone has read red[0] before red is reused
-    return r;
-}
-
-// Sum of `v` over the workgroup (every invocation gets it).
-fn reduce_sum(li: u32, v: f32) -> f32 {
-    red[li] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (li < s) { red[li] = red[li] + red[li + s]; }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
 @compute @workgroup_size(256)
 fn softmax_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) li: u32) {
-    let row = row_index(wg, nwg);
+    let row = group_index(wg, nwg);
     if (row >= p.rows) { return; }
     var lim = p.cols;
     if (p.causal != 0u) {
@@ -85,11 +50,11 @@ fn softmax_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
 
     var m = LOWEST;
     for (var c = li; c < lim; c += WG) { m = max(m, x[xb + c]); }
-    m = reduce_max(li, m);
+    m = workgroup_max(li, m);
 
     var z = 0.0;
     for (var c = li; c < lim; c += WG) { z += exp(x[xb + c] - m); }
-    z = reduce_sum(li, z);
+    z = workgroup_sum(li, z);
 
     let inv = 1.0 / z;
     for (var c = li; c < p.cols; c += WG) {
@@ -102,7 +67,7 @@ fn softmax_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
 @compute @workgroup_size(256)
 fn softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) li: u32) {
-    let row = row_index(wg, nwg);
+    let row = group_index(wg, nwg);
     if (row >= p.rows) { return; }
     let yb = p.off_x + row * p.cols;
     let db = p.off_dy + row * p.cols;
@@ -110,7 +75,7 @@ fn softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
 
     var d = 0.0;
     for (var c = li; c < p.cols; c += WG) { d += x[yb + c] * dy[db + c]; }
-    d = reduce_sum(li, d);
+    d = workgroup_sum(li, d);
 
     for (var c = li; c < p.cols; c += WG) {
         out[ob + c] = x[yb + c] * (dy[db + c] - d);

@@ -70,7 +70,7 @@ pub struct BackwardStats {
     pub matmuls: u64,
 }
 
-/// Records ops for reverse-mode differentiation. `Tape::inference()` records nothing.
+/// Records ops for reverse-mode differentiation. [`Tape::inference`] records nothing.
 pub struct Tape {
     inner: RefCell<Inner>,
     recording: bool,

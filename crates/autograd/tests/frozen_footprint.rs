@@ -110,17 +110,11 @@ fn check(device: &Device) {
     assert!(frozen.report.activations.peak < full.report.activations.peak);
 }
 
-#[test]
-fn frozen_weight_has_no_footprint_cpu() {
-    check(&Device::cpu());
-}
-
-#[test]
-fn frozen_weight_has_no_footprint_gpu() {
-    if let Some(g) = gpu() {
-        check(&g);
-    }
-}
+tensor::on_devices!(
+    check,
+    frozen_weight_has_no_footprint_cpu,
+    frozen_weight_has_no_footprint_gpu
+);
 
 #[test]
 fn inference_tape_records_nothing() {

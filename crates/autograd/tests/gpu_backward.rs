@@ -150,16 +150,9 @@ fn mlp_learns(device: &Device) -> f32 {
     loss_value
 }
 
-#[test]
-fn mlp_learns_on_cpu() {
-    let loss = mlp_learns(&Device::cpu());
+fn mlp_reaches_a_low_loss(device: &Device) {
+    let loss = mlp_learns(device);
     assert!(loss < 0.1, "final loss {loss} (chance is ln 2 = 0.693)");
 }
 
-#[test]
-fn mlp_learns_on_gpu() {
-    if let Some(g) = gpu() {
-        let loss = mlp_learns(&g);
-        assert!(loss < 0.1, "final loss {loss} (chance is ln 2 = 0.693)");
-    }
-}
+tensor::on_devices!(mlp_reaches_a_low_loss, mlp_learns_on_cpu, mlp_learns_on_gpu);

@@ -2,14 +2,13 @@
 //!
 //! For each op y = f(inputs), the test builds loss = Σ r ⊙ y with a fixed random r, runs our
 //! backward (f32, CPU backend), and compares each input's gradient with central differences of
-//! an f64 reference forward (`reference.rs`): (L(x + h) − L(x − h)) / 2h, h = 1e-5. Shapes come
-//! from proptest. `a_wrong_backward_is_rejected` keeps the checker honest.
-
-mod reference;
+//! the op's f64 forward in `tensor::reference`: (L(x + h) − L(x − h)) / 2h, h = 1e-5. Shapes
+//! come from proptest. `a_wrong_backward_is_rejected` keeps the checker honest.
 
 use autograd::{Grads, Param, Tape, Var};
 use proptest::prelude::*;
 use tensor::ops::matmul::MatmulOpts;
+use tensor::reference::{self, numeric_gradient, widen};
 use tensor::testing::random_vec;
 use tensor::{Device, Tensor};
 
@@ -45,10 +44,7 @@ fn check(
     tape.backward(&loss, &mut grads)
         .map_err(|e| e.to_string())?;
 
-    let x64: Vec<Vec<f64>> = values
-        .iter()
-        .map(|v| v.iter().map(|&a| a as f64).collect())
-        .collect();
+    let x64: Vec<Vec<f64>> = values.iter().map(|v| widen(v)).collect();
     let lossf = |xs: &[Vec<f64>]| -> f64 {
         reference(xs)
             .iter()
@@ -56,19 +52,21 @@ fn check(
             .map(|(y, r)| y * *r as f64)
             .sum()
     };
-    let h = 1e-5;
     for (i, p) in params.iter().enumerate() {
         let ours = match grads.get(p.as_trainable().unwrap().id) {
             Some(g) => g.to_vec().unwrap(),
             None => vec![0.0; values[i].len()],
         };
-        for j in 0..values[i].len() {
-            let mut xs = x64.clone();
-            xs[i][j] += h;
-            let up = lossf(&xs);
-            xs[i][j] -= 2.0 * h;
-            let down = lossf(&xs);
-            let fd = (up - down) / (2.0 * h);
+        let mut xs = x64.clone();
+        let fds = numeric_gradient(
+            |xi| {
+                xs[i] = xi.to_vec();
+                lossf(&xs)
+            },
+            &x64[i],
+            1e-5,
+        );
+        for (j, &fd) in fds.iter().enumerate() {
             let got = ours[j] as f64;
             if (got - fd).abs() > 1e-3 + 1e-3 * fd.abs() {
                 return Err(format!(
@@ -97,7 +95,7 @@ proptest! {
         let opts = MatmulOpts { trans_a: ta, trans_b: tb };
         check("matmul", &shapes,
             &move |t, v| t.matmul(&v[0], &v[1], v.get(2), opts),
-            &move |x| reference::matmul(&x[0], &x[1], x.get(2).map(|b| b.as_slice()), m, k, n, ta, tb),
+            &move |x| reference::matmul(&x[0], &x[1], x.get(2).map(|b| b.as_slice()), [1, m, k, n], opts),
             seed).unwrap();
     }
 
@@ -105,7 +103,7 @@ proptest! {
     fn batched_matmul_with_shared_weight_matches_finite_differences(b in 1usize..3, t in dims(), k in dims(), n in dims(), seed in 0u64..1000) {
         check("batched matmul", &[vec![b, t, k], vec![k, n]],
             &|tp, v| tp.matmul(&v[0], &v[1], None, MatmulOpts::default()),
-            &move |x| reference::matmul(&x[0], &x[1], None, b * t, k, n, false, false),
+            &move |x| reference::matmul(&x[0], &x[1], None, [1, b * t, k, n], MatmulOpts::default()),
             seed).unwrap();
     }
 
@@ -136,7 +134,7 @@ proptest! {
     fn layernorm_backward_matches_finite_differences(r in dims(), c in 2usize..9, seed in 0u64..1000) {
         check("layernorm", &[vec![r, c], vec![c], vec![c]],
             &|t, v| t.layernorm(&v[0], &v[1], &v[2], 1e-5),
-            &move |x| reference::layernorm(&x[0], &x[1], &x[2], c, 1e-5), seed).unwrap();
+            &|x| reference::layernorm(&x[0], &x[1], &x[2], 1e-5), seed).unwrap();
     }
 
     #[test]
@@ -145,11 +143,9 @@ proptest! {
         let ids2 = ids.clone();
         let (ids3, ids4) = (ids.clone(), ids.clone());
         check("embedding", &[vec![v, c]], &move |t, x| t.embedding(&x[0], &ids),
-            &move |x| ids2.iter().flat_map(|&i| x[0][i as usize * c..(i as usize + 1) * c].to_vec()).collect(),
-            seed).unwrap();
+            &move |x| reference::embedding(&x[0], &ids2, c), seed).unwrap();
         check("gather_rows", &[vec![v, c]], &move |t, x| t.gather_rows(&x[0], &ids3),
-            &move |x| ids4.iter().flat_map(|&i| x[0][i as usize * c..(i as usize + 1) * c].to_vec()).collect(),
-            seed).unwrap();
+            &move |x| reference::embedding(&x[0], &ids4, c), seed).unwrap();
     }
 
     #[test]
@@ -172,7 +168,8 @@ proptest! {
         check("linear_cross_entropy", &[vec![n, c], vec![v, c]],
             &move |t, x| t.linear_cross_entropy(&x[0], &x[1], &targets, &weights),
             &move |x| {
-                let logits = reference::matmul(&x[0], &x[1], None, n, c, v, false, true);
+                let tb = MatmulOpts { trans_a: false, trans_b: true };
+                let logits = reference::matmul(&x[0], &x[1], None, [1, n, c, v], tb);
                 vec![reference::cross_entropy(&logits, v, &t2, &w2)]
             }, seed).unwrap();
     }

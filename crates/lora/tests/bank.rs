@@ -8,6 +8,8 @@
 
 mod common;
 
+use tensor::on_devices;
+
 use autograd::Tape;
 use common::{batch, fixture, model};
 use lora::{AdapterBank, BiasMode, Init, LoraConfig, LoraModel, Routing, Target};

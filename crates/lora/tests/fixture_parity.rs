@@ -10,6 +10,8 @@
 
 mod common;
 
+use tensor::on_devices;
+
 use autograd::{AdamW, Grads, ParamGroup, Tape};
 use common::{batch, check_tensor, expected, fixture, get, model};
 use lora::{KEY_PREFIX, LoraModel};

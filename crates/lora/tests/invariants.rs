@@ -9,6 +9,8 @@
 
 mod common;
 
+use tensor::on_devices;
+
 use autograd::{AdamW, Grads, ParamGroup, Tape};
 use common::{batch, fixture, logits, model, rel_diff};
 use lora::{BiasMode, Init, LoraConfig, LoraModel, Target};

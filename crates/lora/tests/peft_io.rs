@@ -8,6 +8,8 @@
 
 mod common;
 
+use tensor::on_devices;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -48,14 +48,8 @@ fn check(device: &Device) {
     ));
 }
 
-#[test]
-fn what_we_save_gives_pefts_logits_cpu() {
-    check(&Device::cpu());
-}
-
-#[test]
-fn what_we_save_gives_pefts_logits_gpu() {
-    if let Some(g) = tensor::testing::gpu() {
-        check(&g);
-    }
-}
+tensor::on_devices!(
+    check,
+    what_we_save_gives_pefts_logits_cpu,
+    what_we_save_gives_pefts_logits_gpu
+);

@@ -1,7 +1,9 @@
 //! Helpers of the CPU backend: splitting work over the machine's threads.
 //!
-//! The ops' CPU references are written as plain loops over rows; `for_rows` runs such a loop on
-//! all cores when the work is large enough to pay for starting threads (a few µs each).
+//! The ops' CPU paths work row by row (each row vectorised with [`fastmath`](crate::fastmath)
+//! where it pays); [`for_rows`] runs such a per-row function on all cores when the work is large
+//! enough to pay for starting threads (a few µs each). The plain loops the CPU path is checked
+//! against are in [`reference`](crate::reference).
 
 use std::sync::OnceLock;
 

@@ -2,18 +2,22 @@
 //!
 //! The bottom layer of the stack. A [`Tensor`] is an f32 array, contiguous and row-major, that
 //! lives on a [`Device`]: `Device::Gpu` runs WGSL compute kernels through wgpu (Vulkan, Metal,
-//! DX12 or GL), `Device::Cpu` runs the same ops in plain Rust. The CPU backend is both the oracle
-//! every kernel is tested against and the fallback for real work where there is no GPU.
+//! DX12 or GL), `Device::Cpu` runs the same ops in Rust, vectorised ([`fastmath`]) and threaded
+//! ([`cpu`]): the fallback for real work where there is no GPU. Both backends are tested against
+//! [`reference`], plain f64 loops written from each op's math.
 //!
 //! Reading order:
 //! 1. [`tensor`]: the `Tensor` type, upload and download;
 //! 2. [`device`]: choosing a device;
 //! 3. [`ops::elementwise`]: the smallest op, showing the pattern every op follows: math in the
-//!    doc comment, CPU reference, GPU launcher, tests that compare the two;
+//!    doc comment, CPU path, GPU launcher, tests that compare both with [`reference`];
 //! 4. [`ops::matmul`]: the tiled, register-blocked matrix product;
-//! 5. `gpu`: how a launch becomes a dispatch in a batched command encoder, buffer pooling,
+//! 5. [`gpu`]: how a launch becomes a dispatch in a batched command encoder, buffer pooling,
 //!    splitting tensors larger than one storage binding;
-//! 6. `shaders/*.wgsl` at the repository root, one file per kernel family.
+//! 6. [`shaders`]: the registry of `shaders/*.wgsl` at the repository root, one file per kernel
+//!    family, each preceded by the prelude `shaders/common.wgsl`;
+//! 7. `testing` (behind the feature of that name): what the tests of this crate and of the
+//!    crates above it share: devices, random data, `assert_close`, `on_devices!`.
 //!
 //! Shapes follow one vocabulary throughout the workspace: B batch, T time (sequence), C channels,
 //! NH heads, hs = C/NH head size, V vocabulary, N = B·T rows.
@@ -34,6 +38,7 @@ pub mod gpu;
 pub mod memory;
 pub mod ops;
 pub mod profile;
+pub mod reference;
 pub mod shaders;
 pub mod tensor;
 #[cfg(any(test, feature = "testing"))]

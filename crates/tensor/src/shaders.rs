@@ -1,9 +1,12 @@
-//! The registry of WGSL kernels: one constant per file of `shaders/`, compiled into the crate.
+//! The registry of WGSL kernels: one constant per file of `shaders/`, compiled into the crate,
+//! each preceded by the prelude [`COMMON`] (`shaders/common.wgsl`: the 2-D grid index, the
+//! identity of max and the 256-wide workgroup reductions), so those are written once.
 //!
-//! Grepping this file gives the kernel index. A test checks that every file in `shaders/` is
-//! listed here, is used by a launcher, and validates with naga (so syntax errors show without a GPU).
+//! Grepping this file gives the kernel index. Tests check that every file in `shaders/` is
+//! listed here, is used by a launcher, and validates with naga (so syntax errors show without a
+//! GPU), and that each launcher's `Params` struct has the layout naga reports for the WGSL one.
 
-macro_rules! shader {
+macro_rules! wgsl_file {
     ($name:literal) => {
         include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -13,6 +16,16 @@ macro_rules! shader {
         ))
     };
 }
+
+/// A kernel file with the prelude before it.
+macro_rules! shader {
+    ($name:literal) => {
+        concat!(wgsl_file!("common"), wgsl_file!($name))
+    };
+}
+
+/// `shaders/common.wgsl`, the prelude of every kernel below (and not a kernel itself).
+pub const COMMON: &str = wgsl_file!("common");
 
 /// `shaders/elementwise.wgsl`, launched from `ops/elementwise.rs`.
 pub const ELEMENTWISE: &str = shader!("elementwise");

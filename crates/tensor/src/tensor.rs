@@ -1,4 +1,4 @@
-//! `Tensor`: an f32 array of a given shape, contiguous and row-major, on one device.
+//! [`Tensor`]: an f32 array of a given shape, contiguous and row-major, on one device.
 //!
 //! A tensor is a shape plus a reference-counted storage. Cloning a tensor is cheap and shares
 //! the storage; ops return new tensors, except the few documented in-place ones (the AdamW

@@ -1,9 +1,35 @@
-//! Helpers for tests of this crate and the crates above it: the GPU device of the tests,
-//! random tensors, shape strategies and a comparison that reports the worst elements.
+//! Helpers for tests of this crate and the crates above it (feature `testing`): the GPU device
+//! of the tests, [`on_devices!`](crate::on_devices) to run one test body on every device, random
+//! tensors, shape strategies and a comparison that reports the worst elements. The f64 oracles
+//! the tests compare with are in [`reference`](crate::reference).
 //!
 //! GPU tests call [`gpu`]. When wgpu finds no adapter it returns `None` and the test passes
 //! after printing "skipped"; but when the environment variable `CI` is set it panics instead, so
 //! CI can never pass without running the GPU path.
+
+/// Runs a test body `fn(&Device)` on the CPU (test `$cpu`) and on the GPU of [`gpu`] (test
+/// `$gpu`, skipped outside CI when wgpu finds no adapter).
+///
+/// ```text
+/// fn adds(device: &tensor::Device) { /* … */ }
+/// tensor::on_devices!(adds, adds_cpu, adds_gpu);
+/// ```
+#[macro_export]
+macro_rules! on_devices {
+    ($body:ident, $cpu:ident, $gpu:ident) => {
+        #[test]
+        fn $cpu() {
+            $body(&$crate::Device::cpu());
+        }
+
+        #[test]
+        fn $gpu() {
+            if let Some(g) = $crate::testing::gpu() {
+                $body(&g);
+            }
+        }
+    };
+}
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 

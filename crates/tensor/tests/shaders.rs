@@ -1,5 +1,7 @@
-//! CPU-only checks of the WGSL sources: every file in `shaders/` is registered, used by a
-//! launcher, and validates with naga. No GPU needed, so shader syntax errors show up anywhere.
+//! CPU-only checks of the WGSL sources: every kernel file in `shaders/` is registered, used by
+//! a launcher, starts with the prelude `common.wgsl`, and validates with naga. No GPU needed, so
+//! shader syntax errors show up anywhere. (The `Params` layouts are checked by a unit test of
+//! the crate, which sees the launchers' private structs.)
 
 use std::path::Path;
 
@@ -15,6 +17,7 @@ fn every_shader_file_is_registered() {
             let name = e.unwrap().file_name().into_string().unwrap();
             name.strip_suffix(".wgsl").map(str::to_string)
         })
+        .filter(|name| name != "common")
         .collect();
     files.sort();
     let mut registered: Vec<String> = tensor::shaders::ALL
@@ -41,6 +44,36 @@ fn every_shader_is_launched_by_its_op_file() {
             launcher.display()
         );
     }
+}
+
+#[test]
+fn every_shader_starts_with_the_prelude_and_does_not_redefine_it() {
+    let prelude = std::fs::read_to_string(shader_dir().join("common.wgsl")).unwrap();
+    assert_eq!(tensor::shaders::COMMON, prelude);
+    for (name, source) in tensor::shaders::ALL {
+        let own = source
+            .strip_prefix(tensor::shaders::COMMON)
+            .unwrap_or_else(|| panic!("{name}.wgsl is registered without the prelude"));
+        for snippet in ["const LOWEST", "wg.y * nwg.x + wg.x", "var<workgroup> red:"] {
+            assert!(
+                !own.contains(snippet),
+                "{name}.wgsl writes `{snippet}` itself; the prelude has it"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_prelude_validates_with_naga_on_its_own() {
+    let source = tensor::shaders::COMMON;
+    let module = naga::front::wgsl::parse_str(source)
+        .unwrap_or_else(|e| panic!("common.wgsl does not parse:\n{}", e.emit_to_string(source)));
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::empty(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("common.wgsl is invalid:\n{}", e.emit_to_string(source)));
 }
 
 #[test]

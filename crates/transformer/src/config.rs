@@ -1,4 +1,4 @@
-//! `GptConfig`: the handful of numbers that fix a GPT-2's shapes, read from and written to a
+//! [`GptConfig`]: the handful of numbers that fix a GPT-2's shapes, read from and written to a
 //! Hugging Face `config.json`.
 //!
 //! Hugging Face configs carry many keys (dropouts, generation defaults, summary heads...). We read

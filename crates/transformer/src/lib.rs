@@ -1,8 +1,11 @@
 //! GPT-2, laid out exactly as Hugging Face lays it out, so real checkpoints load without
 //! conversion and what we train loads back into `transformers`.
 //!
-//! This part of the crate is the host side: the config, the size table of every parameter,
-//! reading and writing a model directory, and the tokenizers. It touches no GPU.
+//! The crate has two sides. The host side (the config, the size table of every parameter,
+//! reading and writing a model directory, the tokenizers) is plain Rust on the CPU. The model
+//! side ([`Gpt2`], [`generate`](mod@generate), [`beam`]) runs its forward and backward on the
+//! [`tensor::Device`] its parameters live on (a GPU or the CPU backend), through
+//! [`autograd::Tape`].
 //!
 //! # Shapes
 //!

@@ -1,5 +1,5 @@
-//! GPT-2's modules on the autograd tape: `Linear` (Conv1D layout), `LayerNorm`, the attention
-//! and MLP of a `Block`, and the whole `Gpt2`.
+//! GPT-2's modules on the autograd tape: [`Linear`] (Conv1D layout), [`LayerNorm`], the
+//! attention and MLP of a [`Block`], and the whole [`Gpt2`].
 //!
 //! Forward for training, per block (pre-norm, as GPT-2):
 //! ```text
@@ -293,7 +293,7 @@ impl Gpt2 {
     /// Logits (B·T, V) for T more tokens of each of the B sequences in `cache`: token t sits at
     /// position `cache.len + t` and attends to the cached positions and to itself and the tokens
     /// before it. Their keys and values are appended, and `cache.len` grows by T. The cache is
-    /// written in place, which no backward could follow, so `tape` must be `Tape::inference()`.
+    /// written in place, which no backward could follow, so `tape` must be [`Tape::inference`](autograd::Tape::inference).
     pub fn logits_cached(
         &self,
         tape: &Tape,

@@ -3,7 +3,7 @@
 
 use autograd::Tape;
 use tensor::Device;
-use tensor::testing::{gpu, random_vec};
+use tensor::testing::random_vec;
 use transformer::beam::{banned_tokens, beam_score, log_softmax};
 use transformer::generate::{argmax, last_logits, sampling_distribution};
 use transformer::model::KvCache;
@@ -87,17 +87,11 @@ fn cached_decoding_matches_recomputation(device: &Device) {
     assert_eq!(generated, seq[prompt.len()..]);
 }
 
-#[test]
-fn cached_decoding_matches_recomputation_cpu() {
-    cached_decoding_matches_recomputation(&Device::cpu());
-}
-
-#[test]
-fn cached_decoding_matches_recomputation_gpu() {
-    if let Some(device) = gpu() {
-        cached_decoding_matches_recomputation(&device);
-    }
-}
+tensor::on_devices!(
+    cached_decoding_matches_recomputation,
+    cached_decoding_matches_recomputation_cpu,
+    cached_decoding_matches_recomputation_gpu
+);
 
 /// Prompts of 1 to 23 tokens at once equal each alone, greedy and sampled (sequence i seeded
 /// with seed + i), with rows leaving the batch at different steps (an end-of-text token chosen
@@ -130,17 +124,11 @@ fn batch_equals_each_alone(device: &Device) {
     }
 }
 
-#[test]
-fn batch_equals_each_alone_cpu() {
-    batch_equals_each_alone(&Device::cpu());
-}
-
-#[test]
-fn batch_equals_each_alone_gpu() {
-    if let Some(device) = gpu() {
-        batch_equals_each_alone(&device);
-    }
-}
+tensor::on_devices!(
+    batch_equals_each_alone,
+    batch_equals_each_alone_cpu,
+    batch_equals_each_alone_gpu
+);
 
 #[test]
 fn top_k_one_and_temperature_near_zero_are_greedy() {
@@ -321,17 +309,11 @@ fn one_beam_is_greedy(device: &Device) {
     assert_eq!(got, want);
 }
 
-#[test]
-fn one_beam_is_greedy_cpu() {
-    one_beam_is_greedy(&Device::cpu());
-}
-
-#[test]
-fn one_beam_is_greedy_gpu() {
-    if let Some(device) = gpu() {
-        one_beam_is_greedy(&device);
-    }
-}
+tensor::on_devices!(
+    one_beam_is_greedy,
+    one_beam_is_greedy_cpu,
+    one_beam_is_greedy_gpu
+);
 
 #[test]
 fn beams_score_at_least_greedy() {

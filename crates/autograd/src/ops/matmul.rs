@@ -9,7 +9,8 @@
 //! - `db = Σ_rows dy`
 //!
 //! A frozen W therefore costs one matmul in backward instead of two, and no saved x.
-//! With transposes, the same rules hold with the flags moved around (see `backward_flags`).
+//! With transposes, the same rules hold with the flags moved around: `grad_x` and `grad_w`
+//! pick them, following the table in [`tensor::ops::matmul`].
 
 use std::cell::Cell;
 use std::rc::Rc;

@@ -8,25 +8,6 @@ use autograd::Tape;
 use tensor::Device;
 use transformer::{Checkpoint, Gpt2};
 
-/// Runs a test body on the CPU (`<name>_cpu`) and on the GPU (`<name>_gpu`, skipped outside CI
-/// when wgpu finds no adapter).
-#[macro_export]
-macro_rules! on_devices {
-    ($body:ident, $cpu:ident, $gpu:ident) => {
-        #[test]
-        fn $cpu() {
-            $body(&tensor::Device::cpu());
-        }
-
-        #[test]
-        fn $gpu() {
-            if let Some(g) = tensor::testing::gpu() {
-                $body(&g);
-            }
-        }
-    };
-}
-
 pub fn fixture() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -14,6 +14,7 @@
 mod adapters;
 pub(crate) mod bind;
 mod errors;
+pub(crate) mod params;
 mod pool;
 mod readback;
 mod timestamps;
@@ -31,6 +32,7 @@ use crate::{Error, Result};
 pub use adapters::{GpuInfo, GpuOptions, adapters, adapters_on, default_backends};
 use adapters::{adapter_line, is_software, no_adapter_message};
 pub(crate) use bind::{Binding, grid_2d};
+pub(crate) use params::kernel_params;
 use pool::BufferPool;
 use timestamps::{MAX_TIMED_PASSES, Tag, Timestamps};
 

@@ -18,9 +18,9 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Error, Result, Tensor, shaders, shape_err};
 
@@ -36,26 +36,26 @@ pub struct AdamWParams {
     pub step: u32,
 }
 
-/// The `Params` struct of `adamw.wgsl`; the CPU reference uses the same constants.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    off_g: u32,
-    off_p: u32,
-    off_m: u32,
-    off_v: u32,
-    beta1: f32,
-    beta2: f32,
-    one_minus_beta1: f32,
-    one_minus_beta2: f32,
-    eps: f32,
-    decay: f32,
-    step_size: f32,
-    bc2_sqrt: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+kernel_params! {
+    /// The `Params` struct of `adamw.wgsl`; the CPU path uses the same constants.
+    struct Params {
+        n: u32,
+        off_g: u32,
+        off_p: u32,
+        off_m: u32,
+        off_v: u32,
+        beta1: f32,
+        beta2: f32,
+        one_minus_beta1: f32,
+        one_minus_beta2: f32,
+        eps: f32,
+        decay: f32,
+        step_size: f32,
+        bc2_sqrt: f32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
 }
 
 impl Params {
@@ -239,23 +239,10 @@ mod tests {
         }
     }
 
-    /// torch.optim.AdamW in f64, element by element.
+    /// torch.optim.AdamW in f64 (`tensor::reference`), element by element.
     fn adamw_f64(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], hp: &AdamWParams) {
-        let (lr, b1, b2, eps, wd) = (
-            hp.lr as f64,
-            hp.beta1 as f64,
-            hp.beta2 as f64,
-            hp.eps as f64,
-            hp.weight_decay as f64,
-        );
-        let t = hp.step as i32;
-        for i in 0..p.len() {
-            p[i] *= 1.0 - lr * wd;
-            m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-            v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-            let (mh, vh) = (m[i] / (1.0 - b1.powi(t)), v[i] / (1.0 - b2.powi(t)));
-            p[i] -= lr * mh / (vh.sqrt() + eps);
-        }
+        let h = [hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay].map(f64::from);
+        crate::reference::adamw(p, g, m, v, h, hp.step as i32);
     }
 
     #[test]

@@ -25,29 +25,29 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::ops::embedding::check_ids;
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
-/// The `Params` struct of `cross_entropy.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    n: u32,
-    scale: f32,
-    off_logits: u32,
-    off_targets: u32,
-    off_weights: u32,
-    off_losses: u32,
-    off_lse_out: u32,
-    off_lse: u32,
-    off_dlogits: u32,
-    _pad: u32,
+kernel_params! {
+    /// The `Params` struct of `cross_entropy.wgsl`.
+    struct Params {
+        rows: u32,
+        cols: u32,
+        n: u32,
+        scale: f32,
+        off_logits: u32,
+        off_targets: u32,
+        off_weights: u32,
+        off_losses: u32,
+        off_lse_out: u32,
+        off_lse: u32,
+        off_dlogits: u32,
+        _pad: u32,
+    }
 }
 
 fn kernel(entry: &'static str) -> Kernel {
@@ -293,6 +293,7 @@ fn launch(
 mod tests {
     use super::*;
     use crate::Error;
+    use crate::reference;
     use crate::testing::{
         assert_close, assert_close_slices, gpu, gpu_with_binding_limit, random_vec, sizes,
     };
@@ -342,48 +343,31 @@ mod tests {
             let s: f32 = self.weights.iter().sum();
             if s > 0.0 { 1.0 / s } else { 1.0 }
         }
-        /// f64 log-softmax: (losses, lse) from the definition `lse = log Σ exp(x)` with the max
-        /// taken out, and `loss = −w · log_softmax(x)[t]`.
+        /// The f64 reference: (losses, lse).
         fn f64_forward(&self) -> (Vec<f32>, Vec<f32>) {
-            (0..self.n)
-                .map(|r| {
-                    let row: Vec<f64> = self.x[r * self.v..][..self.v]
-                        .iter()
-                        .map(|&e| e as f64)
-                        .collect();
-                    let m = row.iter().copied().fold(f64::MIN, f64::max);
-                    let lse = m + row.iter().map(|e| (e - m).exp()).sum::<f64>().ln();
-                    let logp = row[self.targets[r] as usize] - lse;
-                    ((-self.weights[r] as f64 * logp) as f32, lse as f32)
-                })
-                .unzip()
+            let (x, w) = (reference::widen(&self.x), reference::widen(&self.weights));
+            let losses = reference::cross_entropy_losses(&x, self.v, &self.targets, &w);
+            (
+                reference::narrow(&losses),
+                reference::narrow(&reference::logsumexp(&x, self.v)),
+            )
         }
-        /// Central finite differences, in f64, of `scale · Σ_n losses[n]`: perturbing x[n, v]
-        /// changes only row n's term.
+        /// Central finite differences, in f64, of `scale · Σ_n losses[n]`, row by row (x[n, v]
+        /// changes only row n's term).
         fn f64_fd_grad(&self, scale: f32) -> Vec<f32> {
-            let row_loss = |row: &[f64], t: usize, w: f64| {
-                let m = row.iter().copied().fold(f64::MIN, f64::max);
-                w * (m + row.iter().map(|e| (e - m).exp()).sum::<f64>().ln() - row[t])
-            };
-            let h = 1e-4;
-            let mut g = vec![0.0f32; self.n * self.v];
-            for r in 0..self.n {
-                let mut row: Vec<f64> = self.x[r * self.v..][..self.v]
-                    .iter()
-                    .map(|&e| e as f64)
-                    .collect();
-                let (t, w) = (self.targets[r] as usize, self.weights[r] as f64);
-                for j in 0..self.v {
-                    let x0 = row[j];
-                    row[j] = x0 + h;
-                    let up = row_loss(&row, t, w);
-                    row[j] = x0 - h;
-                    let down = row_loss(&row, t, w);
-                    row[j] = x0;
-                    g[r * self.v + j] = (scale as f64 * (up - down) / (2.0 * h)) as f32;
-                }
-            }
-            g
+            let x = reference::widen(&self.x);
+            let g: Vec<f64> = x
+                .chunks(self.v)
+                .enumerate()
+                .flat_map(|(r, row)| {
+                    let (t, w) = ([self.targets[r]], [self.weights[r] as f64]);
+                    let loss = |row: &[f64]| {
+                        scale as f64 * reference::cross_entropy_losses(row, self.v, &t, &w)[0]
+                    };
+                    reference::numeric_gradient(loss, row, 1e-4)
+                })
+                .collect();
+            reference::narrow(&g)
         }
         /// GPU (on `g`) against CPU, forward and backward.
         fn check_gpu(&self, g: &Device, atol_loss: f32, atol_grad: f32) {

@@ -22,23 +22,22 @@
 //! CPU: per row, the vectorised [`fastmath`](crate::fastmath) max and exp-and-sum (which leaves
 //! exp(x − m) in the row), then one scaling pass.
 
-use bytemuck::{Pod, Zeroable};
-
-use crate::gpu::{Kernel, grid_2d};
+use crate::gpu::{Kernel, grid_2d, kernel_params};
 use crate::ops::cross_entropy::check;
 use crate::{Device, Result, Tensor, fastmath, shaders};
 
-/// The `Params` struct of `cross_entropy_fused.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    off_x: u32,
-    off_targets: u32,
-    off_weights: u32,
-    off_losses: u32,
-    _pad: [u32; 2],
+kernel_params! {
+    /// The `Params` struct of `cross_entropy_fused.wgsl`.
+    struct Params {
+        rows: u32,
+        cols: u32,
+        off_x: u32,
+        off_targets: u32,
+        off_weights: u32,
+        off_losses: u32,
+        _pad0: u32,
+        _pad1: u32,
+    }
 }
 
 const KERNEL: Kernel = Kernel {
@@ -92,7 +91,8 @@ pub fn cross_entropy_fused(
                     off_targets: t.offset,
                     off_weights: w.offset,
                     off_losses: l.offset,
-                    _pad: [0; 2],
+                    _pad0: 0,
+                    _pad1: 0,
                 };
                 ctx.dispatch(
                     KERNEL,
@@ -129,6 +129,7 @@ fn grad_row(row: &mut [f32], t: usize, w: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::ops::cross_entropy::cross_entropy;
+    use crate::reference;
     use crate::testing::{assert_close_slices, gpu, gpu_with_binding_limit, random_vec, sizes};
     use proptest::prelude::*;
     use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -153,20 +154,13 @@ mod tests {
         (x, t, w)
     }
 
-    /// Losses and gradient in f64, the truth the op is held to.
-    fn reference(x: &[f32], t: &[u32], w: &[f32], v: usize) -> (Vec<f32>, Vec<f32>) {
-        let (mut losses, mut grad) = (vec![], vec![]);
-        for (r, row) in x.chunks(v).enumerate() {
-            let (wr, tr) = (w[r] as f64, t[r] as usize);
-            let m = row.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
-            let s: f64 = row.iter().map(|&e| (e as f64 - m).exp()).sum();
-            losses.push((wr * (m + s.ln() - row[tr] as f64)) as f32);
-            for (j, &e) in row.iter().enumerate() {
-                let hot = if j == tr { 1.0 } else { 0.0 };
-                grad.push((wr * ((e as f64 - m).exp() / s - hot)) as f32);
-            }
-        }
-        (losses, grad)
+    /// Losses and gradient in f64 (`tensor::reference`), the truth the op is held to.
+    fn f64_reference(x: &[f32], t: &[u32], w: &[f32], v: usize) -> (Vec<f32>, Vec<f32>) {
+        let (x, w) = (reference::widen(x), reference::widen(w));
+        (
+            reference::narrow(&reference::cross_entropy_losses(&x, v, t, &w)),
+            reference::narrow(&reference::cross_entropy_dlogits(&x, v, t, &w)),
+        )
     }
 
     /// The fused op on `d` against the f64 reference, and on the CPU against the separate
@@ -176,7 +170,7 @@ mod tests {
     /// forms p from exp(x − m)/s and stays within 1e-6.)
     fn check_against_reference(d: &Device, n: usize, v: usize, amp: f32, seed: u64) {
         let (x, t, w) = case(n, v, amp, seed);
-        let (want_losses, want_grad) = reference(&x, &t, &w, v);
+        let (want_losses, want_grad) = f64_reference(&x, &t, &w, v);
         let logits = Tensor::from_vec(x, &[n, v], d).unwrap();
         let unfused = cross_entropy(&logits, &t, &w).unwrap();
         let (losses, grad) = cross_entropy_fused(logits.clone(), &t, &w).unwrap();

@@ -14,23 +14,23 @@
 //!
 //! Kernel: `shaders/dropout.wgsl`, one invocation per element.
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{Kernel, grid_2d};
+use crate::gpu::{Kernel, grid_2d, kernel_params};
 use crate::{Device, Error, Result, Tensor, shaders};
 
-/// The `Params` struct of `dropout.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    start: u32,
-    seed_lo: u32,
-    seed_hi: u32,
-    threshold: u32,
-    off_x: u32,
-    off_out: u32,
-    scale: f32,
+kernel_params! {
+    /// The `Params` struct of `dropout.wgsl`.
+    struct Params {
+        n: u32,
+        start: u32,
+        seed_lo: u32,
+        seed_hi: u32,
+        threshold: u32,
+        off_x: u32,
+        off_out: u32,
+        scale: f32,
+    }
 }
 
 /// MurmurHash3's 32-bit finalizer (Appleby); 0x85ebca6b and 0xc2b2ae35 are its multipliers.

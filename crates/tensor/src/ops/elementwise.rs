@@ -13,24 +13,24 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
-/// The `Params` struct of `elementwise.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    cols: u32,
-    off_a: u32,
-    off_b: u32,
-    off_out: u32,
-    col0: u32,
-    alpha: f32,
-    _pad: u32,
+kernel_params! {
+    /// The `Params` struct of `elementwise.wgsl`.
+    struct Params {
+        n: u32,
+        cols: u32,
+        off_a: u32,
+        off_b: u32,
+        off_out: u32,
+        col0: u32,
+        alpha: f32,
+        _pad: u32,
+    }
 }
 
 fn kernel(entry: &'static str) -> Kernel {
@@ -127,7 +127,7 @@ fn check_same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// CPU reference of a binary elementwise op.
+/// CPU path of a binary elementwise op.
 fn binary_cpu(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
     let (x, y) = (a.cpu_data()?, b.cpu_data()?);
     let mut out = vec![0.0; x.len()];

@@ -22,23 +22,21 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
-
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::{Device, Error, Result, Tensor, shaders, shape_err};
 
-/// The `Params` struct of `embedding.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    tokens: u32,
-    cols: u32,
-    v0: u32,
-    off_tokens: u32,
-    off_offsets: u32,
-    off_positions: u32,
-    off_rows: u32,
-    off_table: u32,
+kernel_params! {
+    /// The `Params` struct of `embedding.wgsl`.
+    struct Params {
+        tokens: u32,
+        cols: u32,
+        v0: u32,
+        off_tokens: u32,
+        off_offsets: u32,
+        off_positions: u32,
+        off_rows: u32,
+        off_table: u32,
+    }
 }
 
 fn kernel(entry: &'static str) -> Kernel {
@@ -251,6 +249,7 @@ pub fn embedding_backward(ids: &[u32], dout: &Tensor, vocab: usize) -> Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference;
     use crate::testing::{
         assert_close, assert_close_slices, gpu, gpu_with_binding_limit, random, sizes,
     };
@@ -267,17 +266,6 @@ mod tests {
         (0..n)
             .map(|_| pool[rng.random_range(0..pool.len())])
             .collect()
-    }
-
-    /// The straightforward f64 loop the CPU backward must agree with.
-    fn naive_backward(ids: &[u32], dout: &[f32], vocab: usize, cols: usize) -> Vec<f32> {
-        let mut dt = vec![0.0f64; vocab * cols];
-        for (n, &v) in ids.iter().enumerate() {
-            for c in 0..cols {
-                dt[v as usize * cols + c] += dout[n * cols + c] as f64;
-            }
-        }
-        dt.into_iter().map(|x| x as f32).collect()
     }
 
     fn check_both(g: &Device, n: usize, vocab: usize, cols: usize, ids: &[u32], seed: u64) {
@@ -304,18 +292,19 @@ mod tests {
         }
 
         #[test]
-        fn embedding_cpu_matches_naive(n in sizes(), vocab in sizes(), cols in sizes(), seed in 0u64..1000) {
+        fn embedding_cpu_matches_reference(n in sizes(), vocab in sizes(), cols in sizes(), seed in 0u64..1000) {
             let cpu = Device::cpu();
             let ids = random_ids(n, vocab, seed);
             let table = random(&[vocab, cols], seed, &cpu);
-            let t = table.to_vec().unwrap();
-            let naive: Vec<f32> = ids.iter().flat_map(|&v| t[v as usize * cols..][..cols].to_vec()).collect();
-            assert_close_slices("embedding", &embedding(&table, &ids).unwrap().to_vec().unwrap(), &naive, 0.0, 0.0);
+            let t = reference::widen(&table.to_vec().unwrap());
+            let want = reference::narrow(&reference::embedding(&t, &ids, cols));
+            assert_close_slices("embedding", &embedding(&table, &ids).unwrap().to_vec().unwrap(), &want, 0.0, 0.0);
             let dout = random(&[n, cols], seed + 1, &cpu);
             let got = embedding_backward(&ids, &dout, vocab).unwrap().to_vec().unwrap();
             // f32 sums of at most 257 values in [-1, 1) against f64: |err| ≤ 257 · 2⁻²⁴ · 257 ≈ 4e-3
             // in the worst case; typical errors are ~1e-6.
-            assert_close_slices("embedding_backward", &got, &naive_backward(&ids, &dout.to_vec().unwrap(), vocab, cols), 1e-4, 1e-5);
+            let want = reference::embedding_backward(&ids, &reference::widen(&dout.to_vec().unwrap()), vocab, cols);
+            assert_close_slices("embedding_backward", &got, &reference::narrow(&want), 1e-4, 1e-5);
         }
     }
 

@@ -21,9 +21,9 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
@@ -34,14 +34,14 @@ const A: f32 = 0.044_715;
 /// |u| from which s = 0.5·(1 + tanh u) is taken as exactly 0 or 1.
 const U_SAT: f32 = 40.0;
 
-/// The `Params` struct of `gelu.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    off_x: u32,
-    off_dy: u32,
-    off_out: u32,
+kernel_params! {
+    /// The `Params` struct of `gelu.wgsl`.
+    struct Params {
+        n: u32,
+        off_x: u32,
+        off_dy: u32,
+        off_out: u32,
+    }
 }
 
 fn kernel(entry: &'static str) -> Kernel {
@@ -71,13 +71,13 @@ fn inner(x: f32) -> f32 {
     K * (x + A * x * x * x)
 }
 
-/// GELU of one value (CPU reference).
+/// GELU of one value (CPU path).
 #[inline(always)]
 pub(crate) fn gelu_scalar(x: f32) -> f32 {
     x * halves(inner(x)).0
 }
 
-/// gelu'(x) of one value (CPU reference).
+/// gelu'(x) of one value (CPU path).
 #[inline(always)]
 pub(crate) fn gelu_grad_scalar(x: f32) -> f32 {
     let u = inner(x);
@@ -203,13 +203,9 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference;
     use crate::testing::{assert_close, assert_close_slices, gpu, random_vec, sizes};
     use proptest::prelude::*;
-
-    fn gelu64(x: f64) -> f64 {
-        let k = (2.0 / std::f64::consts::PI).sqrt();
-        0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
-    }
 
     /// Values in [-4, 4): both tails of the tanh and its middle.
     fn inputs(shape: &[usize], seed: u64, device: &Device) -> Tensor {
@@ -276,14 +272,20 @@ mod tests {
         // Central differences of the f64 forward, at points across the curve, with dy ≠ 1.
         let xs: Vec<f32> = (0..41).map(|i| -6.0 + 0.3 * i as f32).collect();
         let dys = random_vec(41, 3);
-        let h = 1e-5;
-        let fd: Vec<f32> = xs
-            .iter()
-            .zip(&dys)
-            .map(|(&x, &dy)| {
-                (dy as f64 * (gelu64(x as f64 + h) - gelu64(x as f64 - h)) / (2.0 * h)) as f32
-            })
-            .collect();
+        // L = Σ dy·gelu(x), so ∂L/∂x_i = dy_i·gelu'(x_i).
+        let dy64 = reference::widen(&dys);
+        let loss = |x: &[f64]| -> f64 {
+            reference::gelu(x)
+                .iter()
+                .zip(&dy64)
+                .map(|(y, d)| y * d)
+                .sum()
+        };
+        let fd = reference::narrow(&reference::numeric_gradient(
+            loss,
+            &reference::widen(&xs),
+            1e-5,
+        ));
         let x = Tensor::from_vec(xs, &[41], &cpu).unwrap();
         let dy = Tensor::from_vec(dys, &[41], &cpu).unwrap();
         let got = gelu_backward(&x, &dy).unwrap().to_vec().unwrap();

@@ -23,35 +23,35 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
 /// Rows per partial sum of dγ, dβ in the GPU backward.
 const BLOCK_ROWS: usize = 32;
 
-/// The `Params` struct of `layernorm.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    off_x: u32,
-    off_dy: u32,
-    off_out: u32,
-    off_mean: u32,
-    off_rstd: u32,
-    off_gamma: u32,
-    off_beta: u32,
-    eps: f32,
-    block_rows: u32,
-    nblocks: u32,
-    accumulate: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+kernel_params! {
+    /// The `Params` struct of `layernorm.wgsl`.
+    struct Params {
+        rows: u32,
+        cols: u32,
+        off_x: u32,
+        off_dy: u32,
+        off_out: u32,
+        off_mean: u32,
+        off_rstd: u32,
+        off_gamma: u32,
+        off_beta: u32,
+        eps: f32,
+        block_rows: u32,
+        nblocks: u32,
+        accumulate: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
 }
 
 fn kernel(entry: &'static str) -> Kernel {
@@ -400,6 +400,7 @@ fn backward_gpu(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference;
     use crate::testing::{assert_close, assert_close_slices, gpu, random, random_vec, sizes};
     use proptest::prelude::*;
 
@@ -457,19 +458,10 @@ mod tests {
         }
     }
 
-    /// f64 layer norm of `rows` rows of x (rows·C), and Σ w·y.
+    /// Σ w·y of the f64 layer norm y of x (rows of C = `gamma.len()`).
     fn loss64(x: &[f64], gamma: &[f64], beta: &[f64], w: &[f32]) -> f64 {
-        let c = gamma.len();
-        let mut l = 0.0;
-        for (r, xs) in x.chunks(c).enumerate() {
-            let mu = xs.iter().sum::<f64>() / c as f64;
-            let var = xs.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / c as f64;
-            let rs = 1.0 / (var + EPS as f64).sqrt();
-            for j in 0..c {
-                l += w[r * c + j] as f64 * ((xs[j] - mu) * rs * gamma[j] + beta[j]);
-            }
-        }
-        l
+        let y = reference::layernorm(x, gamma, beta, EPS as f64);
+        y.iter().zip(w).map(|(y, &w)| y * w as f64).sum()
     }
 
     #[test]
@@ -504,16 +496,8 @@ mod tests {
             .map(|(&g, b)| (1.0 + g as f64, b as f64))
             .unzip();
         let w = random_vec(rows * c, 24);
-        let h = 1e-6;
         let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f32> {
-            (0..v.len())
-                .map(|k| {
-                    let (mut p, mut m) = (v.to_vec(), v.to_vec());
-                    p[k] += h;
-                    m[k] -= h;
-                    ((f(&p) - f(&m)) / (2.0 * h)) as f32
-                })
-                .collect()
+            reference::narrow(&reference::numeric_gradient(f, v, 1e-6))
         };
         let fd_x = fd(&xs, &|v| loss64(v, &gs, &bs, &w));
         let fd_g = fd(&gs, &|v| loss64(&xs, v, &bs, &w));

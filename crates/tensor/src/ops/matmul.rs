@@ -28,12 +28,15 @@
 //!
 //! and `dbias = Σ_rows dC`. Batched operands give batched gradients. When B is 2-D and shared
 //! by the batch, dB sums over the batch: without `trans_a`, fold the batch into rows (reshape A
-//! to `(batch·M, K)` and dC to `(batch·M, N)`) and use the 2-D rule; `matmul_accumulate` adds
-//! such a product straight into an existing gradient (`dW += xᵀ·dy`).
+//! to `(batch·M, K)` and dC to `(batch·M, N)`) and use the 2-D rule. (The tape computes each
+//! gradient with [`matmul`] and adds it to the parameter's buffer with
+//! [`axpy`](crate::ops::elementwise::axpy); [`matmul_accumulate`], `C += op(A)·op(B)` in place, is
+//! the kernel's accumulating mode, which the K-chunk split below relies on, offered as an op.)
 //!
 //! # Backends
-//! CPU: `matrixmultiply::sgemm` (threaded, arbitrary strides), with [`matmul_naive_cpu`], a plain
-//! triple loop in f64, as the oracle. GPU: `shaders/matmul.wgsl`, 64×64 output tiles staged in
+//! CPU: `matrixmultiply::sgemm` (threaded, arbitrary strides); the oracle both backends are
+//! tested against is [`reference::matmul`](crate::reference::matmul), a plain triple loop in
+//! f64. GPU: `shaders/matmul.wgsl`, 64×64 output tiles staged in
 //! workgroup memory, 4×4 outputs per invocation. A 2-D problem whose operands exceed one storage
 //! binding is cut into sub-blocks along each operand's stored-row dimension (M, N and K chunks;
 //! K chunks after the first accumulate into C), using leading dimensions to address sub-blocks.
@@ -41,10 +44,10 @@
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
 use crate::gpu::bind::View;
-use crate::gpu::{Binding, GpuContext, Kernel};
+use crate::gpu::{Binding, GpuContext, Kernel, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Error, Result, Tensor, shaders, shape_err};
 
@@ -55,30 +58,30 @@ pub struct MatmulOpts {
     pub trans_b: bool,
 }
 
-/// The `Params` struct of `matmul.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    trans_a: u32,
-    trans_b: u32,
-    lda: u32,
-    ldb: u32,
-    ldc: u32,
-    off_a: u32,
-    off_b: u32,
-    off_c: u32,
-    off_bias: u32,
-    stride_a: u32,
-    stride_b: u32,
-    stride_c: u32,
-    has_bias: u32,
-    accumulate: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+kernel_params! {
+    /// The `Params` struct of `matmul.wgsl`.
+    struct Params {
+        m: u32,
+        n: u32,
+        k: u32,
+        trans_a: u32,
+        trans_b: u32,
+        lda: u32,
+        ldb: u32,
+        ldc: u32,
+        off_a: u32,
+        off_b: u32,
+        off_c: u32,
+        off_bias: u32,
+        stride_a: u32,
+        stride_b: u32,
+        stride_c: u32,
+        has_bias: u32,
+        accumulate: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
 }
 
 impl Params {
@@ -253,7 +256,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, opts: MatmulOpts) -
     Ok(c)
 }
 
-/// In place: `C += op(A)·op(B)` (gradient accumulation, e.g. `dW += xᵀ·dy`). C must have the
+/// In place: `C += op(A)·op(B)`, in one pass over C (no temporary product). C must have the
 /// result's shape and must not share storage with A or B.
 pub fn matmul_accumulate(c: &Tensor, a: &Tensor, b: &Tensor, opts: MatmulOpts) -> Result<()> {
     let _profile = crate::profile::scope("matmul");
@@ -396,48 +399,21 @@ fn sgemm_cpu(
 /// batch entry.
 const SMALL_GEMM: usize = 1 << 15;
 
-/// The test oracle: `op(A)·op(B) [+ bias]` as a readable triple loop accumulating in f64, on the
-/// CPU whatever the inputs' device. Same shapes and rules as [`matmul`].
-pub fn matmul_naive_cpu(
+/// The product `matmul(a, b, bias, opts)` asks for, checked as [`matmul`] checks it:
+/// `[batch, m, k, n]` (batch entries not folded into rows) and C's shape. For
+/// [`reference::matmul_tensors`](crate::reference::matmul_tensors).
+pub(crate) fn problem(
+    op: &'static str,
     a: &Tensor,
     b: &Tensor,
     bias: Option<&Tensor>,
     opts: MatmulOpts,
-) -> Result<Tensor> {
-    let mut d = dims("matmul_naive_cpu", a, b, opts)?;
-    check_bias("matmul_naive_cpu", bias, d.n)?;
-    let (ad, bd) = (a.to_vec()?, b.to_vec()?);
-    let biasd = bias.map(Tensor::to_vec).transpose()?;
-    if d.b_shared && !opts.trans_a {
-        // Undo the fold of `dims`, so this loop stays independent of that optimisation.
-        d.batch = d.out_shape[..d.out_shape.len() - 2].iter().product();
-        d.m /= d.batch.max(1);
-    }
-    let [pa, pb, pc] = d.per_batch();
-    let [lda, ldb, ldc] = d.lds(opts);
-    let mut out = vec![0.0f32; d.batch * pc];
-    for z in 0..d.batch {
-        for i in 0..d.m {
-            for j in 0..d.n {
-                let mut sum = biasd.as_ref().map_or(0.0, |v| v[j] as f64);
-                for p in 0..d.k {
-                    let x = if opts.trans_a {
-                        ad[z * pa + p * lda + i]
-                    } else {
-                        ad[z * pa + i * lda + p]
-                    };
-                    let y = if opts.trans_b {
-                        bd[z * pb + j * ldb + p]
-                    } else {
-                        bd[z * pb + p * ldb + j]
-                    };
-                    sum += x as f64 * y as f64;
-                }
-                out[z * pc + i * ldc + j] = sum as f32;
-            }
-        }
-    }
-    Tensor::from_vec(out, &d.out_shape, &Device::cpu())
+) -> Result<([usize; 4], Vec<usize>)> {
+    let d = dims(op, a, b, opts)?;
+    check_bias(op, bias, d.n)?;
+    let rank = d.out_shape.len();
+    let batch = d.out_shape[..rank - 2].iter().product();
+    Ok(([batch, d.out_shape[rank - 2], d.k, d.n], d.out_shape))
 }
 
 /// The GPU path. Batch entries that fit in one binding each go in batched dispatches

@@ -98,11 +98,11 @@ proptest! {
                                     ta: bool, tb: bool, shared: bool, bias: bool, seed in 0u64..1000) {
         let case = Case { lead, m: m.min(70), k, n: n.min(70), o: opts(ta, tb), shared, bias };
         let (a, b, bias, c) = case.tensors(seed, &Device::cpu());
-        let want = matmul_naive_cpu(&a, &b, bias.as_ref(), case.o).unwrap();
+        let want = crate::reference::matmul_tensors(&a, &b, bias.as_ref(), case.o).unwrap();
         let got = matmul(&a, &b, bias.as_ref(), case.o).unwrap();
         assert_close(&format!("{case:?}"), &got, &want, atol(k), RTOL);
         // C += product, against the oracle plus C's starting value.
-        let want_acc: Vec<f32> = c.to_vec().unwrap().iter().zip(matmul_naive_cpu(&a, &b, None, case.o)
+        let want_acc: Vec<f32> = c.to_vec().unwrap().iter().zip(crate::reference::matmul_tensors(&a, &b, None, case.o)
             .unwrap().to_vec().unwrap()).map(|(x, y)| x + y).collect();
         matmul_accumulate(&c, &a, &b, case.o).unwrap();
         crate::testing::assert_close_slices("accumulate", &c.to_vec().unwrap(), &want_acc, atol(k) + 1e-6, RTOL);

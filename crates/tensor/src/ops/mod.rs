@@ -1,5 +1,6 @@
-//! The ops, one file per kernel family: the math in the doc comment, the CPU reference, the
-//! wgpu launcher and the GPU-versus-CPU tests side by side.
+//! The ops, one file per kernel family: the math in the doc comment, the CPU path, the
+//! wgpu launcher and the tests side by side (the CPU path against the f64 loops of
+//! [`reference`](crate::reference), the GPU against the CPU).
 
 pub mod adamw;
 pub mod cross_entropy;

@@ -20,28 +20,28 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Error, Result, Tensor, shaders, shape_err};
 
-/// The `Params` struct of `permute.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    t: u32,
-    w: u32,
-    c: u32,
-    nh: u32,
-    hs: u32,
-    col0: u32,
-    off_src: u32,
-    off_dst: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+kernel_params! {
+    /// The `Params` struct of `permute.wgsl`.
+    struct Params {
+        n: u32,
+        t: u32,
+        w: u32,
+        c: u32,
+        nh: u32,
+        hs: u32,
+        col0: u32,
+        off_src: u32,
+        off_dst: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
 }
 
 /// Sizes of one split or merge: (B, T, W) wide tensor, NH heads of hs, columns from col0.

@@ -13,36 +13,36 @@
 //! of `rows` rows; each workgroup sums one item for up to 64 columns and writes a partial sum, and
 //! the pass is repeated on the partials until one item is left (two passes for the bias gradient
 //! of (8192, 768) and for `sum_all` over 40M elements). Every addition happens in an order fixed by
-//! the shape and the device's binding limit, so results are deterministic. The CPU reference adds
+//! the shape and the device's binding limit, so results are deterministic. The CPU path adds
 //! in f64 and rounds once.
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::{Device, Error, Result, Tensor, shaders, shape_err};
 
-/// The `Params` struct of `reduce.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    a: u32,
-    inner: u32,
-    groups: u32,
-    rows: u32,
-    w: u32,
-    lanes: u32,
-    tiles: u32,
-    k0: u32,
-    items: u32,
-    x_base: u32,
-    off_x: u32,
-    off_out: u32,
-    alpha: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+kernel_params! {
+    /// The `Params` struct of `reduce.wgsl`.
+    struct Params {
+        a: u32,
+        inner: u32,
+        groups: u32,
+        rows: u32,
+        w: u32,
+        lanes: u32,
+        tiles: u32,
+        k0: u32,
+        items: u32,
+        x_base: u32,
+        off_x: u32,
+        off_out: u32,
+        alpha: f32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
 }
 
 const KERNEL: Kernel = Kernel {
@@ -84,7 +84,7 @@ fn split_axis(
     Ok((outer, shape[axis], inner, out_shape))
 }
 
-/// CPU reference: `out[o, i] = alpha · Σ_a x[o, a, i]`, accumulated in f64.
+/// CPU path: `out[o, i] = alpha · Σ_a x[o, a, i]`, accumulated in f64.
 fn reduce_cpu(x: &[f32], outer: usize, a: usize, inner: usize, alpha: f64) -> Vec<f32> {
     let mut out = vec![0.0; outer * inner];
     crate::cpu::for_rows(&mut out, inner, |o, row| {

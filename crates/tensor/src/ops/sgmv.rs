@@ -20,7 +20,7 @@
 //! k launches per layer, each over a gathered copy of its rows. Gathering each row's A and B
 //! *inside* the kernel costs one pair of launches whatever the mix, and nothing is copied.
 //! Punica's kernels tile the same computation; this one is the plain form: one invocation per
-//! output element, each summing in ascending order, and the CPU reference does exactly that.
+//! output element, each summing in ascending order, and the CPU path does exactly that.
 //!
 //! Kernel: `shaders/sgmv.wgsl`, two entry points (`sgmv_shrink`, then `sgmv_expand`). Rows are
 //! cut into ranges whose x, h and y each fit one storage binding; A, B and the scales are bound
@@ -29,31 +29,29 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
-
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
 /// The index of a row without adapter (any index ≥ the number of adapters means the same).
 pub const NO_ADAPTER: u32 = u32::MAX;
 
-/// The `Params` struct of `sgmv.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    rows: u32,
-    n_in: u32,
-    n_out: u32,
-    rank: u32,
-    n_adapters: u32,
-    off_idx: u32,
-    off_scales: u32,
-    off_x: u32,
-    off_a: u32,
-    off_h: u32,
-    off_b: u32,
-    off_y: u32,
+kernel_params! {
+    /// The `Params` struct of `sgmv.wgsl`.
+    struct Params {
+        rows: u32,
+        n_in: u32,
+        n_out: u32,
+        rank: u32,
+        n_adapters: u32,
+        off_idx: u32,
+        off_scales: u32,
+        off_x: u32,
+        off_a: u32,
+        off_h: u32,
+        off_b: u32,
+        off_y: u32,
+    }
 }
 
 fn kernel(entry: &'static str) -> Kernel {
@@ -148,7 +146,7 @@ pub fn sgmv(x: &Tensor, idx: &Tensor, a: &Tensor, b: &Tensor, scales: &Tensor) -
     }
 }
 
-/// The CPU reference: the kernel's loops, row by row, summing in the same order.
+/// The CPU path: the kernel's loops, row by row, summing in the same order.
 fn sgmv_cpu(x: &[f32], idx: &[u32], a: &[f32], b: &[f32], s: &[f32], d: Dims) -> Vec<f32> {
     let mut y = vec![0.0; d.rows * d.n_out];
     crate::cpu::for_rows(&mut y, d.n_out, |n, y_row| {

@@ -1,4 +1,4 @@
-//! Tests of `ops/sgmv.rs`: the GPU kernel against the CPU reference, the CPU reference against
+//! Tests of `ops/sgmv.rs`: the GPU kernel against the CPU path, the CPU path against
 //! the definition in f64, rows without adapter, binding splits and shape checks.
 use super::*;
 use crate::testing::{
@@ -39,37 +39,15 @@ fn run(t: &[Tensor; 5]) -> Tensor {
     sgmv(&t[0], &t[1], &t[2], &t[3], &t[4]).unwrap()
 }
 
-/// The definition in f64: per row, s·B·(A·x) with the row's own adapter.
+/// The definition in f64 (`tensor::reference::sgmv`): per row, s·B·(A·x) with the row's own
+/// adapter.
 fn naive(t: &[Tensor; 5]) -> Vec<f32> {
-    let [x, _, a, b, s] = t.clone().map(|t| t.to_vec().unwrap());
+    let [x, _, a, b, s] = t
+        .clone()
+        .map(|t| crate::reference::widen(&t.to_vec().unwrap()));
     let idx = t[1].to_u32().unwrap();
-    let (k, rank, n_in) = (t[2].shape()[0], t[2].shape()[1], t[2].shape()[2]);
-    let n_out = t[3].shape()[1];
-    let mut y = vec![0.0f32; idx.len() * n_out];
-    for (n, &ad) in idx.iter().enumerate() {
-        let ad = ad as usize;
-        if ad >= k {
-            continue;
-        }
-        let h: Vec<f64> = (0..rank)
-            .map(|r| {
-                let a_r = &a[(ad * rank + r) * n_in..][..n_in];
-                let x_n = &x[n * n_in..][..n_in];
-                let dot: f64 = a_r
-                    .iter()
-                    .zip(x_n)
-                    .map(|(&w, &v)| w as f64 * v as f64)
-                    .sum();
-                s[ad] as f64 * dot
-            })
-            .collect();
-        for j in 0..n_out {
-            let b_j = &b[(ad * n_out + j) * rank..][..rank];
-            let v: f64 = b_j.iter().zip(&h).map(|(&w, v)| w as f64 * v).sum();
-            y[n * n_out + j] = v as f32;
-        }
-    }
-    y
+    let dims = [t[2].shape()[2], t[2].shape()[1], t[3].shape()[1]];
+    crate::reference::narrow(&crate::reference::sgmv(&x, &idx, &a, &b, &s, dims))
 }
 
 proptest! {

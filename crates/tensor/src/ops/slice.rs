@@ -15,24 +15,22 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
-
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
-/// The `Params` struct of `slice.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    axis_len: u32,
-    len: u32,
-    inner: u32,
-    start: u32,
-    off_big: u32,
-    off_small: u32,
-    _pad: u32,
+kernel_params! {
+    /// The `Params` struct of `slice.wgsl`.
+    struct Params {
+        n: u32,
+        axis_len: u32,
+        len: u32,
+        inner: u32,
+        start: u32,
+        off_big: u32,
+        off_small: u32,
+        _pad: u32,
+    }
 }
 
 /// (outer, A, inner) of `shape` around `axis`.

@@ -22,24 +22,24 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
-/// The `Params` struct of `softmax.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    off_x: u32,
-    off_dy: u32,
-    off_out: u32,
-    r0: u32,
-    r_len: u32,
-    causal: u32,
+kernel_params! {
+    /// The `Params` struct of `softmax.wgsl`.
+    struct Params {
+        rows: u32,
+        cols: u32,
+        off_x: u32,
+        off_dy: u32,
+        off_out: u32,
+        r0: u32,
+        r_len: u32,
+        causal: u32,
+    }
 }
 
 fn kernel(entry: &'static str) -> Kernel {
@@ -207,6 +207,7 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference;
     use crate::testing::{assert_close, assert_close_slices, gpu, random, random_vec, sizes};
     use proptest::prelude::*;
 
@@ -258,15 +259,6 @@ mod tests {
         }
     }
 
-    /// f64 softmax of one row with `lim` kept columns.
-    fn softmax64(x: &[f64], lim: usize) -> Vec<f64> {
-        let m = x[..lim].iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = x[..lim].iter().map(|v| (v - m).exp()).sum();
-        (0..x.len())
-            .map(|c| if c < lim { (x[c] - m).exp() / z } else { 0.0 })
-            .collect()
-    }
-
     #[test]
     fn softmax_cpu_matches_hand_and_finite_differences() {
         let cpu = Device::cpu();
@@ -301,25 +293,10 @@ mod tests {
                 .collect::<Vec<_>>();
             let dys = random_vec(r * c, 8);
             let loss = |xs: &[f64]| -> f64 {
-                (0..r)
-                    .map(|i| {
-                        let y = softmax64(&xs[i * c..(i + 1) * c], kept(i, c, r, causal));
-                        y.iter()
-                            .zip(&dys[i * c..])
-                            .map(|(a, &b)| a * b as f64)
-                            .sum::<f64>()
-                    })
-                    .sum()
+                let y = reference::softmax(xs, r, c, causal);
+                y.iter().zip(&dys).map(|(a, &b)| a * b as f64).sum()
             };
-            let h = 1e-6;
-            let fd: Vec<f32> = (0..r * c)
-                .map(|k| {
-                    let (mut p, mut m) = (xs.clone(), xs.clone());
-                    p[k] += h;
-                    m[k] -= h;
-                    ((loss(&p) - loss(&m)) / (2.0 * h)) as f32
-                })
-                .collect();
+            let fd = reference::narrow(&reference::numeric_gradient(loss, &xs, 1e-6));
             let x =
                 Tensor::from_vec(xs.iter().map(|&v| v as f32).collect(), &[r, c], &cpu).unwrap();
             let dy = Tensor::from_vec(dys.clone(), &[r, c], &cpu).unwrap();
@@ -345,11 +322,7 @@ mod tests {
         xs.extend((0..c).map(|k| -1e4 - 0.5 * k as f32));
         let cpu = Device::cpu();
         let x = Tensor::from_vec(xs.clone(), &[2, c], &cpu).unwrap();
-        let want: Vec<f32> = xs
-            .chunks(c)
-            .flat_map(|row| softmax64(&row.iter().map(|&v| v as f64).collect::<Vec<_>>(), c))
-            .map(|v| v as f32)
-            .collect();
+        let want = reference::narrow(&reference::softmax(&reference::widen(&xs), 2, c, false));
         for (dev, what) in [(&cpu, "cpu"), (&g, "gpu")] {
             let y = softmax(&x.to_device(dev).unwrap(), false)
                 .unwrap()

@@ -13,7 +13,8 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use tensor::ops::matmul::{MatmulOpts, matmul, matmul_naive_cpu};
+use tensor::ops::matmul::{MatmulOpts, matmul};
+use tensor::reference::matmul_tensors;
 use tensor::{Device, Tensor};
 
 /// Options of `train bench matmul`.
@@ -91,7 +92,7 @@ fn run_once(runner: &Runner, a: &Tensor, b: &Tensor, opts: MatmulOpts) -> crate:
             drop(c);
         }
         Runner::Naive => {
-            matmul_naive_cpu(a, b, None, opts)?;
+            matmul_tensors(a, b, None, opts)?;
         }
     }
     Ok(())

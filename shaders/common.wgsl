@@ -1,0 +1,77 @@
+// common.wgsl — the prelude of every kernel: the shader registry (crates/tensor/src/shaders.rs)
+// puts this text before each file of shaders/, so these names are defined in all of them.
+//
+// Grid: one dimension of a dispatch holds at most 65,535 workgroups, so launchers lay the
+// workgroups out on a 2-D grid (`gpu::grid_2d`) and a kernel numbers them
+//   group = wg.y · num_workgroups.x + wg.x                             (group_index)
+// A 256-wide kernel with one element per invocation handles element
+//   i = group · 256 + local_invocation_index                          (flat_index)
+// and returns when i is past the end.
+//
+// Reductions: workgroup_max, workgroup_sum and workgroup_sum2 combine one value per invocation
+// of a 256-invocation workgroup by a tree in workgroup memory (step s = 128, 64, …, 1: lane l
+// takes lane l + s), and every invocation gets the result. Each call begins and ends with a
+// barrier, so it must be reached by the whole workgroup (uniform control flow), and calls can
+// follow one another without overwriting a result someone has not read yet.
+
+// Invocations of a 256-wide workgroup: the row kernels (one workgroup per row, invocation l
+// taking columns l, l + 256, …) and the flat-index kernels.
+const WG: u32 = 256u;
+
+// The lowest finite f32 (−3.40282347e38), the identity of max. Not −inf: an invocation that
+// sees no element (a row shorter than 256) would then compute inf − inf = NaN.
+const LOWEST: f32 = -3.40282347e38;
+
+fn group_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wg.y * nwg.x + wg.x;
+}
+
+fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, local: u32) -> u32 {
+    return group_index(wg, nwg) * WG + local;
+}
+
+var<workgroup> red: array<f32, 256>;
+var<workgroup> red2: array<f32, 256>;
+
+// Max of `v` over the workgroup (every invocation gets it).
+fn workgroup_max(li: u32, v: f32) -> f32 {
+    red[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) { red[li] = max(red[li], red[li + s]); }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();   // everyone has read red[0] before red is reused
+    return r;
+}
+
+// Sum of `v` over the workgroup (every invocation gets it).
+fn workgroup_sum(li: u32, v: f32) -> f32 {
+    red[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) { red[li] = red[li] + red[li + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+// Sums of `a` and of `b` over the workgroup, in one tree (every invocation gets both).
+fn workgroup_sum2(li: u32, a: f32, b: f32) -> vec2<f32> {
+    red[li] = a;
+    red2[li] = b;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) {
+            red[li] = red[li] + red[li + s];
+            red2[li] = red2[li] + red2[li + s];
+        }
+        workgroupBarrier();
+    }
+    let r = vec2<f32>(red[0], red2[0]);
+    workgroupBarrier();
+    return r;
+}
