@@ -5,7 +5,7 @@
 
 use autograd::{AdamW, Grads, MemoryReport, Param, ParamGroup, Tape, memory::parameter_bytes};
 use tensor::ops::matmul::MatmulOpts;
-use tensor::testing::{gpu, random};
+use tensor::testing::random;
 use tensor::{Device, Tensor};
 
 const N: usize = 16; // rows of x
