@@ -3,7 +3,7 @@
 //! back, list their parameters for the optimizer, count parameters.
 //!
 //! A [`LoraModel`] owns no model. It holds handles to its A and B tensors (shared with the copies
-//! attached to the model's Linears) and works on the [`Gpt2`](transformer::Gpt2) it is given:
+//! attached to the model's Linears) and works on the [`Gpt2`] it is given:
 //!
 //! | state | the forward computes |
 //! |---|---|

@@ -4,13 +4,13 @@
 //! lives on a [`Device`]: `Device::Gpu` runs WGSL compute kernels through wgpu (Vulkan, Metal,
 //! DX12 or GL), `Device::Cpu` runs the same ops in Rust, vectorised ([`fastmath`]) and threaded
 //! ([`cpu`]): the fallback for real work where there is no GPU. Both backends are tested against
-//! [`reference`], plain f64 loops written from each op's math.
+//! [`reference`](mod@reference), plain f64 loops written from each op's math.
 //!
 //! Reading order:
 //! 1. [`tensor`]: the `Tensor` type, upload and download;
 //! 2. [`device`]: choosing a device;
 //! 3. [`ops::elementwise`]: the smallest op, showing the pattern every op follows: math in the
-//!    doc comment, CPU path, GPU launcher, tests that compare both with [`reference`];
+//!    doc comment, CPU path, GPU launcher, tests that compare both with [`reference`](mod@reference);
 //! 4. [`ops::matmul`]: the tiled, register-blocked matrix product;
 //! 5. [`gpu`]: how a launch becomes a dispatch in a batched command encoder, buffer pooling,
 //!    splitting tensors larger than one storage binding;

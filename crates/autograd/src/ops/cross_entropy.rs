@@ -1,10 +1,10 @@
 //! Mean cross-entropy with per-token weights:
-//! loss = Σ_n w_n·(logsumexp(x_n) − x_n[t_n]) / Σ_n w_n, x: (N, V) logits.
+//! `loss = Σ_n w_n·(logsumexp(x_n) − x_n[t_n]) / Σ_n w_n`, x: (N, V) logits.
 //!
 //! Tokens with w = 0 do not count (the prompt of a fine-tuning example). Saved: the logits and
-//! the per-row logsumexp; backward: dx[n, v] = dloss·w_n/Σw·(softmax(x_n)[v] − [v = t_n]).
+//! the per-row logsumexp; backward: `dx[n, v] = dloss·w_n/Σw·(softmax(x_n)[v] − [v = t_n])`.
 //!
-//! `linear_cross_entropy` is the same loss of the logits h·Wᵀ of an output layer, fused so that
+//! [`Tape::linear_cross_entropy`] is the same loss of the logits h·Wᵀ of an output layer, fused so that
 //! the (N, V) logits never outlive the forward: with G = ∂(Σ_n w_n·l_n)/∂logits (one pass of
 //! [`cross_entropy_fused`], written over the logits), the gradients are dh = G·W and
 //! dW = Gᵀ·h, both linear in the upstream dloss, so the forward computes them at once and the

@@ -1,5 +1,5 @@
-//! Embedding lookup: out[n] = table[ids[n]], table: (V, C), out: (N, C).
-//! Backward: dtable[v] = Σ_{n: ids[n] = v} dout[n] (a deterministic scatter-add in
+//! Embedding lookup: `out[n] = table[ids[n]]`, table: (V, C), out: (N, C).
+//! Backward: `dtable[v] = Σ_{n: ids[n] = v} dout[n]` (a deterministic scatter-add in
 //! [`tensor::ops::embedding`]); the ids are the only thing saved.
 //!
 //! [`Tape::gather_rows`] is the same op with activations as the table: it keeps the rows of

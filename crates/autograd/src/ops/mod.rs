@@ -12,7 +12,7 @@
 //! | cross-entropy | [`cross_entropy`] |
 //! | head split / merge | [`heads`] |
 //! | sum, mean | [`reduce`] |
-//! | axis slices | [`slice`] |
+//! | axis slices | [`slice`](mod@slice) |
 
 pub mod activation;
 pub mod cross_entropy;

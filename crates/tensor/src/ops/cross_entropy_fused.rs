@@ -19,7 +19,7 @@
 //!
 //! Kernel: `shaders/cross_entropy_fused.wgsl`, one 256-invocation workgroup per row: a max and
 //! a sum-of-exponentials tree reduction, then each invocation rewrites its own elements.
-//! CPU: per row, the vectorised [`fastmath`](crate::fastmath) max and exp-and-sum (which leaves
+//! CPU: per row, the vectorised [`fastmath`] max and exp-and-sum (which leaves
 //! exp(x − m) in the row), then one scaling pass.
 
 use crate::gpu::{Kernel, grid_2d, kernel_params};

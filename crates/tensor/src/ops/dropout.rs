@@ -1,7 +1,7 @@
 //! Inverted dropout with a counter-based mask: nothing is stored between forward and backward.
 //!
 //! Math, over the flat elements i of x:
-//! - `dropout(x, p, seed)[i] = x[i] · mask[i] / (1 − p)`, mask[i] ∈ {0, 1}, P(mask[i] = 1) = 1 − p;
+//! - `dropout(x, p, seed)[i] = x[i] · mask[i] / (1 − p)`, `mask[i] ∈ {0, 1}`, `P(mask[i] = 1) = 1 − p`;
 //! - backward: `dx[i] = dy[i] · mask[i] / (1 − p)` — `dropout_backward(dy, p, seed)` recomputes the
 //!   same mask from the same seed.
 //!

@@ -3,7 +3,7 @@
 //! x: (…, C) is viewed as rows of length C; γ, β: (C). Per row, with biased variance:
 //!   μ = (1/C)·Σ_c x_c,   σ² = (1/C)·Σ_c (x_c − μ)²,   rstd = 1/√(σ² + eps)   (GPT-2: eps = 1e-5)
 //!   x̂_c = (x_c − μ)·rstd,   y_c = γ_c·x̂_c + β_c
-//! σ² is the mean of squared deviations from μ (two passes over the row), never E[x²] − μ², which
+//! σ² is the mean of squared deviations from μ (two passes over the row), never `E[x²] − μ²`, which
 //! cancels catastrophically when |μ| ≫ σ.
 //!
 //! Saved for the backward: μ and rstd per row ([`LayerNormOut::mean`], [`LayerNormOut::rstd`],
@@ -19,7 +19,7 @@
 //! (`shaders/layernorm.wgsl`) run one workgroup of 256 per row with workgroup-memory tree
 //! reductions, shifting each row by its first element before summing (so rows like 1e4 + noise
 //! stay accurate in f32); dγ and dβ are summed over rows deterministically, per block of
-//! [`BLOCK_ROWS`] rows and then per column, in a fixed order.
+//! `BLOCK_ROWS` (32) rows and then per column, in a fixed order.
 
 use std::sync::Arc;
 

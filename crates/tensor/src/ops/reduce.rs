@@ -5,7 +5,7 @@
 //! the axis removed (a 1-D input gives shape `[1]`).
 //! - `sum(x, axis)[o, i]  = Σ_a x[o, a, i]`           backward: dx[o, a, i] = dy[o, i] (broadcast over a)
 //! - `mean(x, axis)[o, i] = (1/A) Σ_a x[o, a, i]`     backward: dx[o, a, i] = dy[o, i] / A
-//! - `sum_all(x)          = Σ x`, shape `[1]`         backward: dx = dy[0] everywhere
+//! - `sum_all(x)          = Σ x`, shape `[1]`         backward: `dx = dy[0]` everywhere
 //!
 //! The bias gradient of `add_bias` is `sum(dy, 0)` with dy: (N, C).
 //!
