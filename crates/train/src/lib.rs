@@ -2,7 +2,7 @@
 //!
 //! The top layer: the default run (`main_job`: LoRA against full fine-tuning on E2E NLG, with
 //! BLEU), and the subcommands `pretrain`, `finetune`, `generate`, `merge`, `eval`, `analyze`,
-//! `bench` and `devices`. A training step is `trainer::step`; data comes from `e2e` or
+//! `serve`, `bench` and `devices`. A training step is `trainer::step`; data comes from `e2e` or
 //! `finetune_data`; `checkpoint` saves everything a run needs to resume exactly.
 //!
 //! All logic lives in this library so that integration tests run exactly what the binary runs;
@@ -23,6 +23,7 @@ pub mod main_job;
 pub mod merge;
 pub mod pretrain;
 pub mod report;
+pub mod serve;
 pub mod trainer;
 
 use std::path::Path;

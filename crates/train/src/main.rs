@@ -42,6 +42,9 @@ enum Command {
     Eval(train::eval::EvalArgs),
     /// Continue prompts with a model: greedy, temperature, top-k, top-p, or beam search.
     Generate(train::generate::GenerateArgs),
+    /// Serve a base model and its LoRA adapters over HTTP (OpenAI-compatible completions,
+    /// continuous batching of sequences with different adapters; see docs/serve.md).
+    Serve(train::serve::ServeArgs),
     /// Benchmarks (see docs/benchmarks.md for recorded results).
     Bench {
         #[command(subcommand)]
@@ -61,6 +64,9 @@ enum BenchCommand {
     Infer(train::bench::InferArgs),
     /// Step time and memory against B, T and model size.
     Scaling(train::bench::ScalingArgs),
+    /// A load generator against `train serve`: many adapters mixed against the base model, one
+    /// merged adapter, and switching adapters by merging.
+    Serve(train::bench::ServeBenchArgs),
     /// Every bench with its defaults for the chosen device.
     All(train::bench::AllArgs),
 }
@@ -89,6 +95,7 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
     match command {
         Command::Devices => train::devices::print_devices(),
         Command::Generate(args) => device(cli_device).and_then(|d| train::generate::run(&args, &d)),
+        Command::Serve(args) => device(cli_device).and_then(|d| train::serve::run(&args, &d)),
         Command::Pretrain(args) => device(cli_device).and_then(|d| train::pretrain::run(&args, &d)),
         Command::Finetune(args) => {
             device(cli_device).and_then(|d| train::finetune_cmd::run(&args, &d))
@@ -106,6 +113,9 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
             }
             BenchCommand::Infer(args) => {
                 device(cli_device).and_then(|d| train::bench::infer::run(&args, &d))
+            }
+            BenchCommand::Serve(args) => {
+                device(cli_device).and_then(|d| train::bench::serve::run(&args, &d))
             }
             BenchCommand::Scaling(args) => {
                 device(cli_device).and_then(|d| train::bench::scaling::run(&args, &d))

@@ -9,7 +9,9 @@
 //! - [`ops`]: where a step's time goes, by op family (the profiler of `tensor::profile`);
 //! - [`infer`]: prompt throughput and time per generated token with the KV cache, for the base
 //!   model, an unmerged and a merged adapter, and a batch mixing adapters (SGMV);
-//! - [`scaling`]: step time and memory against B, T and the model's size.
+//! - [`scaling`]: step time and memory against B, T and the model's size;
+//! - [`serve`]: a load generator against the completions server: many adapters mixed in one
+//!   stream of requests, against the base model, one merged adapter and switching by merging.
 //!
 //! Every bench prints a table, or one JSON object per line with `--json`, and skips a case
 //! whose estimated time exceeds `--budget` seconds (the estimate comes from the FLOPs of the
@@ -25,6 +27,7 @@ pub mod infer;
 pub mod matmul;
 pub mod ops;
 pub mod scaling;
+pub mod serve;
 pub mod step;
 pub mod table;
 
@@ -40,6 +43,7 @@ pub use infer::InferArgs;
 pub use matmul::{MatmulArgs, bench_matmul};
 pub use ops::OpsArgs;
 pub use scaling::ScalingArgs;
+pub use serve::ServeBenchArgs;
 pub use step::StepArgs;
 
 /// Options of `train bench all`.

@@ -1,0 +1,124 @@
+//! `train serve` as a process: it listens on 127.0.0.1, takes its API key from the environment,
+//! and on SIGTERM or Ctrl-C stops accepting, lets the running request finish and exits 0.
+//! `train bench serve` runs end to end with the tiniest settings (no time is asserted).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+
+use common::{root, scratch, train_command};
+
+/// Starts `train serve` on port 0 with `extra` arguments and `key` in the environment; the
+/// child and the address it printed.
+fn serve(extra: &[&str], key: Option<&str>) -> (Child, String) {
+    let model = root().join("models/base");
+    let mut cmd = train_command();
+    cmd.args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_remove("SERVE_API_KEY");
+    if let Some(k) = key {
+        cmd.env("SERVE_API_KEY", k);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("train serve ended before listening").unwrap();
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.trim_end_matches("/v1 (Ctrl-C or SIGTERM to stop)").to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop)); // keep draining stderr
+    (child, addr)
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: the status and the body.
+fn http(addr: &str, method: &str, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[cfg(unix)]
+fn signal(child: &Child, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) only sends a signal; `pid` is our own child, not yet waited for.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_drains_and_exits_0() {
+    let (mut child, addr) = serve(&["--drain-timeout", "20"], Some("k3y"));
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert_eq!(http(&addr, "GET", "/health", "", None).0, 401);
+    assert_eq!(http(&addr, "GET", "/health", "", Some("k3y")).0, 200);
+    let body = r#"{"model":"base","prompt":"name : Aromi ||","max_tokens":100,"ignore_eos":true,"temperature":0}"#;
+    let a = addr.clone();
+    let running = std::thread::spawn(move || http(&a, "POST", "/v1/completions", body, Some("k3y")));
+    // Signal once the request runs.
+    let t0 = std::time::Instant::now();
+    while !http(&addr, "GET", "/metrics", "", Some("k3y"))
+        .1
+        .contains("serve_running_sequences 1")
+    {
+        assert!(t0.elapsed().as_secs() < 30, "the request never ran");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    signal(&child, libc::SIGTERM);
+    let (status, answer) = running.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"completion_tokens\":100"), "{answer}");
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert!(TcpStream::connect(&addr).is_err(), "still listening");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_an_idle_server() {
+    let (mut child, addr) = serve(&[], None);
+    assert_eq!(http(&addr, "GET", "/v1/models", "", None).0, 200);
+    signal(&child, libc::SIGINT);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn bench_serve_runs_with_tiny_settings() {
+    let work = scratch("bench-serve");
+    let out = train_command()
+        .args(["bench", "serve", "--adapters", "2", "--switch", "2", "--concurrency", "2"])
+        .args(["--requests", "4", "--max-tokens", "3", "--rank", "2", "--soak", "1"])
+        .args(["--work-dir", work.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cases: Vec<&str> = rows.iter().filter_map(|r| r["case"].as_str()).collect();
+    assert_eq!(cases, ["base", "mixed 2", "merged", "switch 2"]);
+    for r in rows.iter().filter(|r| r["case"].is_string()) {
+        assert_eq!(r["failed"], 0, "{r}");
+        assert_eq!(r["requests"], 4, "{r}");
+    }
+    assert!(rows.iter().any(|r| r["soak_seconds"] == 1.0 && r["failed"] == 0));
+    assert!(rows.iter().any(|r| r["rss_per_adapter_bytes"].is_number()));
+    let _ = std::fs::remove_dir_all(work);
+}
