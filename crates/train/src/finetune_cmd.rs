@@ -12,8 +12,8 @@
 //!
 //! The data formats, and what the loss counts in each, are in [`crate::finetune_data`]. Each
 //! optimizer step draws `--grad-accum` micro-batches of `--batch` examples from a seeded,
-//! length-bucketed order ([`crate::e2e::Batches`]) and adds their gradients into one `Grads`
-//! ([`crate::trainer::accumulate`]); then the global norm is clipped to 1 and AdamW (weight
+//! length-bucketed order ([`crate::batch::Batches`]) and adds their gradients into one [`autograd::Grads`]
+//! ([`crate::trainer::step`]); then the global norm is clipped to 1 and AdamW (weight
 //! decay 0.01) steps at the scheduled rate. `--epochs E` means ⌈E · examples / (batch ·
 //! grad-accum)⌉ steps.
 //!
