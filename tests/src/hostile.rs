@@ -7,7 +7,7 @@
 //! runs a loader on damaged files and checks what it did.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt::Display;
 
 use proptest::prelude::*;
@@ -224,9 +224,11 @@ pub fn fuzz<S: Strategy, T, E: Display>(
     strategy: S,
     bound: usize,
     prefix: &str,
-    mut damage: impl FnMut(S::Value),
-    mut load: impl FnMut() -> Result<T, E>,
+    damage: impl FnMut(S::Value),
+    load: impl FnMut() -> Result<T, E>,
 ) {
+    // proptest runs a case through `Fn`; the closures write files and need `FnMut`.
+    let (damage, load) = (RefCell::new(damage), RefCell::new(load));
     let mut runner = TestRunner::new(Config {
         cases: cases(),
         failure_persistence: None,
@@ -235,8 +237,8 @@ pub fn fuzz<S: Strategy, T, E: Display>(
     let (ran, loaded) = (Cell::new(0u32), Cell::new(0u32));
     let result = runner.run(&strategy, |value| {
         ran.set(ran.get() + 1);
-        damage(value);
-        let (result, largest) = watched(&mut load);
+        (damage.borrow_mut())(value);
+        let (result, largest) = watched(&mut *load.borrow_mut());
         prop_assert!(largest <= bound, "{largest} bytes in one allocation");
         match result {
             Ok(_) => loaded.set(loaded.get() + 1),

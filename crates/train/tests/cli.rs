@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 
 use common::{root, scratch, train_ok as train};
 use integration_tests::gpt2_tiny::dir as tiny;

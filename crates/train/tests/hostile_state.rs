@@ -77,7 +77,7 @@ fn error_naming_the_file(dir: &Path) -> String {
 }
 
 /// Rewrites the checkpoint's header with `edit` (given the header and the saved state JSON).
-fn edited(tag: &str, edit: impl FnOnce(&mut Value, &mut Value)) -> PathBuf {
+fn edited(tag: &str, edit: impl FnOnce(&mut Value, &mut Value)) -> Scratch {
     let (dir, bytes) = saved(tag);
     let (mut header, data) = split(&bytes);
     let mut state: Value =
