@@ -197,9 +197,10 @@ mod tests {
             "held-out loss 2.100 at step 50",
             "LoRA (per step)",
             "smoothed over 3 steps",
-            "held-out loss</text>",
         ] {
             assert!(svg.contains(want), "no `{want}` in the SVG");
         }
+        // In the caption and in the legend.
+        assert_eq!(svg.matches("held-out loss").count(), 2);
     }
 }
