@@ -47,7 +47,9 @@ pub fn get<'a>(tensors: &'a [(String, Vec<f64>)], name: &str) -> &'a [f64] {
     &tensors
         .iter()
         .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("fixture lacks `{name}`: re-run tests/fixtures/gpt2-tiny/make_fixture.py"))
+        .unwrap_or_else(|| {
+            panic!("fixture lacks `{name}`: re-run tests/fixtures/gpt2-tiny/make_fixture.py")
+        })
         .1
 }
 

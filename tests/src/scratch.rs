@@ -43,7 +43,13 @@ mod tests {
         std::fs::write(a.join("file"), "x").unwrap();
         std::fs::create_dir(a.join("sub")).unwrap();
         let path = a.to_path_buf();
-        assert!(path.file_name().unwrap().to_str().unwrap().starts_with("it-scratch-"));
+        assert!(
+            path.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("it-scratch-")
+        );
         drop(a);
         assert!(!path.exists());
     }

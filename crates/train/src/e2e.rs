@@ -224,5 +224,4 @@ mod tests {
         assert_eq!((kept.len(), dropped), (0, 2));
         assert_eq!(examples(&tok, &p, 8).0.len(), 2);
     }
-
 }

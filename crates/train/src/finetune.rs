@@ -10,8 +10,8 @@ use std::time::Instant;
 use autograd::{AdamW, MemoryReport, ParamGroup, Schedule, Trainable, memory::parameter_bytes};
 use transformer::{GenerateConfig, Gpt2, Tokenizer, generate};
 
-use crate::bleu::{Bleu, corpus_bleu};
 use crate::batch::{Batches, batch};
+use crate::bleu::{Bleu, corpus_bleu};
 use crate::e2e::{E2eData, end_of_text, examples};
 use crate::metrics::progress;
 use crate::trainer::{NonFinite, OptimConfig, step};
@@ -82,7 +82,8 @@ pub fn train_e2e(
         let idx = order.next_batch();
         let rows: Vec<_> = idx.iter().map(|&j| &exs[j]).collect();
         let b = batch(&rows, eot);
-        let s = step(model, &mut opt, std::slice::from_ref(&b), &optim, i)?.map_err(NonFinite::stop)?;
+        let s =
+            step(model, &mut opt, std::slice::from_ref(&b), &optim, i)?.map_err(NonFinite::stop)?;
         tokens += b.lengths.iter().sum::<usize>();
         losses.push(s.loss);
         peak_activations.peak = peak_activations.peak.max(s.saved_peak);

@@ -74,7 +74,12 @@ pub fn plot_losses(path: &Path, title: &str, curves: &[Curve]) -> crate::Result<
             .map_err(|e| err(&e))?;
     }
 
-    let steps = curves.iter().map(|c| c.losses.len()).max().unwrap_or(0).max(2);
+    let steps = curves
+        .iter()
+        .map(|c| c.losses.len())
+        .max()
+        .unwrap_or(0)
+        .max(2);
     let values = curves.iter().flat_map(|c| {
         let heldout = c.heldout.iter().map(|&(_, l)| l);
         c.losses.iter().copied().chain(heldout)
@@ -96,6 +101,7 @@ pub fn plot_losses(path: &Path, title: &str, curves: &[Curve]) -> crate::Result<
         .configure_mesh()
         .x_desc("step")
         .y_desc("loss")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()
         .map_err(|e| err(&e))?;
     for (i, c) in curves.iter().enumerate() {
@@ -124,7 +130,10 @@ pub fn plot_losses(path: &Path, title: &str, curves: &[Curve]) -> crate::Result<
         let h = half_window(c.losses.len());
         let mut rows: Vec<(String, ShapeStyle)> = vec![
             (format!("{} (per step)", c.name), color.mix(0.25).into()),
-            (format!("smoothed over {} steps", 2 * h + 1), color.stroke_width(2)),
+            (
+                format!("smoothed over {} steps", 2 * h + 1),
+                color.stroke_width(2),
+            ),
         ];
         if !c.heldout.is_empty() {
             rows.push(("held-out loss".to_string(), color.filled()));
@@ -157,9 +166,14 @@ mod tests {
         assert_eq!(smooth(&[1.0, 2.0, 3.0, 4.0], 1), [1.5, 2.0, 3.0, 3.5]);
         assert_eq!(smooth(&[5.0, 7.0], 0), [5.0, 7.0]);
         // Noise of ±1 around 2 shrinks to ±0.2 where the window of 5 is whole.
-        let noisy: Vec<f32> = (0..40).map(|i| 2.0 + if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let noisy: Vec<f32> = (0..40)
+            .map(|i| 2.0 + if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
         let s = smooth(&noisy, 2);
-        assert!(s[2..38].iter().all(|v| (v - 2.0).abs() <= 0.2 + 1e-6), "{s:?}");
+        assert!(
+            s[2..38].iter().all(|v| (v - 2.0).abs() <= 0.2 + 1e-6),
+            "{s:?}"
+        );
     }
 
     #[test]
@@ -175,7 +189,11 @@ mod tests {
             c.summary(),
             "x: training loss 18.500 (mean of the last 10 % of steps), held-out loss 2.500 at step 20"
         );
-        let one = Curve { name: "y", losses: &[4.0], heldout: &[] };
+        let one = Curve {
+            name: "y",
+            losses: &[4.0],
+            heldout: &[],
+        };
         assert_eq!(one.final_loss(), Some(4.0));
     }
 

@@ -193,7 +193,8 @@ mod tests {
         let (mut apart, mut together) = (Grads::new(), Grads::new());
         let micro = [batch(&refs[..2], 0), batch(&refs[2..], 0)];
         let (loss_apart, _) = forward_backward(&model, &micro, &mut apart).unwrap();
-        let (loss_together, _) = forward_backward(&model, &[batch(&refs, 0)], &mut together).unwrap();
+        let (loss_together, _) =
+            forward_backward(&model, &[batch(&refs, 0)], &mut together).unwrap();
         assert!(
             (loss_apart - loss_together).abs() < 1e-5,
             "{loss_apart} vs {loss_together}"

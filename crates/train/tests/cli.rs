@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use common::{root, scratch, train_ok as train};
 use integration_tests::gpt2_tiny::dir as tiny;
 

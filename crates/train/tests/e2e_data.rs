@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use train::bleu::corpus_bleu;
 use train::batch::{Batches, batch};
+use train::bleu::corpus_bleu;
 use train::e2e::{E2eData, examples};
 use transformer::Tokenizer;
 

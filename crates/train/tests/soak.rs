@@ -13,8 +13,8 @@
 use autograd::{AdamW, ParamGroup, Schedule, Trainable};
 use lora::{LoraConfig, LoraModel, Target};
 use tensor::Device;
-use train::checkpoint::{self, Progress};
 use train::batch::{Batch, Example, batch};
+use train::checkpoint::{self, Progress};
 use train::finetune_cmd::heldout_loss;
 use train::trainer::{OptimConfig, step};
 use transformer::{Checkpoint, Gpt2};

@@ -26,6 +26,7 @@ macro_rules! on_devices {
     };
 }
 
+#[allow(unused_imports)] // not every test file uses each
 pub use integration_tests::gpt2_tiny::{batch, dir as fixture, expected};
 
 /// The fixture's base model on `device`, every parameter frozen.

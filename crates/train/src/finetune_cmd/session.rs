@@ -25,8 +25,8 @@ use transformer::{Checkpoint, Gpt2};
 
 use super::interrupt::{self, Interrupted};
 use super::{FinetuneArgs, WEIGHT_DECAY};
-use crate::checkpoint::{self, Progress, Saved};
 use crate::batch::{Batch, Batches, Example, batch};
+use crate::checkpoint::{self, Progress, Saved};
 use crate::loss_plot::{Curve, plot_losses};
 use crate::metrics::{Metrics, progress};
 use crate::trainer::{NonFinite, OptimConfig};
@@ -244,12 +244,22 @@ impl<'a> Session<'a> {
         let out = &self.args.out;
         let finite = finite_losses(&self.state.losses);
         let heldout = crate::metrics::eval_losses(&self.metrics.path)?;
+        let args = self.args;
+        let name = if args.full {
+            "full fine-tuning".to_string()
+        } else {
+            format!("LoRA r {} alpha {}", args.r, args.alpha)
+        };
         let curve = Curve {
-            name: "training loss",
+            name: &name,
             losses: &finite,
             heldout: &heldout,
         };
-        let title = format!("fine-tuning {}: loss", self.args.model.display());
+        let title = format!(
+            "fine-tuning {} on {}: loss of the counted tokens",
+            args.model.display(),
+            args.data.display()
+        );
         plot_losses(&out.join("loss.svg"), &title, &[curve])?;
         if let Some(lora) = &self.lora {
             let dir = out.join("adapter");
