@@ -251,8 +251,7 @@ fn edited_header_error(tag: &str, edit: impl FnOnce(&mut Value)) -> String {
     let (mut header, data) = split(&bytes);
     edit(&mut header);
     std::fs::write(dir.join("model.safetensors"), join(&header, &data)).unwrap();
-    let e = load_error(&dir);
-    e
+    load_error(&dir)
 }
 
 #[test]
