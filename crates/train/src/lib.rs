@@ -2,7 +2,7 @@
 //!
 //! The top layer: the default run ([`main_job`]: LoRA against full fine-tuning on E2E NLG, with
 //! BLEU) and the subcommands [`pretrain`], `finetune` ([`finetune_cmd`]), [`generate`],
-//! [`merge`], [`eval`], [`analyze`], [`bench`] and [`devices`].
+//! [`merge`], [`eval`], [`analyze`], [`bench`](mod@bench) and [`devices`].
 //!
 //! - A training step is [`trainer::step`]; runs record [`metrics`] and save a [`checkpoint`]
 //!   that resumes them exactly.

@@ -2,7 +2,7 @@
 //! with the machine and the date; tests run every bench with the tiniest settings but never
 //! assert on a time.
 //!
-//! - [`matmul`]: GFLOP/s of C = A·B for square sizes and GPT-2 124M's training shapes, and the
+//! - [`matmul`](mod@matmul): GFLOP/s of C = A·B for square sizes and GPT-2 124M's training shapes, and the
 //!   fraction of the device's measured peak;
 //! - [`step`]: one training step (forward, loss, backward, clipping, AdamW) of a GPT-2 shape with
 //!   random weights, LoRA and full fine-tuning: ms/step, tokens/s, memory by purpose;
