@@ -2,13 +2,16 @@
 //! `hostile_state`): proptest strategies that damage a valid file, byte by byte
 //! ([`Mutation`]: flip, truncate, insert, delete, forge a safetensors header length) and inside
 //! its JSON ([`JsonEdit`]: set, retype or remove a key, edit a safetensors header entry's
-//! `dtype` / `shape` / `data_offsets`, replace the whole value), and an allocation watch that
-//! tells how large the largest single allocation of a load was.
+//! `dtype` / `shape` / `data_offsets`, replace the whole value), an allocation watch that
+//! tells how large the largest single allocation of a load was, and [`fuzz`], the loop that
+//! runs a loader on damaged files and checks what it did.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::fmt::Display;
 
 use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------
@@ -205,4 +208,49 @@ pub fn edit_json(value: &mut Value, edit: &JsonEdit) {
         }
         JsonEdit::Root(_) => {}
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fuzz loop
+
+/// Runs [`cases`] cases drawn from `strategy`. Each case first writes its damaged files
+/// (`damage`), then loads them (`load`) under the allocation [`Watch`]; the case fails when the
+/// load's largest single allocation exceeds `bound` bytes or when it refuses the files with an
+/// error that does not start with `prefix` (the file or directory it names). A panic anywhere
+/// fails the test. Prints how many cases ran and how many loads succeeded (`what` names them:
+/// "model", "adapter" …).
+pub fn fuzz<S: Strategy, T, E: Display>(
+    what: &str,
+    strategy: S,
+    bound: usize,
+    prefix: &str,
+    damage: impl FnMut(S::Value),
+    load: impl FnMut() -> Result<T, E>,
+) {
+    // proptest runs a case through `Fn`; the closures write files and need `FnMut`.
+    let (damage, load) = (RefCell::new(damage), RefCell::new(load));
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let (ran, loaded) = (Cell::new(0u32), Cell::new(0u32));
+    let result = runner.run(&strategy, |value| {
+        ran.set(ran.get() + 1);
+        (damage.borrow_mut())(value);
+        let (result, largest) = watched(&mut *load.borrow_mut());
+        prop_assert!(largest <= bound, "{largest} bytes in one allocation");
+        match result {
+            Ok(_) => loaded.set(loaded.get() + 1),
+            Err(e) => {
+                let e = e.to_string();
+                prop_assert!(e.starts_with(prefix), "{}", e);
+            }
+        }
+        Ok(())
+    });
+    let (ran, loaded) = (ran.get(), loaded.get());
+    println!("{what} fuzzer: {ran} cases ran ({loaded} loaded, the rest refused)");
+    result.unwrap();
+    assert!(ran >= cases());
 }

@@ -1,9 +1,21 @@
 //! Cross-crate integration and parity tests live in `tests/tests/*.rs`; this library holds what
-//! they share: reading the PyTorch fixtures and comparing tensors llm.c-style.
+//! the tests of every crate share (the crates' integration tests take it as a dev-dependency):
+//! reading the PyTorch fixtures and comparing tensors llm.c-style (here), the `gpt2-tiny`
+//! fixture and its AdamW steps ([`gpt2_tiny`]), scratch directories removed when dropped
+//! ([`scratch`]), and the loaders' fuzz harness ([`hostile`]).
 
 use std::path::{Path, PathBuf};
 
+pub mod gpt2_tiny;
 pub mod hostile;
+mod scratch;
+
+pub use scratch::{Scratch, scratch};
+
+/// The repository's root directory.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
 
 /// `tests/fixtures/<name>` of this repository.
 pub fn fixture(name: &str) -> PathBuf {
@@ -35,7 +47,9 @@ pub fn get<'a>(tensors: &'a [(String, Vec<f64>)], name: &str) -> &'a [f64] {
     &tensors
         .iter()
         .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("fixture lacks `{name}`: re-run parity.py --make-fixture"))
+        .unwrap_or_else(|| {
+            panic!("fixture lacks `{name}`: re-run tests/fixtures/gpt2-tiny/make_fixture.py")
+        })
         .1
 }
 

@@ -12,8 +12,9 @@ mod common;
 
 use tensor::on_devices;
 
-use autograd::{AdamW, Grads, ParamGroup, Tape};
+use autograd::{Grads, Tape};
 use common::{batch, check_tensor, expected, fixture, get, model};
+use integration_tests::gpt2_tiny::{adamw_step_losses, expected_steps};
 use lora::{KEY_PREFIX, LoraModel};
 use tensor::Device;
 
@@ -63,34 +64,11 @@ fn lora_adamw_steps_match_pytorch(device: &Device) {
         .unwrap()
         .lora;
     lora.attach(&mut model).unwrap();
-    let text = std::fs::read_to_string(fixture().join("expected_steps.json")).unwrap();
-    let steps: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let want: Vec<f64> = steps["lora"]["losses_f64"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let (want, trainable) = expected_steps("lora");
     let count = lora.param_count(&model);
     println!("{count}");
-    assert_eq!(
-        count.trainable as u64,
-        steps["lora"]["trainable_params"].as_u64().unwrap()
-    );
-
-    let mut opt = AdamW::new(vec![ParamGroup::new(lora.trainable_params(), 0.01)]);
-    let (ids, targets, weights) = batch();
-    let mut got = Vec::new();
-    for _ in 0..want.len() {
-        let tape = Tape::new();
-        let loss = model
-            .loss(&tape, &ids, &targets, &weights, 1, ids.len())
-            .unwrap();
-        got.push(loss.value.to_vec().unwrap()[0]);
-        let mut grads = Grads::new();
-        tape.backward(&loss, &mut grads).unwrap();
-        opt.step(&grads, 1e-3).unwrap();
-    }
+    assert_eq!(count.trainable as u64, trainable);
+    let got = adamw_step_losses(&model, lora.trainable_params(), want.len());
     println!("== {device:?}");
     assert!(check_tensor(
         "losses of 10 LoRA AdamW steps",

@@ -12,16 +12,14 @@
 
 mod common;
 
-use std::cell::Cell;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::temp_dir;
+use common::{Scratch, scratch};
 use integration_tests::hostile::{
-    JsonEdit, Mutation, Watch, apply, cases, edit_json, join, json_edit, mutation, split, watched,
+    JsonEdit, Mutation, Watch, apply, edit_json, fuzz, join, json_edit, mutation, split, watched,
 };
 use lora::{CONFIG_FILE, LoraConfig, LoraModel, Target, WEIGHTS_FILE};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 use tensor::Device;
 use transformer::tensor_file::{read_tensors, write_tensors};
@@ -52,8 +50,8 @@ fn base(n_layer: usize, n_embd: usize) -> Gpt2 {
 
 /// A rank-1 c_attn adapter for `model`, saved in PEFT's layout in a fresh directory. B is set
 /// to non-zero values so that a flip in it changes something.
-fn adapter_dir(tag: &str, model: &Gpt2) -> PathBuf {
-    let dir = temp_dir(tag);
+fn adapter_dir(tag: &str, model: &Gpt2) -> Scratch {
+    let dir = scratch(tag);
     let lora = LoraModel::new(model, &LoraConfig::new(1, 2.0, &[Target::CAttn]), 7).unwrap();
     lora.save_peft(&dir).unwrap();
     let path = dir.join(WEIGHTS_FILE);
@@ -105,7 +103,6 @@ fn adapter_weights_truncated_at_every_offset_name_the_file() {
         assert!(largest <= ALLOCATION_BOUND, "cut at {len}: {largest}");
     }
     println!("{} cuts", bytes.len());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -140,7 +137,6 @@ fn adapter_weights_with_a_flipped_byte_load_or_fail_naming_the_file() {
         "{} flips: {loaded} loaded, {refused} refused",
         3 * bytes.len()
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -157,7 +153,6 @@ fn a_forged_header_length_is_refused_before_allocating() {
         "{e}"
     );
     assert!(largest <= ALLOCATION_BOUND);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -181,7 +176,6 @@ fn nan_or_infinite_adapter_weights_are_refused_naming_the_tensor() {
         ),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -200,7 +194,6 @@ fn an_adapter_tensor_of_a_dtype_we_do_not_read_is_named() {
         )),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -236,7 +229,6 @@ fn adapter_config_that_is_not_an_object_or_lacks_a_field_is_named() {
     let (e, largest) = watched(|| load_error(&dir, &model));
     assert!(e.contains("larger than 1048576 bytes"), "{e}");
     assert!(largest <= 4 << 20, "{largest}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -282,7 +274,6 @@ fn an_adapter_for_another_base_model_says_what_differs() {
         e.contains("layers_to_transform names layer 5, but the model has 2 layers"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -329,7 +320,6 @@ fn rank_zero_infinite_alpha_and_duplicate_weights_are_refused() {
     write(&path, &twice);
     let e = load_error(&dir, &model);
     assert!(e.contains("holds this LoRA weight twice"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -343,46 +333,28 @@ fn fuzz_mutated_adapters_never_panic() {
     let edits = || prop::collection::vec(json_edit(), 0..3);
     let bytes = || prop::collection::vec(mutation(), 0..3);
     let strategy = (edits(), bytes(), edits(), bytes());
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let (ran, loaded) = (Cell::new(0u32), Cell::new(0u32));
-    let result = runner.run(&strategy, |(h_edits, w_bytes, c_edits, c_bytes)| {
-        ran.set(ran.get() + 1);
-        let damage = |json: &Value, edits: &[JsonEdit], bytes: &[Mutation], wrap: bool| {
-            let mut json = json.clone();
-            edits.iter().for_each(|e| edit_json(&mut json, e));
-            let mut out = if wrap {
-                join(&json, &data)
-            } else {
-                json.to_string().into_bytes()
-            };
-            bytes.iter().for_each(|m| apply(&mut out, m));
-            out
+    let damage = |json: &Value, edits: &[JsonEdit], bytes: &[Mutation], wrap: bool| {
+        let mut json = json.clone();
+        edits.iter().for_each(|e| edit_json(&mut json, e));
+        let mut out = if wrap {
+            join(&json, &data)
+        } else {
+            json.to_string().into_bytes()
         };
-        let w = damage(&header, &h_edits, &w_bytes, true);
-        let c = damage(&config, &c_edits, &c_bytes, false);
-        std::fs::write(dir.join(WEIGHTS_FILE), w).unwrap();
-        std::fs::write(dir.join(CONFIG_FILE), c).unwrap();
-        let (result, largest) = watched(|| LoraModel::load_peft(&dir, &model));
-        prop_assert!(
-            largest <= ALLOCATION_BOUND,
-            "{largest} bytes in one allocation"
-        );
-        match result {
-            Ok(_) => loaded.set(loaded.get() + 1),
-            Err(e) => {
-                let e = e.to_string();
-                prop_assert!(e.starts_with(&dir.display().to_string()), "{}", e);
-            }
-        }
-        Ok(())
-    });
-    std::fs::remove_dir_all(&dir).unwrap();
-    let (ran, loaded) = (ran.get(), loaded.get());
-    println!("adapter fuzzer: {ran} cases ran ({loaded} loaded, the rest refused)");
-    result.unwrap();
-    assert!(ran >= cases());
+        bytes.iter().for_each(|m| apply(&mut out, m));
+        out
+    };
+    fuzz(
+        "adapter",
+        strategy,
+        ALLOCATION_BOUND,
+        &dir.display().to_string(),
+        |(h_edits, w_bytes, c_edits, c_bytes)| {
+            let w = damage(&header, &h_edits, &w_bytes, true);
+            let c = damage(&config, &c_edits, &c_bytes, false);
+            std::fs::write(dir.join(WEIGHTS_FILE), w).unwrap();
+            std::fs::write(dir.join(CONFIG_FILE), c).unwrap();
+        },
+        || LoraModel::load_peft(&dir, &model),
+    );
 }

@@ -13,7 +13,7 @@ use tensor::on_devices;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{fixture, logits, model, model_with_layers, rel_diff, temp_dir};
+use common::{Scratch, fixture, logits, model, model_with_layers, rel_diff, scratch};
 use lora::{BiasMode, CONFIG_FILE, Init, KEY_PREFIX, LoraConfig, LoraModel, Target, WEIGHTS_FILE};
 use tensor::Device;
 use transformer::tensor_file::{read_tensors, write_tensors};
@@ -47,7 +47,7 @@ fn save_load_is_bit_exact(device: &Device) {
     let mut lora = LoraModel::inject(&mut model, &cfg, 11).unwrap();
     lora.base_model = Some("gpt2-tiny".into());
     let want = logits(&model);
-    let dir = temp_dir("save-load");
+    let dir = scratch("save-load");
     lora.save_peft(&dir).unwrap();
 
     // PEFT's key names and shapes: A (r, in), B (out, r); c_fc at rank 2.
@@ -111,11 +111,9 @@ fn save_load_is_bit_exact(device: &Device) {
     back.attach(&mut fresh).unwrap();
     assert_eq!(logits(&fresh), want, "same adapter, same logits");
     // Saving what was loaded writes the same file.
-    let dir2 = temp_dir("save-again");
+    let dir2 = scratch("save-again");
     back.save_peft(&dir2).unwrap();
     assert_eq!(file_tensors(&dir2), tensors);
-    std::fs::remove_dir_all(&dir).unwrap();
-    std::fs::remove_dir_all(&dir2).unwrap();
 }
 
 fn peft_file_resaves_identically(device: &Device) {
@@ -123,7 +121,7 @@ fn peft_file_resaves_identically(device: &Device) {
     let lora = LoraModel::load_peft(fixture().join("adapter"), &model)
         .unwrap()
         .lora;
-    let dir = temp_dir("resave");
+    let dir = scratch("resave");
     lora.save_peft(&dir).unwrap();
     assert_eq!(file_tensors(&dir), file_tensors(&fixture().join("adapter")));
     let (ours, peft) = (config_json(&dir), config_json(&fixture().join("adapter")));
@@ -141,7 +139,6 @@ fn peft_file_resaves_identically(device: &Device) {
     ] {
         assert_eq!(ours[key], peft[key], "`{key}`");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn qv_slices_save_as_c_attn(device: &Device) {
@@ -151,7 +148,7 @@ fn qv_slices_save_as_c_attn(device: &Device) {
     cfg.rank_pattern.insert(Target::V, 2); // s_v = 8/2 ≠ s_q = 8/4: B_v is rescaled by s_v/s_q
     let lora = LoraModel::inject(&mut model, &cfg, 5).unwrap();
     let want = logits(&model);
-    let dir = temp_dir("qv");
+    let dir = scratch("qv");
     lora.save_peft(&dir).unwrap();
     let tensors = file_tensors(&dir);
     let a = &tensors[&format!("{KEY_PREFIX}h.0.attn.c_attn.lora_A.weight")];
@@ -182,19 +179,18 @@ fn qv_slices_save_as_c_attn(device: &Device) {
     let d = rel_diff(&logits(&fresh), &want);
     println!("{device:?}: q/v saved as c_attn, reloaded: logits differ by {d:.2e} of their scale");
     assert!(d <= 1e-5);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Copies the fixture adapter to a new dir, with `edit` applied to its tensors and config.
 fn edited_adapter(
     tag: &str,
     edit: impl FnOnce(&mut Vec<NamedTensor>, &mut serde_json::Value),
-) -> std::path::PathBuf {
+) -> Scratch {
     let src = fixture().join("adapter");
     let mut tensors = read_tensors(&src.join(WEIGHTS_FILE)).unwrap();
     let mut json = config_json(&src);
     edit(&mut tensors, &mut json);
-    let dir = temp_dir(tag);
+    let dir = scratch(tag);
     let list = tensors
         .iter()
         .map(|(n, s, v)| (n.clone(), s.as_slice(), v.as_slice()));

@@ -6,12 +6,12 @@
 
 mod common;
 
-use common::{check_tensor, get, temp_dir};
+use common::{check_tensor, get, scratch};
 use lora::{Init, LoraConfig, LoraModel, Target};
 use tensor::Device;
 
 fn ours_in_peft() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ours-in-peft")
+    integration_tests::fixture("ours-in-peft")
 }
 
 fn config() -> LoraConfig {
@@ -26,7 +26,7 @@ fn check(device: &Device) {
     let mut model = common::model(device);
     let lora = LoraModel::inject(&mut model, &config(), 7).unwrap();
     // The files we write today are the files PEFT was given.
-    let dir = temp_dir("peft-roundtrip");
+    let dir = scratch("peft-roundtrip");
     lora.save_peft(&dir).unwrap();
     for name in [lora::WEIGHTS_FILE, lora::CONFIG_FILE] {
         let ours = std::fs::read(dir.join(name)).unwrap();

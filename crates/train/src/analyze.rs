@@ -4,7 +4,7 @@
 //! how many directions the update uses. For two adapters (`--adapter A --adapter B`: two ranks,
 //! or two seeds), the normalised subspace similarity φ(A1, A2, i, j) of their A matrices at every
 //! site both adapt, and with `--out` its heat map as SVG (the paper's figure 3). The math is in
-//! `lora::analysis`.
+//! [`lora::analysis`].
 
 use std::path::PathBuf;
 
@@ -104,7 +104,8 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../../tests/fixtures/gpt2-tiny"
         ));
-        let dir = std::env::temp_dir().join(format!("analyze-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         // The fixture's rank-4 c_attn adapter against a random rank-8 one saved beside it.
         let cpu = Device::cpu();
         let model = crate::load_model(&fixture, &cpu, false).unwrap();
@@ -130,6 +131,5 @@ mod tests {
         assert!(e.contains("give --adapter twice"), "{e}");
         args.out = None;
         run(&args, &cpu).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -13,7 +13,7 @@
 //! Tensors are keyed by parameter *name*: ids ([`autograd::ParamId`]) are only valid within
 //! one process. Why this is the whole state:
 //! - values, m, v and t are stored as f32, exactly;
-//! - the data order ([`crate::e2e::Batches`]) is a function of the seed and of how many batches
+//! - the data order ([`crate::batch::Batches`]) is a function of the seed and of how many batches
 //!   were drawn: the resumed run makes a fresh one and replays that many `next_batch` calls, so
 //!   no generator state is serialised;
 //! - LoRA dropout draws its masks from seeds the run restarts from (seed, step) at the start of
@@ -321,7 +321,8 @@ mod tests {
         };
         let (w, mut straight) = fresh();
         straight.step(&grads_of(&w, &[0.5, 0.25]), 0.1).unwrap();
-        let dir = std::env::temp_dir().join(format!("train-ckpt-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let progress = Progress::start(7, json!({"lr": 0.1}));
         save(&dir, &progress, std::slice::from_ref(&w), &straight).unwrap();
         straight.step(&grads_of(&w, &[-1.0, 3.0]), 0.1).unwrap();
@@ -352,6 +353,5 @@ mod tests {
             .restore(&[renamed], &mut opt)
             .unwrap_err();
         assert!(e.to_string().contains("no value for `u`"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,9 +10,11 @@ use std::time::Instant;
 use autograd::{AdamW, MemoryReport, ParamGroup, Schedule, Trainable, memory::parameter_bytes};
 use transformer::{GenerateConfig, Gpt2, Tokenizer, generate};
 
+use crate::batch::{Batches, batch};
 use crate::bleu::{Bleu, corpus_bleu};
-use crate::e2e::{Batches, E2eData, batch, end_of_text, examples};
-use crate::trainer::{OptimConfig, progress, step};
+use crate::e2e::{E2eData, end_of_text, examples};
+use crate::metrics::progress;
+use crate::trainer::{NonFinite, OptimConfig, step};
 
 /// Settings of one fine-tuning run.
 #[derive(Clone, Debug)]
@@ -80,7 +82,8 @@ pub fn train_e2e(
         let idx = order.next_batch();
         let rows: Vec<_> = idx.iter().map(|&j| &exs[j]).collect();
         let b = batch(&rows, eot);
-        let s = step(model, &mut opt, &b, &optim, i)?;
+        let s =
+            step(model, &mut opt, std::slice::from_ref(&b), &optim, i)?.map_err(NonFinite::stop)?;
         tokens += b.lengths.iter().sum::<usize>();
         losses.push(s.loss);
         peak_activations.peak = peak_activations.peak.max(s.saved_peak);

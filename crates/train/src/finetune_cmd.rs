@@ -12,8 +12,8 @@
 //!
 //! The data formats, and what the loss counts in each, are in [`crate::finetune_data`]. Each
 //! optimizer step draws `--grad-accum` micro-batches of `--batch` examples from a seeded,
-//! length-bucketed order ([`crate::e2e::Batches`]) and adds their gradients into one `Grads`
-//! ([`crate::trainer::accumulate`]); then the global norm is clipped to 1 and AdamW (weight
+//! length-bucketed order ([`crate::batch::Batches`]) and adds their gradients into one [`autograd::Grads`]
+//! ([`crate::trainer::step`]); then the global norm is clipped to 1 and AdamW (weight
 //! decay 0.01) steps at the scheduled rate. `--epochs E` means ⌈E · examples / (batch ·
 //! grad-accum)⌉ steps.
 //!
@@ -32,7 +32,7 @@
 //! **When things go wrong.**
 //! - A step whose loss or gradient norm is NaN or infinite updates nothing and stops the run
 //!   with the step's number; the last checkpoint is left as it was. `--skip-nonfinite` skips
-//!   such steps instead and lowers the learning rate (see [`session`]'s docs).
+//!   such steps instead and lowers the learning rate (see `finetune_cmd/session.rs`).
 //! - Ctrl-C or SIGTERM: the step under way finishes, the checkpoint is saved, and the command
 //!   exits with status 130 and a message saying how to resume ([`interrupt`]).
 //! - A crash or `kill -9` at any moment: every file is replaced atomically, so `checkpoint/`

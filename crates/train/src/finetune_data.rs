@@ -1,5 +1,5 @@
 //! The data of `train finetune`: a file in one of three formats, read into training examples
-//! ([`crate::e2e::Example`]: token ids and where the counted part starts).
+//! ([`crate::batch::Example`]: token ids and where the counted part starts).
 //!
 //! | format | an example | the loss counts |
 //! |---|---|---|
@@ -16,7 +16,7 @@
 //! is predicted exactly once; the last window may be shorter.
 //!
 //! **JSONL**: `enc(context) enc(completion) eot`, both strings taken as they are (put the space
-//! between them where the tokenizer wants it). **E2E**: `e2e::example`'s layout,
+//! between them where the tokenizer wants it). **E2E**: [`crate::e2e::example`]'s layout,
 //! `enc(context + " ||") enc(" " + completion) eot`, both sides trimmed. In both, blank lines
 //! are skipped and an example longer than `seq_len` is dropped (and counted), not truncated:
 //! cutting the context would teach completions of facts the model was not given (see `e2e`).
@@ -29,7 +29,8 @@ use std::path::Path;
 
 use transformer::Tokenizer;
 
-use crate::e2e::{Example, end_of_text, example};
+use crate::batch::Example;
+use crate::e2e::{end_of_text, example};
 
 /// How to read the data file (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -247,8 +248,8 @@ mod tests {
     use super::*;
 
     fn read(name: &str, content: &[u8], format: Format, seq_len: usize) -> crate::Result<Dataset> {
-        let dir = std::env::temp_dir().join(format!("finetune-data-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let path = dir.join(name);
         std::fs::write(&path, content).unwrap();
         load(&path, format, &Tokenizer::bytes(), seq_len)

@@ -1,14 +1,23 @@
 //! # train: the program people run
 //!
-//! The top layer: the default run (`main_job`: LoRA against full fine-tuning on E2E NLG, with
-//! BLEU), and the subcommands `pretrain`, `finetune`, `generate`, `merge`, `eval`, `analyze`,
-//! `serve`, `bench` and `devices`. A training step is `trainer::step`; data comes from `e2e` or
-//! `finetune_data`; `checkpoint` saves everything a run needs to resume exactly.
+//! The top layer: the default run ([`main_job`]: LoRA against full fine-tuning on E2E NLG, with
+//! BLEU) and the subcommands [`pretrain`], `finetune` ([`finetune_cmd`]), [`generate`],
+//! [`merge`], [`eval`], [`analyze`], [`serve`](mod@serve), [`bench`](mod@bench) and [`devices`].
+//!
+//! - A training step is [`trainer::step`]; runs record [`metrics`] and save a [`checkpoint`]
+//!   that resumes them exactly.
+//! - Data: [`e2e`] (the E2E NLG split and examples) or [`finetune_data`] (text, JSONL, E2E
+//!   files), made into [`batch`]es drawn in a seeded order ([`batch::Batches`]).
+//! - The default run: [`finetune::train_e2e`] and [`finetune::bleu_heldout`] (with [`bleu`]),
+//!   [`latency`] (the merged-adapter check), [`report`] (table and run directory) and
+//!   [`loss_plot`] (`loss.svg`).
+//! - [`runtime_dir`]: the environment Mesa's Vulkan layer wants, set up before wgpu starts.
 //!
 //! All logic lives in this library so that integration tests run exactly what the binary runs;
 //! `main.rs` only parses arguments.
 
 pub mod analyze;
+pub mod batch;
 pub mod bench;
 pub mod bleu;
 pub mod checkpoint;
@@ -19,10 +28,14 @@ pub mod finetune;
 pub mod finetune_cmd;
 pub mod finetune_data;
 pub mod generate;
+pub mod latency;
+pub mod loss_plot;
 pub mod main_job;
 pub mod merge;
+pub mod metrics;
 pub mod pretrain;
 pub mod report;
+pub mod runtime_dir;
 pub mod serve;
 pub mod trainer;
 

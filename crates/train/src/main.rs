@@ -73,6 +73,7 @@ enum BenchCommand {
 
 fn main() {
     keep_freed_memory();
+    give_mesa_a_runtime_dir();
     let cli = Cli::parse();
     let result = match cli.command {
         None => device(cli.device).and_then(|d| train::main_job::run(&cli.run, &d)),
@@ -135,6 +136,19 @@ fn device(choice: DeviceChoice) -> train::Result<tensor::Device> {
 /// Parse `--device auto|cpu|gpu`.
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     s.parse().map_err(|e: tensor::Error| e.to_string())
+}
+
+/// Set `XDG_RUNTIME_DIR` to a private directory when the environment has no usable one, so
+/// that Mesa's Vulkan device-select layer does not print `error: XDG_RUNTIME_DIR is invalid or
+/// not set` before our output (see `train::runtime_dir`). It must happen here, first: the
+/// variable is read when wgpu creates its first instance, and changing the environment is only
+/// sound while no other thread exists.
+fn give_mesa_a_runtime_dir() {
+    if let Some(dir) = train::runtime_dir::missing() {
+        // SAFETY: called at the start of `main`, before any thread is started (no thread can
+        // be reading the environment while it changes).
+        unsafe { std::env::set_var(train::runtime_dir::VAR, dir) };
+    }
 }
 
 /// Ask glibc's allocator to serve every allocation from its heap and to keep freed memory

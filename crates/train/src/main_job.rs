@@ -18,8 +18,9 @@ use transformer::{Checkpoint, Gpt2, Tokenizer};
 
 use crate::bleu::{Bleu, corpus_bleu};
 use crate::e2e::E2eData;
-use crate::finetune::{RunConfig, RunReport, bleu_heldout, train_e2e};
-use crate::report;
+use crate::finetune::{RunConfig, bleu_heldout, train_e2e};
+use crate::latency::inference_latency;
+use crate::report::{self, Row};
 
 /// Options of the default run (all have defaults; `train run --help` lists them).
 #[derive(Args, Debug, Clone)]
@@ -61,16 +62,19 @@ pub struct RunArgs {
     pub seed: u64,
 }
 
-/// One row of the comparison.
-pub struct Row {
-    pub name: String,
-    pub bleu: Bleu,
-    pub report: Option<RunReport>,
-    pub total_params: usize,
+impl RunArgs {
+    /// The options as the run directory's `config.json` records them.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model": self.model, "data": self.data, "steps": self.steps, "batch": self.batch,
+            "r": self.r, "alpha": self.alpha, "targets": self.targets, "lora_lr": self.lora_lr,
+            "full_lr": self.full_lr, "seed": self.seed, "full": !self.no_full,
+        })
+    }
 }
 
 /// The first reference of the training MR with the most references (the first MR to reach
-/// that count, as the peer recipe picks it), output for every held-out MR.
+/// that count, as the PyTorch recipe picks it), output for every held-out MR.
 fn constant_baseline(data: &E2eData, heldout: usize) -> crate::Result<Bleu> {
     let mut counts = std::collections::HashMap::new();
     let mut most = ("", 0);
@@ -150,7 +154,7 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     lora.save_peft(out.join("adapter"))?;
 
     // Merge, check, time.
-    let latency = report::inference_latency(&model, &lora, &tok, &data)?;
+    let latency = inference_latency(&model, &lora, &tok, &data)?;
 
     // Full fine-tuning of a fresh copy with the same budget.
     let full = if args.no_full {
@@ -217,7 +221,7 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     println!("\n{table}");
     report::samples(&data, &predictions, 3);
     println!("\n{latency}");
-    report::save_run(&out, args, &rows, &predictions, &table, &latency)?;
+    report::save_run(&out, &args.to_json(), &rows, &predictions, &table, &latency)?;
     println!(
         "saved the run in {} (adapter in PEFT layout: {}); total time {:.0} s",
         out.display(),

@@ -17,7 +17,9 @@ use rand::{Rng, SeedableRng};
 use tensor::Device;
 use transformer::{Gpt2, GptConfig, SaveDtype, Tokenizer, TokenizerKind, init_checkpoint};
 
-use crate::trainer::{Batch, Metrics, OptimConfig, progress, step};
+use crate::batch::Batch;
+use crate::metrics::{Metrics, progress};
+use crate::trainer::{NonFinite, OptimConfig, step};
 
 /// Options of `train pretrain`.
 #[derive(Args, Debug, Clone)]
@@ -173,7 +175,8 @@ pub fn run(args: &PretrainArgs, device: &Device) -> crate::Result<()> {
     let mut last = f32::NAN;
     for i in 0..args.steps {
         let batch = sample(&corpus, args.batch, args.ctx, args.mix, &mut rng);
-        let s = step(&model, &mut opt, &batch, &optim, i)?;
+        let s = step(&model, &mut opt, std::slice::from_ref(&batch), &optim, i)?
+            .map_err(NonFinite::stop)?;
         last = s.loss;
         let tps = (batch.b * batch.t) as f64 / s.seconds;
         bar.set_message(format!("loss {:.3} {:.0} tok/s", s.loss, tps));

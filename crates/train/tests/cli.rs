@@ -1,37 +1,10 @@
 //! Every subcommand of the `train` binary, run once on a tiny model, and the default pipeline in
 //! a reduced size, checking each artefact it writes.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny() -> PathBuf {
-    root().join("tests/fixtures/gpt2-tiny")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("train-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Run `train --device cpu ARGS` from the repository root; stdout on success.
-fn train(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_train"))
-        .current_dir(root())
-        .arg("--device")
-        .arg("cpu")
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "train {args:?} failed:\n{stderr}");
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{root, scratch, train_ok as train};
+use integration_tests::gpt2_tiny::dir as tiny;
 
 #[test]
 fn devices_lists_the_cpu() {

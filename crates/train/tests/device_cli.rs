@@ -4,31 +4,25 @@
 //! `WGPU_BACKEND=webgpu` asks wgpu for the browser's WebGPU, which no native build has, so
 //! these run the same on every machine, with or without a GPU.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use integration_tests::{gpt2_tiny, root, scratch};
 
 /// `train --device DEVICE eval` of the tiny model on one sentence, seeing no adapter.
 fn eval_without_adapter(device: &str, name: &str) -> Output {
-    let dir = std::env::temp_dir().join(format!("train-device-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch(&format!("train-device-{name}"));
     let text = dir.join("t.txt");
     std::fs::write(&text, "To be, or not to be, that is the question.").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+    Command::new(env!("CARGO_BIN_EXE_train"))
         .current_dir(root())
         .env("WGPU_BACKEND", "webgpu")
         .env("RUST_BACKTRACE", "1")
         .args(["--device", device, "eval", "--json", "--model"])
-        .arg(root().join("tests/fixtures/gpt2-tiny"))
+        .arg(gpt2_tiny::dir())
         .arg("--data")
         .arg(&text)
         .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    out
+        .unwrap()
 }
 
 #[test]

@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
+use train::batch::{Batches, batch};
 use train::bleu::corpus_bleu;
-use train::e2e::{Batches, E2eData, batch, examples};
+use train::e2e::{E2eData, examples};
 use transformer::Tokenizer;
 
 fn data() -> E2eData {
@@ -71,7 +72,7 @@ fn gpt2_examples_fit_and_bucketing_cuts_padding() {
     assert_eq!(dropped_bytes, 2);
 }
 
-/// sacrebleu 2.6.0 on the same 118 MRs, as the peer recipe's `baselines` command scores them.
+/// sacrebleu 2.6.0 on the same 118 MRs, as the PyTorch recipe's `baselines` command scores them.
 #[test]
 fn baseline_bleu_matches_sacrebleu() {
     let d = data();

@@ -1,84 +1,12 @@
 //! `train finetune` on the tiny fixture model (byte tokenizer, 64 positions): every data format,
 //! full fine-tuning, exact resumption, and the messages for bad data.
 
-use std::ffi::OsStr;
-use std::fmt::Debug;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+
+use common::{e2e, finetune, loss_bits, metrics, scratch, tiny, train_fails, train_ok};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny() -> String {
-    root()
-        .join("tests/fixtures/gpt2-tiny")
-        .display()
-        .to_string()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("train-finetune-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .current_dir(root())
-        .args(["--device", "cpu"])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Run `train --device cpu ARGS`; its stdout, after checking it succeeded.
-fn train<S: AsRef<OsStr> + Debug>(args: &[S]) -> String {
-    let out = run(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "train {args:?} failed:\n{stderr}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Run `train --device cpu ARGS`, expecting it to fail; its stderr.
-fn train_fails<S: AsRef<OsStr> + Debug>(args: &[S]) -> String {
-    let out = run(args);
-    assert!(!out.status.success(), "train {args:?} should have failed");
-    String::from_utf8(out.stderr).unwrap()
-}
-
-/// `train finetune --model tiny --data DATA --out OUT` plus `extra`.
-fn finetune(data: &Path, out: &Path, extra: &[&str]) -> String {
-    let (model, data, out) = (tiny(), data.to_str().unwrap(), out.to_str().unwrap());
-    let mut args = vec!["finetune", "--model", &model, "--data", data, "--out", out];
-    args.extend_from_slice(extra);
-    train(&args)
-}
-
-/// The records of `<out>/metrics.jsonl`.
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// The bits of every loss (training and held-out) in a run's metrics, in order.
-fn loss_bits(out: &Path) -> Vec<(String, u64, u64)> {
-    metrics(out)
-        .iter()
-        .flat_map(|r| {
-            let step = r["step"].as_u64().unwrap();
-            ["loss", "eval_loss"]
-                .into_iter()
-                .filter_map(move |k| Some((k.to_string(), step, r[k].as_f64()?.to_bits())))
-        })
-        .collect()
-}
 
 fn jsonl(n: usize) -> String {
     (0..n)
@@ -86,12 +14,6 @@ fn jsonl(n: usize) -> String {
             let v = serde_json::json!({"context": format!("Q: {i} + {i}?"), "completion": format!(" {}", 2 * i)});
             format!("{v}\n")
         })
-        .collect()
-}
-
-fn e2e(n: usize) -> String {
-    (0..n)
-        .map(|i| format!("name : R{i} | food : Thai||R{i} serves Thai food .\n"))
         .collect()
 }
 
@@ -111,7 +33,7 @@ fn eval_loss(model: &str, adapter: Option<&Path>, text: &Path) -> f64 {
     if let Some(a) = adapter {
         args.extend(["--adapter", a.to_str().unwrap()]);
     }
-    let v: Value = serde_json::from_str(&train(&args)).unwrap();
+    let v: Value = serde_json::from_str(&train_ok(&args)).unwrap();
     v["loss"].as_f64().unwrap()
 }
 
@@ -258,7 +180,7 @@ fn resuming_needs_the_same_options_and_a_checkpoint() {
     };
     let e = train_fails(&with(&["--resume"]));
     assert!(e.contains("--resume: no checkpoint in"), "{e}");
-    train(&with(&["--stop-after", "2"]));
+    train_ok(&with(&["--stop-after", "2"]));
     let e = train_fails(&with(&[]));
     assert!(
         e.contains("holds the checkpoint of an earlier run: pass --resume"),

@@ -7,15 +7,14 @@
 //!
 //! `cargo test -p train --test hostile_state`
 
-use std::cell::Cell;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use autograd::{AdamW, Grads, Param, ParamGroup, Trainable};
 use integration_tests::hostile::{
-    Watch, apply, cases, edit_json, join, json_edit, mutation, split, watched,
+    Watch, apply, edit_json, fuzz, join, json_edit, mutation, split, watched,
 };
+use integration_tests::{Scratch, scratch};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 use tensor::{Device, Tensor};
 use train::checkpoint::{self, FILE, Progress};
@@ -41,9 +40,8 @@ fn run_state() -> (Vec<Trainable>, AdamW) {
 }
 
 /// A checkpoint after one AdamW step, in a fresh directory; returns it and its file's bytes.
-fn saved(tag: &str) -> (PathBuf, Vec<u8>) {
-    let dir = std::env::temp_dir().join(format!("train-hostile-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+fn saved(tag: &str) -> (Scratch, Vec<u8>) {
+    let dir = scratch(&format!("train-hostile-{tag}"));
     let (params, mut opt) = run_state();
     let mut grads = Grads::new();
     for p in &params {
@@ -79,7 +77,7 @@ fn error_naming_the_file(dir: &Path) -> String {
 }
 
 /// Rewrites the checkpoint's header with `edit` (given the header and the saved state JSON).
-fn edited(tag: &str, edit: impl FnOnce(&mut Value, &mut Value)) -> PathBuf {
+fn edited(tag: &str, edit: impl FnOnce(&mut Value, &mut Value)) -> Scratch {
     let (dir, bytes) = saved(tag);
     let (mut header, data) = split(&bytes);
     let mut state: Value =
@@ -106,7 +104,6 @@ fn a_valid_checkpoint_restores() {
     let (dir, _) = saved("valid");
     let progress = load_and_restore(&dir).unwrap();
     assert_eq!((progress.step, progress.losses), (1, vec![2.5]));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -119,7 +116,6 @@ fn state_truncated_at_every_offset_is_an_error_naming_the_file() {
         assert!(largest <= ALLOCATION_BOUND, "cut at {len}: {largest}");
     }
     println!("{} cuts", bytes.len());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -150,7 +146,6 @@ fn state_with_a_flipped_byte_restores_or_fails_naming_the_file() {
         "{} flips: {restored} restored, {refused} refused",
         3 * bytes.len()
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -166,7 +161,6 @@ fn a_header_length_beyond_the_file_is_refused_before_allocating() {
         );
         assert!(largest <= ALLOCATION_BOUND, "{largest} bytes allocated");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -179,7 +173,6 @@ fn nan_or_infinite_values_and_moments_are_refused_naming_the_tensor() {
             e.contains(&format!("tensor `{name}`: 1 of its")) && e.contains("not finite"),
             "{e}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
@@ -192,7 +185,6 @@ fn a_nan_loss_marks_a_skipped_step_but_an_infinite_one_is_refused() {
     overwrite_first_value(&dir, "losses", f32::INFINITY);
     let e = error_naming_the_file(&dir);
     assert!(e.contains("`losses` holds inf at step 1"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -204,7 +196,6 @@ fn a_negative_second_moment_is_refused() {
         e.contains("`adam_v/w` holds -1; a second moment is never negative"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -220,7 +211,6 @@ fn moments_that_do_not_fit_their_parameter_are_refused() {
         ),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
     // m without v: v filed under another name.
     let dir = edited("moment-missing", |h, _| {
         let v = h.as_object_mut().unwrap().remove("adam_v/u").unwrap();
@@ -228,7 +218,6 @@ fn moments_that_do_not_fit_their_parameter_are_refused() {
     });
     let e = error_naming_the_file(&dir);
     assert!(e.contains("`u` has the AdamW moment m but not v"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A change to a checkpoint's header and to the state JSON inside it.
@@ -272,7 +261,6 @@ fn a_saved_state_that_lacks_a_field_or_disagrees_is_refused() {
         let dir = edited(tag, edit);
         let e = error_naming_the_file(&dir);
         assert!(e.contains(want), "{tag}: {e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
@@ -287,39 +275,22 @@ fn fuzz_mutated_checkpoints_never_panic() {
         prop::collection::vec(json_edit(), 0..3),
         prop::collection::vec(mutation(), 0..3),
     );
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let (ran, restored) = (Cell::new(0u32), Cell::new(0u32));
-    let result = runner.run(&strategy, |(header_edits, state_edits, byte_edits)| {
-        ran.set(ran.get() + 1);
-        let mut h = header.clone();
-        let mut s = state.clone();
-        state_edits.iter().for_each(|e| edit_json(&mut s, e));
-        h["__metadata__"]["state"] = json!(s.to_string());
-        header_edits.iter().for_each(|e| edit_json(&mut h, e));
-        let mut file = join(&h, &data);
-        byte_edits.iter().for_each(|m| apply(&mut file, m));
-        std::fs::write(dir.join(FILE), &file).unwrap();
-        let (result, largest) = watched(|| load_and_restore(&dir));
-        prop_assert!(
-            largest <= ALLOCATION_BOUND,
-            "{largest} bytes in one allocation"
-        );
-        match result {
-            Ok(_) => restored.set(restored.get() + 1),
-            Err(e) => {
-                let file = dir.join(FILE).display().to_string();
-                prop_assert!(e.starts_with(&file), "{}", e);
-            }
-        }
-        Ok(())
-    });
-    std::fs::remove_dir_all(&dir).unwrap();
-    let (ran, restored) = (ran.get(), restored.get());
-    println!("checkpoint fuzzer: {ran} cases ran ({restored} restored, the rest refused)");
-    result.unwrap();
-    assert!(ran >= cases());
+    let file = dir.join(FILE);
+    fuzz(
+        "checkpoint",
+        strategy,
+        ALLOCATION_BOUND,
+        &file.display().to_string(),
+        |(header_edits, state_edits, byte_edits)| {
+            let mut h = header.clone();
+            let mut s = state.clone();
+            state_edits.iter().for_each(|e| edit_json(&mut s, e));
+            h["__metadata__"]["state"] = json!(s.to_string());
+            header_edits.iter().for_each(|e| edit_json(&mut h, e));
+            let mut bytes = join(&h, &data);
+            byte_edits.iter().for_each(|m| apply(&mut bytes, m));
+            std::fs::write(&file, &bytes).unwrap();
+        },
+        || load_and_restore(&dir),
+    );
 }

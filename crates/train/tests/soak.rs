@@ -13,18 +13,14 @@
 use autograd::{AdamW, ParamGroup, Schedule, Trainable};
 use lora::{LoraConfig, LoraModel, Target};
 use tensor::Device;
+use train::batch::{Batch, Example, batch};
 use train::checkpoint::{self, Progress};
-use train::e2e::{Batch, Example, batch};
 use train::finetune_cmd::heldout_loss;
-use train::trainer::{OptimConfig, step_accumulated};
+use train::trainer::{OptimConfig, step};
 use transformer::{Checkpoint, Gpt2};
 
 fn tiny() -> Checkpoint {
-    Checkpoint::load(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/gpt2-tiny"
-    ))
-    .unwrap()
+    Checkpoint::load(integration_tests::gpt2_tiny::dir()).unwrap()
 }
 
 /// Examples of 10 to 57 bytes, their first third context.
@@ -78,15 +74,16 @@ fn live_bytes_per_step(device: &Device, full: bool, steps: usize) -> Vec<u64> {
         clip: 1.0,
     };
     let data = examples();
-    let dir = std::env::temp_dir().join(format!("train-soak-{}-{full}", std::process::id()));
+    let dir = integration_tests::scratch(&format!("train-soak-{full}"));
     let mut progress = Progress::start(0, serde_json::json!({}));
     let mut live = Vec::new();
     for i in 0..steps {
         if let Some(lora) = &lora {
             lora.set_dropout_seed(i as u64);
         }
-        let s =
-            step_accumulated(&model, &mut opt, &micro_batches(&data, i), &cfg, i as u32).unwrap();
+        let s = step(&model, &mut opt, &micro_batches(&data, i), &cfg, i as u32)
+            .unwrap()
+            .unwrap();
         assert!(s.loss.is_finite());
         progress.step += 1;
         progress.losses.push(s.loss);
@@ -96,7 +93,6 @@ fn live_bytes_per_step(device: &Device, full: bool, steps: usize) -> Vec<u64> {
         }
         live.push(device.memory().live);
     }
-    let _ = std::fs::remove_dir_all(&dir);
     live
 }
 

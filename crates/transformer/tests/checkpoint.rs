@@ -3,22 +3,18 @@
 //!
 //! `cargo test -p transformer --test checkpoint`
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use integration_tests::Scratch;
+use integration_tests::gpt2_tiny::dir as fixture;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use transformer::tensor_file::{read_tensors, write_tensors};
 use transformer::{Checkpoint, NamedTensor, SaveDtype};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny")
-}
-
-/// A fresh empty directory under the system temp dir, unique to this test.
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("transformer-ckpt-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh empty directory, removed when dropped.
+fn scratch(tag: &str) -> Scratch {
+    integration_tests::scratch(&format!("transformer-ckpt-{tag}"))
 }
 
 /// Writes the fixture's config and the given tensors (names as given, f32) into `dir`.
@@ -106,7 +102,6 @@ fn save_then_load_is_bit_exact_and_speaks_transformers() {
         ["config.json", "model.safetensors"],
         "no temporary file left"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -127,7 +122,6 @@ fn f16_storage_halves_the_file_and_rounds_to_nearest() {
             assert_eq!(half::f16::from_f32(*x).to_f32(), *y, "{n}");
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -181,7 +175,6 @@ fn reads_bf16_without_prefix_with_tied_lm_head_and_attention_buffers() {
             assert_eq!(half::bf16::from_f32(*x).to_f32(), *y, "{n}");
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -199,7 +192,6 @@ fn missing_tensor_is_named_with_its_shape_and_the_file() {
         "{e}"
     );
     assert!(e.contains("`h.1.ln_2.bias` [64]"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -217,7 +209,6 @@ fn wrong_shape_names_expected_and_found() {
         e.contains("model.safetensors: tensor `ln_f.weight`: expected shape [64], found [32, 2]"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -244,7 +235,6 @@ fn untied_lm_head_is_refused_and_tied_one_accepted() {
         e.contains("model.safetensors: tensor `lm_head.weight` differs from `wte.weight`"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -274,7 +264,6 @@ fn unknown_and_duplicate_tensors_are_refused() {
     write_model(&dir, &tensors);
     let e = load_error(&dir);
     assert!(e.contains("tensor `h.1.ln_1.weight` appears twice"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -290,7 +279,6 @@ fn unsupported_dtype_is_named() {
         e.contains("tensor `wte.weight`: expected dtype F32, F16 or BF16, found I32"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -320,5 +308,4 @@ fn bad_or_missing_files_name_the_file() {
         e.starts_with(&dir.join("model.safetensors").display().to_string()),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

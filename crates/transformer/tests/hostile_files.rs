@@ -14,14 +14,13 @@
 //!
 //! `cargo test -p transformer --test hostile_files`
 
-use std::cell::Cell;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use integration_tests::hostile::{
-    JsonEdit, Mutation, Watch, apply, cases, edit_json, join, json_edit, mutation, split, watched,
+    JsonEdit, Mutation, Watch, apply, edit_json, fuzz, join, json_edit, mutation, split, watched,
 };
+use integration_tests::{Scratch, scratch};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 use transformer::{Checkpoint, GptConfig, NamedTensor, SaveDtype, Tokenizer};
 
@@ -35,15 +34,6 @@ const ALLOCATION_BOUND: usize = 8 << 20;
 
 // ---------------------------------------------------------------------------------------------
 // Small valid files.
-
-/// A fresh empty directory under the system temp dir, unique to this test.
-fn scratch(tag: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("transformer-hostile-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// L=1, C=2, V=256, n_positions=4: 604 parameters, a `model.safetensors` of about 4 kB.
 fn tiny_config() -> GptConfig {
@@ -74,8 +64,8 @@ fn tiny_checkpoint() -> Checkpoint {
 }
 
 /// A directory holding the tiny model; returns it and the bytes of its `model.safetensors`.
-fn tiny_model_dir(tag: &str) -> (PathBuf, Vec<u8>) {
-    let dir = scratch(tag);
+fn tiny_model_dir(tag: &str) -> (Scratch, Vec<u8>) {
+    let dir = scratch(&format!("transformer-hostile-{tag}"));
     tiny_checkpoint().save(&dir).unwrap();
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     (dir, bytes)
@@ -136,7 +126,7 @@ fn read_small(path: &Path) -> transformer::Result<Vec<NamedTensor>> {
 
 #[test]
 fn truncated_at_every_offset_is_an_error_naming_the_file() {
-    let dir = scratch("truncated");
+    let dir = scratch("transformer-hostile-truncated");
     let path = dir.join("small.safetensors");
     let bytes = small_mixed_file(&path);
     assert_eq!(read_small(&path).unwrap().len(), 3);
@@ -178,13 +168,11 @@ fn truncated_at_every_offset_is_an_error_naming_the_file() {
         cuts.len(),
         model.len()
     );
-    std::fs::remove_dir_all(&dir).unwrap();
-    std::fs::remove_dir_all(&dir2).unwrap();
 }
 
 #[test]
 fn a_flipped_byte_anywhere_loads_or_fails_naming_the_file() {
-    let dir = scratch("flipped");
+    let dir = scratch("transformer-hostile-flipped");
     let path = dir.join("small.safetensors");
     let bytes = small_mixed_file(&path);
     let (mut loaded, mut refused) = (0, 0);
@@ -232,8 +220,6 @@ fn a_flipped_byte_anywhere_loads_or_fails_naming_the_file() {
             assert_names_a_file_of(&dir2, &e.to_string());
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
-    std::fs::remove_dir_all(&dir2).unwrap();
 }
 
 #[test]
@@ -257,7 +243,6 @@ fn header_length_beyond_the_file_or_memory_is_refused_before_allocating() {
             "{largest} bytes allocated for a forged length"
         );
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Rewrites the header of the tiny model with `edit`, keeping the data, and loads it.
@@ -266,9 +251,7 @@ fn edited_header_error(tag: &str, edit: impl FnOnce(&mut Value)) -> String {
     let (mut header, data) = split(&bytes);
     edit(&mut header);
     std::fs::write(dir.join("model.safetensors"), join(&header, &data)).unwrap();
-    let e = load_error(&dir);
-    std::fs::remove_dir_all(&dir).unwrap();
-    e
+    load_error(&dir)
 }
 
 #[test]
@@ -350,13 +333,12 @@ fn shapes_that_disagree_with_the_config_or_the_data_are_refused() {
         e.contains("tensor `wpe.weight`: expected shape [2, 2], found [4, 2]"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn nan_and_infinite_weights_are_errors_naming_tensor_and_count() {
     for dtype in [SaveDtype::F32, SaveDtype::F16, SaveDtype::BF16] {
-        let dir = scratch(&format!("nan-{dtype:?}"));
+        let dir = scratch(&format!("transformer-hostile-nan-{dtype:?}"));
         let mut ckpt = tiny_checkpoint();
         let (_, _, fc) = ckpt
             .tensors
@@ -375,7 +357,6 @@ fn nan_and_infinite_weights_are_errors_naming_tensor_and_count() {
             ),
             "{dtype:?}: {e}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
@@ -388,7 +369,6 @@ fn an_empty_or_missing_model_file_is_named() {
     std::fs::remove_file(&path).unwrap();
     std::fs::create_dir(&path).unwrap(); // a directory where the file should be
     load_error(&dir);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -418,7 +398,6 @@ fn config_that_is_not_an_object_or_lacks_a_field_names_the_file() {
     }
     std::fs::write(&path, [b'{', 0xFF, b'}']).unwrap();
     assert!(load_error(&dir).contains("not UTF-8 text (invalid byte at offset 1)"));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -480,7 +459,6 @@ fn a_config_larger_than_the_bound_is_not_read_whole() {
     let (e, largest) = watched(|| load_error(&dir));
     assert!(e.contains("larger than 16777216 bytes"), "{e}");
     assert!(largest <= 2 * transformer::config::MAX_CONFIG_BYTES as usize + 64);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,7 +490,7 @@ fn tokenizer_config() -> GptConfig {
 
 #[test]
 fn tokenizer_files_truncated_anywhere_fail_naming_the_file() {
-    let dir = scratch("tokenizer-cut");
+    let dir = scratch("transformer-hostile-tokenizer-cut");
     let (vocab, merges) = tiny_tokenizer_files(&dir);
     let config = tokenizer_config();
     assert_eq!(
@@ -537,12 +515,11 @@ fn tokenizer_files_truncated_anywhere_fail_naming_the_file() {
         }
         std::fs::write(&path, bytes).unwrap();
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn tokenizer_files_of_the_wrong_kind_are_named() {
-    let dir = scratch("tokenizer-kind");
+    let dir = scratch("transformer-hostile-tokenizer-kind");
     tiny_tokenizer_files(&dir);
     let config = tokenizer_config();
     let vocab = dir.join("vocab.json");
@@ -570,7 +547,6 @@ fn tokenizer_files_of_the_wrong_kind_are_named() {
         e.contains("ids up to 258, but config.json's vocab_size is 256"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -607,51 +583,33 @@ fn fuzz_mutated_model_directories_never_panic() {
     let config = std::fs::read(dir.join("config.json")).unwrap();
     let (header, data) = split(&model);
     let config_json: Value = serde_json::from_slice(&config).unwrap();
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let (ran, loaded) = (Cell::new(0u32), Cell::new(0u32));
-    let result = runner.run(&model_damage(), |damage| {
-        ran.set(ran.get() + 1);
-        let mut h = header.clone();
-        damage.header.iter().for_each(|e| edit_json(&mut h, e));
-        let mut bytes = join(&h, &data);
-        damage.bytes.iter().for_each(|m| apply(&mut bytes, m));
-        let mut c = config_json.clone();
-        damage.config.iter().for_each(|e| edit_json(&mut c, e));
-        let mut config = c.to_string().into_bytes();
-        damage
-            .config_bytes
-            .iter()
-            .for_each(|m| apply(&mut config, m));
-        std::fs::write(dir.join("model.safetensors"), &bytes).unwrap();
-        std::fs::write(dir.join("config.json"), &config).unwrap();
-        let (result, largest) = watched(|| Checkpoint::load(&dir));
-        prop_assert!(
-            largest <= ALLOCATION_BOUND,
-            "{largest} bytes in one allocation"
-        );
-        match result {
-            Ok(_) => loaded.set(loaded.get() + 1),
-            Err(e) => {
-                let e = e.to_string();
-                prop_assert!(e.starts_with(&dir.display().to_string()), "{}", e);
-            }
-        }
-        Ok(())
-    });
-    std::fs::remove_dir_all(&dir).unwrap();
-    let (ran, loaded) = (ran.get(), loaded.get());
-    println!("model fuzzer: {ran} cases ran ({loaded} loaded, the rest refused)");
-    result.unwrap();
-    assert!(ran >= cases());
+    fuzz(
+        "model",
+        model_damage(),
+        ALLOCATION_BOUND,
+        &dir.display().to_string(),
+        |damage| {
+            let mut h = header.clone();
+            damage.header.iter().for_each(|e| edit_json(&mut h, e));
+            let mut bytes = join(&h, &data);
+            damage.bytes.iter().for_each(|m| apply(&mut bytes, m));
+            let mut c = config_json.clone();
+            damage.config.iter().for_each(|e| edit_json(&mut c, e));
+            let mut config = c.to_string().into_bytes();
+            damage
+                .config_bytes
+                .iter()
+                .for_each(|m| apply(&mut config, m));
+            std::fs::write(dir.join("model.safetensors"), &bytes).unwrap();
+            std::fs::write(dir.join("config.json"), &config).unwrap();
+        },
+        || Checkpoint::load(&dir),
+    );
 }
 
 #[test]
 fn fuzz_mutated_tokenizer_files_never_panic() {
-    let dir = scratch("fuzz-tokenizer");
+    let dir = scratch("transformer-hostile-fuzz-tokenizer");
     let (vocab, merges) = tiny_tokenizer_files(&dir);
     let vocab_json: Value = serde_json::from_slice(&vocab).unwrap();
     let config = tokenizer_config();
@@ -660,39 +618,22 @@ fn fuzz_mutated_tokenizer_files_never_panic() {
         prop::collection::vec(mutation(), 0..3),
         prop::collection::vec(mutation(), 0..3),
     );
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let ran = Cell::new(0u32);
-    let result = runner.run(&strategy, |(edits, vocab_bytes, merges_bytes)| {
-        ran.set(ran.get() + 1);
-        let mut v = vocab_json.clone();
-        edits.iter().for_each(|e| edit_json(&mut v, e));
-        let mut vocab = v.to_string().into_bytes();
-        vocab_bytes.iter().for_each(|m| apply(&mut vocab, m));
-        let mut merges = merges.clone();
-        merges_bytes.iter().for_each(|m| apply(&mut merges, m));
-        std::fs::write(dir.join("vocab.json"), &vocab).unwrap();
-        std::fs::write(dir.join("merges.txt"), &merges).unwrap();
-        let (result, largest) = watched(|| {
-            // Loaded tokenizers must also encode and decode without panicking.
-            Tokenizer::for_model(&dir, &config).map(|t| t.decode(&t.encode(" the héllo")))
-        });
-        prop_assert!(
-            largest <= ALLOCATION_BOUND,
-            "{largest} bytes in one allocation"
-        );
-        if let Err(e) = result {
-            let e = e.to_string();
-            prop_assert!(e.starts_with(&dir.display().to_string()), "{}", e);
-        }
-        Ok(())
-    });
-    std::fs::remove_dir_all(&dir).unwrap();
-    let ran = ran.get();
-    println!("tokenizer fuzzer: {ran} cases ran");
-    result.unwrap();
-    assert!(ran >= cases());
+    fuzz(
+        "tokenizer",
+        strategy,
+        ALLOCATION_BOUND,
+        &dir.display().to_string(),
+        |(edits, vocab_bytes, merges_bytes)| {
+            let mut v = vocab_json.clone();
+            edits.iter().for_each(|e| edit_json(&mut v, e));
+            let mut vocab = v.to_string().into_bytes();
+            vocab_bytes.iter().for_each(|m| apply(&mut vocab, m));
+            let mut merges = merges.clone();
+            merges_bytes.iter().for_each(|m| apply(&mut merges, m));
+            std::fs::write(dir.join("vocab.json"), &vocab).unwrap();
+            std::fs::write(dir.join("merges.txt"), &merges).unwrap();
+        },
+        // Loaded tokenizers must also encode and decode without panicking.
+        || Tokenizer::for_model(&dir, &config).map(|t| t.decode(&t.encode(" the héllo"))),
+    );
 }

@@ -32,13 +32,10 @@ fn gpt2_tokenizer_gives_known_ids() {
 
 #[test]
 fn an_f16_copy_of_the_fixture_matches_within_f16_rounding() {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny");
-    let ckpt = Checkpoint::load(&dir).unwrap();
-    let out = std::env::temp_dir().join(format!("gpt2-tiny-f16-{}", std::process::id()));
+    let ckpt = Checkpoint::load(integration_tests::gpt2_tiny::dir()).unwrap();
+    let out = integration_tests::scratch("gpt2-tiny-f16");
     ckpt.save_as(&out, SaveDtype::F16).unwrap();
     let half = Checkpoint::load(&out).unwrap();
-    std::fs::remove_dir_all(&out).unwrap();
     // Every weight is its f16 rounding: relative error at most 2⁻¹¹ (f16 has 10 stored bits).
     for ((name, _, a), (_, _, b)) in ckpt.tensors.iter().zip(&half.tensors) {
         for (x, y) in a.iter().zip(b) {

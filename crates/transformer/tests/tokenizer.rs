@@ -8,8 +8,8 @@
 //! `cargo test -p transformer --test tokenizer`
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
+use integration_tests::{Scratch, scratch};
 use transformer::{GptConfig, Tokenizer, bytes_to_unicode};
 
 /// Splits `token` with BPE using only merges of rank < `max_rank` (tiktoken's rule: a pair
@@ -30,7 +30,7 @@ fn bpe_split(ranks: &HashMap<Vec<u8>, u32>, token: &[u8], max_rank: u32) -> Vec<
 }
 
 /// Writes GPT-2's vocab.json and merges.txt, made from tiktoken's ranks, into a fresh directory.
-fn write_gpt2_files(tok: &Tokenizer) -> PathBuf {
+fn write_gpt2_files(tok: &Tokenizer) -> Scratch {
     let table = bytes_to_unicode();
     let spell = |bytes: &[u8]| bytes.iter().map(|&b| table[b as usize]).collect::<String>();
     let eot = tok.eot().unwrap();
@@ -52,8 +52,7 @@ fn write_gpt2_files(tok: &Tokenizer) -> PathBuf {
         );
         merges.push_str(&format!("{} {}\n", spell(&parts[0]), spell(&parts[1])));
     }
-    let dir = std::env::temp_dir().join(format!("transformer-gpt2-files-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("transformer-gpt2-files");
     std::fs::write(
         dir.join("vocab.json"),
         serde_json::Value::Object(vocab).to_string(),
@@ -119,5 +118,4 @@ fn from_files_agrees_with_tiktoken_gpt2() {
         e.contains("produces ids up to 50256, but config.json's vocab_size is 50000"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,19 +1,14 @@
 //! What the LoRA tests share: the PyTorch/PEFT fixture `tests/fixtures/gpt2-tiny` (2 layers,
-//! C = 64, V = 256, 24 ids; see its README), llm.c-style tensor checks, and small helpers.
+//! C = 64, V = 256, 24 ids; see its README) and llm.c-style tensor checks, from the
+//! `integration-tests` crate, and helpers of their own.
 #![allow(dead_code)]
-
-use std::path::PathBuf;
 
 use autograd::Tape;
 use tensor::Device;
 use transformer::{Checkpoint, Gpt2};
 
-pub fn fixture() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/gpt2-tiny"
-    ))
-}
+#[allow(unused_imports)] // not every test file uses each
+pub use integration_tests::gpt2_tiny::{batch, dir as fixture, expected};
 
 /// The fixture's base model on `device`, every parameter frozen.
 pub fn model(device: &Device) -> Gpt2 {
@@ -50,17 +45,6 @@ pub fn model_with_layers(n_layer: usize, device: &Device) -> Gpt2 {
     Gpt2::from_checkpoint(&ckpt, device, false).unwrap()
 }
 
-/// The 24 ids; targets are the next ids, the last position not counted (weight 0).
-pub fn batch() -> (Vec<u32>, Vec<u32>, Vec<f32>) {
-    let text = std::fs::read_to_string(fixture().join("ids.json")).unwrap();
-    let ids: Vec<u32> = serde_json::from_str(&text).unwrap();
-    let mut targets: Vec<u32> = ids[1..].to_vec();
-    targets.push(0);
-    let mut weights = vec![1.0; ids.len()];
-    *weights.last_mut().unwrap() = 0.0;
-    (ids, targets, weights)
-}
-
 /// Logits (T·V) of the fixture's ids, inference tape.
 pub fn logits(model: &Gpt2) -> Vec<f32> {
     let (ids, _, _) = batch();
@@ -71,11 +55,6 @@ pub fn logits(model: &Gpt2) -> Vec<f32> {
         .value
         .to_vec()
         .unwrap()
-}
-
-/// The f64 tensors of a fixture `expected.safetensors`.
-pub fn expected(file: &str) -> Vec<(String, Vec<f64>)> {
-    integration_tests::read_f64(&fixture().join(file))
 }
 
 #[allow(unused_imports)] // not every test file compares against a fixture
@@ -93,12 +72,5 @@ pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     max_diff / scale.max(f32::MIN_POSITIVE)
 }
 
-/// A fresh empty directory under the system's temp dir (unique per call: tests run in threads).
-pub fn temp_dir(tag: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("lora-{tag}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+#[allow(unused_imports)] // not every test file needs a scratch directory
+pub use integration_tests::{Scratch, scratch};

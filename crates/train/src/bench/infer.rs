@@ -12,7 +12,7 @@
 //! - `mixed`: an `AdapterBank` of two adapters, sequence b served by adapter a, b or none in
 //!   turn, the adapters' terms computed for all rows at once by SGMV.
 //!
-//! Adapters are made with `Init::BothRandom` (B ≠ 0), so their terms are not zeros a kernel
+//! Adapters are made with [`lora::Init::BothRandom`] (B ≠ 0), so their terms are not zeros a kernel
 //! could skip. Runs are repeated `--repeats` times after a warm-up; medians are reported.
 
 use clap::Parser;

@@ -2,11 +2,11 @@
 //! with the machine and the date; tests run every bench with the tiniest settings but never
 //! assert on a time.
 //!
-//! - [`matmul`]: GFLOP/s of C = A·B for square sizes and GPT-2 124M's training shapes, and the
+//! - [`matmul`](mod@matmul): GFLOP/s of C = A·B for square sizes and GPT-2 124M's training shapes, and the
 //!   fraction of the device's measured peak;
 //! - [`step`]: one training step (forward, loss, backward, clipping, AdamW) of a GPT-2 shape with
 //!   random weights, LoRA and full fine-tuning: ms/step, tokens/s, memory by purpose;
-//! - [`ops`]: where a step's time goes, by op family (the profiler of `tensor::profile`);
+//! - [`ops`]: where a step's time goes, by op family (the profiler of [`tensor::profile`]);
 //! - [`infer`]: prompt throughput and time per generated token with the KV cache, for the base
 //!   model, an unmerged and a merged adapter, and a batch mixing adapters (SGMV);
 //! - [`scaling`]: step time and memory against B, T and the model's size;
@@ -19,8 +19,8 @@
 //!
 //! The model shapes ([`shape`]): `e2e` (the shipped base model: 4 layers, 4 heads, 128 wide,
 //! GPT-2's vocabulary of 50257, 128 positions), `tiny` (4 layers, 4 heads, 256 wide, a byte
-//! vocabulary of 256, 256 positions: the PyTorch peer's CPU model), `124m` (GPT-2 small) and
-//! `medium` (GPT-2 medium, 355M). Weights are random (GPT-2's init): speed does not depend on
+//! vocabulary of 256, 256 positions: the model of the PyTorch CPU comparison), `124m` (GPT-2
+//! small) and `medium` (GPT-2 medium, 355M). Weights are random (GPT-2's init): speed does not depend on
 //! their values.
 
 pub mod infer;
@@ -33,11 +33,14 @@ pub mod table;
 
 use std::time::Instant;
 
-use autograd::{AdamW, Grads, ParamGroup, Tape, Trainable, clip_grad_norm};
+use autograd::{AdamW, ParamGroup, Schedule, Trainable};
 use lora::{LoraConfig, LoraModel, Target};
 use tensor::ops::matmul::{MatmulOpts, matmul};
-use tensor::{Device, Tensor, profile};
+use tensor::{Device, Tensor};
 use transformer::{Gpt2, GptConfig, TokenizerKind, init_checkpoint};
+
+use crate::batch::Batch;
+use crate::trainer::{self, OptimConfig, StepStats};
 
 pub use infer::InferArgs;
 pub use matmul::{MatmulArgs, bench_matmul};
@@ -216,16 +219,6 @@ pub fn trainee(cfg: &GptConfig, mode: &Mode, device: &Device, seed: u64) -> crat
     })
 }
 
-/// B sequences of T pseudo-random token ids below `vocab`, their next-token targets and unit
-/// weights (every position counts, as in pretraining-style batches).
-pub struct TokenBatch {
-    pub ids: Vec<u32>,
-    pub targets: Vec<u32>,
-    pub weights: Vec<f32>,
-    pub b: usize,
-    pub t: usize,
-}
-
 /// Pseudo-random ids (a fixed linear congruential sequence; no statistics depend on them).
 pub fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut x = seed
@@ -241,62 +234,43 @@ pub fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-pub fn token_batch(b: usize, t: usize, vocab: usize, seed: u64) -> TokenBatch {
+/// B sequences of T pseudo-random token ids below `vocab`, their next-token targets and unit
+/// weights (every position counts, as in pretraining-style batches).
+pub fn token_batch(b: usize, t: usize, vocab: usize, seed: u64) -> Batch {
     let ids = random_ids(b * t + 1, vocab, seed);
-    TokenBatch {
+    Batch {
         targets: ids[1..].to_vec(),
         ids: ids[..b * t].to_vec(),
         weights: vec![1.0; b * t],
         b,
         t,
+        lengths: vec![t; b],
     }
 }
 
-/// What one step measured, beyond its time.
-pub struct StepMemory {
-    /// Bytes the tape held for backward at its peak.
-    pub activations: u64,
-    /// Bytes of gradient buffers at their peak.
-    pub gradients: u64,
-}
+/// The optimizer of every bench's step: AdamW at a constant 1e-4, the global norm clipped to 1.
+const BENCH_OPTIM: OptimConfig = OptimConfig {
+    lr: 1e-4,
+    schedule: Schedule::Constant,
+    clip: 1.0,
+};
 
-/// One optimizer step as `trainer::step` does it (forward and mean cross-entropy on a recording
-/// tape, backward, global-norm clipping to 1, AdamW), with the profiler's phases marked. Waits
-/// for the device, so the time around it is the step's.
-pub fn train_step(tr: &mut Trainee, batch: &TokenBatch) -> crate::Result<StepMemory> {
-    let tape = Tape::new();
-    let mut grads = Grads::new();
-    let loss = {
-        let _phase = profile::phase("forward");
-        tr.model.loss(
-            &tape,
-            &batch.ids,
-            &batch.targets,
-            &batch.weights,
-            batch.b,
-            batch.t,
+impl Trainee {
+    /// One optimizer step on `batch` ([`crate::trainer::step`], with its profiler phases), then
+    /// a wait for the device, so that the time around it is the step's. A non-finite loss is an
+    /// error: random weights should never give one.
+    pub fn step(&mut self, batch: &Batch) -> crate::Result<StepStats> {
+        let stats = trainer::step(
+            &self.model,
+            &mut self.opt,
+            std::slice::from_ref(batch),
+            &BENCH_OPTIM,
+            0,
         )?
-    };
-    let activations = tape.saved_memory().peak;
-    {
-        let _phase = profile::phase("backward");
-        tape.backward(&loss, &mut grads)?;
+        .map_err(|bad| format!("the benchmark {bad}"))?;
+        self.model.wte.value().device().sync()?;
+        Ok(stats)
     }
-    let gradients = grads.memory().peak;
-    {
-        let _phase = profile::phase("optimizer");
-        clip_grad_norm(&mut grads, 1.0)?;
-        tr.opt.step(&grads, 1e-4)?;
-    }
-    let value = loss.value.to_vec()?[0];
-    if !value.is_finite() {
-        return Err(format!("the benchmark step's loss is {value}").into());
-    }
-    loss.value.device().sync()?;
-    Ok(StepMemory {
-        activations,
-        gradients,
-    })
 }
 
 /// Multiply-adds ×2 of one training step of `cfg` on B×T tokens: the forward's matmuls

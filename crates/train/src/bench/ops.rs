@@ -1,6 +1,6 @@
 //! `train bench ops`: where the time of a training step goes, by op family and phase.
 //!
-//! Runs warm-up steps, then `--steps` steps with the profiler of `tensor::profile` on, and
+//! Runs warm-up steps, then `--steps` steps with the profiler of [`tensor::profile`] on, and
 //! reports per (phase, family) the time per step and its share of the profiled total. Phases
 //! are forward (embedding to loss), backward and optimizer (clipping and AdamW). Families are
 //! those the ops' guards name (matmul, softmax, layernorm, elementwise, reduce, layout,
@@ -96,17 +96,17 @@ pub fn run(args: &OpsArgs, device: &Device) -> crate::Result<()> {
         let mut tr = trainee(&cfg, &mode, device, 1)?;
         let batch = token_batch(b, t, cfg.vocab_size, 7);
         for _ in 0..args.warmup {
-            super::train_step(&mut tr, &batch)?;
+            tr.step(&batch)?;
         }
         let mut plain = Vec::new();
         for _ in 0..steps {
             let start = std::time::Instant::now();
-            super::train_step(&mut tr, &batch)?;
+            tr.step(&batch)?;
             plain.push(start.elapsed().as_secs_f64());
         }
         let method = profile::start(device);
         let start = std::time::Instant::now();
-        let run = (0..steps).try_for_each(|_| super::train_step(&mut tr, &batch).map(|_| ()));
+        let run = (0..steps).try_for_each(|_| tr.step(&batch).map(|_| ()));
         let profiled_secs = start.elapsed().as_secs_f64() / steps as f64;
         let p = profile::stop();
         run?;

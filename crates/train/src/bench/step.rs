@@ -99,16 +99,16 @@ pub(crate) fn measure(
 ) -> crate::Result<StepCase> {
     let batch = token_batch(b, t, tr.model.config.vocab_size, 7);
     for _ in 0..warmup {
-        super::train_step(tr, &batch)?;
+        tr.step(&batch)?;
     }
     device.reset_peak_memory();
     let (mut times, mut activations, mut gradients) = (Vec::new(), 0u64, 0u64);
     for _ in 0..steps.max(1) {
         let start = std::time::Instant::now();
-        let m = super::train_step(tr, &batch)?;
+        let m = tr.step(&batch)?;
         times.push(start.elapsed().as_secs_f64());
-        activations = activations.max(m.activations);
-        gradients = gradients.max(m.gradients);
+        activations = activations.max(m.saved_peak);
+        gradients = gradients.max(m.grad_bytes);
     }
     let secs = median(&times);
     Ok(StepCase {

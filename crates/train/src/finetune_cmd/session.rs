@@ -2,7 +2,7 @@
 //! step, the loop with its metrics, evaluations and checkpoints, and the saved result.
 //!
 //! **A step that goes wrong.** When a step's loss or gradient norm is not finite, nothing is
-//! updated ([`crate::trainer::try_step_accumulated`]). By default the session then stops with
+//! updated ([`crate::trainer::step`]). By default the session then stops with
 //! an error naming the step and the last checkpoint, which is left as it was. With
 //! `--skip-nonfinite` the step is skipped instead: it counts as a step (its batches are used up,
 //! the schedule moves on) but changes no weight and no optimizer state; its loss is recorded as
@@ -25,9 +25,11 @@ use transformer::{Checkpoint, Gpt2};
 
 use super::interrupt::{self, Interrupted};
 use super::{FinetuneArgs, WEIGHT_DECAY};
+use crate::batch::{Batch, Batches, Example, batch};
 use crate::checkpoint::{self, Progress, Saved};
-use crate::e2e::{Batch, Batches, Example, batch};
-use crate::trainer::{Metrics, NonFinite, OptimConfig, progress, try_step_accumulated};
+use crate::loss_plot::{Curve, plot_losses};
+use crate::metrics::{Metrics, progress};
+use crate::trainer::{NonFinite, OptimConfig};
 
 /// What a run trains on and for how long, decided from the options and the data.
 pub(super) struct Plan {
@@ -176,7 +178,7 @@ impl<'a> Session<'a> {
                 .collect();
             micro.push(batch(&rows, self.plan.pad));
         }
-        let outcome = try_step_accumulated(&self.model, &mut self.opt, &micro, &self.optim, i)?;
+        let outcome = crate::trainer::step(&self.model, &mut self.opt, &micro, &self.optim, i)?;
         self.state.step = i + 1;
         self.state.batches_drawn += micro.len() as u64;
         let s = match outcome {
@@ -241,8 +243,24 @@ impl<'a> Session<'a> {
     pub(super) fn save_result(&self) -> crate::Result<PathBuf> {
         let out = &self.args.out;
         let finite = finite_losses(&self.state.losses);
-        let plot = [("training loss", finite.as_slice())];
-        crate::report::plot_losses(&out.join("loss.svg"), &plot)?;
+        let heldout = crate::metrics::eval_losses(&self.metrics.path)?;
+        let args = self.args;
+        let name = if args.full {
+            "full fine-tuning".to_string()
+        } else {
+            format!("LoRA r {} alpha {}", args.r, args.alpha)
+        };
+        let curve = Curve {
+            name: &name,
+            losses: &finite,
+            heldout: &heldout,
+        };
+        let title = format!(
+            "fine-tuning {} on {}: loss of the counted tokens",
+            args.model.display(),
+            args.data.display()
+        );
+        plot_losses(&out.join("loss.svg"), &title, &[curve])?;
         if let Some(lora) = &self.lora {
             let dir = out.join("adapter");
             lora.save_peft(&dir)?;

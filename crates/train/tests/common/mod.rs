@@ -10,23 +10,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+pub use integration_tests::{Scratch, root};
 
+/// The fixture model `tests/fixtures/gpt2-tiny`, as an argument.
 pub fn tiny() -> String {
-    root()
-        .join("tests/fixtures/gpt2-tiny")
-        .display()
-        .to_string()
+    integration_tests::gpt2_tiny::dir().display().to_string()
 }
 
-/// A fresh, empty directory for one test.
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty directory for one test, removed when dropped.
+pub fn scratch(name: &str) -> Scratch {
+    integration_tests::scratch(&format!("train-{name}"))
 }
 
 /// `train --device cpu`, run in the repository root.
@@ -47,6 +40,12 @@ pub fn finetune_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     args.push(out.display().to_string());
     args.extend(extra.iter().map(|s| s.to_string()));
     args
+}
+
+/// Runs `train --device cpu finetune --model tiny --data DATA --out OUT` plus `extra`, checks
+/// that it succeeded; its stdout.
+pub fn finetune(data: &Path, out: &Path, extra: &[&str]) -> String {
+    train_ok(&finetune_args(data, out, extra))
 }
 
 pub fn run<S: AsRef<OsStr>>(args: &[S]) -> Output {
