@@ -82,11 +82,13 @@
 pub mod analysis;
 pub mod bank;
 pub mod config;
+pub mod dora;
 mod error;
 pub mod linear;
 pub mod model;
 mod peft_config;
 mod peft_load;
+mod peft_pattern;
 mod peft_save;
 pub mod target;
 
