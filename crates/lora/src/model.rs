@@ -34,7 +34,8 @@ use transformer::{Gpt2, NamedTensor};
 
 use crate::config::{LoraConfig, ParamCount, Site, bias_trains, layers_phrase};
 use crate::error::{Error, Result};
-use crate::linear::{Dora, DropoutSeeds, LoraAdapter, LoraLinear};
+use crate::dora::Dora;
+use crate::linear::{DropoutSeeds, LoraAdapter, LoraLinear};
 use crate::target::{Module, Target};
 
 /// One site's tensors as a file gives them: A (r, in), B (width, r), and PEFT's extras.

@@ -88,10 +88,6 @@ impl PatternKeys {
         Ok(PatternKeys { what, keys })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
     /// PEFT's `get_pattern_key`: the first key (file order) matching `name`, and its value.
     pub fn lookup(&self, name: &str) -> Result<Option<(&str, &Value)>, String> {
         for (key, re, value) in &self.keys {
@@ -110,11 +106,6 @@ impl PatternKeys {
                 format!("{} key `{key}` has the value {v}, not a number", self.what)
             }),
         }
-    }
-
-    /// Keys, in order, with their values (for saving our config back).
-    pub fn entries(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.keys.iter().map(|(k, _, v)| (k.as_str(), v))
     }
 }
 

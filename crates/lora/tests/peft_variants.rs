@@ -15,10 +15,10 @@ mod common;
 use std::path::PathBuf;
 
 use autograd::Tape;
-use common::{batch, model, on_devices};
+use common::{batch, model};
 use lora::LoraModel;
 use tensor::Device;
-use transformer::{Checkpoint, Gpt2};
+use transformer::Gpt2;
 
 fn case_dir(name: &str) -> PathBuf {
     PathBuf::from(concat!(
@@ -97,7 +97,7 @@ macro_rules! cases {
                 fn body(device: &Device) {
                     check_case(stringify!($name), device);
                 }
-                on_devices!(body, cpu, gpu);
+                crate::on_devices!(body, cpu, gpu);
             }
         )*
     };
