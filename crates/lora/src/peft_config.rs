@@ -68,6 +68,8 @@ const KNOWN: &[&str] = &[
     "corda_config",
     "lora_ga_config",
     "megatron_core",
+    // Only read with `use_qalora`, which is refused; PEFT writes its default, 16, everywhere.
+    "qalora_group_size",
 ];
 
 /// Keys of PEFT features that change what the adapted model computes and that this loader
