@@ -19,10 +19,10 @@
 use std::sync::Mutex;
 
 use autograd::{Param, Tape, Var};
+use tensor::Tensor;
 use tensor::ops::elementwise::{add, mul, scale};
 use tensor::ops::embedding::embedding;
 use tensor::ops::slice::write_axis;
-use tensor::Tensor;
 
 use crate::linear::LoraLinear;
 
@@ -80,9 +80,13 @@ impl Dora {
     }
 
     fn state(&self) -> tensor::Result<(Tensor, Tensor)> {
-        self.state.lock().expect("DoRA state").clone().ok_or_else(|| {
-            tensor::Error::Invalid("DoRA: the adapter was not attached or merged".into())
-        })
+        self.state
+            .lock()
+            .expect("DoRA state")
+            .clone()
+            .ok_or_else(|| {
+                tensor::Error::Invalid("DoRA: the adapter was not attached or merged".into())
+            })
     }
 
     /// y' = f ⊙ (y − b + Δy) + b for the base output y = x·W0 + b and the LoRA term Δy.

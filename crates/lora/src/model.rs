@@ -33,8 +33,8 @@ use tensor::{Device, Tensor};
 use transformer::{Gpt2, NamedTensor};
 
 use crate::config::{LoraConfig, ParamCount, Site, bias_trains, layers_phrase};
-use crate::error::{Error, Result};
 use crate::dora::Dora;
+use crate::error::{Error, Result};
 use crate::linear::{DropoutSeeds, LoraAdapter, LoraLinear};
 use crate::target::{Module, Target};
 

@@ -85,7 +85,10 @@ const REFUSED: &[(&str, &str)] = &[
     ("kasa_config", "KaSA"),
     ("use_qalora", "QA-LoRA"),
     ("megatron_config", "Megatron layers"),
-    ("ensure_weight_tying", "LoRA tied across the embedding and the output head"),
+    (
+        "ensure_weight_tying",
+        "LoRA tied across the embedding and the output head",
+    ),
 ];
 
 /// null, false, "", {} or []: a key left at "off".
@@ -104,7 +107,9 @@ fn is_unset(v: &Value) -> bool {
 pub(crate) enum Kind {
     Lora,
     /// AdaLoRA (SVD form, ΔW = B·(A ⊙ E)·α/(ranknum + 1e-5)), `init_r` its ranknum.
-    AdaLora { init_r: usize },
+    AdaLora {
+        init_r: usize,
+    },
 }
 
 /// The parsed `adapter_config.json`.
@@ -227,15 +232,16 @@ pub(crate) fn parse_config(path: &Path, warnings: &mut Vec<String>) -> Result<Pe
         Some(v) => strings(v, "modules_to_save").map_err(err)?,
     };
     // The pattern objects again, in the file's order (serde_json's Map sorts its keys).
-    let order: PatternOrder = serde_json::from_str(&text)
-        .map_err(|e| err(format!("rank_pattern/alpha_pattern: {e}")))?;
-    let ordered = |k: &str, o: Option<crate::peft_pattern::Ordered>| -> Result<Vec<(String, Value)>> {
-        match get(k) {
-            None => Ok(Vec::new()),
-            Some(Value::Object(_)) => Ok(o.map(|o| o.0).unwrap_or_default()),
-            Some(v) => Err(err(format!("`{k}` is not an object: {v}"))),
-        }
-    };
+    let order: PatternOrder =
+        serde_json::from_str(&text).map_err(|e| err(format!("rank_pattern/alpha_pattern: {e}")))?;
+    let ordered =
+        |k: &str, o: Option<crate::peft_pattern::Ordered>| -> Result<Vec<(String, Value)>> {
+            match get(k) {
+                None => Ok(Vec::new()),
+                Some(Value::Object(_)) => Ok(o.map(|o| o.0).unwrap_or_default()),
+                Some(v) => Err(err(format!("`{k}` is not an object: {v}"))),
+            }
+        };
     let rank_entries = ordered("rank_pattern", order.rank_pattern)?;
     let alpha_entries = ordered("alpha_pattern", order.alpha_pattern)?;
     // AdaLoRA's rank_pattern is not PEFT LoRA's: full names of its E vectors → kept triplets.

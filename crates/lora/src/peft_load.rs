@@ -255,8 +255,9 @@ fn peft_targets(pc: &PeftConfig, name: &str) -> std::result::Result<Option<bool>
         }
     }
     for m in &pc.modules_to_save {
-        let re = fancy_regex::Regex::new(&format!(r"^(^|.*\.){m}($|\..*)"))
-            .map_err(|e| format!("modules_to_save `{m}` is not a pattern this loader reads: {e}"))?;
+        let re = fancy_regex::Regex::new(&format!(r"^(^|.*\.){m}($|\..*)")).map_err(|e| {
+            format!("modules_to_save `{m}` is not a pattern this loader reads: {e}")
+        })?;
         if re.is_match(name).map_err(|e| e.to_string())? {
             return Ok(Some(false));
         }
@@ -312,11 +313,9 @@ fn check_targets(pc: &PeftConfig, file: &FileWeights, n_layer: usize, path: &Pat
                 )));
             }
             if held && !named {
-                let why = if pc.layers.is_some() {
-                    format!(", or layers_to_transform {:?} leaves out", pc.layers.as_ref().unwrap())
-                } else {
-                    String::new()
-                };
+                let why = pc.layers.as_ref().map_or_else(String::new, |l| {
+                    format!(", or layers_to_transform {l:?} leaves out")
+                });
                 return Err(mismatch(format!(
                     "the file has weights for h.{layer}.{}, which target_modules {targets} does \
                      not name (or exclude_modules / modules_to_save exclude{why})",
@@ -382,7 +381,11 @@ fn site_of(
                 ));
             }
             (Some(_), false) => {
-                let key = if what == "lora_B.bias" { "lora_bias" } else { "use_dora" };
+                let key = if what == "lora_B.bias" {
+                    "lora_bias"
+                } else {
+                    "use_dora"
+                };
                 return Err(format!(
                     "{stem}: the file has {what}, but adapter_config.json does not set `{key}`"
                 ));
@@ -390,7 +393,11 @@ fn site_of(
             (None, true) => {
                 return Err(format!(
                     "{stem}: adapter_config.json sets {} but the file has no {what} for this module",
-                    if what == "lora_B.bias" { "lora_bias" } else { "use_dora" }
+                    if what == "lora_B.bias" {
+                        "lora_bias"
+                    } else {
+                        "use_dora"
+                    }
                 ));
             }
             _ => {}
@@ -403,11 +410,11 @@ fn site_of(
                     "{stem}: the file has lora_E (AdaLoRA) but peft_type is LORA"
                 ));
             }
-            let want_r = pc
-                .rank_pattern
+            let want_r = pc.rank_pattern.number(&name)?.map_or(pc.r, |v| v as usize);
+            let alpha = pc
+                .alpha_pattern
                 .number(&name)?
-                .map_or(pc.r, |v| v as usize);
-            let alpha = pc.alpha_pattern.number(&name)?.map_or(pc.alpha, |v| v as f32);
+                .map_or(pc.alpha, |v| v as f32);
             (a, want_r, scaling(alpha, r, pc.use_rslora), alpha)
         }
         Kind::AdaLora { init_r } => {
@@ -415,7 +422,9 @@ fn site_of(
                 return Err(format!("{stem}: an ADALORA adapter without lora_E"));
             };
             if se != [r, 1] {
-                return Err(format!("{stem}: lora_E is {se:?}, lora_A {sa:?}; E must be [r, 1]"));
+                return Err(format!(
+                    "{stem}: lora_E is {se:?}, lora_A {sa:?}; E must be [r, 1]"
+                ));
             }
             let want_r = match pc.adalora_masks.get(&format!("{name}.lora_E")) {
                 None => init_r,
@@ -505,9 +514,9 @@ fn token_rows(
     let (v, c) = (model.config.vocab_size, model.config.n_embd);
     match (indices, delta) {
         (None, None) => Ok(None),
-        (Some(_), None) => Err(
-            "trainable_token_indices is set, but the file has no trainable_tokens_delta".into(),
-        ),
+        (Some(_), None) => {
+            Err("trainable_token_indices is set, but the file has no trainable_tokens_delta".into())
+        }
         (None, Some(_)) => Err(
             "the file has trainable_tokens_delta, but trainable_token_indices is not set".into(),
         ),
@@ -517,7 +526,9 @@ fn token_rows(
                 .map(|i| i.as_u64().filter(|&i| (i as usize) < v).map(|i| i as usize))
                 .collect::<Option<Vec<usize>>>()
                 .ok_or_else(|| {
-                    format!("trainable_token_indices {idx:?}: every entry must be a token id below {v}")
+                    format!(
+                        "trainable_token_indices {idx:?}: every entry must be a token id below {v}"
+                    )
                 })?;
             if shape != [ids.len(), c] {
                 return Err(format!(
@@ -548,8 +559,15 @@ impl LoraModel {
         let mut weights = Vec::new();
         let modules = std::mem::take(&mut file.modules);
         for ((layer, module), tensors) in modules {
-            let Some(fs) = site_of(&pc, file.prefix, layer, module, tensors, model.config.n_embd)
-                .map_err(|m| Error::mismatch(Some(&path), m))?
+            let Some(fs) = site_of(
+                &pc,
+                file.prefix,
+                layer,
+                module,
+                tensors,
+                model.config.n_embd,
+            )
+            .map_err(|m| Error::mismatch(Some(&path), m))?
             else {
                 continue;
             };
@@ -591,7 +609,10 @@ impl LoraModel {
             (pc.use_dora, "DoRA magnitudes (use_dora)"),
             (pc.lora_bias, "biases of lora_B (lora_bias)"),
             (!pc.modules_to_save.is_empty(), "modules_to_save copies"),
-            (tokens.is_some(), "trainable token rows (trainable_token_indices)"),
+            (
+                tokens.is_some(),
+                "trainable token rows (trainable_token_indices)",
+            ),
         ] {
             if on {
                 eval_only.push(what.to_string());

@@ -192,16 +192,36 @@ mod tests {
         assert!(keys(&[("attn", json!(2))]).lookup(n).unwrap().is_none());
         assert!(keys(&[("_attn", json!(2))]).lookup(n).unwrap().is_none());
         // Regular expressions.
-        assert!(keys(&[(r"h\.\d\.attn\.c_attn", json!(2))]).lookup(n).unwrap().is_some());
-        assert!(keys(&[(r".*c_(attn|fc)", json!(2))]).lookup(n).unwrap().is_some());
-        assert!(keys(&[(r"h\.0\..*", json!(2))]).lookup(n).unwrap().is_none());
+        assert!(
+            keys(&[(r"h\.\d\.attn\.c_attn", json!(2))])
+                .lookup(n)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            keys(&[(r".*c_(attn|fc)", json!(2))])
+                .lookup(n)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            keys(&[(r"h\.0\..*", json!(2))])
+                .lookup(n)
+                .unwrap()
+                .is_none()
+        );
         // The first key in order wins, however specific the later ones are.
         let k = keys(&[("c_attn", json!(2)), ("h.1.attn.c_attn", json!(16))]);
         assert_eq!(k.number(n).unwrap(), Some(2.0));
         let k = keys(&[("h.1.attn.c_attn", json!(16)), ("c_attn", json!(2))]);
         assert_eq!(k.number(n).unwrap(), Some(16.0));
         // `.` is a regex metacharacter there, as in PEFT: "h.1" also matches "h_1_".
-        assert!(keys(&[("h.1.attn.c_attn", json!(2))]).lookup("transformer.h_1_attn.c_attn").unwrap().is_some());
+        assert!(
+            keys(&[("h.1.attn.c_attn", json!(2))])
+                .lookup("transformer.h_1_attn.c_attn")
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]
@@ -212,7 +232,11 @@ mod tests {
         let e = PatternKeys::new("rank_pattern", twice);
         assert!(e.err().unwrap().contains("`c_fc` twice"));
         let k = keys(&[("c_fc", json!("x"))]);
-        assert!(k.number("h.0.mlp.c_fc").unwrap_err().contains("not a number"));
+        assert!(
+            k.number("h.0.mlp.c_fc")
+                .unwrap_err()
+                .contains("not a number")
+        );
     }
 
     #[test]
@@ -243,7 +267,13 @@ mod tests {
     fn ordered_objects_keep_the_files_order() {
         let text = r#"{"rank_pattern": {"z": 1, "a": 2}, "other": 3}"#;
         let p: PatternOrder = serde_json::from_str(text).unwrap();
-        let keys: Vec<String> = p.rank_pattern.unwrap().0.into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<String> = p
+            .rank_pattern
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(keys, ["z", "a"]);
     }
 }

@@ -46,8 +46,8 @@ fn loss(model: &Gpt2) -> f64 {
 fn check_case(name: &str, device: &Device) {
     let want = expected(name);
     let mut model = model(device);
-    let loaded = LoraModel::load_peft(case_dir(name), &model)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let loaded =
+        LoraModel::load_peft(case_dir(name), &model).unwrap_or_else(|e| panic!("{name}: {e}"));
     for w in &loaded.warnings {
         println!("{name}: warning: {w}");
     }
@@ -55,9 +55,15 @@ fn check_case(name: &str, device: &Device) {
     lora.attach(&mut model).unwrap();
     let (got, peft) = (loss(&model), want["loss"].as_f64().unwrap());
     println!("{name} {device:?}: loss {got:.7}, PEFT {peft:.7}");
-    assert!((got - peft).abs() < 1e-4, "{name}: loss {got} vs PEFT {peft}");
+    assert!(
+        (got - peft).abs() < 1e-4,
+        "{name}: loss {got} vs PEFT {peft}"
+    );
     let base = want["base_loss"].as_f64().unwrap();
-    assert!((peft - base).abs() > 1e-2, "{name}: the adapter must change the loss");
+    assert!(
+        (peft - base).abs() > 1e-2,
+        "{name}: the adapter must change the loss"
+    );
 
     assert!(lora.merge(&model).unwrap());
     let peft_merged = want["merged_loss"].as_f64().unwrap();
@@ -69,11 +75,17 @@ fn check_case(name: &str, device: &Device) {
     );
     lora.detach(&mut model).unwrap();
     let detached = loss(&model);
-    assert!((detached - peft_merged).abs() < 1e-4, "{name}: detached {detached}");
+    assert!(
+        (detached - peft_merged).abs() < 1e-4,
+        "{name}: detached {detached}"
+    );
     let ckpt = model.to_checkpoint().unwrap();
     let reloaded = Gpt2::from_checkpoint(&ckpt, device, false).unwrap();
     let again = loss(&reloaded);
-    assert!((again - peft_merged).abs() < 1e-4, "{name}: saved merged model {again}");
+    assert!(
+        (again - peft_merged).abs() < 1e-4,
+        "{name}: saved merged model {again}"
+    );
 }
 
 /// Case `name` must be refused with a message containing every one of `says`.
@@ -123,7 +135,11 @@ cases!(
 fn embedding_lora_is_refused_naming_the_tensor() {
     check_refused(
         "embedding",
-        &["wte.lora_embedding_A", "LoRA on the token embedding", "ties"],
+        &[
+            "wte.lora_embedding_A",
+            "LoRA on the token embedding",
+            "ties",
+        ],
     );
 }
 
@@ -134,7 +150,10 @@ fn lm_head_lora_is_refused_naming_the_tensor() {
 
 #[test]
 fn a_saved_copy_of_the_tied_embedding_is_refused() {
-    check_refused("modules_to_save_wte", &["wte.weight", "modules_to_save", "ties"]);
+    check_refused(
+        "modules_to_save_wte",
+        &["wte.weight", "modules_to_save", "ties"],
+    );
 }
 
 #[test]
@@ -160,7 +179,11 @@ fn unmerging_dora_restores_the_base() {
     lora.merge(&model).unwrap();
     assert!(lora.unmerge(&model).unwrap());
     let back = model.h[0].c_attn.weight.value().to_vec().unwrap();
-    let drift = w0.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let drift = w0
+        .iter()
+        .zip(&back)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(drift < 1e-5, "unmerge drift {drift}");
     let want = expected("dora")["loss"].as_f64().unwrap();
     assert!((loss(&model) - want).abs() < 1e-4);

@@ -11,7 +11,9 @@ fn root() -> PathBuf {
 }
 
 fn variant(name: &str) -> PathBuf {
-    root().join("crates/lora/tests/fixtures/peft-variants").join(name)
+    root()
+        .join("crates/lora/tests/fixtures/peft-variants")
+        .join(name)
 }
 
 fn train(args: &[&str]) -> Output {
@@ -38,8 +40,15 @@ fn merged_variants_score_what_their_adapters_score() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let text = dir.join("t.txt");
-    std::fs::write(&text, "It was the best of times, it was the worst of times.").unwrap();
-    let (t, model) = (text.to_str().unwrap(), root().join("tests/fixtures/gpt2-tiny"));
+    std::fs::write(
+        &text,
+        "It was the best of times, it was the worst of times.",
+    )
+    .unwrap();
+    let (t, model) = (
+        text.to_str().unwrap(),
+        root().join("tests/fixtures/gpt2-tiny"),
+    );
     let model = model.to_str().unwrap();
     let base = loss(&["eval", "--model", model, "--data", t, "--json"]);
     for name in [
@@ -53,15 +62,31 @@ fn merged_variants_score_what_their_adapters_score() {
     ] {
         let adapter = variant(name);
         let adapter = adapter.to_str().unwrap();
-        let a = loss(&["eval", "--model", model, "--adapter", adapter, "--data", t, "--json"]);
+        let a = loss(&[
+            "eval",
+            "--model",
+            model,
+            "--adapter",
+            adapter,
+            "--data",
+            t,
+            "--json",
+        ]);
         let merged = dir.join(name);
         let m = merged.to_str().unwrap();
         let out = train(&["merge", "--model", model, "--adapter", adapter, "--out", m]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let b = loss(&["eval", "--model", m, "--data", t, "--json"]);
         println!("{name}: adapter {a:.6}, merged {b:.6}, base {base:.6}");
         assert!((a - b).abs() < 1e-4, "{name}: adapter {a} vs merged {b}");
-        assert!((a - base).abs() > 1e-3, "{name}: the adapter changes the loss");
+        assert!(
+            (a - base).abs() > 1e-3,
+            "{name}: the adapter changes the loss"
+        );
     }
 }
 
