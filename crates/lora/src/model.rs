@@ -18,7 +18,15 @@
 //! Biases (bias modes `all` and `lora_only`) are the model's own parameters: training changes
 //! them in the model, and biases carried by a loaded file are written into the model when it
 //! is attached. Merging folds A and B only, so an adapter with trained biases takes full effect
-//! only once attached, and detaching or unmerging does not restore the old biases.
+//! only once attached, and detaching or unmerging does not restore the old biases. The same
+//! holds for what a loaded PEFT adapter replaces in the model: `modules_to_save` copies of
+//! layer norms and trainable-token rows of `wte`.
+//!
+//! A loaded adapter may carry PEFT features computed here for inference and merging only
+//! ([`LoraModel::eval_only`]: DoRA, `lora_bias`, `modules_to_save`, trainable tokens): such an
+//! adapter is not saved and not served by an [`crate::AdapterBank`]; its
+//! [`LoraModel::trainable_params`] are A and B alone, so it must not be trained as if it were
+//! PEFT's (DoRA's magnitude, for one, would stay fixed).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -285,7 +293,9 @@ impl LoraModel {
         if let Some(tokens) = self.token_rows.take() {
             write_token_rows(&model.wte, &tokens)?;
         }
-        for (site, lora) in &self.sites {
+        // DoRA's f comes from the unmerged W0 (merging computed it already, and W now holds
+        // the merged weight).
+        for (site, lora) in self.sites.iter().filter(|_| !self.is_merged()) {
             if let Some(dora) = &lora.dora {
                 let linear = site.target.module().linear(&model.h[site.layer]);
                 dora.prepare(&linear.weight, &linear.bias, lora)?;
