@@ -117,6 +117,7 @@ macro_rules! cases {
 
 cases!(
     alpha_regex,
+    alpha_first_key,
     pattern_first_key,
     rank_regex,
     exclude_list,

@@ -53,6 +53,7 @@ fn merged_variants_score_what_their_adapters_score() {
     let base = loss(&["eval", "--model", model, "--data", t, "--json"]);
     for name in [
         "alpha_regex",
+        "alpha_first_key",
         "bias_all",
         "lora_bias",
         "modules_to_save_ln",
