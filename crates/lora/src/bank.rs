@@ -168,6 +168,13 @@ impl AdapterBank {
                  adds every adapter's term to the unmerged base)"
             )));
         }
+        if !lora.eval_only().is_empty() {
+            return Err(Error::config(format!(
+                "adapter `{name}` holds {}: a bank serves plain LoRA (A and B) over a shared base; \
+                 evaluate or merge this adapter on its own model instead",
+                lora.eval_only().join(", ")
+            )));
+        }
         if lora.config.bias != BiasMode::None {
             return Err(Error::config(format!(
                 "adapter `{name}` trains biases (bias mode `{}`); a bank serves A and B only, \

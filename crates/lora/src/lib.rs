@@ -57,7 +57,9 @@
 //! 1. [`target`] and [`config`]: where updates go; rank and α, the plan of sites, counts;
 //! 2. [`linear`]: the adapter on one Linear, forward and backward;
 //! 3. [`model`]: attach (freeze the base), merge and unmerge, what the optimizer trains;
-//! 4. `peft_save.rs`, `peft_config.rs`, `peft_load.rs`: PEFT's files both ways;
+//! 4. `peft_save.rs`, `peft_config.rs`, `peft_pattern.rs` (how PEFT matches module names),
+//!    `peft_load.rs`: PEFT's files both ways, and what else PEFT saves in an adapter (DoRA in
+//!    [`dora`], `lora_bias`, AdaLoRA, trained biases, `modules_to_save`, trainable tokens);
 //! 5. [`bank`]: many adapters over one unmerged base, a different one per sequence of a batch
 //!    (serving, forward only);
 //! 6. [`analysis`]: the paper's section 7: the spectrum of ΔW, the subspace similarity of two
@@ -82,11 +84,13 @@
 pub mod analysis;
 pub mod bank;
 pub mod config;
+pub mod dora;
 mod error;
 pub mod linear;
 pub mod model;
 mod peft_config;
 mod peft_load;
+mod peft_pattern;
 mod peft_save;
 pub mod target;
 

@@ -33,6 +33,7 @@ use tensor::{Device, Tensor};
 use transformer::model::Adapter;
 
 use crate::config::{Init, Site};
+use crate::dora::Dora;
 
 /// `x·Mᵀ` for a weight M stored (rows, cols) as PEFT stores A and B.
 const TRANS_B: MatmulOpts = MatmulOpts {
@@ -96,6 +97,10 @@ pub struct LoraUpdate {
     pub col0: usize,
     /// Dropout probability on the adapter's input.
     pub dropout: f32,
+    /// b_B: (width), PEFT's `lora_B.bias` (`lora_bias`): Δy = s·((x·Aᵀ)·Bᵀ + b_B).
+    pub lora_bias: Option<Param>,
+    /// DoRA's magnitude (`use_dora`): see [`crate::dora`].
+    pub dora: Option<Arc<Dora>>,
     pub(crate) merged: Arc<AtomicBool>,
     pub(crate) seeds: Arc<DropoutSeeds>,
 }
@@ -151,7 +156,7 @@ impl LoraUpdate {
         self.merged.load(Ordering::Relaxed)
     }
 
-    /// Δy = s·(dropout(x)·Aᵀ)·Bᵀ: (…, in) → (…, width).
+    /// Δy = s·(dropout(x)·Aᵀ)·Bᵀ (+ s·b_B with `lora_bias`): (…, in) → (…, width).
     pub fn delta(&self, tape: &Tape, x: &Var) -> tensor::Result<Var> {
         let x = if self.dropout > 0.0 {
             tape.dropout(x, self.dropout, self.seeds.next())?
@@ -160,7 +165,11 @@ impl LoraUpdate {
         };
         let h = tape.matmul(&x, &tape.param(&self.a), None, TRANS_B)?; // (…, r)
         let h = tape.scale(&h, self.scale)?;
-        tape.matmul(&h, &tape.param(&self.b), None, TRANS_B) // (…, width)
+        let bias = match &self.lora_bias {
+            Some(b) => Some(tape.scale(&tape.param(b), self.scale)?),
+            None => None,
+        };
+        tape.matmul(&h, &tape.param(&self.b), bias.as_ref(), TRANS_B) // (…, width)
     }
 
     /// ΔW = s·Aᵀ·Bᵀ: (in, width), the update in W's layout (what merging adds to W).
@@ -182,6 +191,9 @@ impl Adapter for LoraUpdate {
             return Ok(y);
         }
         let delta = self.delta(tape, x)?;
+        if let Some(dora) = &self.dora {
+            return Ok(dora.apply(tape, &y, &delta)?);
+        }
         let out = if delta.shape() == y.shape() {
             tape.add(&y, &delta)?
         } else {

@@ -18,7 +18,15 @@
 //! Biases (bias modes `all` and `lora_only`) are the model's own parameters: training changes
 //! them in the model, and biases carried by a loaded file are written into the model when it
 //! is attached. Merging folds A and B only, so an adapter with trained biases takes full effect
-//! only once attached, and detaching or unmerging does not restore the old biases.
+//! only once attached, and detaching or unmerging does not restore the old biases. The same
+//! holds for what a loaded PEFT adapter replaces in the model: `modules_to_save` copies of
+//! layer norms and trainable-token rows of `wte`.
+//!
+//! A loaded adapter may carry PEFT features computed here for inference and merging only
+//! ([`LoraModel::eval_only`]: DoRA, `lora_bias`, `modules_to_save`, trainable tokens): such an
+//! adapter is not saved and not served by an [`crate::AdapterBank`]; its
+//! [`LoraModel::trainable_params`] are A and B alone, so it must not be trained as if it were
+//! PEFT's (DoRA's magnitude, for one, would stay fixed).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,9 +41,29 @@ use tensor::{Device, Tensor};
 use transformer::{Gpt2, NamedTensor};
 
 use crate::config::{LoraConfig, ParamCount, Site, bias_trains, layers_phrase};
+use crate::dora::Dora;
 use crate::error::{Error, Result};
 use crate::linear::{DropoutSeeds, LoraAdapter, LoraUpdate};
 use crate::target::{Module, Target};
+
+/// One site's tensors as a file gives them: A (r, in), B (width, r), and PEFT's extras.
+pub(crate) struct SiteWeights {
+    pub site: Site,
+    pub a: Tensor,
+    pub b: Tensor,
+    /// `lora_B.bias` (width).
+    pub lora_bias: Option<Tensor>,
+    /// DoRA's magnitude m (width).
+    pub magnitude: Option<Tensor>,
+}
+
+/// Rows of the (tied) token embedding an adapter replaces: PEFT's trainable tokens.
+#[derive(Clone, Debug)]
+pub(crate) struct TokenRows {
+    pub ids: Vec<usize>,
+    /// (ids.len(), C) row-major.
+    pub rows: Vec<f32>,
+}
 
 /// The adapters of one model: a config, and one [`LoraUpdate`] per [`Site`].
 pub struct LoraModel {
@@ -49,8 +77,26 @@ pub struct LoraModel {
     /// Trainable biases of the model (bias mode `all` / `lora_only`), while attached.
     biases: Vec<Trainable>,
     /// Bias values to put into the model at the next attach (loaded from a file, or kept
-    /// from the last detach): (size-table name, shape, values).
+    /// from the last detach): (size-table name, shape, values). A loaded adapter's
+    /// `modules_to_save` copies (layer norms) travel here too.
     bias_values: Vec<NamedTensor>,
+    /// Rows of `wte` to write at the next attach (trainable tokens of a loaded adapter).
+    token_rows: Option<TokenRows>,
+    /// Features of a loaded adapter that this crate evaluates and merges but neither trains nor
+    /// saves (DoRA, lora_bias, modules_to_save, trainable tokens).
+    pub(crate) eval_only: Vec<String>,
+}
+
+/// wte[id] ← row for every trainable token (the tied head reads the same rows).
+fn write_token_rows(wte: &Param, tokens: &TokenRows) -> Result<()> {
+    let table = wte.value();
+    let c = table.shape()[1];
+    let device = table.device();
+    for (k, &id) in tokens.ids.iter().enumerate() {
+        let row = Tensor::from_vec(tokens.rows[k * c..(k + 1) * c].to_vec(), &[1, c], &device)?;
+        write_axis(table, 0, id, &row, false)?;
+    }
+    Ok(())
 }
 
 /// `h.{layer}.{module}` and, for q, k, v, the slice: the stem of A's and B's names.
@@ -76,7 +122,13 @@ impl LoraModel {
         let mut weights = Vec::with_capacity(sites.len());
         for site in sites {
             let (a, b) = LoraUpdate::init(&site, config.init, &mut rng, &device)?;
-            weights.push((site, a, b));
+            weights.push(SiteWeights {
+                site,
+                a,
+                b,
+                lora_bias: None,
+                magnitude: None,
+            });
         }
         Ok(Self::from_weights(
             config.clone(),
@@ -96,7 +148,7 @@ impl LoraModel {
     /// A model from given A, B tensors (A: (r, in), B: (width, r) per site).
     pub(crate) fn from_weights(
         config: LoraConfig,
-        weights: Vec<(Site, Tensor, Tensor)>,
+        weights: Vec<SiteWeights>,
         bias_values: Vec<NamedTensor>,
         seed: u64,
     ) -> LoraModel {
@@ -104,11 +156,21 @@ impl LoraModel {
         let seeds = Arc::new(DropoutSeeds::new(seed));
         let sites = weights
             .into_iter()
-            .map(|(site, a, b)| {
+            .map(|w| {
+                let (site, a, b) = (w.site, w.a, w.b);
                 let name = site_name(&site);
                 let lora = LoraUpdate {
                     a: Param::trainable(format!("{name}.lora_A"), a),
                     b: Param::trainable(format!("{name}.lora_B"), b),
+                    lora_bias: w
+                        .lora_bias
+                        .map(|t| Param::frozen(format!("{name}.lora_B.bias"), t)),
+                    dora: w.magnitude.map(|m| {
+                        Arc::new(Dora::new(Param::frozen(
+                            format!("{name}.lora_magnitude_vector"),
+                            m,
+                        )))
+                    }),
                     alpha: site.alpha,
                     scale: site.scale,
                     col0: site.col0,
@@ -128,7 +190,23 @@ impl LoraModel {
             attached: false,
             biases: Vec::new(),
             bias_values,
+            token_rows: None,
+            eval_only: Vec::new(),
         }
+    }
+
+    /// A loaded adapter's trainable-token rows, and the features it holds that are for
+    /// inference only.
+    pub(crate) fn set_loaded_extras(&mut self, tokens: Option<TokenRows>, eval_only: Vec<String>) {
+        self.token_rows = tokens;
+        self.eval_only = eval_only;
+    }
+
+    /// The features of a loaded adapter that this crate evaluates and merges (as PEFT does) but
+    /// does not train or save: empty for adapters made here or plain LoRA files. Training such
+    /// an adapter, or saving it, is refused with this list.
+    pub fn eval_only(&self) -> &[String] {
+        &self.eval_only
     }
 
     /// Every site with its adapter, layer by layer.
@@ -212,6 +290,17 @@ impl LoraModel {
             }
         }
         self.bias_values.clear();
+        if let Some(tokens) = self.token_rows.take() {
+            write_token_rows(&model.wte, &tokens)?;
+        }
+        // DoRA's f comes from the unmerged W0 (merging computed it already, and W now holds
+        // the merged weight).
+        for (site, lora) in self.sites.iter().filter(|_| !self.is_merged()) {
+            if let Some(dora) = &lora.dora {
+                let linear = site.target.module().linear(&model.h[site.layer]);
+                dora.prepare(&linear.weight, &linear.bias, lora)?;
+            }
+        }
         for ((layer, module), adapter) in per_linear {
             module.linear_mut(&mut model.h[layer]).adapter = Some(Box::new(adapter));
         }
@@ -268,9 +357,25 @@ impl LoraModel {
         }
         self.check_fits(model)?;
         for (site, lora) in &self.sites {
+            let linear = site.target.module().linear(&model.h[site.layer]);
             let w = Self::base_weight(model, site)?;
-            let delta = scale(&lora.delta_weight()?, sign)?; // ±s·Aᵀ·Bᵀ: (in, width)
-            write_axis(w, 1, site.col0, &delta, true)?;
+            match &lora.dora {
+                // W ← f ⊙ (W0 + ΔW), and back W0 = W / f − ΔW (f per output column).
+                Some(dora) if merging => {
+                    dora.prepare(&linear.weight, &linear.bias, lora)?;
+                    dora.merge(w, lora)?;
+                }
+                Some(dora) => dora.unmerge(w, lora)?,
+                None => {
+                    let delta = scale(&lora.delta_weight()?, sign)?; // ±s·Aᵀ·Bᵀ: (in, width)
+                    write_axis(w, 1, site.col0, &delta, true)?;
+                }
+            }
+            if let Some(b) = &lora.lora_bias {
+                // b ← b ± s·b_B.
+                let db = scale(b.value(), sign * lora.scale)?;
+                write_axis(linear.bias.value(), 0, site.col0, &db, true)?;
+            }
         }
         self.merged.store(merging, Ordering::Relaxed);
         Ok(true)

@@ -4,16 +4,32 @@
 //! The weights file decides what is adapted: every `…h.{i}.{module}.lora_A.weight` /
 //! `lora_B.weight` pair becomes a whole-module adapter. `adapter_config.json` (read by
 //! `peft_config.rs`) supplies α, the scaling rule and dropout, and is checked against the file
-//! and the model; anything that does not fit is an error saying what differs:
+//! and the model, selecting modules, ranks and α exactly as PEFT does (`peft_pattern.rs`);
+//! anything that does not fit is an error saying what differs:
 //! - a layer the model lacks, or a layer `target_modules` names that the file lacks (layer count);
 //! - A not (r, in) or B not (out, r) for the model's W (in, out) (shapes);
-//! - weights for a module `target_modules` does not name (targets);
+//! - weights for a module `target_modules` does not name, or `exclude_modules` names (targets);
 //! - a rank other than `r` / `rank_pattern` says, or a rank of 0 (rank);
 //! - `layers_to_transform` naming a layer the model lacks (layer count).
 //!
+//! What else PEFT saves in an adapter, and how it is read:
+//! - `lora_B.bias` (`lora_bias`): Δy = s·((x·Aᵀ)·Bᵀ + b_B), merged as b ← b + s·b_B;
+//! - `lora_magnitude_vector` (`use_dora`): DoRA's magnitude m, see [`crate::linear`];
+//! - `lora_A`, `lora_E`, `lora_B` (`peft_type` ADALORA): ΔW = B·(A ⊙ E)·α/(ranknum + 1e-5),
+//!   read as the LoRA with A' = A ⊙ E (each row of A times its E) and s = α/(init_r + 1e-5),
+//!   PEFT's ranknum being `init_r` for every module, pruned or not;
+//! - model parameters (`bias` all / lora_only, `…base_layer.bias`; `modules_to_save` copies of
+//!   layer norms): they replace the model's when the adapter is attached;
+//! - `wte.token_adapter.trainable_tokens_delta` (`trainable_token_indices`): the new rows of the
+//!   tied embedding (PEFT ties the output head's rows to them), written into `wte` at attach.
+//!
+//! Refused by name: LoRA on the embedding (`lora_embedding_A/B`) or on the output head
+//! (`lm_head`), and a `modules_to_save` copy of `wte`, because PEFT then uses one matrix for
+//! the input embedding and another for the output head, which this model ties.
+//!
 //! The weights file is read by [`transformer::tensor_file::read_tensors`], so a damaged file
 //! (truncated, a header that lies, an unreadable dtype) is an error naming it, and so is a NaN
-//! or infinite value in any A, B or bias (the tensor and the count of such values are named).
+//! or infinite value in any tensor (the tensor and the count of such values are named).
 //! A tensor given twice (with and without the `transformer.` prefix) is an error too.
 
 use std::collections::BTreeMap;
@@ -26,8 +42,9 @@ use transformer::{Gpt2, NamedTensor};
 
 use crate::config::{Site, layers_phrase, scaling};
 use crate::error::{Error, Result};
-use crate::model::LoraModel;
-use crate::peft_config::{PeftConfig, config_from, matches, parse_config, pattern_value};
+use crate::model::{LoraModel, SiteWeights, TokenRows};
+use crate::peft_config::{Kind, PeftConfig, config_from, parse_config};
+use crate::peft_pattern::layer_index;
 use crate::peft_save::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
 use crate::target::{Module, Target};
 
@@ -40,16 +57,38 @@ pub struct LoadedAdapter {
 /// A tensor read from the file: shape, values.
 type Weight = (Vec<usize>, Vec<f32>);
 
-/// `h.{i}.{module}.lora_{A,B}.weight` (after the prefix) → (layer, module, is_a).
-fn parse_lora_key(rest: &str) -> Option<(usize, Module, bool)> {
-    let (stem, is_a) = if let Some(s) = rest.strip_suffix(".lora_A.weight") {
-        (s, true)
-    } else {
-        (rest.strip_suffix(".lora_B.weight")?, false)
-    };
+/// Which tensor of an adapted Linear a key names.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Part {
+    A,
+    B,
+    /// AdaLoRA's singular values, (r, 1).
+    E,
+    /// `lora_B.bias` (`lora_bias = true`).
+    LoraBias,
+    /// DoRA's magnitude (out).
+    Magnitude,
+}
+
+const PARTS: &[(&str, Part)] = &[
+    (".lora_A.weight", Part::A),
+    (".lora_B.weight", Part::B),
+    (".lora_B.bias", Part::LoraBias),
+    (".lora_magnitude_vector.weight", Part::Magnitude),
+    (".lora_magnitude_vector", Part::Magnitude),
+    (".lora_A", Part::A),
+    (".lora_B", Part::B),
+    (".lora_E", Part::E),
+];
+
+/// `h.{i}.{module}.<part>` (after the prefix) → (layer, module, part).
+fn parse_lora_key(rest: &str) -> Option<(usize, Module, Part)> {
+    let (stem, part) = PARTS
+        .iter()
+        .find_map(|(suffix, part)| rest.strip_suffix(suffix).map(|s| (s, *part)))?;
     let (layer, path) = stem.strip_prefix("h.")?.split_once('.')?;
     let module = Module::ALL.into_iter().find(|m| m.path() == path)?;
-    Some((layer.parse().ok()?, module, is_a))
+    Some((layer.parse().ok()?, module, part))
 }
 
 fn target_of(module: Module) -> Target {
@@ -61,67 +100,184 @@ fn target_of(module: Module) -> Target {
     }
 }
 
-/// The LoRA pairs of a weights file by (layer, module), and the biases it carries.
-struct FileWeights {
-    pairs: BTreeMap<(usize, Module), (Option<Weight>, Option<Weight>)>,
-    biases: Vec<NamedTensor>,
+/// The tensors of one adapted Linear.
+#[derive(Default)]
+struct ModuleTensors {
+    a: Option<Weight>,
+    b: Option<Weight>,
+    e: Option<Weight>,
+    lora_bias: Option<Weight>,
+    magnitude: Option<Weight>,
 }
 
-/// Reads the weights file and sorts its tensors; keys that are neither a LoRA weight of a
-/// layer the model has nor one of the model's biases are errors.
-fn read_weights(path: &Path, model: &Gpt2) -> Result<FileWeights> {
+impl ModuleTensors {
+    fn slot(&mut self, part: Part) -> &mut Option<Weight> {
+        match part {
+            Part::A => &mut self.a,
+            Part::B => &mut self.b,
+            Part::E => &mut self.e,
+            Part::LoraBias => &mut self.lora_bias,
+            Part::Magnitude => &mut self.magnitude,
+        }
+    }
+}
+
+/// The tensors of a weights file, sorted.
+struct FileWeights {
+    /// `transformer.` when the keys carry it (PEFT's module names then start with it).
+    prefix: &'static str,
+    modules: BTreeMap<(usize, Module), ModuleTensors>,
+    /// Model parameters the file replaces (size-table names): biases, modules_to_save copies.
+    params: Vec<NamedTensor>,
+    /// `trainable_tokens_delta`: (n, C), the new rows of `wte`.
+    token_delta: Option<Weight>,
+}
+
+/// Keys PEFT writes for features this model cannot compute, and why.
+fn refused_key(rest: &str) -> Option<&'static str> {
+    if rest.starts_with("wte.lora_embedding_") {
+        Some(
+            "LoRA on the token embedding: PEFT adds it to the input embedding only, while the \
+             output head keeps using the original `wte`, and this model ties the two",
+        )
+    } else if rest.starts_with("lm_head.") {
+        Some(
+            "an adapter on the output head `lm_head`: PEFT applies it to the head only, while \
+             the input embedding keeps the original `wte`, and this model ties the two",
+        )
+    } else if rest == "wte.weight" || rest.starts_with("wte.modules_to_save") {
+        Some(
+            "a `modules_to_save` copy of `wte`: PEFT uses the copy for the input embedding and the \
+             original `wte` for the tied output head, and this model ties the two",
+        )
+    } else {
+        None
+    }
+}
+
+/// The module of a model parameter (`h.0.ln_2.weight` → `h.0.ln_2`).
+fn module_of(param: &str) -> &str {
+    param.rsplit_once('.').map_or(param, |(m, _)| m)
+}
+
+/// Reads the weights file and sorts its tensors; a key that is none of the above is an error.
+fn read_weights(path: &Path, model: &Gpt2, pc: &PeftConfig) -> Result<FileWeights> {
     let mismatch = |m: String| Error::mismatch(Some(path), m);
     let n_layer = model.config.n_layer;
     let shapes: BTreeMap<String, Vec<usize>> = transformer::parameter_shapes(&model.config)
         .into_iter()
         .collect();
     let mut file = FileWeights {
-        pairs: BTreeMap::new(),
-        biases: Vec::new(),
+        prefix: "",
+        modules: BTreeMap::new(),
+        params: Vec::new(),
+        token_delta: None,
     };
     for (key, shape, data) in read_tensors(path)? {
         // PEFT's prefix, then GPT2LMHeadModel's (absent when the base was a bare GPT2Model).
         let rest = key.strip_prefix("base_model.model.").unwrap_or("");
-        let rest = rest.strip_prefix("transformer.").unwrap_or(rest);
-        if let Some((layer, module, is_a)) = parse_lora_key(rest) {
+        let rest = match rest.strip_prefix("transformer.") {
+            Some(r) => {
+                file.prefix = "transformer.";
+                r
+            }
+            None => rest,
+        };
+        if let Some(why) = refused_key(rest) {
+            return Err(mismatch(format!(
+                "tensor `{key}` is {why}; such an adapter cannot be evaluated or merged here \
+                 exactly (untie the head, or train the adapter without it)"
+            )));
+        }
+        if let Some((layer, module, part)) = parse_lora_key(rest) {
             if layer >= n_layer {
                 return Err(mismatch(format!(
                     "tensor `{key}` is for layer {layer}, but the model has {}",
                     layers_phrase(n_layer)
                 )));
             }
-            let slot = file.pairs.entry((layer, module)).or_default();
-            let slot = if is_a { &mut slot.0 } else { &mut slot.1 };
+            let slot = file.modules.entry((layer, module)).or_default().slot(part);
             if slot.replace((shape, data)).is_some() {
                 return Err(mismatch(format!(
                     "tensor `{key}`: the file holds this LoRA weight twice (with and without \
                      the `transformer.` prefix)"
                 )));
             }
-        } else if let Some(want) = shapes.get(rest).filter(|_| rest.ends_with(".bias")) {
-            if *want != shape {
-                return Err(mismatch(format!(
-                    "tensor `{key}` is {shape:?}, the model's `{rest}` is {want:?}"
-                )));
+            continue;
+        }
+        if rest == "wte.token_adapter.trainable_tokens_delta" {
+            if file.token_delta.replace((shape, data)).is_some() {
+                return Err(mismatch(format!("tensor `{key}` is given twice")));
             }
-            if file.biases.iter().any(|(name, _, _)| name == rest) {
-                return Err(mismatch(format!(
-                    "tensor `{key}`: the file holds the bias `{rest}` twice"
-                )));
-            }
-            file.biases.push((rest.to_string(), shape, data));
-        } else {
+            continue;
+        }
+        // A parameter of a LoRA-wrapped Linear is saved under its `base_layer`.
+        let name = rest.replace(".base_layer.", ".");
+        let Some(want) = shapes.get(&name) else {
             return Err(mismatch(format!(
                 "tensor `{key}` is neither a LoRA weight of a GPT-2 Linear \
                  ({KEY_PREFIX}h.{{i}}.{{attn.c_attn|attn.c_proj|mlp.c_fc|mlp.c_proj}}.lora_{{A|B}}.weight) \
-                 nor a bias of the model"
+                 nor a parameter of the model"
+            )));
+        };
+        let saved = pc
+            .modules_to_save
+            .iter()
+            .any(|m| format!("{}{}", file.prefix, module_of(&name)).ends_with(m.as_str()));
+        if !name.ends_with(".bias") && !saved {
+            return Err(mismatch(format!(
+                "tensor `{key}` replaces the model's `{name}`, but modules_to_save {:?} does not \
+                 name its module",
+                pc.modules_to_save
             )));
         }
+        if *want != shape {
+            return Err(mismatch(format!(
+                "tensor `{key}` is {shape:?}, the model's `{name}` is {want:?}"
+            )));
+        }
+        if file.params.iter().any(|(n, _, _)| *n == name) {
+            return Err(mismatch(format!(
+                "tensor `{key}`: the file holds the parameter `{name}` twice"
+            )));
+        }
+        file.params.push((name, shape, data));
     }
     Ok(file)
 }
 
-/// The layers and modules the config names must be exactly those the file holds.
+/// Whether PEFT adapts the module `name` of block `layer` under this config (its
+/// `check_target_module_exists`); `None` when `target_modules` is absent (the file decides).
+fn peft_targets(pc: &PeftConfig, name: &str) -> std::result::Result<Option<bool>, String> {
+    if let Some(ex) = &pc.exclude {
+        if ex.matches(name)? {
+            return Ok(Some(false));
+        }
+    }
+    for m in &pc.modules_to_save {
+        let re = fancy_regex::Regex::new(&format!(r"^(^|.*\.){m}($|\..*)")).map_err(|e| {
+            format!("modules_to_save `{m}` is not a pattern this loader reads: {e}")
+        })?;
+        if re.is_match(name).map_err(|e| e.to_string())? {
+            return Ok(Some(false));
+        }
+    }
+    let Some(targets) = &pc.targets else {
+        return Ok(None);
+    };
+    if !targets.matches(name)? {
+        return Ok(Some(false));
+    }
+    match (&pc.layers, targets.is_list()) {
+        (Some(layers), true) => {
+            let index = layer_index(name, &pc.layers_pattern)?;
+            Ok(Some(index.is_some_and(|i| layers.contains(&i))))
+        }
+        _ => Ok(Some(true)),
+    }
+}
+
+/// The modules the config adapts must be exactly those the file holds.
 fn check_targets(pc: &PeftConfig, file: &FileWeights, n_layer: usize, path: &Path) -> Result<()> {
     let mismatch = |m: String| Error::mismatch(Some(path), m);
     if let Some(l) = pc.layers.iter().flatten().find(|&&l| l >= n_layer) {
@@ -130,39 +286,39 @@ fn check_targets(pc: &PeftConfig, file: &FileWeights, n_layer: usize, path: &Pat
             layers_phrase(n_layer)
         )));
     }
-    let layers = pc.layers.clone().unwrap_or_else(|| (0..n_layer).collect());
-    if let Some((l, m)) = file.pairs.keys().find(|(l, _)| !layers.contains(l)) {
-        return Err(mismatch(format!(
-            "the file has weights for h.{l}.{}, but layers_to_transform is {layers:?}",
-            m.path()
-        )));
-    }
-    let Some(targets) = &pc.targets else {
-        return Ok(()); // a regular expression: the file decides
-    };
-    for &layer in &layers {
+    let targets = pc
+        .targets
+        .as_ref()
+        .map_or_else(|| "(none)".to_string(), |t| t.to_string());
+    for layer in 0..n_layer {
         for module in Module::ALL {
-            let named = targets
-                .iter()
-                .any(|t| matches(&format!("transformer.h.{layer}.{}", module.path()), t));
-            let held = file.pairs.contains_key(&(layer, module));
+            let name = format!("{}h.{layer}.{}", file.prefix, module.path());
+            let held = file.modules.contains_key(&(layer, module));
+            let named = match peft_targets(pc, &name).map_err(|m| Error::config_in(path, m))? {
+                Some(named) => named,
+                None => held, // no target_modules: the file decides
+            };
             if named && !held {
                 let in_file: Vec<usize> = file
-                    .pairs
+                    .modules
                     .keys()
                     .filter(|(_, m)| *m == module)
                     .map(|(l, _)| *l)
                     .collect();
                 return Err(mismatch(format!(
-                    "target_modules {targets:?} names h.{layer}.{path} but the file has no weights \
+                    "target_modules {targets} names h.{layer}.{path} but the file has no weights \
                      for it (the model has {}; the file has {path} weights in layers {in_file:?})",
                     layers_phrase(n_layer),
                     path = module.path(),
                 )));
             }
             if held && !named {
+                let why = pc.layers.as_ref().map_or_else(String::new, |l| {
+                    format!(", or layers_to_transform {l:?} leaves out")
+                });
                 return Err(mismatch(format!(
-                    "the file has weights for h.{layer}.{}, which target_modules {targets:?} does not name",
+                    "the file has weights for h.{layer}.{}, which target_modules {targets} does \
+                     not name (or exclude_modules / modules_to_save exclude{why})",
                     module.path()
                 )));
             }
@@ -171,32 +327,133 @@ fn check_targets(pc: &PeftConfig, file: &FileWeights, n_layer: usize, path: &Pat
     Ok(())
 }
 
-/// One (layer, module) of the file as a site: checks A (r, in) and B (out, r) against the
-/// model's W (in, out) and r against the config; α from the config.
+/// The value of an AdaLoRA mask entry: how many triplets it keeps.
+fn kept(mask: &Value) -> Option<usize> {
+    let a = mask.as_array()?;
+    let mut n = 0;
+    for v in a {
+        n += usize::from(v.as_bool()?);
+    }
+    Some(n)
+}
+
+/// One adapted Linear of the file, checked: its site, A (AdaLoRA's A ⊙ E), B and extras.
+struct FileSite {
+    site: Site,
+    a: Vec<f32>,
+    b: Weight,
+    lora_bias: Option<Weight>,
+    magnitude: Option<Weight>,
+}
+
+/// One (layer, module) of the file as a site with its tensors: checks every shape against the
+/// model's W (in, out), the rank against the config, and builds A' = A ⊙ E for AdaLoRA.
 fn site_of(
     pc: &PeftConfig,
+    prefix: &str,
     layer: usize,
     module: Module,
-    sa: &[usize],
-    sb: &[usize],
+    t: ModuleTensors,
     c: usize,
-) -> std::result::Result<Site, String> {
+) -> std::result::Result<Option<FileSite>, String> {
     let stem = format!("{KEY_PREFIX}h.{layer}.{}", module.path());
+    let name = format!("{prefix}h.{layer}.{}", module.path());
     let (n_in, n_out) = module.shape(c);
+    let (Some((sa, a)), Some(b)) = (t.a, t.b) else {
+        return Err(format!("{stem}: lora_A and lora_B must both be present"));
+    };
+    let sb = &b.0;
     let r = sa.first().copied().unwrap_or(0);
-    if sa != [r, n_in] || sb != [n_out, r] {
+    if sa != [r, n_in] || *sb != [n_out, r] {
         return Err(format!(
             "{stem}: lora_A is {sa:?} and lora_B {sb:?}, but the model's W is [{n_in}, {n_out}], \
              so they must be [r, {n_in}] and [{n_out}, r]"
         ));
     }
-    let name = format!("transformer.h.{layer}.{}", module.path());
-    let want_r = pattern_value(&pc.rank_pattern, &name)
-        .and_then(Value::as_u64)
-        .map_or(pc.r, |v| v as usize);
-    if r != want_r {
+    for (what, tensor, wanted) in [
+        ("lora_B.bias", &t.lora_bias, pc.lora_bias),
+        ("lora_magnitude_vector", &t.magnitude, pc.use_dora),
+    ] {
+        match (tensor, wanted) {
+            (Some((shape, _)), true) if *shape != [n_out] => {
+                return Err(format!(
+                    "{stem}: {what} is {shape:?}; the module has {n_out} outputs"
+                ));
+            }
+            (Some(_), false) => {
+                let key = if what == "lora_B.bias" {
+                    "lora_bias"
+                } else {
+                    "use_dora"
+                };
+                return Err(format!(
+                    "{stem}: the file has {what}, but adapter_config.json does not set `{key}`"
+                ));
+            }
+            (None, true) => {
+                return Err(format!(
+                    "{stem}: adapter_config.json sets {} but the file has no {what} for this module",
+                    if what == "lora_B.bias" {
+                        "lora_bias"
+                    } else {
+                        "use_dora"
+                    }
+                ));
+            }
+            _ => {}
+        }
+    }
+    let (a, r_want, scale, alpha) = match pc.kind {
+        Kind::Lora => {
+            if t.e.is_some() {
+                return Err(format!(
+                    "{stem}: the file has lora_E (AdaLoRA) but peft_type is LORA"
+                ));
+            }
+            let want_r = pc.rank_pattern.number(&name)?.map_or(pc.r, |v| v as usize);
+            let alpha = pc
+                .alpha_pattern
+                .number(&name)?
+                .map_or(pc.alpha, |v| v as f32);
+            (a, want_r, scaling(alpha, r, pc.use_rslora), alpha)
+        }
+        Kind::AdaLora { init_r } => {
+            let Some((se, e)) = t.e else {
+                return Err(format!("{stem}: an ADALORA adapter without lora_E"));
+            };
+            if se != [r, 1] {
+                return Err(format!(
+                    "{stem}: lora_E is {se:?}, lora_A {sa:?}; E must be [r, 1]"
+                ));
+            }
+            let want_r = match pc.adalora_masks.get(&format!("{name}.lora_E")) {
+                None => init_r,
+                Some(m) => kept(m).ok_or_else(|| {
+                    format!("rank_pattern entry `{name}.lora_E` is not a list of true/false")
+                })?,
+            };
+            if r == 0 && want_r == 0 {
+                return Ok(None); // every triplet pruned: ΔW = 0
+            }
+            // A' = A ⊙ E: row k of A times E[k].
+            let a = a
+                .chunks(n_in)
+                .zip(&e)
+                .flat_map(|(row, ek)| row.iter().map(move |v| v * ek))
+                .collect();
+            // PEFT: scaling = lora_alpha if lora_alpha > 0 else init_r.
+            let alpha = if pc.alpha > 0.0 {
+                pc.alpha as f64
+            } else {
+                init_r as f64
+            };
+            let s = alpha / (init_r as f64 + 1e-5);
+            (a, want_r, s as f32, (s * r as f64) as f32)
+        }
+    };
+    if r != r_want {
         return Err(format!(
-            "{stem}: rank {r} in the file, but adapter_config.json says r = {want_r}"
+            "{stem}: rank {r} in the file, but adapter_config.json says r = {r_want}"
         ));
     }
     if r == 0 {
@@ -204,15 +461,12 @@ fn site_of(
             "{stem}: rank 0 (lora_A is {sa:?}); a LoRA rank is at least 1"
         ));
     }
-    let alpha = pattern_value(&pc.alpha_pattern, &name)
-        .and_then(Value::as_f64)
-        .map_or(pc.alpha, |v| v as f32);
     if !(alpha.is_finite() && alpha > 0.0) {
         return Err(format!(
             "{stem}: lora_alpha is {alpha} in adapter_config.json; it must be positive and finite"
         ));
     }
-    Ok(Site {
+    let site = Site {
         layer,
         target: target_of(module),
         in_features: n_in,
@@ -220,50 +474,153 @@ fn site_of(
         width: n_out,
         r,
         alpha,
-        scale: scaling(alpha, r, pc.use_rslora),
-    })
+        scale,
+    };
+    Ok(Some(FileSite {
+        site,
+        a,
+        b,
+        lora_bias: t.lora_bias,
+        magnitude: t.magnitude,
+    }))
+}
+
+/// `trainable_token_indices` (a list, or `{module: list}` naming the embedding) and the file's
+/// delta rows as the rows of `wte` they replace.
+fn token_rows(
+    json: Option<&Value>,
+    delta: Option<Weight>,
+    model: &Gpt2,
+) -> std::result::Result<Option<TokenRows>, String> {
+    let indices = match json {
+        None => None,
+        Some(Value::Array(a)) => Some(a.clone()),
+        Some(Value::Object(o)) => {
+            let mut lists = o.iter();
+            match (lists.next(), lists.next()) {
+                (Some((m, Value::Array(a))), None) if m == "wte" || m.ends_with(".wte") => {
+                    Some(a.clone())
+                }
+                _ => {
+                    return Err(format!(
+                        "trainable_token_indices {} names modules other than `wte`",
+                        Value::Object(o.clone())
+                    ));
+                }
+            }
+        }
+        Some(v) => return Err(format!("trainable_token_indices is {v}, not a list")),
+    };
+    let (v, c) = (model.config.vocab_size, model.config.n_embd);
+    match (indices, delta) {
+        (None, None) => Ok(None),
+        (Some(_), None) => {
+            Err("trainable_token_indices is set, but the file has no trainable_tokens_delta".into())
+        }
+        (None, Some(_)) => Err(
+            "the file has trainable_tokens_delta, but trainable_token_indices is not set".into(),
+        ),
+        (Some(idx), Some((shape, rows))) => {
+            let ids = idx
+                .iter()
+                .map(|i| i.as_u64().filter(|&i| (i as usize) < v).map(|i| i as usize))
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| {
+                    format!(
+                        "trainable_token_indices {idx:?}: every entry must be a token id below {v}"
+                    )
+                })?;
+            if shape != [ids.len(), c] {
+                return Err(format!(
+                    "trainable_tokens_delta is {shape:?}, but {} token ids of width {c} need [{}, {c}]",
+                    ids.len(),
+                    ids.len()
+                ));
+            }
+            Ok(Some(TokenRows { ids, rows }))
+        }
+    }
 }
 
 impl LoraModel {
     /// Reads `dir/adapter_config.json` + `dir/adapter_model.safetensors` (PEFT's layout) for
-    /// `model`, checks that they fit it, and puts A and B on the model's device. The result is
-    /// detached: [`LoraModel::attach`] it to train or run it, or [`LoraModel::merge`] it.
+    /// `model`, checks that they fit it, and puts the tensors on the model's device. The result
+    /// is detached: [`LoraModel::attach`] it to run it, or attach and [`LoraModel::merge`] it.
     pub fn load_peft(dir: impl AsRef<Path>, model: &Gpt2) -> Result<LoadedAdapter> {
         let dir = dir.as_ref();
         let mut warnings = Vec::new();
         let config_path = dir.join(CONFIG_FILE);
         let pc = parse_config(&config_path, &mut warnings)?;
         let path = dir.join(WEIGHTS_FILE);
-        let file = read_weights(&path, model)?;
+        let mut file = read_weights(&path, model, &pc)?;
         check_targets(&pc, &file, model.config.n_layer, &path)?;
         let device = model.wte.value().device();
+        let upload = |shape: &[usize], v: Vec<f32>| Tensor::from_vec(v, shape, &device);
         let mut weights = Vec::new();
-        for ((layer, module), pair) in file.pairs {
-            let (Some((sa, a)), Some((sb, b))) = pair else {
-                let stem = format!("{KEY_PREFIX}h.{layer}.{}", module.path());
-                let message = format!("{stem}: lora_A and lora_B must both be present");
-                return Err(Error::mismatch(Some(&path), message));
+        let modules = std::mem::take(&mut file.modules);
+        for ((layer, module), tensors) in modules {
+            let Some(fs) = site_of(
+                &pc,
+                file.prefix,
+                layer,
+                module,
+                tensors,
+                model.config.n_embd,
+            )
+            .map_err(|m| Error::mismatch(Some(&path), m))?
+            else {
+                continue;
             };
-            let site = site_of(&pc, layer, module, &sa, &sb, model.config.n_embd)
-                .map_err(|m| Error::mismatch(Some(&path), m))?;
-            let (a, b) = (
-                Tensor::from_vec(a, &sa, &device)?,
-                Tensor::from_vec(b, &sb, &device)?,
-            );
-            weights.push((site, a, b));
+            weights.push(SiteWeights {
+                a: upload(&[fs.site.r, fs.site.in_features], fs.a)?,
+                b: upload(&fs.b.0, fs.b.1)?,
+                lora_bias: fs.lora_bias.map(|(s, v)| upload(&s, v)).transpose()?,
+                magnitude: fs.magnitude.map(|(s, v)| upload(&s, v)).transpose()?,
+                site: fs.site,
+            });
         }
-        if weights.is_empty() {
+        let config_json: Value = serde_json::from_str(&transformer::tensor_file::read_text(
+            &config_path,
+            crate::MAX_ADAPTER_CONFIG_BYTES,
+        )?)
+        .map_err(|e| Error::config_in(&config_path, e.to_string()))?;
+        let tokens = token_rows(
+            config_json
+                .get("trainable_token_indices")
+                .filter(|v| !v.is_null()),
+            file.token_delta.take(),
+            model,
+        )
+        .map_err(|m| Error::mismatch(Some(&path), m))?;
+        if weights.is_empty() && file.params.is_empty() && tokens.is_none() {
             return Err(Error::mismatch(
                 Some(&path),
                 "the file holds no LoRA weights",
             ));
         }
         let config = config_from(&pc, &weights);
-        if let Err(Error::Config { message, .. }) = config.validate() {
-            return Err(Error::config_in(&config_path, message));
+        if !weights.is_empty() {
+            if let Err(Error::Config { message, .. }) = config.validate() {
+                return Err(Error::config_in(&config_path, message));
+            }
         }
-        let mut lora = LoraModel::from_weights(config, weights, file.biases, 0);
+        let mut eval_only = Vec::new();
+        for (on, what) in [
+            (pc.use_dora, "DoRA magnitudes (use_dora)"),
+            (pc.lora_bias, "biases of lora_B (lora_bias)"),
+            (!pc.modules_to_save.is_empty(), "modules_to_save copies"),
+            (
+                tokens.is_some(),
+                "trainable token rows (trainable_token_indices)",
+            ),
+        ] {
+            if on {
+                eval_only.push(what.to_string());
+            }
+        }
+        let mut lora = LoraModel::from_weights(config, weights, file.params, 0);
         lora.base_model = pc.base_model;
+        lora.set_loaded_extras(tokens, eval_only);
         Ok(LoadedAdapter { lora, warnings })
     }
 }

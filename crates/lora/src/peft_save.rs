@@ -144,6 +144,13 @@ impl LoraModel {
     /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` in PEFT's layout
     /// (see the module docs), creating `dir` if needed.
     pub fn save_peft(&self, dir: impl AsRef<Path>) -> Result<()> {
+        if !self.eval_only.is_empty() {
+            return Err(Error::State(format!(
+                "this adapter was loaded with {}, which this crate evaluates and merges but does \
+                 not save; keep the original adapter directory",
+                self.eval_only.join(", ")
+            )));
+        }
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| Error::Io {
             path: dir.to_path_buf(),

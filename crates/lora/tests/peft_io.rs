@@ -270,9 +270,19 @@ fn mismatched_adapters_say_what_differs() {
         e.contains("the file has weights for h.0.attn.c_attn, which target_modules [\"c_proj\"] does not name"),
         "{e}"
     );
-    // Unsupported features are errors; unknown keys are warnings.
+    // A feature the config sets without its tensors is an error; so is a feature this loader
+    // does not compute; unknown keys are warnings.
     let dir = edited_adapter("dora", |_, j| j["use_dora"] = true.into());
-    assert!(load_error(&dir, &model).contains("`use_dora` is true"));
+    let e = load_error(&dir, &model);
+    assert!(
+        e.contains("sets use_dora but the file has no lora_magnitude_vector"),
+        "{e}"
+    );
+    let dir = edited_adapter("replication", |_, j| {
+        j["layer_replication"] = serde_json::json!([[0, 2], [1, 2]])
+    });
+    let e = load_error(&dir, &model);
+    assert!(e.contains("`layer_replication` is [[0,2],[1,2]]"), "{e}");
     let dir = edited_adapter("unknown", |_, j| j["shiny_new_option"] = 3.into());
     let warnings = LoraModel::load_peft(&dir, &model).unwrap().warnings;
     assert!(
@@ -282,8 +292,8 @@ fn mismatched_adapters_say_what_differs() {
         "{warnings:?}"
     );
     assert!(
-        warnings.iter().any(|w| w.contains("qalora_group_size")),
-        "{warnings:?}"
+        !warnings.iter().any(|w| w.contains("qalora_group_size")),
+        "qalora_group_size only matters with use_qalora, which is refused: {warnings:?}"
     );
 }
 

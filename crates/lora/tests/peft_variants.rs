@@ -1,0 +1,191 @@
+//! Adapters PEFT 0.21 writes beyond plain LoRA, each made by PEFT itself
+//! (`tests/fixtures/peft-variants/make.py`, which also records PEFT's float64 losses), loaded
+//! here and checked against PEFT, on the CPU and on the GPU:
+//! - the loss of the fixture's ids with the adapter (unmerged) within 1e-4 of PEFT's;
+//! - after merging (and detaching, PEFT's merge_and_unload), and again after the merged model
+//!   went through a checkpoint (what `train merge` writes), within 1e-4 of PEFT's merged loss;
+//! - or, for what this model cannot compute, an error naming what was found.
+//!
+//! Among them the cases that once loaded with a wrong scale and exit 0: `alpha_pattern` keys
+//! that are regular expressions, and several keys matching one module (PEFT takes the first in
+//! the file's order).
+
+mod common;
+
+use std::path::PathBuf;
+
+use autograd::Tape;
+use common::{batch, model};
+use lora::LoraModel;
+use tensor::Device;
+use transformer::Gpt2;
+
+fn case_dir(name: &str) -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/peft-variants"
+    ))
+    .join(name)
+}
+
+fn expected(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(case_dir(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn loss(model: &Gpt2) -> f64 {
+    let (ids, targets, weights) = batch();
+    let tape = Tape::inference();
+    let l = model
+        .loss(&tape, &ids, &targets, &weights, 1, ids.len())
+        .unwrap();
+    l.value.to_vec().unwrap()[0] as f64
+}
+
+/// Loads case `name`, checks its loss unmerged, merged, and merged through a checkpoint.
+fn check_case(name: &str, device: &Device) {
+    let want = expected(name);
+    let mut model = model(device);
+    let loaded =
+        LoraModel::load_peft(case_dir(name), &model).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for w in &loaded.warnings {
+        println!("{name}: warning: {w}");
+    }
+    let mut lora = loaded.lora;
+    lora.attach(&mut model).unwrap();
+    let (got, peft) = (loss(&model), want["loss"].as_f64().unwrap());
+    println!("{name} {device:?}: loss {got:.7}, PEFT {peft:.7}");
+    assert!(
+        (got - peft).abs() < 1e-4,
+        "{name}: loss {got} vs PEFT {peft}"
+    );
+    let base = want["base_loss"].as_f64().unwrap();
+    assert!(
+        (peft - base).abs() > 1e-2,
+        "{name}: the adapter must change the loss"
+    );
+
+    assert!(lora.merge(&model).unwrap());
+    let peft_merged = want["merged_loss"].as_f64().unwrap();
+    let merged = loss(&model);
+    println!("{name} {device:?}: merged {merged:.7}, PEFT {peft_merged:.7}");
+    assert!(
+        (merged - peft_merged).abs() < 1e-4,
+        "{name}: merged loss {merged} vs PEFT {peft_merged}"
+    );
+    lora.detach(&mut model).unwrap();
+    let detached = loss(&model);
+    assert!(
+        (detached - peft_merged).abs() < 1e-4,
+        "{name}: detached {detached}"
+    );
+    let ckpt = model.to_checkpoint().unwrap();
+    let reloaded = Gpt2::from_checkpoint(&ckpt, device, false).unwrap();
+    let again = loss(&reloaded);
+    assert!(
+        (again - peft_merged).abs() < 1e-4,
+        "{name}: saved merged model {again}"
+    );
+}
+
+/// Case `name` must be refused with a message containing every one of `says`.
+fn check_refused(name: &str, says: &[&str]) {
+    let model = model(&Device::cpu());
+    let e = match LoraModel::load_peft(case_dir(name), &model) {
+        Ok(_) => panic!("{name}: loaded, but this model cannot compute it"),
+        Err(e) => e.to_string(),
+    };
+    println!("{name}: {e}");
+    for s in says {
+        assert!(e.contains(s), "{name}: `{e}` does not say `{s}`");
+    }
+}
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+                fn body(device: &Device) {
+                    check_case(stringify!($name), device);
+                }
+                crate::on_devices!(body, cpu, gpu);
+            }
+        )*
+    };
+}
+
+cases!(
+    alpha_regex,
+    alpha_first_key,
+    pattern_first_key,
+    rank_regex,
+    exclude_list,
+    exclude_regex,
+    bias_all,
+    bias_lora_only,
+    lora_bias,
+    modules_to_save_ln,
+    dora,
+    adalora,
+    adalora_pruned,
+    trainable_tokens,
+);
+
+#[test]
+fn embedding_lora_is_refused_naming_the_tensor() {
+    check_refused(
+        "embedding",
+        &[
+            "wte.lora_embedding_A",
+            "LoRA on the token embedding",
+            "ties",
+        ],
+    );
+}
+
+#[test]
+fn lm_head_lora_is_refused_naming_the_tensor() {
+    check_refused("lm_head", &["lm_head", "output head", "ties"]);
+}
+
+#[test]
+fn a_saved_copy_of_the_tied_embedding_is_refused() {
+    check_refused(
+        "modules_to_save_wte",
+        &["wte.weight", "modules_to_save", "ties"],
+    );
+}
+
+#[test]
+fn eval_only_adapters_are_not_saved_or_banked() {
+    let model = model(&Device::cpu());
+    let lora = LoraModel::load_peft(case_dir("dora"), &model).unwrap().lora;
+    assert_eq!(lora.eval_only(), ["DoRA magnitudes (use_dora)"]);
+    let dir = common::temp_dir("dora-save");
+    let e = lora.save_peft(&dir).unwrap_err().to_string();
+    assert!(e.contains("DoRA magnitudes"), "{e}");
+    let mut bank = lora::AdapterBank::new(&model);
+    let e = bank.insert("d", &lora).unwrap_err().to_string();
+    assert!(e.contains("DoRA magnitudes"), "{e}");
+}
+
+#[test]
+fn unmerging_dora_restores_the_base() {
+    let cpu = Device::cpu();
+    let mut model = model(&cpu);
+    let w0 = model.h[0].c_attn.weight.value().to_vec().unwrap();
+    let mut lora = LoraModel::load_peft(case_dir("dora"), &model).unwrap().lora;
+    lora.attach(&mut model).unwrap();
+    lora.merge(&model).unwrap();
+    assert!(lora.unmerge(&model).unwrap());
+    let back = model.h[0].c_attn.weight.value().to_vec().unwrap();
+    let drift = w0
+        .iter()
+        .zip(&back)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(drift < 1e-5, "unmerge drift {drift}");
+    let want = expected("dora")["loss"].as_f64().unwrap();
+    assert!((loss(&model) - want).abs() < 1e-4);
+}

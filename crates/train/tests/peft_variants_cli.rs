@@ -1,0 +1,117 @@
+//! `train eval --adapter` and `train merge` on the adapters PEFT writes beyond plain LoRA
+//! (`crates/lora/tests/fixtures/peft-variants`, made by PEFT; the losses against PEFT's are
+//! checked in `crates/lora/tests/peft_variants.rs`): the merged model scores what the adapter
+//! scores, and what this model cannot compute is refused with the tensor named, exit status 1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn variant(name: &str) -> PathBuf {
+    root()
+        .join("crates/lora/tests/fixtures/peft-variants")
+        .join(name)
+}
+
+fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .current_dir(root())
+        .arg("--device")
+        .arg("cpu")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn loss(args: &[&str]) -> f64 {
+    let out = train(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "train {args:?} failed:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn merged_variants_score_what_their_adapters_score() {
+    let dir = std::env::temp_dir().join(format!("train-peft-variants-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("t.txt");
+    std::fs::write(
+        &text,
+        "It was the best of times, it was the worst of times.",
+    )
+    .unwrap();
+    let (t, model) = (
+        text.to_str().unwrap(),
+        root().join("tests/fixtures/gpt2-tiny"),
+    );
+    let model = model.to_str().unwrap();
+    let base = loss(&["eval", "--model", model, "--data", t, "--json"]);
+    for name in [
+        "alpha_regex",
+        "alpha_first_key",
+        "bias_all",
+        "lora_bias",
+        "modules_to_save_ln",
+        "dora",
+        "adalora_pruned",
+        "trainable_tokens",
+    ] {
+        let adapter = variant(name);
+        let adapter = adapter.to_str().unwrap();
+        let a = loss(&[
+            "eval",
+            "--model",
+            model,
+            "--adapter",
+            adapter,
+            "--data",
+            t,
+            "--json",
+        ]);
+        let merged = dir.join(name);
+        let m = merged.to_str().unwrap();
+        let out = train(&["merge", "--model", model, "--adapter", adapter, "--out", m]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let b = loss(&["eval", "--model", m, "--data", t, "--json"]);
+        println!("{name}: adapter {a:.6}, merged {b:.6}, base {base:.6}");
+        assert!((a - b).abs() < 1e-4, "{name}: adapter {a} vs merged {b}");
+        assert!(
+            (a - base).abs() > 1e-3,
+            "{name}: the adapter changes the loss"
+        );
+    }
+}
+
+#[test]
+fn variants_this_model_cannot_compute_are_refused_by_name() {
+    let model = root().join("tests/fixtures/gpt2-tiny");
+    for (name, says) in [
+        ("embedding", "wte.lora_embedding_A"),
+        ("lm_head", "lm_head"),
+        ("modules_to_save_wte", "wte.weight"),
+    ] {
+        let adapter = variant(name);
+        let out = train(&[
+            "merge",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            std::env::temp_dir().join("never-written").to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(says), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    }
+}
