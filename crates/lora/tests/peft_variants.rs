@@ -109,7 +109,7 @@ macro_rules! cases {
                 fn body(device: &Device) {
                     check_case(stringify!($name), device);
                 }
-                crate::on_devices!(body, cpu, gpu);
+                tensor::on_devices!(body, cpu, gpu);
             }
         )*
     };
@@ -162,7 +162,7 @@ fn eval_only_adapters_are_not_saved_or_banked() {
     let model = model(&Device::cpu());
     let lora = LoraModel::load_peft(case_dir("dora"), &model).unwrap().lora;
     assert_eq!(lora.eval_only(), ["DoRA magnitudes (use_dora)"]);
-    let dir = common::temp_dir("dora-save");
+    let dir = integration_tests::scratch("dora-save");
     let e = lora.save_peft(&dir).unwrap_err().to_string();
     assert!(e.contains("DoRA magnitudes"), "{e}");
     let mut bank = lora::AdapterBank::new(&model);

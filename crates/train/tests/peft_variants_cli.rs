@@ -36,9 +36,7 @@ fn loss(args: &[&str]) -> f64 {
 
 #[test]
 fn merged_variants_score_what_their_adapters_score() {
-    let dir = std::env::temp_dir().join(format!("train-peft-variants-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = integration_tests::scratch("train-peft-variants");
     let text = dir.join("t.txt");
     std::fs::write(
         &text,
@@ -94,6 +92,7 @@ fn merged_variants_score_what_their_adapters_score() {
 #[test]
 fn variants_this_model_cannot_compute_are_refused_by_name() {
     let model = root().join("tests/fixtures/gpt2-tiny");
+    let never = integration_tests::scratch("train-peft-refused");
     for (name, says) in [
         ("embedding", "wte.lora_embedding_A"),
         ("lm_head", "lm_head"),
@@ -107,7 +106,7 @@ fn variants_this_model_cannot_compute_are_refused_by_name() {
             "--adapter",
             adapter.to_str().unwrap(),
             "--out",
-            std::env::temp_dir().join("never-written").to_str().unwrap(),
+            never.join("never-written").to_str().unwrap(),
         ]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
