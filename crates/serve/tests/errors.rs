@@ -60,14 +60,15 @@ async fn bad_requests_are_answered_with_their_reason() {
     assert!(message(&v).contains("101 bytes"), "{v}");
     let (s, _, _) = send(json!({"model": "base", "prompt": ["a", "b", "c", "d"]})).await;
     assert_eq!(s, 413);
-    // An adapter that fails validation: 400 with the loader's message.
-    let bad = root.join("bad");
-    std::fs::create_dir_all(&bad).unwrap();
-    std::fs::write(bad.join("adapter_config.json"), "{\"r\": 0}").unwrap();
+    // An adapter that fails validation (made for another base: C = 128, not 64): 400 with the
+    // loader's message.
+    let other = temp_dir("other");
+    write_adapters_for(&e2e(), &other, 1);
+    std::fs::rename(other.join("a0"), root.join("bad")).unwrap();
     let adapters = format!("{url}/v1/adapters");
     let (s, _, v) = raw(&adapters, br#"{"name":"bad","path":"bad"}"#.to_vec(), None).await;
     assert_eq!(s, 400, "{v}");
-    assert!(message(&v).contains("adapter_config.json"), "{v}");
+    assert!(message(&v).contains("adapter_model.safetensors"), "{v}");
     // A name in use: 409. Unloading what is not loaded: 404.
     let (s, _, _) = raw(&adapters, br#"{"name":"a0","path":"a0"}"#.to_vec(), None).await;
     assert_eq!(s, 409);

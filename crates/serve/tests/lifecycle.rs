@@ -21,7 +21,7 @@ async fn adapters_load_and_unload_under_load() {
         .into_iter()
         .map(|m| {
             let url = url.clone();
-            let body = json!({"model": m, "prompt": "abc", "max_tokens": 100, "temperature": 0,
+            let body = json!({"model": m, "prompt": "abc", "max_tokens": 40, "temperature": 0,
                               "ignore_eos": true});
             tokio::spawn(async move { post(&format!("{url}/v1/completions"), &body).await })
         })
@@ -38,7 +38,7 @@ async fn adapters_load_and_unload_under_load() {
     for t in running {
         let (s, v) = t.await.unwrap();
         assert_eq!(s, 200, "{v}");
-        assert_eq!(v["usage"]["completion_tokens"], 100);
+        assert_eq!(v["usage"]["completion_tokens"], 40);
     }
     assert_eq!(unload.await.unwrap().status(), 200);
     let (s, v) = post(
@@ -56,7 +56,7 @@ async fn adapters_load_and_unload_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_running_requests_and_refuses_new_ones() {
     let (server, url, _root) = start_on(&e2e(), 0, |c| c.max_batch = 1);
-    let body = json!({"model": "base", "prompt": "abc", "max_tokens": 100, "temperature": 0,
+    let body = json!({"model": "base", "prompt": "abc", "max_tokens": 40, "temperature": 0,
                       "ignore_eos": true});
     let running = {
         let (url, body) = (url.clone(), body.clone());
@@ -66,7 +66,7 @@ async fn shutdown_finishes_running_requests_and_refuses_new_ones() {
     server.shutdown();
     let (s, v) = running.await.unwrap();
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["usage"]["completion_tokens"], 100);
+    assert_eq!(v["usage"]["completion_tokens"], 40);
     tokio::task::spawn_blocking(move || server.wait().unwrap())
         .await
         .unwrap();

@@ -298,10 +298,8 @@ impl Engine {
         self.drop_abandoned();
         self.finish_unloads()?;
         self.admit()?;
+        self.publish();
         let metrics = &self.shared.metrics;
-        metrics.queue_depth.set(self.waiting.len() as i64);
-        metrics.running.set(self.running.len() as i64);
-        metrics.kv_reserved_bytes.set(self.reserved as i64);
         if self.running.is_empty() {
             if !self.waiting.is_empty() {
                 // Nothing runs and nothing fits: wait for commands rather than spin.
@@ -359,7 +357,17 @@ impl Engine {
             let seq = self.running.remove(i);
             self.reserved -= self.bytes_of(&seq);
         }
-        Ok(())
+        self.publish();
+        // An adapter whose last sequence just finished goes now, not at the next command.
+        self.finish_unloads()
+    }
+
+    /// The gauges of the queue, the batch and the KV cache.
+    fn publish(&self) {
+        let metrics = &self.shared.metrics;
+        metrics.queue_depth.set(self.waiting.len() as i64);
+        metrics.running.set(self.running.len() as i64);
+        metrics.kv_reserved_bytes.set(self.reserved as i64);
     }
 
     fn drop_abandoned(&mut self) {
