@@ -34,7 +34,10 @@ async fn adapters_load_and_unload_under_load() {
     let (s, v) = post(&adapters, &json!({"name": "a2", "path": "a2"})).await;
     assert_eq!(s, 200, "{v}");
     let answer = complete(&url, "a2", "hello", 5).await;
-    assert_eq!(answer, offline_on(&e2e(), Some(&root.join("a2")), "hello", 5, &[]));
+    assert_eq!(
+        answer,
+        offline_on(&e2e(), Some(&root.join("a2")), "hello", 5, &[])
+    );
     for t in running {
         let (s, v) = t.await.unwrap();
         assert_eq!(s, 200, "{v}");
@@ -48,7 +51,10 @@ async fn adapters_load_and_unload_under_load() {
     .await;
     assert_eq!(s, 404, "{v}");
     let (_, models) = get(&format!("{url}/v1/models")).await;
-    assert!(models.contains("\"a2\"") && !models.contains("\"a0\""), "{models}");
+    assert!(
+        models.contains("\"a2\"") && !models.contains("\"a0\""),
+        "{models}"
+    );
     server.shutdown();
     server.wait().unwrap();
 }
@@ -71,11 +77,7 @@ async fn shutdown_finishes_running_requests_and_refuses_new_ones() {
         .await
         .unwrap();
     assert!(
-        client()
-            .get(format!("{url}/health"))
-            .send()
-            .await
-            .is_err(),
+        client().get(format!("{url}/health")).send().await.is_err(),
         "the server still accepts connections"
     );
 }

@@ -315,7 +315,11 @@ impl Engine {
         self.store.route(&rows, &self.model)?;
         metrics.batch_size.observe(self.running.len() as f64);
         let logits = {
-            let feeds: Vec<Vec<u32>> = self.running.iter_mut().map(|s| std::mem::take(&mut s.feed)).collect();
+            let feeds: Vec<Vec<u32>> = self
+                .running
+                .iter_mut()
+                .map(|s| std::mem::take(&mut s.feed))
+                .collect();
             let mut parts: Vec<Part> = self
                 .running
                 .iter_mut()
@@ -350,7 +354,9 @@ impl Engine {
         self.window.1 += self.running.len() as u64;
         let elapsed = self.window.0.elapsed().as_secs_f64();
         if elapsed >= 2.0 {
-            metrics.tokens_per_second.set(self.window.1 as f64 / elapsed);
+            metrics
+                .tokens_per_second
+                .set(self.window.1 as f64 / elapsed);
             self.window = (Instant::now(), 0);
         }
         for &i in finished.iter().rev() {
