@@ -81,7 +81,10 @@ fn opt_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiErr
 
 fn opt_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
     opt(body, field)
-        .map(|v| v.as_bool().ok_or_else(|| expected(field, "true or false", v)))
+        .map(|v| {
+            v.as_bool()
+                .ok_or_else(|| expected(field, "true or false", v))
+        })
         .transpose()
 }
 
@@ -124,7 +127,10 @@ pub fn parse_completion(bytes: &[u8]) -> Result<CompletionRequest, ApiError> {
     }
     let max_tokens = opt_u64(&body, "max_tokens")?.unwrap_or(16);
     if max_tokens == 0 {
-        return Err(ApiError::field("max_tokens", "`max_tokens` must be at least 1"));
+        return Err(ApiError::field(
+            "max_tokens",
+            "`max_tokens` must be at least 1",
+        ));
     }
     let temperature = opt_f32(&body, "temperature")?.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -170,7 +176,10 @@ pub fn parse_completion(bytes: &[u8]) -> Result<CompletionRequest, ApiError> {
         }
     }
     if opt_bool(&body, "echo")? == Some(true) {
-        return Err(ApiError::field("echo", "`echo`: echoing the prompt is not served"));
+        return Err(ApiError::field(
+            "echo",
+            "`echo`: echoing the prompt is not served",
+        ));
     }
     let include_usage = match opt(&body, "stream_options") {
         None => false,
@@ -228,9 +237,7 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::field(
             "name",
-            format!(
-                "`name` {name:?}: expected 1 to 64 letters, digits, `-`, `_` or `.`"
-            ),
+            format!("`name` {name:?}: expected 1 to 64 letters, digits, `-`, `_` or `.`"),
         ))
     }
 }
@@ -264,10 +271,19 @@ mod tests {
             (br#"{"model":1,"prompt":"a"}"#, "model"),
             (br#"{"model":"m"}"#, "prompt"),
             (br#"{"model":"m","prompt":[1]}"#, "prompt"),
-            (br#"{"model":"m","prompt":"a","max_tokens":-1}"#, "max_tokens"),
-            (br#"{"model":"m","prompt":"a","temperature":"hot"}"#, "temperature"),
+            (
+                br#"{"model":"m","prompt":"a","max_tokens":-1}"#,
+                "max_tokens",
+            ),
+            (
+                br#"{"model":"m","prompt":"a","temperature":"hot"}"#,
+                "temperature",
+            ),
             (br#"{"model":"m","prompt":"a","top_p":0}"#, "top_p"),
-            (br#"{"model":"m","prompt":"a","stop":["a","b","c","d","e"]}"#, "stop"),
+            (
+                br#"{"model":"m","prompt":"a","stop":["a","b","c","d","e"]}"#,
+                "stop",
+            ),
             (br#"{"model":"m","prompt":"a","logprobs":9}"#, "logprobs"),
             (br#"{"model":"m","prompt":"a","n":2}"#, "n"),
         ];
@@ -276,7 +292,12 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(field), "{}", e.message);
             assert!(e.message.contains(field), "{}", e.message);
         }
-        assert!(parse_completion(b"{nope").unwrap_err().message.contains("JSON"));
+        assert!(
+            parse_completion(b"{nope")
+                .unwrap_err()
+                .message
+                .contains("JSON")
+        );
     }
 
     #[test]

@@ -131,7 +131,9 @@ async fn start(app: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Re
     if req.stream {
         Ok(Sse::new(sse(meta, first, rx)).into_response())
     } else {
-        whole(meta, first, rx).await.map(IntoResponse::into_response)
+        whole(meta, first, rx)
+            .await
+            .map(IntoResponse::into_response)
     }
 }
 
@@ -275,9 +277,7 @@ async fn whole(
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
-            let lp = c
-                .wants_logprobs
-                .then(|| logprobs_json(&c.logprobs, &mut 0));
+            let lp = c.wants_logprobs.then(|| logprobs_json(&c.logprobs, &mut 0));
             json!({"text": c.text, "index": i, "logprobs": lp, "finish_reason": c.finish})
         })
         .collect();

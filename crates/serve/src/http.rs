@@ -134,11 +134,18 @@ async fn models(State(app): State<AppState>) -> impl IntoResponse {
     let base = &app.shared.base_name;
     let mut data = vec![json!({"id": base, "object": "model", "created": 0,
                                "owned_by": "serve", "root": base, "parent": null})];
-    let adapters = app.shared.adapters.read().expect("no panic holding it").clone();
+    let adapters = app
+        .shared
+        .adapters
+        .read()
+        .expect("no panic holding it")
+        .clone();
     for a in adapters {
-        data.push(json!({"id": a.name, "object": "model", "created": a.created,
+        data.push(
+            json!({"id": a.name, "object": "model", "created": a.created,
                          "owned_by": "serve", "root": a.name, "parent": base,
-                         "adapter_bytes": a.bytes}));
+                         "adapter_bytes": a.bytes}),
+        );
     }
     axum::Json(json!({"object": "list", "data": data}))
 }
@@ -184,12 +191,17 @@ async fn unload_adapter(
         reply,
     })
     .map_err(|()| gone())?;
-    answer.await.map_err(|_| gone())?.map_err(|(status, message)| {
-        app.shared.metrics.refuse(status);
-        ApiError::new(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-            message,
-        )
-    })?;
-    Ok(axum::Json(json!({"id": name, "object": "model", "deleted": true})))
+    answer
+        .await
+        .map_err(|_| gone())?
+        .map_err(|(status, message)| {
+            app.shared.metrics.refuse(status);
+            ApiError::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                message,
+            )
+        })?;
+    Ok(axum::Json(
+        json!({"id": name, "object": "model", "deleted": true}),
+    ))
 }

@@ -57,24 +57,64 @@ impl Metrics {
             adapters: Gauge::default(),
             kv_reserved_bytes: Gauge::default(),
             batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
-            time_to_first_token: Histogram::new(
-                [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
-            ),
+            time_to_first_token: Histogram::new([
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             tokens_per_second: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("requests", "Completion requests served, by model", m.requests.clone());
-        r.register("prompt_tokens", "Prompt tokens, by model", m.prompt_tokens.clone());
-        r.register("generated_tokens", "Generated tokens, by model", m.generated_tokens.clone());
-        r.register("refused_requests", "Requests answered with an error, by status", m.refused.clone());
-        r.register("queue_depth", "Sequences waiting for admission", m.queue_depth.clone());
-        r.register("running_sequences", "Sequences being decoded", m.running.clone());
+        r.register(
+            "requests",
+            "Completion requests served, by model",
+            m.requests.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens, by model",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "generated_tokens",
+            "Generated tokens, by model",
+            m.generated_tokens.clone(),
+        );
+        r.register(
+            "refused_requests",
+            "Requests answered with an error, by status",
+            m.refused.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Sequences waiting for admission",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "running_sequences",
+            "Sequences being decoded",
+            m.running.clone(),
+        );
         r.register("adapters_loaded", "Adapters loaded", m.adapters.clone());
-        r.register("kv_cache_reserved_bytes", "KV cache reserved by admitted sequences", m.kv_reserved_bytes.clone());
-        r.register("batch_size", "Sequences per decoding step", m.batch_size.clone());
-        r.register("time_to_first_token_seconds", "From request to its first generated token", m.time_to_first_token.clone());
-        r.register("generated_tokens_per_second", "Generated tokens per second over the last few seconds", m.tokens_per_second.clone());
+        r.register(
+            "kv_cache_reserved_bytes",
+            "KV cache reserved by admitted sequences",
+            m.kv_reserved_bytes.clone(),
+        );
+        r.register(
+            "batch_size",
+            "Sequences per decoding step",
+            m.batch_size.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "From request to its first generated token",
+            m.time_to_first_token.clone(),
+        );
+        r.register(
+            "generated_tokens_per_second",
+            "Generated tokens per second over the last few seconds",
+            m.tokens_per_second.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -57,9 +57,7 @@ impl Roots {
         }
         // Not found, or found outside. Only a path made of plain names below a root is
         // reported as missing; anything else gets the same refusal as a path outside.
-        let plain = path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
+        let plain = path.components().all(|c| matches!(c, Component::Normal(_)))
             || (path.is_absolute()
                 && self.0.iter().any(|r| {
                     path.strip_prefix(r).is_ok_and(|rest| {
@@ -105,7 +103,10 @@ mod tests {
         let roots = Roots::new(std::slice::from_ref(&root)).unwrap();
         let real_a = root.join("a").canonicalize().unwrap();
         assert_eq!(roots.resolve("a").unwrap(), real_a);
-        assert_eq!(roots.resolve(root.join("a").to_str().unwrap()).unwrap(), real_a);
+        assert_eq!(
+            roots.resolve(root.join("a").to_str().unwrap()).unwrap(),
+            real_a
+        );
         let refused = |p: &str| roots.resolve(p).unwrap_err().status;
         assert_eq!(refused("../outside"), StatusCode::FORBIDDEN);
         assert_eq!(refused("a/../../outside"), StatusCode::FORBIDDEN);

@@ -89,8 +89,8 @@ pub struct Server {
 /// Every subdirectory of `root` holding an `adapter_config.json`, by name.
 pub fn discover(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut found = Vec::new();
-    let entries =
-        std::fs::read_dir(root).map_err(|e| format!("adapter directory {}: {e}", root.display()))?;
+    let entries = std::fs::read_dir(root)
+        .map_err(|e| format!("adapter directory {}: {e}", root.display()))?;
     for entry in entries {
         let path = entry
             .map_err(|e| format!("adapter directory {}: {e}", root.display()))?

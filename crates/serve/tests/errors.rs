@@ -42,7 +42,11 @@ async fn bad_requests_are_answered_with_their_reason() {
     assert_eq!(s, 400);
     assert!(message(&v).contains("JSON"), "{v}");
     let (s, _, v) = send(json!({"model": "base", "prompt": "hi", "max_tokens": "ten"})).await;
-    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("max_tokens")), "{v}");
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("max_tokens")),
+        "{v}"
+    );
     assert!(message(&v).contains("max_tokens"), "{v}");
     // Unknown model: 404 listing the loaded names.
     let (s, _, v) = send(json!({"model": "nope", "prompt": "hi"})).await;
@@ -51,7 +55,10 @@ async fn bad_requests_are_answered_with_their_reason() {
     // Beyond the context (64): 400 with both numbers.
     let (s, _, v) = send(json!({"model": "base", "prompt": "0123456789", "max_tokens": 60})).await;
     assert_eq!(s, 400);
-    assert!(message(&v).contains("10 tokens") && message(&v).contains("60"), "{v}");
+    assert!(
+        message(&v).contains("10 tokens") && message(&v).contains("60"),
+        "{v}"
+    );
     // Sizes: 413 for the body, a prompt and the number of prompts.
     let (s, _, _) = send(json!({"model": "base", "prompt": "x".repeat(5000)})).await;
     assert_eq!(s, 413);
@@ -60,18 +67,23 @@ async fn bad_requests_are_answered_with_their_reason() {
     assert!(message(&v).contains("101 bytes"), "{v}");
     let (s, _, _) = send(json!({"model": "base", "prompt": ["a", "b", "c", "d"]})).await;
     assert_eq!(s, 413);
-    // An adapter that fails validation: 400 with the loader's message.
-    let bad = root.join("bad");
-    std::fs::create_dir_all(&bad).unwrap();
-    std::fs::write(bad.join("adapter_config.json"), "{\"r\": 0}").unwrap();
+    // An adapter that fails validation (made for another base: C = 128, not 64): 400 with the
+    // loader's message.
+    let other = temp_dir("other");
+    write_adapters_for(&e2e(), &other, 1);
+    std::fs::rename(other.join("a0"), root.join("bad")).unwrap();
     let adapters = format!("{url}/v1/adapters");
     let (s, _, v) = raw(&adapters, br#"{"name":"bad","path":"bad"}"#.to_vec(), None).await;
     assert_eq!(s, 400, "{v}");
-    assert!(message(&v).contains("adapter_config.json"), "{v}");
+    assert!(message(&v).contains("adapter_model.safetensors"), "{v}");
     // A name in use: 409. Unloading what is not loaded: 404.
     let (s, _, _) = raw(&adapters, br#"{"name":"a0","path":"a0"}"#.to_vec(), None).await;
     assert_eq!(s, 409);
-    let r = client().delete(format!("{adapters}/zzz")).send().await.unwrap();
+    let r = client()
+        .delete(format!("{adapters}/zzz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     server.shutdown();
     server.wait().unwrap();
@@ -156,10 +168,19 @@ async fn a_full_queue_answers_429_and_the_kv_budget_admits_in_turn() {
         .collect();
     for t in tasks {
         let (s, v) = t.await.unwrap();
-        assert_eq!((s, v["usage"]["completion_tokens"].as_u64()), (200, Some(30)), "{v}");
+        assert_eq!(
+            (s, v["usage"]["completion_tokens"].as_u64()),
+            (200, Some(30)),
+            "{v}"
+        );
     }
     let big = json!({"model": "base", "prompt": "hello", "max_tokens": 50});
-    let (s, _, v) = raw(&format!("{url}/v1/completions"), big.to_string().into_bytes(), None).await;
+    let (s, _, v) = raw(
+        &format!("{url}/v1/completions"),
+        big.to_string().into_bytes(),
+        None,
+    )
+    .await;
     assert_eq!(s, 400);
     assert!(message(&v).contains("KV cache"), "{v}");
     server.shutdown();

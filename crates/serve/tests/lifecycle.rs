@@ -21,7 +21,7 @@ async fn adapters_load_and_unload_under_load() {
         .into_iter()
         .map(|m| {
             let url = url.clone();
-            let body = json!({"model": m, "prompt": "abc", "max_tokens": 100, "temperature": 0,
+            let body = json!({"model": m, "prompt": "abc", "max_tokens": 40, "temperature": 0,
                               "ignore_eos": true});
             tokio::spawn(async move { post(&format!("{url}/v1/completions"), &body).await })
         })
@@ -34,11 +34,14 @@ async fn adapters_load_and_unload_under_load() {
     let (s, v) = post(&adapters, &json!({"name": "a2", "path": "a2"})).await;
     assert_eq!(s, 200, "{v}");
     let answer = complete(&url, "a2", "hello", 5).await;
-    assert_eq!(answer, offline_on(&e2e(), Some(&root.join("a2")), "hello", 5, &[]));
+    assert_eq!(
+        answer,
+        offline_on(&e2e(), Some(&root.join("a2")), "hello", 5, &[])
+    );
     for t in running {
         let (s, v) = t.await.unwrap();
         assert_eq!(s, 200, "{v}");
-        assert_eq!(v["usage"]["completion_tokens"], 100);
+        assert_eq!(v["usage"]["completion_tokens"], 40);
     }
     assert_eq!(unload.await.unwrap().status(), 200);
     let (s, v) = post(
@@ -48,7 +51,10 @@ async fn adapters_load_and_unload_under_load() {
     .await;
     assert_eq!(s, 404, "{v}");
     let (_, models) = get(&format!("{url}/v1/models")).await;
-    assert!(models.contains("\"a2\"") && !models.contains("\"a0\""), "{models}");
+    assert!(
+        models.contains("\"a2\"") && !models.contains("\"a0\""),
+        "{models}"
+    );
     server.shutdown();
     server.wait().unwrap();
 }
@@ -56,7 +62,7 @@ async fn adapters_load_and_unload_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_running_requests_and_refuses_new_ones() {
     let (server, url, _root) = start_on(&e2e(), 0, |c| c.max_batch = 1);
-    let body = json!({"model": "base", "prompt": "abc", "max_tokens": 100, "temperature": 0,
+    let body = json!({"model": "base", "prompt": "abc", "max_tokens": 40, "temperature": 0,
                       "ignore_eos": true});
     let running = {
         let (url, body) = (url.clone(), body.clone());
@@ -66,16 +72,12 @@ async fn shutdown_finishes_running_requests_and_refuses_new_ones() {
     server.shutdown();
     let (s, v) = running.await.unwrap();
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["usage"]["completion_tokens"], 100);
+    assert_eq!(v["usage"]["completion_tokens"], 40);
     tokio::task::spawn_blocking(move || server.wait().unwrap())
         .await
         .unwrap();
     assert!(
-        client()
-            .get(format!("{url}/health"))
-            .send()
-            .await
-            .is_err(),
+        client().get(format!("{url}/health")).send().await.is_err(),
         "the server still accepts connections"
     );
 }

@@ -26,9 +26,14 @@ fn serve(extra: &[&str], key: Option<&str>) -> (Child, String) {
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
-        let line = lines.next().expect("train serve ended before listening").unwrap();
+        let line = lines
+            .next()
+            .expect("train serve ended before listening")
+            .unwrap();
         if let Some(rest) = line.split("http://").nth(1) {
-            break rest.trim_end_matches("/v1 (Ctrl-C or SIGTERM to stop)").to_string();
+            break rest
+                .trim_end_matches("/v1 (Ctrl-C or SIGTERM to stop)")
+                .to_string();
         }
     };
     std::thread::spawn(move || lines.for_each(drop)); // keep draining stderr
@@ -69,7 +74,8 @@ fn sigterm_drains_and_exits_0() {
     assert_eq!(http(&addr, "GET", "/health", "", Some("k3y")).0, 200);
     let body = r#"{"model":"base","prompt":"name : Aromi ||","max_tokens":100,"ignore_eos":true,"temperature":0}"#;
     let a = addr.clone();
-    let running = std::thread::spawn(move || http(&a, "POST", "/v1/completions", body, Some("k3y")));
+    let running =
+        std::thread::spawn(move || http(&a, "POST", "/v1/completions", body, Some("k3y")));
     // Signal once the request runs.
     let t0 = std::time::Instant::now();
     while !http(&addr, "GET", "/metrics", "", Some("k3y"))
@@ -101,13 +107,35 @@ fn ctrl_c_stops_an_idle_server() {
 fn bench_serve_runs_with_tiny_settings() {
     let work = scratch("bench-serve");
     let out = train_command()
-        .args(["bench", "serve", "--adapters", "2", "--switch", "2", "--concurrency", "2"])
-        .args(["--requests", "4", "--max-tokens", "3", "--rank", "2", "--soak", "1"])
+        .args([
+            "bench",
+            "serve",
+            "--adapters",
+            "2",
+            "--switch",
+            "2",
+            "--concurrency",
+            "2",
+        ])
+        .args([
+            "--requests",
+            "4",
+            "--max-tokens",
+            "3",
+            "--rank",
+            "2",
+            "--soak",
+            "1",
+        ])
         .args(["--work-dir", work.to_str().unwrap(), "--json"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Vec<serde_json::Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -118,7 +146,10 @@ fn bench_serve_runs_with_tiny_settings() {
         assert_eq!(r["failed"], 0, "{r}");
         assert_eq!(r["requests"], 4, "{r}");
     }
-    assert!(rows.iter().any(|r| r["soak_seconds"] == 1.0 && r["failed"] == 0));
+    assert!(
+        rows.iter()
+            .any(|r| r["soak_seconds"] == 1.0 && r["failed"] == 0)
+    );
     assert!(rows.iter().any(|r| r["rss_per_adapter_bytes"].is_number()));
     let _ = std::fs::remove_dir_all(work);
 }

@@ -298,10 +298,8 @@ impl Engine {
         self.drop_abandoned();
         self.finish_unloads()?;
         self.admit()?;
+        self.publish();
         let metrics = &self.shared.metrics;
-        metrics.queue_depth.set(self.waiting.len() as i64);
-        metrics.running.set(self.running.len() as i64);
-        metrics.kv_reserved_bytes.set(self.reserved as i64);
         if self.running.is_empty() {
             if !self.waiting.is_empty() {
                 // Nothing runs and nothing fits: wait for commands rather than spin.
@@ -317,7 +315,11 @@ impl Engine {
         self.store.route(&rows, &self.model)?;
         metrics.batch_size.observe(self.running.len() as f64);
         let logits = {
-            let feeds: Vec<Vec<u32>> = self.running.iter_mut().map(|s| std::mem::take(&mut s.feed)).collect();
+            let feeds: Vec<Vec<u32>> = self
+                .running
+                .iter_mut()
+                .map(|s| std::mem::take(&mut s.feed))
+                .collect();
             let mut parts: Vec<Part> = self
                 .running
                 .iter_mut()
@@ -352,14 +354,26 @@ impl Engine {
         self.window.1 += self.running.len() as u64;
         let elapsed = self.window.0.elapsed().as_secs_f64();
         if elapsed >= 2.0 {
-            metrics.tokens_per_second.set(self.window.1 as f64 / elapsed);
+            metrics
+                .tokens_per_second
+                .set(self.window.1 as f64 / elapsed);
             self.window = (Instant::now(), 0);
         }
         for &i in finished.iter().rev() {
             let seq = self.running.remove(i);
             self.reserved -= self.bytes_of(&seq);
         }
-        Ok(())
+        self.publish();
+        // An adapter whose last sequence just finished goes now, not at the next command.
+        self.finish_unloads()
+    }
+
+    /// The gauges of the queue, the batch and the KV cache.
+    fn publish(&self) {
+        let metrics = &self.shared.metrics;
+        metrics.queue_depth.set(self.waiting.len() as i64);
+        metrics.running.set(self.running.len() as i64);
+        metrics.kv_reserved_bytes.set(self.reserved as i64);
     }
 
     fn drop_abandoned(&mut self) {

@@ -170,7 +170,14 @@ impl Sequence {
     /// Sends the text that can no longer change (see the module doc), if any.
     pub fn send_progress(&mut self, tokenizer: &Tokenizer) {
         let bytes = tokenizer.decode_bytes(&self.out);
-        let hold = self.sampling.stop.iter().map(String::len).max().unwrap_or(1) - 1;
+        let hold = self
+            .sampling
+            .stop
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            - 1;
         let end = complete_prefix(&bytes[..bytes.len().saturating_sub(hold)]);
         let text = String::from_utf8_lossy(&bytes[..end]);
         if text.len() > self.sent || !self.pending_logprobs.is_empty() {

@@ -109,7 +109,10 @@ pub fn offline_on(
         stop_strings: stop.iter().map(|s| s.to_string()).collect(),
         ..GenerateConfig::default()
     };
-    generate(&model, &tok, &[prompt], &cfg).unwrap().remove(0).text
+    generate(&model, &tok, &[prompt], &cfg)
+        .unwrap()
+        .remove(0)
+        .text
 }
 
 pub fn client() -> reqwest::Client {

@@ -127,7 +127,11 @@ fn write_adapters(model: &Path, dir: &Path, n: usize, r: usize) -> crate::Result
 fn rss() -> u64 {
     let pages = std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()));
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        });
     pages.unwrap_or(0) * 4096
 }
 
@@ -142,15 +146,20 @@ async fn request(
     let start = Instant::now();
     let mut resp = client
         .post(format!("{url}/v1/completions"))
-        .json(&json!({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+        .json(
+            &json!({"model": model, "prompt": prompt, "max_tokens": max_tokens,
                       "temperature": 0, "stream": true, "ignore_eos": true,
-                      "stream_options": {"include_usage": true}}))
+                      "stream_options": {"include_usage": true}}),
+        )
         .send()
         .await
         .map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
         let status = resp.status();
-        return Err(format!("{status}: {}", resp.text().await.unwrap_or_default()));
+        return Err(format!(
+            "{status}: {}",
+            resp.text().await.unwrap_or_default()
+        ));
     }
     let mut ttft = None;
     let mut body = String::new();
@@ -306,7 +315,12 @@ pub fn run(args: &ServeBenchArgs, device: &Device) -> crate::Result<()> {
     let mut base_rate = None;
     let mut cases: Vec<(String, Mode, usize, bool)> = vec![("base".into(), Mode::Bank, 0, false)];
     for &a in &args.adapters {
-        cases.push((format!("mixed {a}"), Mode::Bank, a, a == 16 || a == *args.adapters.iter().max().unwrap_or(&a)));
+        cases.push((
+            format!("mixed {a}"),
+            Mode::Bank,
+            a,
+            a == 16 || a == *args.adapters.iter().max().unwrap_or(&a),
+        ));
     }
     cases.push(("merged".into(), Mode::MergeSwitch, 1, false));
     for &a in &args.switch {
@@ -381,7 +395,15 @@ pub fn run(args: &ServeBenchArgs, device: &Device) -> crate::Result<()> {
             ),
         );
     }
-    memory_per_adapter(args, device, &store, &root, &runtime, adapter_bytes, &report)?;
+    memory_per_adapter(
+        args,
+        device,
+        &store,
+        &root,
+        &runtime,
+        adapter_bytes,
+        &report,
+    )?;
     if args.soak > 0.0 {
         soak(args, device, &store, &root, prompts, &runtime, &report)?;
     }
@@ -409,7 +431,10 @@ async fn load_probe(url: String, store: PathBuf, root: PathBuf, stop: Arc<Atomic
             break;
         }
         times.push(t.elapsed().as_secs_f64());
-        let _ = client.delete(format!("{url}/v1/adapters/probe")).send().await;
+        let _ = client
+            .delete(format!("{url}/v1/adapters/probe"))
+            .send()
+            .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     times
@@ -455,7 +480,10 @@ fn memory_per_adapter(
                 .await
                 .map_err(|e| e.to_string())?;
             if !r.status().is_success() {
-                return Err(format!("loading {name}: {}", r.text().await.unwrap_or_default()));
+                return Err(format!(
+                    "loading {name}: {}",
+                    r.text().await.unwrap_or_default()
+                ));
             }
         }
         Ok::<_, String>((before, rss()))
@@ -496,7 +524,10 @@ fn soak(
         .map(|i| (format!("a{i}"), store.join(format!("a{i}"))))
         .collect();
     for i in 16..20 {
-        copy_dir(&store.join(format!("a{i}")), &root.join(format!("churn{}", i - 16)))?;
+        copy_dir(
+            &store.join(format!("a{i}")),
+            &root.join(format!("churn{}", i - 16)),
+        )?;
     }
     let (server, url) = start_server(args, device, Mode::Bank, &stable, root)?;
     let mut models: Vec<String> = stable.iter().map(|(n, _)| n.clone()).collect();
