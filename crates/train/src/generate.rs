@@ -100,7 +100,7 @@ fn generate_all(
     model: &transformer::Gpt2,
     prompts: &[String],
 ) -> crate::Result<()> {
-    let tokenizer = Tokenizer::for_model(&args.model, &model.config)?;
+    let tokenizer = crate::model_tokenizer(&args.model, &model.config)?;
     if let Some(beams) = args.beams {
         for prompt in prompts {
             let cfg = BeamConfig {

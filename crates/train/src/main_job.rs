@@ -108,7 +108,7 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     let ckpt = Checkpoint::load(&args.model).map_err(|e| {
         format!("{e}\n(the base model ships in the repository; run from its root, or pass --model)")
     })?;
-    let tok = Tokenizer::for_model(&args.model, &ckpt.config)?;
+    let tok = crate::model_tokenizer(&args.model, &ckpt.config)?;
     let mut data = E2eData::load(&args.data)?;
     if let Some(n) = args.eval_limit {
         data.limit_heldout(n);

@@ -8,6 +8,7 @@ pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod gelu;
+pub mod activation;
 pub mod layernorm;
 pub mod matmul;
 pub mod permute;
