@@ -187,3 +187,18 @@ pub fn run(args: &EvalArgs, device: &Device) -> crate::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_tokens_in_the_text_are_scored_as_ids_and_counted() {
+        let tok = Tokenizer::gpt2();
+        let ids = tok.encode_with_special("one<|endoftext|>two<|endoftext|>");
+        assert_eq!(ids.iter().filter(|&&i| i == 50256).count(), 2);
+        let note = special_token_note(&tok, &ids).unwrap();
+        assert!(note.starts_with("the text spells 2 special token(s) (<|endoftext|> ×2)"), "{note}");
+        assert_eq!(special_token_note(&tok, &tok.encode("plain text")), None);
+    }
+}

@@ -54,7 +54,7 @@ use autograd::Schedule;
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use tensor::Device;
-use transformer::{Checkpoint, Tokenizer};
+use transformer::Checkpoint;
 
 use crate::checkpoint::{self, Saved};
 use crate::e2e::end_of_text;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use tensor::Device;
-use transformer::{BeamConfig, GenerateConfig, Tokenizer, beam_search, generate};
+use transformer::{BeamConfig, GenerateConfig, beam_search, generate};
 
 /// Options of `train generate`.
 #[derive(Args, Debug, Clone)]

@@ -28,7 +28,7 @@ pub mod trainer;
 use std::path::Path;
 
 use tensor::Device;
-use transformer::{Checkpoint, GptConfig, Gpt2, Tokenizer};
+use transformer::{Checkpoint, Gpt2, GptConfig, Tokenizer};
 
 /// Errors of the binary: any layer's error, printed as its message.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;

@@ -14,7 +14,7 @@ use std::time::Instant;
 use clap::Args;
 use lora::{LoraConfig, LoraModel, Target};
 use tensor::Device;
-use transformer::{Checkpoint, Gpt2, Tokenizer};
+use transformer::{Checkpoint, Gpt2};
 
 use crate::bleu::{Bleu, corpus_bleu};
 use crate::e2e::E2eData;

@@ -167,7 +167,11 @@ impl GptConfig {
         let (l, c) = (self.n_layer as u128, self.n_embd as u128);
         let (v, p) = (self.vocab_size as u128, self.n_positions as u128);
         let f = self.inner_size() as u128;
-        let head = if self.variant.tie_word_embeddings { 0 } else { v * c };
+        let head = if self.variant.tie_word_embeddings {
+            0
+        } else {
+            v * c
+        };
         let parameters = (v + p) * c + l * (4 * c * c + 2 * c * f + 9 * c + f) + 2 * c + head;
         if parameters > u128::from(Self::MAX_PARAMETERS) {
             return Err(format!(
@@ -302,7 +306,9 @@ fn refuse_other_architecture(obj: &Map<String, Value>) -> std::result::Result<()
         && v != "gpt2"
     {
         let arch = present(obj, "architectures").map_or(String::new(), |a| format!(" ({a})"));
-        return Err(format!("model_type {v}{arch} is another architecture: {supported}"));
+        return Err(format!(
+            "model_type {v}{arch} is another architecture: {supported}"
+        ));
     }
     if let Some(list) = present(obj, "architectures").and_then(Value::as_array) {
         for a in list {
@@ -425,19 +431,29 @@ mod tests {
             ),
             ("n_layer", json!(0), "`n_layer` must be positive, found 0"),
             (
-                "tokenizer",
-                json!("gpt2"),
-                "ids up to 50256, but `vocab_size` is 256",
-            ),
-            (
                 "activation_function",
-                json!("relu"),
-                "`activation_function`: expected \"gelu_new\"",
+                json!("tanh"),
+                "field `activation_function`: \"tanh\" is not one this program computes",
             ),
             (
                 "n_inner",
-                json!(100),
-                "field `n_inner`: expected null or 4·n_embd = 256, found 100",
+                json!("big"),
+                "field `n_inner`: expected null or a positive integer, found \"big\"",
+            ),
+            (
+                "scale_attn_weights",
+                json!(1),
+                "field `scale_attn_weights`: expected true or false, found 1",
+            ),
+            (
+                "model_type",
+                json!("llama"),
+                "model_type \"llama\" is another architecture: this program runs GPT-2 only",
+            ),
+            (
+                "add_cross_attention",
+                json!(true),
+                "field `add_cross_attention`: expected false",
             ),
         ];
         for (key, value, wanted) in cases {
@@ -450,6 +466,30 @@ mod tests {
         let error_of = |text: &str| GptConfig::from_json_str(text).unwrap_err().to_string();
         assert!(error_of("[1, 2]").contains("expected a JSON object"));
         assert!(error_of("{").contains("not valid JSON"));
+    }
+
+    #[test]
+    fn variants_are_read_and_written_back() {
+        let text = r#"{"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 256,
+            "n_positions": 64, "activation_function": "quick_gelu", "n_inner": 100,
+            "scale_attn_weights": false, "scale_attn_by_inverse_layer_idx": true,
+            "tie_word_embeddings": false}"#;
+        let cfg = GptConfig::from_json_str(text).unwrap();
+        let want = Variant {
+            activation: crate::Activation::QuickGelu,
+            n_inner: Some(100),
+            scale_attn_weights: false,
+            scale_attn_by_inverse_layer_idx: true,
+            tie_word_embeddings: false,
+        };
+        assert_eq!((&cfg.variant, cfg.inner_size()), (&want, 100));
+        assert_eq!(GptConfig::from_json_str(&cfg.to_json()).unwrap(), cfg);
+        assert_eq!(cfg.variant.attention_scale(16, 1), 0.5);
+        // Another architecture is named before any missing GPT-2 key.
+        let e = GptConfig::from_json_str(r#"{"model_type": "llama", "hidden_size": 8}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model_type \"llama\""), "{e}");
     }
 
     #[test]

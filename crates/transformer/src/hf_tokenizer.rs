@@ -74,7 +74,15 @@ impl HfTokenizer {
         let mut tk = Tokenizer::new(bpe);
         tk.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         tk.with_decoder(Some(ByteLevel::default()));
-        let added = added_token_files(dir)?;
+        let mut added = added_token_files(dir)?;
+        // `GPT2Tokenizer`'s defaults: `<|endoftext|>` is its bos, eos and unk token, special
+        // whether or not a file says so.
+        if tk.token_to_id(ENDOFTEXT).is_some()
+            && !added.iter().any(|(_, t, _)| t.content == ENDOFTEXT)
+        {
+            let token = AddedToken::from(ENDOFTEXT, true);
+            added.push((None, token, "vocab.json".into()));
+        }
         let mut names = vec!["vocab.json".to_string(), "merges.txt".to_string()];
         for (id, token, file) in &added {
             tk.add_special_tokens(std::slice::from_ref(token));
@@ -159,7 +167,11 @@ impl HfTokenizer {
             return Some(content.as_bytes().to_vec());
         }
         if !self.byte_level {
-            return self.special.decode(&[id], false).ok().map(String::into_bytes);
+            return self
+                .special
+                .decode(&[id], false)
+                .ok()
+                .map(String::into_bytes);
         }
         // GPT-2's table backwards; a character outside it stands for its own UTF-8 bytes, as
         // the `tokenizers` byte-level decoder does.
@@ -208,14 +220,20 @@ fn added_token_files(dir: &Path) -> Result<Vec<(Option<u32>, AddedToken, String)
             Error::tokenizer(Some(&path), "expected an object {\"token\": id, ...}")
         })?;
         for (content, id) in map {
-            let id = id.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(|| {
-                Error::tokenizer(
-                    Some(&path),
-                    format!("token `{content}`: expected an id, found {id}"),
-                )
-            })?;
+            let id = id
+                .as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| {
+                    Error::tokenizer(
+                        Some(&path),
+                        format!("token `{content}`: expected an id, found {id}"),
+                    )
+                })?;
             let token = AddedToken::from(content.clone(), true);
-            out.insert(content.clone(), (Some(id), token, "added_tokens.json".into()));
+            out.insert(
+                content.clone(),
+                (Some(id), token, "added_tokens.json".into()),
+            );
         }
     }
     if let Some((path, v)) = read("tokenizer_config.json")?
@@ -229,8 +247,12 @@ fn added_token_files(dir: &Path) -> Result<Vec<(Option<u32>, AddedToken, String)
                 )
             };
             let id: u32 = id.parse().map_err(|_| bad())?;
-            let content = spec.get("content").and_then(Value::as_str).ok_or_else(bad)?;
-            let flag = |k: &str, default: bool| spec.get(k).and_then(Value::as_bool).unwrap_or(default);
+            let content = spec
+                .get("content")
+                .and_then(Value::as_str)
+                .ok_or_else(bad)?;
+            let flag =
+                |k: &str, default: bool| spec.get(k).and_then(Value::as_bool).unwrap_or(default);
             let token = AddedToken::from(content, flag("special", true))
                 .lstrip(flag("lstrip", false))
                 .rstrip(flag("rstrip", false))

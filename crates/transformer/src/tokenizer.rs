@@ -119,21 +119,21 @@ impl Tokenizer {
             },
         };
         let (n, v) = (tokenizer.vocab_size(), config.vocab_size);
+        if built_in && n != v {
+            let message = format!(
+                "the directory ships no tokenizer files (tokenizer.json, or vocab.json + \
+                 merges.txt), and {} has {n} ids where config.json's vocab_size is \
+                 {v}: the model was trained with another tokenizer. Put that tokenizer's files \
+                 beside config.json",
+                tokenizer.describe(),
+            );
+            return Err(Error::tokenizer(Some(dir), message));
+        }
         if n > v {
             let message = format!(
                 "{} produces ids up to {}, but config.json's vocab_size is {v}",
                 tokenizer.describe(),
                 n - 1,
-            );
-            return Err(Error::tokenizer(Some(dir), message));
-        }
-        if built_in && n != v {
-            let message = format!(
-                "the directory ships no tokenizer files (tokenizer.json, or vocab.json + \
-                 merges.txt), and the built-in {} has {n} ids where config.json's vocab_size is \
-                 {v}: the model was trained with another tokenizer. Put that tokenizer's files \
-                 beside config.json",
-                tokenizer.describe(),
             );
             return Err(Error::tokenizer(Some(dir), message));
         }
@@ -353,6 +353,9 @@ mod tests {
         let mut cfg = GptConfig::gpt2_small();
         assert_eq!(Tokenizer::for_model(&dir, &cfg).unwrap().eot(), Some(50256));
         cfg.tokenizer = TokenizerKind::Bytes;
+        let e = Tokenizer::for_model(&dir, &cfg).unwrap_err().to_string();
+        assert!(e.contains("256 ids where config.json's vocab_size is 50257"), "{e}");
+        cfg.vocab_size = 256;
         assert_eq!(Tokenizer::for_model(&dir, &cfg).unwrap().vocab_size(), 256);
         std::fs::write(dir.join("merges.txt"), "").unwrap();
         let e = Tokenizer::for_model(&dir, &cfg).unwrap_err().to_string();

@@ -127,7 +127,9 @@ pub fn read_state_dict(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<N
     }
     let pickle = read_entry(&mut zip, &pkl_name, MAX_PICKLE_BYTES, file_len, path)?
         .ok_or_else(|| err(format!("`{pkl_name}` cannot be read")))?;
-    let top = Machine::default().run(&pickle).map_err(|m| err(format!("{pkl_name}: {m}")))?;
+    let top = Machine::default()
+        .run(&pickle)
+        .map_err(|m| err(format!("{pkl_name}: {m}")))?;
     let Obj::Dict(items) = top else {
         return Err(err(format!(
             "{pkl_name}: expected a state dict {{name: tensor}}, found {}",
@@ -138,7 +140,10 @@ pub fn read_state_dict(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<N
     let mut out = Vec::new();
     for (name, value) in items.borrow().iter() {
         let Obj::Str(name) = name else {
-            return Err(err(format!("a state-dict key is {}, not a name", kind(name))));
+            return Err(err(format!(
+                "a state-dict key is {}, not a name",
+                kind(name)
+            )));
         };
         let Obj::Tensor(t) = value else {
             return Err(err(format!(
@@ -178,7 +183,10 @@ fn read_entry(
     if entry.size() > max.min(file_len) {
         return Err(Error::checkpoint(
             path,
-            format!("`{name}` claims {} bytes, more than this reader accepts", entry.size()),
+            format!(
+                "`{name}` claims {} bytes, more than this reader accepts",
+                entry.size()
+            ),
         ));
     }
     let mut bytes = Vec::with_capacity(entry.size() as usize);
@@ -200,7 +208,11 @@ fn gather(t: &TensorRef, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> 
             t.dtype
         ));
     }
-    let n: usize = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
+    let n: usize = t
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("shape overflows")?;
     // The largest index the view touches must be inside the storage.
     let mut last = t.offset;
     for (&d, &s) in t.shape.iter().zip(&t.stride) {
@@ -228,7 +240,12 @@ fn gather(t: &TensorRef, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> 
     let mut out = Vec::with_capacity(n);
     let mut index = vec![0usize; t.shape.len()];
     for _ in 0..n {
-        let at = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
+        let at = t.offset
+            + index
+                .iter()
+                .zip(&t.stride)
+                .map(|(i, s)| i * s)
+                .sum::<usize>();
         out.push(value(at));
         for axis in (0..index.len()).rev() {
             index[axis] += 1;
@@ -295,7 +312,10 @@ impl<'a> Reader<'a> {
     }
     fn line(&mut self) -> R<String> {
         let rest = &self.bytes[self.at..];
-        let n = rest.iter().position(|&b| b == b'\n').ok_or("unterminated GLOBAL")?;
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("unterminated GLOBAL")?;
         let s = std::str::from_utf8(&rest[..n]).map_err(|_| "GLOBAL name is not UTF-8")?;
         self.at += n + 1;
         Ok(s.to_string())
@@ -316,7 +336,9 @@ impl Machine {
     }
 
     fn pop(&mut self) -> R<Obj> {
-        self.stack.pop().ok_or_else(|| "stack underflow".to_string())
+        self.stack
+            .pop()
+            .ok_or_else(|| "stack underflow".to_string())
     }
 
     /// Everything above the topmost mark, which is removed.
@@ -341,7 +363,11 @@ impl Machine {
     }
 
     fn memo_get(&mut self, key: u32) -> R<()> {
-        let o = self.memo.get(&key).ok_or_else(|| format!("memo {key} is empty"))?.clone();
+        let o = self
+            .memo
+            .get(&key)
+            .ok_or_else(|| format!("memo {key} is empty"))?
+            .clone();
         self.push(o)
     }
 
@@ -550,12 +576,19 @@ impl Machine {
 /// `('storage', <dtype global>, key, location, numel)` → a storage.
 fn persistent_storage(pid: Obj) -> R<Obj> {
     let Obj::Tuple(items) = pid else {
-        return Err(format!("persistent id is {}, not a storage tuple", kind(&pid)));
+        return Err(format!(
+            "persistent id is {}, not a storage tuple",
+            kind(&pid)
+        ));
     };
     match items.as_slice() {
-        [Obj::Str(tag), Obj::Global(class), Obj::Str(key), Obj::Str(_location), Obj::Int(numel)]
-            if tag == "storage" && *numel >= 0 =>
-        {
+        [
+            Obj::Str(tag),
+            Obj::Global(class),
+            Obj::Str(key),
+            Obj::Str(_location),
+            Obj::Int(numel),
+        ] if tag == "storage" && *numel >= 0 => {
             let dtype = match *class {
                 "torch.FloatStorage" => Dtype::F32,
                 "torch.HalfStorage" => Dtype::F16,
@@ -601,7 +634,9 @@ fn call(f: Obj, args: Obj) -> R<Obj> {
             let shape = usizes(&args[2], "size")?;
             let stride = usizes(&args[3], "stride")?;
             if shape.len() != stride.len() || offset < 0 {
-                return Err(format!("`{g}`: size {shape:?}, stride {stride:?}, offset {offset}"));
+                return Err(format!(
+                    "`{g}`: size {shape:?}, stride {stride:?}, offset {offset}"
+                ));
             }
             Ok(Obj::Tensor(Box::new(TensorRef {
                 key: key.clone(),
@@ -631,7 +666,10 @@ mod tests {
     #[test]
     fn a_foreign_global_is_refused_by_name() {
         let e = run(b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85R.").unwrap_err();
-        assert!(e.contains("`posix.system`") && e.contains("never runs code"), "{e}");
+        assert!(
+            e.contains("`posix.system`") && e.contains("never runs code"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -646,14 +684,26 @@ mod tests {
         let pickle = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01(X\x01\x00\x00\x00w\
 ctorch._utils\n_rebuild_tensor_v2\nq\x02((X\x07\x00\x00\x00storagectorch\nFloatStorage\n\
 X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06tQK\x01K\x02K\x02\x86K\x01K\x02\x86\x89h\x00)Rtq\x03Rq\x04u.";
-        let Obj::Dict(d) = run(pickle).unwrap() else { panic!() };
+        let Obj::Dict(d) = run(pickle).unwrap() else {
+            panic!()
+        };
         let d = d.borrow();
         let Obj::Tensor(t) = &d[0].1 else { panic!() };
-        assert_eq!((t.offset, &t.shape[..], &t.stride[..]), (1, &[2, 2][..], &[1, 2][..]));
+        assert_eq!(
+            (t.offset, &t.shape[..], &t.stride[..]),
+            (1, &[2, 2][..], &[1, 2][..])
+        );
         let bytes: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
         // Element (r, c) is storage[1 + r + 2c]: a transposed view.
         assert_eq!(gather(t, &bytes).unwrap(), [1.0, 3.0, 2.0, 4.0]);
-        let short = TensorRef { offset: 3, ..(**t).clone() };
-        assert!(gather(&short, &bytes).unwrap_err().contains("reach element 6"));
+        let short = TensorRef {
+            offset: 3,
+            ..(**t).clone()
+        };
+        assert!(
+            gather(&short, &bytes)
+                .unwrap_err()
+                .contains("reach element 6")
+        );
     }
 }

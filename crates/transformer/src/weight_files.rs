@@ -24,7 +24,10 @@ const MAX_INDEX_BYTES: u64 = 64 << 20;
 
 /// The tensors of `dir` whose names pass `keep`, and the path to name in later errors (the file,
 /// or the index for shards).
-pub fn read_weights(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<(Vec<NamedTensor>, PathBuf)> {
+pub fn read_weights(
+    dir: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(Vec<NamedTensor>, PathBuf)> {
     let single = dir.join("model.safetensors");
     if single.exists() {
         return Ok((tensor_file::read_tensors_where(&single, keep)?, single));
@@ -88,12 +91,16 @@ fn read_sharded(
     let value: Value =
         serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
     let Some(map) = value.get("weight_map").and_then(Value::as_object) else {
-        return Err(err("expected an object `weight_map` {tensor: shard file}".into()));
+        return Err(err(
+            "expected an object `weight_map` {tensor: shard file}".into()
+        ));
     };
     let mut by_shard: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for (tensor, file) in map {
         let Some(file) = file.as_str() else {
-            return Err(err(format!("tensor `{tensor}`: expected a file name, found {file}")));
+            return Err(err(format!(
+                "tensor `{tensor}`: expected a file name, found {file}"
+            )));
         };
         // A shard is a file beside the index, never a path elsewhere.
         let plain = Path::new(file).file_name().is_some_and(|n| n == file)

@@ -55,13 +55,19 @@ fn tokenizer_fixture_matches(name: &str) -> Tokenizer {
     let tok = Tokenizer::for_model(dir(name), &ckpt.config).unwrap();
     let model = Gpt2::from_checkpoint(&ckpt, &Device::cpu(), false).unwrap();
     let want = expected(name);
-    assert_eq!(tok.vocab_size() as u64, want["vocab_size"].as_u64().unwrap());
+    assert_eq!(
+        tok.vocab_size() as u64,
+        want["vocab_size"].as_u64().unwrap()
+    );
     for case in want["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let ids = tok.encode_with_special(text);
         assert_eq!(ids, ids_of(&case["ids"]), "{name}: ids of {text:?}");
         let (got, hf) = (loss(&model, &ids), case["loss_f64"].as_f64().unwrap());
-        assert!((got - hf).abs() < 1e-4, "{name}: loss of {text:?} {got} vs HF {hf}");
+        assert!(
+            (got - hf).abs() < 1e-4,
+            "{name}: loss of {text:?} {got} vs HF {hf}"
+        );
         assert_eq!(tok.decode(&ids), text, "{name}: decode");
     }
     tok
@@ -73,7 +79,10 @@ fn added_special_token_and_endoftext_are_what_transformers_makes_of_them() {
     for name in ["bpe-added", "bpe-added-v4"] {
         let tok = tokenizer_fixture_matches(name);
         let specials = tok.special_tokens();
-        assert!(specials.contains(&("<|sep|>".to_string(), 300)), "{specials:?}");
+        assert!(
+            specials.contains(&("<|sep|>".to_string(), 300)),
+            "{specials:?}"
+        );
         assert!(tok.describe().contains("<|sep|>"), "{}", tok.describe());
         // Plain `encode` reads them as characters: no special id.
         let plain = tok.encode("a question<|sep|> an answer<|endoftext|>");
@@ -86,9 +95,17 @@ fn added_special_token_and_endoftext_are_what_transformers_makes_of_them() {
 fn a_directorys_own_bpe_is_used_from_tokenizer_json_or_vocab_and_merges() {
     // Bug 4 (tokenizer.json only, not GPT-2's) and the own smaller BPE (vocab.json + merges.txt).
     let json = tokenizer_fixture_matches("bpe-own");
-    assert!(json.describe().starts_with("tokenizer.json"), "{}", json.describe());
+    assert!(
+        json.describe().starts_with("tokenizer.json"),
+        "{}",
+        json.describe()
+    );
     let files = tokenizer_fixture_matches("bpe-own-v4");
-    assert!(files.describe().starts_with("vocab.json + merges.txt"), "{}", files.describe());
+    assert!(
+        files.describe().starts_with("vocab.json + merges.txt"),
+        "{}",
+        files.describe()
+    );
     // Our own BPE (the teaching version) gives the same ids for these files.
     let ours = Tokenizer::from_files(
         dir("bpe-own-v4").join("vocab.json"),
@@ -150,7 +167,10 @@ fn variant_matches(name: &str, device: &Device) {
         let key = format!("grad_f64.{}", p.name());
         ok &= check_tensor(p.name(), &g.to_vec().unwrap(), get(&want, &key), 1e-4, 1e-3);
     }
-    assert!(ok, "{name} on {device:?}: gradients differ from transformers");
+    assert!(
+        ok,
+        "{name} on {device:?}: gradients differ from transformers"
+    );
 }
 
 const VARIANTS: [&str; 10] = [
@@ -202,7 +222,9 @@ fn untied_head_round_trips_through_save() {
 
 #[test]
 fn other_architectures_and_formats_are_refused_by_name() {
-    let e = Checkpoint::load(dir("llama-config")).unwrap_err().to_string();
+    let e = Checkpoint::load(dir("llama-config"))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("model_type \"llama\"") && e.contains("GPT-2 only"),
         "{e}"

@@ -74,7 +74,11 @@ fn normal_cdf(v: f32) -> f32 {
 
 fn sigmoid(z: f32) -> f32 {
     let e = (-z.abs()).exp();
-    if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) }
+    if z >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    }
 }
 
 impl Activation {
@@ -147,7 +151,12 @@ fn launch(
             bindings.push((2, dv.binding));
         }
         let groups = grid_2d(len, 256, ctx.limits.max_compute_workgroups_per_dimension);
-        ctx.dispatch(kernel(entry), bytemuck::bytes_of(&params), &bindings, groups)?;
+        ctx.dispatch(
+            kernel(entry),
+            bytemuck::bytes_of(&params),
+            &bindings,
+            groups,
+        )?;
     }
     Ok(())
 }
@@ -157,7 +166,11 @@ pub fn activation(kind: Activation, x: &Tensor) -> Result<Tensor> {
     let _profile = crate::profile::scope("elementwise");
     match x.device() {
         Device::Cpu(ctx) => {
-            let out = x.cpu_data()?.iter().map(|&v| kind.forward_scalar(v)).collect();
+            let out = x
+                .cpu_data()?
+                .iter()
+                .map(|&v| kind.forward_scalar(v))
+                .collect();
             Ok(Tensor::cpu_from(&ctx, out, x.shape()))
         }
         Device::Gpu(ctx) => {
@@ -256,7 +269,10 @@ mod tests {
         let dys = random_vec(49, 3);
         let dy = Tensor::from_vec(dys.clone(), &[49], &cpu).unwrap();
         for kind in ALL {
-            let want: Vec<f32> = xs.iter().map(|&v| forward64(kind, v as f64) as f32).collect();
+            let want: Vec<f32> = xs
+                .iter()
+                .map(|&v| forward64(kind, v as f64) as f32)
+                .collect();
             let got = activation(kind, &x).unwrap().to_vec().unwrap();
             assert_close_slices(&format!("{kind:?}"), &got, &want, 1e-6, 1e-6);
             let h = 1e-5;
@@ -265,10 +281,14 @@ mod tests {
                 .zip(&dys)
                 .map(|(&v, &d)| {
                     let v = v as f64;
-                    (d as f64 * (forward64(kind, v + h) - forward64(kind, v - h)) / (2.0 * h)) as f32
+                    (d as f64 * (forward64(kind, v + h) - forward64(kind, v - h)) / (2.0 * h))
+                        as f32
                 })
                 .collect();
-            let got = activation_backward(kind, &x, &dy).unwrap().to_vec().unwrap();
+            let got = activation_backward(kind, &x, &dy)
+                .unwrap()
+                .to_vec()
+                .unwrap();
             assert_close_slices(&format!("{kind:?}'"), &got, &fd, 1e-5, 1e-5);
         }
         // PyTorch's hand values: F.gelu(1.0) = 0.8413447, F.silu(-1.0) = -0.2689414.
@@ -335,6 +355,9 @@ mod tests {
         let e = activation_backward(Activation::Relu, &x, &dy)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("activation_backward") && e.contains("[3, 2]"), "{e}");
+        assert!(
+            e.contains("activation_backward") && e.contains("[3, 2]"),
+            "{e}"
+        );
     }
 }
