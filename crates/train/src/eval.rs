@@ -198,7 +198,10 @@ mod tests {
         let ids = tok.encode_with_special("one<|endoftext|>two<|endoftext|>");
         assert_eq!(ids.iter().filter(|&&i| i == 50256).count(), 2);
         let note = special_token_note(&tok, &ids).unwrap();
-        assert!(note.starts_with("the text spells 2 special token(s) (<|endoftext|> ×2)"), "{note}");
+        assert!(
+            note.starts_with("the text spells 2 special token(s) (<|endoftext|> ×2)"),
+            "{note}"
+        );
         assert_eq!(special_token_note(&tok, &tok.encode("plain text")), None);
     }
 }

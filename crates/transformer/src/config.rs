@@ -110,7 +110,9 @@ impl GptConfig {
 
     /// The MLP's width: `n_inner`, 4·C unless the config says otherwise.
     pub fn inner_size(&self) -> usize {
-        self.variant.n_inner.unwrap_or(4 * self.n_embd)
+        self.variant
+            .n_inner
+            .unwrap_or(self.n_embd.saturating_mul(4))
     }
 
     /// hs: channels per attention head, C / NH.

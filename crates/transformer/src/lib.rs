@@ -40,8 +40,10 @@
 //! ln_f.weight, .bias         (C)               final layer norm; logits = ln_f(x)·wteᵀ  (B,T,V)
 //! ```
 //!
-//! A model directory holds `config.json` ([`GptConfig`]) and `model.safetensors`
-//! ([`Checkpoint`]), and optionally `vocab.json` + `merges.txt` ([`Tokenizer::for_model`]).
+//! A model directory holds `config.json` ([`GptConfig`], with its [`Variant`]), the weights
+//! ([`Checkpoint`]: `model.safetensors`, shards with an index, or `pytorch_model.bin` through the
+//! code-free [`torch_pickle`] reader), and optionally its tokenizer, `tokenizer.json` or
+//! `vocab.json` + `merges.txt` ([`Tokenizer::for_model`]).
 //!
 //! # Reading order
 //!

@@ -354,7 +354,10 @@ mod tests {
         assert_eq!(Tokenizer::for_model(&dir, &cfg).unwrap().eot(), Some(50256));
         cfg.tokenizer = TokenizerKind::Bytes;
         let e = Tokenizer::for_model(&dir, &cfg).unwrap_err().to_string();
-        assert!(e.contains("256 ids where config.json's vocab_size is 50257"), "{e}");
+        assert!(
+            e.contains("256 ids where config.json's vocab_size is 50257"),
+            "{e}"
+        );
         cfg.vocab_size = 256;
         assert_eq!(Tokenizer::for_model(&dir, &cfg).unwrap().vocab_size(), 256);
         std::fs::write(dir.join("merges.txt"), "").unwrap();
