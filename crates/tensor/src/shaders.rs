@@ -33,6 +33,8 @@ pub const ELEMENTWISE: &str = shader!("elementwise");
 pub const MATMUL: &str = shader!("matmul");
 /// `shaders/gelu.wgsl`, launched from `ops/gelu.rs`.
 pub const GELU: &str = shader!("gelu");
+/// `shaders/activation.wgsl`, launched from `ops/activation.rs`.
+pub const ACTIVATION: &str = shader!("activation");
 /// `shaders/softmax.wgsl`, launched from `ops/softmax.rs`.
 pub const SOFTMAX: &str = shader!("softmax");
 /// `shaders/layernorm.wgsl`, launched from `ops/layernorm.rs`.
@@ -62,6 +64,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("elementwise", ELEMENTWISE),
     ("matmul", MATMUL),
     ("gelu", GELU),
+    ("activation", ACTIVATION),
     ("softmax", SOFTMAX),
     ("layernorm", LAYERNORM),
     ("embedding", EMBEDDING),

@@ -1,7 +1,9 @@
 //! `train eval`: how well a model predicts a text file.
 //!
-//! The text is tokenised whole (no token added), cut into consecutive windows of the model's
-//! context length, and each window is scored on predicting its tokens 2..T from the ones before
+//! The text is tokenised whole (no token added) as Hugging Face's `tokenizer(text,
+//! add_special_tokens=False)` does: a special token spelled in the text (`<|endoftext|>`, or an
+//! added token of the model's tokenizer such as `<|sep|>`) becomes its id, and a note on stderr
+//! says how many there were. It is then cut into consecutive windows of the model's context length, and each window is scored on predicting its tokens 2..T from the ones before
 //! (a text shorter than the context is one window). The loss is the mean next-token
 //! cross-entropy over every predicted token; perplexity = e^loss.
 
@@ -13,15 +15,23 @@ use tensor::Device;
 use transformer::{Gpt2, Tokenizer};
 
 /// Options of `train eval`.
+///
+/// Special tokens in the text: a literal `<|endoftext|>` (or another special or added token of
+/// the model's tokenizer, such as `<|sep|>`) is scored as that token's id, exactly as Hugging
+/// Face's tokenizer encodes it, and eval prints a note on stderr saying how many it found.
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
-    /// Model directory: config.json + model.safetensors (+ vocab.json, merges.txt).
+    /// Model directory: config.json + model.safetensors (or model.safetensors.index.json and
+    /// its shards) + the model's tokenizer: tokenizer.json, or vocab.json + merges.txt (with
+    /// added_tokens.json). Without tokenizer files, GPT-2's built-in tokenizer (or bytes for a
+    /// 256-token model); a note on stderr says which is used.
     #[arg(long)]
     pub model: PathBuf,
     /// A LoRA adapter directory in PEFT's layout (ours or one PEFT saved), applied unmerged.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// A UTF-8 text file to score.
+    /// A UTF-8 text file to score. A literal `<|endoftext|>` in it is the end-of-text token, as
+    /// in Hugging Face's tokenizer (a note on stderr counts them).
     #[arg(long)]
     pub data: PathBuf,
     /// Windows scored together.
@@ -118,14 +128,39 @@ pub fn score(model: &Gpt2, ids: &[u32], batch: usize) -> crate::Result<(f64, usi
     Ok((total / count as f64, count))
 }
 
+/// What `ids` hold of the tokenizer's special tokens, when any: `"the text spells 2 special
+/// tokens (<|endoftext|> ×2); each is scored as its token id, as Hugging Face's tokenizer encodes
+/// it"`.
+pub fn special_token_note(tokenizer: &Tokenizer, ids: &[u32]) -> Option<String> {
+    let mut found = Vec::new();
+    let mut total = 0;
+    for (name, id) in tokenizer.special_tokens() {
+        let n = ids.iter().filter(|&&i| i == id).count();
+        if n > 0 {
+            found.push(format!("{name} ×{n}"));
+            total += n;
+        }
+    }
+    (total > 0).then(|| {
+        format!(
+            "the text spells {total} special token(s) ({}); each is scored as its token id, as \
+             Hugging Face's tokenizer encodes it",
+            found.join(", ")
+        )
+    })
+}
+
 /// `train eval`.
 pub fn run(args: &EvalArgs, device: &Device) -> crate::Result<()> {
     let (model, _lora) = crate::load_with_adapter(&args.model, args.adapter.as_deref(), device)?;
-    let tokenizer = Tokenizer::for_model(&args.model, &model.config)?;
+    let tokenizer = crate::model_tokenizer(&args.model, &model.config)?;
     let text = std::fs::read(&args.data).map_err(|e| format!("{}: {e}", args.data.display()))?;
     let text = String::from_utf8(text)
         .map_err(|e| format!("{}: not UTF-8 text ({e})", args.data.display()))?;
-    let ids = tokenizer.encode(&text);
+    let ids = tokenizer.encode_with_special(&text);
+    if let Some(note) = special_token_note(&tokenizer, &ids) {
+        eprintln!("note: {note}");
+    }
     let (loss, tokens) = score(&model, &ids, args.batch)?;
     let windows = ids.len().div_ceil(model.config.n_positions);
     let bleu = match &args.references {
@@ -151,4 +186,22 @@ pub fn run(args: &EvalArgs, device: &Device) -> crate::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_tokens_in_the_text_are_scored_as_ids_and_counted() {
+        let tok = Tokenizer::gpt2();
+        let ids = tok.encode_with_special("one<|endoftext|>two<|endoftext|>");
+        assert_eq!(ids.iter().filter(|&&i| i == 50256).count(), 2);
+        let note = special_token_note(&tok, &ids).unwrap();
+        assert!(
+            note.starts_with("the text spells 2 special token(s) (<|endoftext|> ×2)"),
+            "{note}"
+        );
+        assert_eq!(special_token_note(&tok, &tok.encode("plain text")), None);
+    }
 }

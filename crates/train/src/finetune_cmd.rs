@@ -54,7 +54,7 @@ use autograd::Schedule;
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use tensor::Device;
-use transformer::{Checkpoint, Tokenizer};
+use transformer::Checkpoint;
 
 use crate::checkpoint::{self, Saved};
 use crate::e2e::end_of_text;
@@ -217,7 +217,7 @@ impl FinetuneArgs {
 pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
     let started = Instant::now();
     let base = Checkpoint::load(&args.model)?;
-    let tok = Tokenizer::for_model(&args.model, &base.config)?;
+    let tok = crate::model_tokenizer(&args.model, &base.config)?;
     let context = base.config.n_positions;
     let seq_len = args.seq_len.unwrap_or(context);
     if !(2..=context).contains(&seq_len) {

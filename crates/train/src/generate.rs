@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use tensor::Device;
-use transformer::{BeamConfig, GenerateConfig, Tokenizer, beam_search, generate};
+use transformer::{BeamConfig, GenerateConfig, beam_search, generate};
 
 /// Options of `train generate`.
 #[derive(Args, Debug, Clone)]
@@ -100,7 +100,7 @@ fn generate_all(
     model: &transformer::Gpt2,
     prompts: &[String],
 ) -> crate::Result<()> {
-    let tokenizer = Tokenizer::for_model(&args.model, &model.config)?;
+    let tokenizer = crate::model_tokenizer(&args.model, &model.config)?;
     if let Some(beams) = args.beams {
         for prompt in prompts {
             let cfg = BeamConfig {

@@ -42,11 +42,19 @@ pub mod trainer;
 use std::path::Path;
 
 use tensor::Device;
-use transformer::{Checkpoint, Gpt2};
+use transformer::{Checkpoint, Gpt2, GptConfig, Tokenizer};
 
 /// Errors of the binary: any layer's error, printed as its message.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The tokenizer of the model in `dir` ([`Tokenizer::for_model`]), saying on stderr which one it
+/// is: the directory's own files, or a built-in one.
+pub fn model_tokenizer(dir: &Path, config: &GptConfig) -> Result<Tokenizer> {
+    let tokenizer = Tokenizer::for_model(dir, config)?;
+    eprintln!("note: tokenizer: {}", tokenizer.describe());
+    Ok(tokenizer)
+}
 
 /// Load a model directory onto `device`, every parameter trainable or every one frozen.
 pub fn load_model(dir: &Path, device: &Device, trainable: bool) -> Result<Gpt2> {

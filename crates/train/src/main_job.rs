@@ -14,7 +14,7 @@ use std::time::Instant;
 use clap::Args;
 use lora::{LoraConfig, LoraModel, Target};
 use tensor::Device;
-use transformer::{Checkpoint, Gpt2, Tokenizer};
+use transformer::{Checkpoint, Gpt2};
 
 use crate::bleu::{Bleu, corpus_bleu};
 use crate::e2e::E2eData;
@@ -112,7 +112,7 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     let ckpt = Checkpoint::load(&args.model).map_err(|e| {
         format!("{e}\n(the base model ships in the repository; run from its root, or pass --model)")
     })?;
-    let tok = Tokenizer::for_model(&args.model, &ckpt.config)?;
+    let tok = crate::model_tokenizer(&args.model, &ckpt.config)?;
     let mut data = E2eData::load(&args.data)?;
     if let Some(n) = args.eval_limit {
         data.limit_heldout(n);

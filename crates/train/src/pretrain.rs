@@ -139,6 +139,7 @@ pub fn run(args: &PretrainArgs, device: &Device) -> crate::Result<()> {
         n_positions: args.ctx,
         layer_norm_epsilon: 1e-5,
         tokenizer: TokenizerKind::Gpt2,
+        variant: Default::default(),
     };
     let mut rng = StdRng::seed_from_u64(args.seed);
     let corpus = corpus(args, &tok, &mut rng)?;

@@ -5,10 +5,15 @@
 //! Hugging Face's without the `transformer.` prefix (the crate docs show the full layout).
 //!
 //! [`Checkpoint::load`] accepts what `transformers` writes and what the Hub serves:
+//! - the weights in one of three layouts, looked for in this order: `model.safetensors`;
+//!   `model.safetensors.index.json` with the shards its `weight_map` names
+//!   (`save_pretrained(max_shard_size=...)`, large models on the Hub); `pytorch_model.bin`,
+//!   PyTorch's pickle, read by a reader that only rebuilds tensors (`torch_pickle.rs`);
 //! - keys with the `transformer.` prefix (`GPT2LMHeadModel.save_pretrained`) or without it
 //!   (`GPT2Model`, and `openai-community/gpt2`'s own `model.safetensors`);
-//! - `lm_head.weight`, if it equals `wte.weight` bit for bit (we tie the two; an untied head is
-//!   an error, since ignoring it would silently change the model);
+//! - `lm_head.weight`: with `tie_word_embeddings` (the default) it must equal `wte.weight` bit for
+//!   bit (ignoring a different one would silently change the model); with
+//!   `"tie_word_embeddings": false` it is the model's own output head, in the size table;
 //! - the attention buffers `h.{i}.attn.bias` (the causal mask) and `h.{i}.attn.masked_bias`,
 //!   which are constants, not parameters: skipped;
 //! - f32, f16 or bf16 storage, read to f32.
@@ -27,11 +32,13 @@ use std::path::Path;
 use crate::config::GptConfig;
 use crate::error::{Error, Result};
 use crate::tensor_file::{self, NamedTensor, SaveDtype};
+use crate::weight_files;
 
 /// Every parameter of a GPT-2 with this config, in a fixed order: name (Hugging Face's, without
-/// `transformer.`) and shape. Conv1D weights are stored `[in, out]`, so `y = x·W + b`.
+/// `transformer.`) and shape. Conv1D weights are stored `[in, out]`, so `y = x·W + b`. An untied
+/// model ends with `lm_head.weight` (V, C), a name `transformers` writes without the prefix.
 pub fn parameter_shapes(cfg: &GptConfig) -> Vec<(String, Vec<usize>)> {
-    let (c, v) = (cfg.n_embd, cfg.vocab_size);
+    let (c, v, f) = (cfg.n_embd, cfg.vocab_size, cfg.inner_size());
     let mut table = vec![
         ("wte.weight".to_string(), vec![v, c]), // token embedding (V,C), tied to lm_head
         ("wpe.weight".to_string(), vec![cfg.n_positions, c]), // position embedding (n_positions,C)
@@ -46,9 +53,9 @@ pub fn parameter_shapes(cfg: &GptConfig) -> Vec<(String, Vec<usize>)> {
             ("attn.c_proj.bias", vec![c]),
             ("ln_2.weight", vec![c]),
             ("ln_2.bias", vec![c]),
-            ("mlp.c_fc.weight", vec![c, 4 * c]), // expand: (C,4C)
-            ("mlp.c_fc.bias", vec![4 * c]),
-            ("mlp.c_proj.weight", vec![4 * c, c]), // contract: (4C,C)
+            ("mlp.c_fc.weight", vec![c, f]), // expand: (C,F), F = n_inner, 4C by default
+            ("mlp.c_fc.bias", vec![f]),
+            ("mlp.c_proj.weight", vec![f, c]), // contract: (F,C)
             ("mlp.c_proj.bias", vec![c]),
         ];
         table.extend(
@@ -59,8 +66,14 @@ pub fn parameter_shapes(cfg: &GptConfig) -> Vec<(String, Vec<usize>)> {
     }
     table.push(("ln_f.weight".to_string(), vec![c]));
     table.push(("ln_f.bias".to_string(), vec![c]));
+    if !cfg.variant.tie_word_embeddings {
+        table.push((LM_HEAD.to_string(), vec![v, c]));
+    }
     table
 }
+
+/// The untied output head's name, the same in `GPT2LMHeadModel` files with or without prefix.
+pub const LM_HEAD: &str = "lm_head.weight";
 
 /// Number of parameters (lm_head tied, so counted once): 124,439,808 for GPT-2 small.
 pub fn num_parameters(cfg: &GptConfig) -> usize {
@@ -84,15 +97,14 @@ pub struct Checkpoint {
 const PREFIX: &str = "transformer.";
 
 impl Checkpoint {
-    /// Loads `dir/config.json` and `dir/model.safetensors` (see the module docs for what is
+    /// Loads `dir/config.json` and the weights beside it (see the module docs for what is
     /// accepted).
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let config = GptConfig::from_file(dir.join("config.json"))?;
-        let path = dir.join("model.safetensors");
         let unprefixed = |key: &str| key.strip_prefix(PREFIX).unwrap_or(key).to_string();
-        let found =
-            tensor_file::read_tensors_where(&path, |key| !is_attention_buffer(&unprefixed(key)))?;
+        let (found, path) =
+            weight_files::read_weights(dir, |key| !is_attention_buffer(&unprefixed(key)))?;
         Self::from_file_tensors(config, found, &path)
     }
 
@@ -103,7 +115,7 @@ impl Checkpoint {
         let mut lm_head = None;
         for (key, shape, data) in found {
             let name = key.strip_prefix(PREFIX).unwrap_or(&key).to_string();
-            if name == "lm_head.weight" {
+            if name == LM_HEAD && config.variant.tie_word_embeddings {
                 lm_head = Some((shape, data));
             } else if by_name.insert(name.clone(), (shape, data)).is_some() {
                 return Err(err(format!(
@@ -153,8 +165,9 @@ impl Checkpoint {
                     .all(|(a, b)| a.to_bits() == b.to_bits());
             if !same {
                 return Err(err(
-                    "tensor `lm_head.weight` differs from `wte.weight`; this crate ties the \
-                     output projection to the token embedding, so an untied head cannot be loaded"
+                    "tensor `lm_head.weight` differs from `wte.weight`, but config.json ties \
+                     them (tie_word_embeddings is absent or true): set \"tie_word_embeddings\": \
+                     false if the head is the model's own"
                         .to_string(),
                 ));
             }
@@ -188,7 +201,7 @@ impl Checkpoint {
         let tensors = self
             .tensors
             .iter()
-            .map(|(name, shape, data)| (format!("{PREFIX}{name}"), &shape[..], &data[..]));
+            .map(|(name, shape, data)| (saved_name(name), &shape[..], &data[..]));
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         tensor_file::write_tensors(&path, tensors, dtype, Some(metadata))?;
         tensor_file::write_file_atomically(
@@ -222,6 +235,15 @@ impl Checkpoint {
             }
         }
         Ok(())
+    }
+}
+
+/// The name `GPT2LMHeadModel` saves a parameter under: `transformer.` + ours, `lm_head.weight` as is.
+fn saved_name(name: &str) -> String {
+    if name == LM_HEAD {
+        name.to_string()
+    } else {
+        format!("{PREFIX}{name}")
     }
 }
 

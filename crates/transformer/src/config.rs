@@ -2,10 +2,11 @@
 //! Hugging Face `config.json`.
 //!
 //! Hugging Face configs carry many keys (dropouts, generation defaults, summary heads...). We read
-//! the five sizes and the layer-norm epsilon, ignore keys that do not change the math, and refuse
-//! keys that would make this crate compute a different function than `transformers` does (another
-//! activation, an `n_inner` other than 4·C, untied embeddings, ...), so a checkpoint either loads
-//! and means what it meant in PyTorch, or fails with a message saying why.
+//! the five sizes and the layer-norm epsilon, the keys of [`Variant`] (activation, MLP width,
+//! attention scale, untied head), ignore keys that do not change the math, and refuse keys that
+//! would make this crate compute a different function than `transformers` does (another
+//! architecture's `model_type`, an activation we do not compute, cross-attention), so a checkpoint
+//! either loads and means what it meant in PyTorch, or fails with a message saying why.
 //!
 //! A config is also a promise about sizes that later code allocates from (the size table, the
 //! model), so [`GptConfig::validate`] bounds them ([`GptConfig::MAX_LAYERS`],
@@ -19,6 +20,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
 use crate::tensor_file::read_text;
+use crate::variant::Variant;
 
 /// The largest `config.json` read (16 MiB; Hugging Face's GPT-2 config is under 1 kB).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
@@ -71,6 +73,8 @@ pub struct GptConfig {
     pub layer_norm_epsilon: f32,
     /// Tokenizer to use when the model directory has no tokenizer files.
     pub tokenizer: TokenizerKind,
+    /// Activation, MLP width, attention scale, tied head ([`Variant::default`]: GPT-2's).
+    pub variant: Variant,
 }
 
 impl GptConfig {
@@ -100,7 +104,15 @@ impl GptConfig {
             n_positions: 1024,
             layer_norm_epsilon: 1e-5,
             tokenizer: TokenizerKind::Gpt2,
+            variant: Variant::default(),
         }
+    }
+
+    /// The MLP's width: `n_inner`, 4·C unless the config says otherwise.
+    pub fn inner_size(&self) -> usize {
+        self.variant
+            .n_inner
+            .unwrap_or(self.n_embd.saturating_mul(4))
     }
 
     /// hs: channels per attention head, C / NH.
@@ -122,8 +134,8 @@ impl GptConfig {
 
     /// Checks that the sizes describe a model we can build: all positive and within
     /// [`GptConfig::MAX_LAYERS`] / [`GptConfig::MAX_DIM`], at most
-    /// [`GptConfig::MAX_PARAMETERS`] parameters in all, C divisible by NH, ε positive, and a
-    /// vocabulary large enough for the tokenizer's ids.
+    /// [`GptConfig::MAX_PARAMETERS`] parameters in all, C divisible by NH, ε positive. (Whether
+    /// the vocabulary fits the tokenizer is [`crate::Tokenizer::for_model`]'s check.)
     pub fn validate(&self) -> Result<()> {
         self.check().map_err(|message| Error::Config {
             path: None,
@@ -138,6 +150,7 @@ impl GptConfig {
             ("n_embd", self.n_embd),
             ("vocab_size", self.vocab_size),
             ("n_positions", self.n_positions),
+            ("n_inner", self.inner_size()),
         ];
         for (key, value) in sizes {
             if value == 0 {
@@ -155,7 +168,13 @@ impl GptConfig {
         // Within the bounds above every term fits in u128 (and most in u64).
         let (l, c) = (self.n_layer as u128, self.n_embd as u128);
         let (v, p) = (self.vocab_size as u128, self.n_positions as u128);
-        let parameters = (v + p) * c + l * (12 * c * c + 13 * c) + 2 * c;
+        let f = self.inner_size() as u128;
+        let head = if self.variant.tie_word_embeddings {
+            0
+        } else {
+            v * c
+        };
+        let parameters = (v + p) * c + l * (4 * c * c + 2 * c * f + 9 * c + f) + 2 * c + head;
         if parameters > u128::from(Self::MAX_PARAMETERS) {
             return Err(format!(
                 "{parameters} parameters (L={} C={} V={} n_positions={}) is more than the {} \
@@ -179,26 +198,19 @@ impl GptConfig {
                 "`layer_norm_epsilon` must be positive and finite, found {eps}"
             ));
         }
-        let need = self.tokenizer.min_vocab_size();
-        if self.vocab_size < need {
-            return Err(format!(
-                "tokenizer `{}` produces ids up to {}, but `vocab_size` is {}",
-                self.tokenizer.name(),
-                need - 1,
-                self.vocab_size
-            ));
-        }
         Ok(())
     }
 
     /// A `config.json` that `transformers.GPT2LMHeadModel.from_pretrained` loads as this model,
-    /// plus our `"tokenizer"` key. Keys not written take `GPT2Config`'s defaults, which match
-    /// what this crate computes (`n_inner` = 4·C, attention scaled by 1/sqrt(hs)).
+    /// plus our `"tokenizer"` key, with every key of [`Variant`] written out.
     pub fn to_json(&self) -> String {
         let mut config = json!({
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
-            "activation_function": "gelu_new",
+            "activation_function": self.variant.activation.hf_name(),
+            "n_inner": self.variant.n_inner,
+            "scale_attn_weights": self.variant.scale_attn_weights,
+            "scale_attn_by_inverse_layer_idx": self.variant.scale_attn_by_inverse_layer_idx,
             "n_layer": self.n_layer,
             "n_head": self.n_head,
             "n_embd": self.n_embd,
@@ -206,7 +218,7 @@ impl GptConfig {
             "n_positions": self.n_positions,
             "n_ctx": self.n_positions,
             "layer_norm_epsilon": f32_as_json(self.layer_norm_epsilon),
-            "tie_word_embeddings": true,
+            "tie_word_embeddings": self.variant.tie_word_embeddings,
             "tokenizer": self.tokenizer.name(),
         });
         if self.tokenizer == TokenizerKind::Gpt2 {
@@ -237,6 +249,8 @@ fn parse(text: &str, path: Option<&Path>) -> Result<GptConfig> {
     let Some(obj) = value.as_object() else {
         return Err(err("expected a JSON object {\"n_layer\": ..}".to_string()));
     };
+    // Another architecture lacks GPT-2's keys; say what it is before any key is missed.
+    refuse_other_architecture(obj).map_err(err)?;
     let size = |key: &str| -> Result<usize> {
         match obj.get(key) {
             None => Err(err(format!("field `{key}` is missing"))),
@@ -279,54 +293,43 @@ fn parse(text: &str, path: Option<&Path>) -> Result<GptConfig> {
         n_positions: size("n_positions")?,
         layer_norm_epsilon,
         tokenizer,
+        variant: Variant::from_json(obj).map_err(err)?,
     };
     config.check().map_err(err)?;
-    // After `check`, which bounds n_embd, so 4·n_embd cannot overflow.
-    refuse_other_math(obj, n_embd).map_err(err)?;
+    refuse_other_math(obj).map_err(err)?;
     Ok(config)
 }
 
-/// Refuses GPT-2 variants whose forward pass differs from ours; each key may be absent.
-fn refuse_other_math(obj: &Map<String, Value>, n_embd: usize) -> std::result::Result<(), String> {
-    let four_c = (n_embd as u64).saturating_mul(4);
-    // Both GELU names denote 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), the form we compute.
-    let gelu_tanh = |v: &Value| v == "gelu_new" || v == "gelu_pytorch_tanh";
-    let inner = |v: &Value| v.as_u64() == Some(four_c);
-    let is_true = |v: &Value| v == true;
-    let is_false = |v: &Value| v == false;
-    type Rule<'a> = (&'static str, &'a dyn Fn(&Value) -> bool, String); // key, test, wanted
-    let rules: [Rule; 7] = [
-        ("model_type", &|v| v == "gpt2", "\"gpt2\"".into()),
-        (
-            "activation_function",
-            &gelu_tanh,
-            "\"gelu_new\" (GELU, tanh form)".into(),
-        ),
-        ("n_inner", &inner, format!("null or 4·n_embd = {four_c}")),
-        (
-            "tie_word_embeddings",
-            &is_true,
-            "true (lm_head tied to wte)".into(),
-        ),
-        (
-            "scale_attn_weights",
-            &is_true,
-            "true (scores scaled by 1/sqrt(hs))".into(),
-        ),
-        ("scale_attn_by_inverse_layer_idx", &is_false, "false".into()),
-        (
-            "add_cross_attention",
-            &is_false,
-            "false (decoder-only GPT-2)".into(),
-        ),
-    ];
-    for (key, ok, wanted) in rules {
-        match present(obj, key) {
-            Some(v) if !ok(v) => {
-                return Err(format!("field `{key}`: expected {wanted}, found {v}"));
+/// A `model_type` other than `gpt2` (or an `architectures` entry that is no GPT-2 class), named.
+fn refuse_other_architecture(obj: &Map<String, Value>) -> std::result::Result<(), String> {
+    let supported = "this program runs GPT-2 only (model_type \"gpt2\", architectures \
+                     GPT2LMHeadModel or GPT2Model)";
+    if let Some(v) = present(obj, "model_type")
+        && v != "gpt2"
+    {
+        let arch = present(obj, "architectures").map_or(String::new(), |a| format!(" ({a})"));
+        return Err(format!(
+            "model_type {v}{arch} is another architecture: {supported}"
+        ));
+    }
+    if let Some(list) = present(obj, "architectures").and_then(Value::as_array) {
+        for a in list {
+            if !a.as_str().is_some_and(|a| a.starts_with("GPT2")) {
+                return Err(format!("architectures names {a}: {supported}"));
             }
-            _ => {}
         }
+    }
+    Ok(())
+}
+
+/// Refuses GPT-2 configurations whose forward pass this crate does not compute.
+fn refuse_other_math(obj: &Map<String, Value>) -> std::result::Result<(), String> {
+    if let Some(v) = present(obj, "add_cross_attention")
+        && v != false
+    {
+        return Err(format!(
+            "field `add_cross_attention`: expected false (decoder-only GPT-2), found {v}"
+        ));
     }
     Ok(())
 }
@@ -430,19 +433,29 @@ mod tests {
             ),
             ("n_layer", json!(0), "`n_layer` must be positive, found 0"),
             (
-                "tokenizer",
-                json!("gpt2"),
-                "ids up to 50256, but `vocab_size` is 256",
-            ),
-            (
                 "activation_function",
-                json!("relu"),
-                "`activation_function`: expected \"gelu_new\"",
+                json!("tanh"),
+                "field `activation_function`: \"tanh\" is not one this program computes",
             ),
             (
                 "n_inner",
-                json!(100),
-                "field `n_inner`: expected null or 4·n_embd = 256, found 100",
+                json!("big"),
+                "field `n_inner`: expected null or a positive integer, found \"big\"",
+            ),
+            (
+                "scale_attn_weights",
+                json!(1),
+                "field `scale_attn_weights`: expected true or false, found 1",
+            ),
+            (
+                "model_type",
+                json!("llama"),
+                "model_type \"llama\" is another architecture: this program runs GPT-2 only",
+            ),
+            (
+                "add_cross_attention",
+                json!(true),
+                "field `add_cross_attention`: expected false",
             ),
         ];
         for (key, value, wanted) in cases {
@@ -455,6 +468,30 @@ mod tests {
         let error_of = |text: &str| GptConfig::from_json_str(text).unwrap_err().to_string();
         assert!(error_of("[1, 2]").contains("expected a JSON object"));
         assert!(error_of("{").contains("not valid JSON"));
+    }
+
+    #[test]
+    fn variants_are_read_and_written_back() {
+        let text = r#"{"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 256,
+            "n_positions": 64, "activation_function": "quick_gelu", "n_inner": 100,
+            "scale_attn_weights": false, "scale_attn_by_inverse_layer_idx": true,
+            "tie_word_embeddings": false}"#;
+        let cfg = GptConfig::from_json_str(text).unwrap();
+        let want = Variant {
+            activation: crate::Activation::QuickGelu,
+            n_inner: Some(100),
+            scale_attn_weights: false,
+            scale_attn_by_inverse_layer_idx: true,
+            tie_word_embeddings: false,
+        };
+        assert_eq!((&cfg.variant, cfg.inner_size()), (&want, 100));
+        assert_eq!(GptConfig::from_json_str(&cfg.to_json()).unwrap(), cfg);
+        assert_eq!(cfg.variant.attention_scale(16, 1), 0.5);
+        // Another architecture is named before any missing GPT-2 key.
+        let e = GptConfig::from_json_str(r#"{"model_type": "llama", "hidden_size": 8}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model_type \"llama\""), "{e}");
     }
 
     #[test]

@@ -43,8 +43,10 @@
 //! ln_f.weight, .bias         (C)               final layer norm; logits = ln_f(x)·wteᵀ  (B,T,V)
 //! ```
 //!
-//! A model directory holds `config.json` ([`GptConfig`]) and `model.safetensors`
-//! ([`Checkpoint`]), and optionally `vocab.json` + `merges.txt` ([`Tokenizer::for_model`]).
+//! A model directory holds `config.json` ([`GptConfig`], with its [`Variant`]), the weights
+//! ([`Checkpoint`]: `model.safetensors`, shards with an index, or `pytorch_model.bin` through the
+//! code-free [`torch_pickle`] reader), and optionally its tokenizer, `tokenizer.json` or
+//! `vocab.json` + `merges.txt` ([`Tokenizer::for_model`]).
 //!
 //! # Reading order
 //!
@@ -72,10 +74,14 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+mod hf_tokenizer;
 pub mod init;
 pub mod model;
 pub mod tensor_file;
 pub mod tokenizer;
+pub mod torch_pickle;
+pub mod variant;
+mod weight_files;
 
 pub use beam::{BeamConfig, beam_search};
 pub use bpe::bytes_to_unicode;
@@ -87,3 +93,4 @@ pub use init::init_checkpoint;
 pub use model::{Gpt2, KvCache};
 pub use tensor_file::{NamedTensor, SaveDtype};
 pub use tokenizer::Tokenizer;
+pub use variant::{Activation, Variant};

@@ -7,20 +7,24 @@
 //! for each block:
 //!     qkv = ln_1(x)·c_attn.W + c_attn.b                     (B,T,3C)
 //!     q, k, v = heads of columns [0,C), [C,2C), [2C,3C)     (B,NH,T,hs) each
-//!     att = softmax_causal(q·kᵀ / √hs)                      (B,NH,T,T)
+//!     att = softmax_causal(q·kᵀ · s_i)                      (B,NH,T,T)
 //!     x = x + merge_heads(att·v)·c_proj.W + c_proj.b        (B,T,C)
-//!     x = x + gelu(ln_2(x)·c_fc.W + c_fc.b)·mlp.c_proj.W + mlp.c_proj.b
+//!     x = x + act(ln_2(x)·c_fc.W + c_fc.b)·mlp.c_proj.W + mlp.c_proj.b   (via (B,T,F))
 //! logits = ln_f(x)·wteᵀ                                     (B·T,V)
 //! ```
+//! GPT-2's own choices, which a `config.json` may change ([`crate::Variant`]): act = GELU (tanh
+//! form), F = 4C, s_i = 1/√hs for every block i, and the head tied to `wte` (untied: `lm_head`).
 
 use autograd::{Param, Tape, Var};
+use tensor::ops::activation::Activation as Kind;
 use tensor::ops::matmul::MatmulOpts;
 use tensor::ops::slice::{slice_axis, write_axis};
 use tensor::{Device, Tensor};
 
-use crate::checkpoint::{Checkpoint, parameter_shapes};
+use crate::checkpoint::{Checkpoint, LM_HEAD, parameter_shapes};
 use crate::config::GptConfig;
 use crate::error::{Error, Result};
+use crate::variant::Activation;
 
 /// Something that adds to a linear layer's output: LoRA's (alpha/r)·B·A·x (crates/lora) is one.
 /// The base layer stays as it is; the adapter sees the input and the base output.
@@ -73,6 +77,8 @@ impl LayerNorm {
 
 /// One transformer block: attention and MLP, each behind a layer norm and a residual.
 pub struct Block {
+    /// Its index i in `h.{i}` (the attention scale may depend on it).
+    pub layer: usize,
     pub ln_1: LayerNorm,
     pub c_attn: Linear,
     pub attn_c_proj: Linear,
@@ -81,13 +87,16 @@ pub struct Block {
     pub mlp_c_proj: Linear,
 }
 
-/// GPT-2: embeddings, blocks, final norm; the output head is the token embedding (tied).
+/// GPT-2: embeddings, blocks, final norm; the output head is the token embedding (tied), or
+/// `lm_head` when the config unties it.
 pub struct Gpt2 {
     pub config: GptConfig,
     pub wte: Param,
     pub wpe: Param,
     pub h: Vec<Block>,
     pub ln_f: LayerNorm,
+    /// The untied output head (V, C); `None` when tied to `wte`.
+    pub lm_head: Option<Param>,
 }
 
 /// Keys and values of the positions seen so far, per layer: (B, NH, T_max, hs) each, filled up to
@@ -182,7 +191,7 @@ impl Block {
                 trans_b: true,
             },
         )?; // (B,NH,T,T)
-        let scores = tape.scale(&scores, 1.0 / (hs as f32).sqrt())?;
+        let scores = tape.scale(&scores, cfg.variant.attention_scale(hs, self.layer))?;
         let att = tape.softmax(&scores, true)?;
         let y = tape.matmul(&att, &v, None, MatmulOpts::default())?; // (B,NH,T,hs)
         let y = tape.merge_heads(&y)?; // (B,T,C)
@@ -190,7 +199,14 @@ impl Block {
         let x = tape.add(x, &self.attn_c_proj.forward(tape, &y)?)?;
         // MLP.
         let h = self.ln_2.forward(tape, &x)?;
-        let h = tape.gelu(&self.c_fc.forward(tape, &h)?)?; // (B,T,4C)
+        let h = self.c_fc.forward(tape, &h)?; // (B,T,F)
+        let h = match cfg.variant.activation {
+            Activation::GeluTanh => tape.gelu(&h)?,
+            Activation::GeluErf => tape.activation(Kind::GeluErf, &h)?,
+            Activation::Relu => tape.activation(Kind::Relu, &h)?,
+            Activation::Silu => tape.activation(Kind::Silu, &h)?,
+            Activation::QuickGelu => tape.activation(Kind::QuickGelu, &h)?,
+        };
         let h = self.mlp_c_proj.forward(tape, &h)?;
         Ok(tape.add(&x, &h)?)
     }
@@ -219,6 +235,7 @@ impl Gpt2 {
         let mut h = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             h.push(Block {
+                layer: i,
                 ln_1: norm(&format!("h.{i}.ln_1"))?,
                 c_attn: linear(&format!("h.{i}.attn.c_attn"))?,
                 attn_c_proj: linear(&format!("h.{i}.attn.c_proj"))?,
@@ -232,6 +249,10 @@ impl Gpt2 {
             wpe: param("wpe.weight")?,
             h,
             ln_f: norm("ln_f")?,
+            lm_head: match cfg.variant.tie_word_embeddings {
+                true => None,
+                false => Some(param(LM_HEAD)?),
+            },
             config: cfg,
         })
     }
@@ -248,6 +269,7 @@ impl Gpt2 {
             out.extend(b.mlp_c_proj.params());
         }
         out.extend([&self.ln_f.weight, &self.ln_f.bias]);
+        out.extend(self.lm_head.as_ref());
         debug_assert_eq!(out.len(), parameter_shapes(&self.config).len());
         out
     }
@@ -282,6 +304,7 @@ impl Gpt2 {
             out.extend(b.mlp_c_proj.params_mut());
         }
         out.extend([&mut self.ln_f.weight, &mut self.ln_f.bias]);
+        out.extend(self.lm_head.as_mut());
         out
     }
 
@@ -333,12 +356,17 @@ impl Gpt2 {
         self.head(tape, &x)
     }
 
-    /// The tied output head: logits = x·wteᵀ, x: (N, C) → (N, V).
+    /// The output head's (V, C) weight: `lm_head` if untied, else `wte`.
+    fn head_weight(&self, tape: &Tape) -> Var {
+        tape.param(self.lm_head.as_ref().unwrap_or(&self.wte))
+    }
+
+    /// The output head: logits = x·Wᵀ with W = wte (tied) or lm_head, x: (N, C) → (N, V).
     fn head(&self, tape: &Tape, x: &Var) -> Result<Var> {
-        let wte = tape.param(&self.wte);
+        let w = self.head_weight(tape);
         Ok(tape.matmul(
             x,
-            &wte,
+            &w,
             None,
             MatmulOpts {
                 trans_a: false,
@@ -419,8 +447,8 @@ impl Gpt2 {
         } else {
             (x, targets.to_vec(), weights.to_vec())
         };
-        let wte = tape.param(&self.wte);
-        Ok(tape.linear_cross_entropy(&x, &wte, &targets, &weights)?)
+        let head = self.head_weight(tape);
+        Ok(tape.linear_cross_entropy(&x, &head, &targets, &weights)?)
     }
 }
 

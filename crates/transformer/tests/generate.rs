@@ -242,6 +242,7 @@ fn always_eot() -> Gpt2 {
         n_positions: 16,
         layer_norm_epsilon: 1e-5,
         tokenizer: TokenizerKind::Gpt2,
+        variant: Default::default(),
     };
     let mut tensors = Vec::new();
     for (i, (name, shape)) in parameter_shapes(&config).into_iter().enumerate() {

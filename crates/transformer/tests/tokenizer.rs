@@ -99,14 +99,17 @@ fn from_files_agrees_with_tiktoken_gpt2() {
         gpt2.encode_with_special(text)
     );
 
-    // A model directory with these files uses them.
+    // A model directory with these files uses them, through Hugging Face's `tokenizers`, which
+    // agrees with tiktoken; `<|endoftext|>` is special as in `GPT2Tokenizer`'s defaults.
     let cfg = GptConfig::gpt2_small();
-    assert_eq!(
-        Tokenizer::for_model(&dir, &cfg)
-            .unwrap()
-            .encode("Hello world"),
-        [15496, 995]
-    );
+    let hf = Tokenizer::for_model(&dir, &cfg).unwrap();
+    for text in sentences.iter().chain([&text]) {
+        assert_eq!(hf.encode(text), gpt2.encode(text), "{text:?}");
+        let ids = gpt2.encode_with_special(text);
+        assert_eq!(hf.encode_with_special(text), ids, "{text:?}");
+        assert_eq!(hf.decode(&ids), *text);
+    }
+    assert_eq!(hf.eot(), Some(50256));
     let small_vocab = GptConfig {
         vocab_size: 50000,
         ..cfg

@@ -4,6 +4,7 @@
 //! - `dropout`: y = x·mask/(1−p); dx = dy·mask/(1−p), the mask recomputed from the seed (nothing saved)
 
 use tensor::Result;
+use tensor::ops::activation::{Activation, activation, activation_backward};
 use tensor::ops::dropout::{dropout, dropout_backward};
 use tensor::ops::gelu::{gelu, gelu_backward};
 
@@ -16,6 +17,15 @@ impl Tape {
         let x_saved = x.value.clone();
         self.record("gelu", y, &[x], x.value.bytes(), move |dy| {
             Ok(vec![Some(gelu_backward(&x_saved, dy)?)])
+        })
+    }
+
+    /// Exact GELU, ReLU, SiLU or QuickGELU (`tensor::ops::activation`); dx = dy·f'(x) (needs x).
+    pub fn activation(&self, kind: Activation, x: &Var) -> Result<Var> {
+        let y = activation(kind, &x.value)?;
+        let x_saved = x.value.clone();
+        self.record("activation", y, &[x], x.value.bytes(), move |dy| {
+            Ok(vec![Some(activation_backward(kind, &x_saved, dy)?)])
         })
     }
 

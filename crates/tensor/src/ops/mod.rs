@@ -2,6 +2,7 @@
 //! wgpu launcher and the tests side by side (the CPU path against the f64 loops of
 //! [`reference`](crate::reference), the GPU against the CPU).
 
+pub mod activation;
 pub mod adamw;
 pub mod cross_entropy;
 pub mod cross_entropy_fused;
