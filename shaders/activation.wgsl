@@ -38,10 +38,6 @@ const QUICK: f32 = 1.702;
 const INV_SQRT2: f32 = 0.70710678118654752;
 const INV_SQRT_2PI: f32 = 0.39894228040143268;
 
-fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, local: u32) -> u32 {
-    return (wg.y * nwg.x + wg.x) * 256u + local;
-}
-
 // erfc(z) for z ≥ 0.
 fn erfc_pos(z: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.5 * z);

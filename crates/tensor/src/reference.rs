@@ -102,6 +102,40 @@ pub fn gelu(x: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// erf(x) from its Taylor series, 2/√π · Σ (−1)ⁿ x²ⁿ⁺¹ / (n! (2n+1)), summed until the terms
+/// vanish at f64 precision; |x| > 4.5 gives ±1 (erf(4.5) = 1 − 2e-10).
+pub fn erf(x: f64) -> f64 {
+    if x.abs() > 4.5 {
+        return x.signum();
+    }
+    let (mut sum, mut term, mut n) = (0.0f64, x, 0.0f64);
+    while term.abs() > 1e-18 * sum.abs().max(1e-300) || n < 5.0 {
+        sum += term / (2.0 * n + 1.0);
+        n += 1.0;
+        term *= -x * x / n;
+        if n > 200.0 {
+            break;
+        }
+    }
+    2.0 / std::f64::consts::PI.sqrt() * sum
+}
+
+/// The activations of [`activation`](crate::ops::activation), by their config name:
+/// `gelu` x·Φ(x) (Φ(x) = (1 + erf(x/√2))/2), `relu` max(x, 0), `silu` x·σ(x), `quick_gelu`
+/// x·σ(1.702·x).
+pub fn activation(name: &str, x: &[f64]) -> Vec<f64> {
+    let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
+    x.iter()
+        .map(|&x| match name {
+            "gelu" => 0.5 * x * (1.0 + erf(x / 2f64.sqrt())),
+            "relu" => x.max(0.0),
+            "silu" => x * sig(x),
+            "quick_gelu" => x * sig(1.702 * x),
+            other => panic!("no reference for activation {other}"),
+        })
+        .collect()
+}
+
 /// Softmax over rows of `cols`; consecutive groups of `rows` rows form (rows, cols) matrices,
 /// and `causal` keeps columns c ≤ r + (cols − rows) of row r of its matrix (the rest are 0).
 pub fn softmax(x: &[f64], rows: usize, cols: usize, causal: bool) -> Vec<f64> {

@@ -1,5 +1,7 @@
-//! GELU (tanh form, as GPT-2) and dropout; softmax has its own file ([`super::softmax`]).
+//! GELU (tanh form, as GPT-2), the other activations GPT-2 configs name, and dropout; softmax
+//! has its own file ([`super::softmax`]).
 //!
+//! - `activation`: exact GELU (erf), ReLU, SiLU, QuickGELU ([`tensor::ops::activation`]); dx = dy·f′(x) (needs x)
 //! - `gelu`:    y = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)));  dx = dy·gelu'(x)  (needs x)
 //! - `dropout`: y = x·mask/(1−p); dx = dy·mask/(1−p), the mask recomputed from the seed (nothing saved)
 

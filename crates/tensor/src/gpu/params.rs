@@ -54,6 +54,7 @@ mod tests {
     /// Every launcher's layout, by the shader it feeds.
     fn rust_layouts() -> Vec<(&'static str, Layout)> {
         vec![
+            ("activation", ops::activation::params_layout()),
             ("adamw", ops::adamw::params_layout()),
             ("cross_entropy", ops::cross_entropy::params_layout()),
             (

@@ -16,9 +16,9 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
-use crate::gpu::{GpuContext, Kernel, grid_2d};
+use crate::gpu::{GpuContext, Kernel, grid_2d, kernel_params};
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
@@ -36,16 +36,18 @@ const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π).
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// The `Params` struct of `activation.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    kind: u32,
-    off_x: u32,
-    off_dy: u32,
-    off_out: u32,
-    _pad: [u32; 3],
+kernel_params! {
+    /// The `Params` struct of `activation.wgsl`.
+    struct Params {
+        n: u32,
+        kind: u32,
+        off_x: u32,
+        off_dy: u32,
+        off_out: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
 }
 
 /// erfc(z) for z ≥ 0 (Numerical Recipes' `erfcc`).
@@ -231,34 +233,15 @@ mod tests {
         Tensor::from_vec(v, shape, device).unwrap()
     }
 
-    /// f64 references: erf from its Taylor series (exact to f64 rounding for |x| ≤ 6 after
-    /// enough terms), σ directly.
-    fn erf64(x: f64) -> f64 {
-        // erf(x) = 2/√π · Σ (−1)^n x^{2n+1} / (n! (2n+1)); for |x| > 4, 1 − erfc via continued
-        // fraction is not needed at f32 precision: erf(±4..) = ±1 to 1.5e-8.
-        if x.abs() > 4.5 {
-            return x.signum();
-        }
-        let (mut sum, mut term, mut n) = (0.0, x, 0.0);
-        while term.abs() > 1e-18 * sum.abs().max(1e-300) || n < 5.0 {
-            sum += term / (2.0 * n + 1.0);
-            n += 1.0;
-            term *= -x * x / n;
-            if n > 200.0 {
-                break;
-            }
-        }
-        2.0 / std::f64::consts::PI.sqrt() * sum
-    }
-
+    /// The f64 reference of one activation at one value.
     fn forward64(kind: Activation, x: f64) -> f64 {
-        let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
-        match kind {
-            Activation::GeluErf => 0.5 * x * (1.0 + erf64(x / 2f64.sqrt())),
-            Activation::Relu => x.max(0.0),
-            Activation::Silu => x * sig(x),
-            Activation::QuickGelu => x * sig(1.702 * x),
-        }
+        let name = match kind {
+            Activation::GeluErf => "gelu",
+            Activation::Relu => "relu",
+            Activation::Silu => "silu",
+            Activation::QuickGelu => "quick_gelu",
+        };
+        crate::reference::activation(name, &[x])[0]
     }
 
     #[test]
