@@ -61,3 +61,19 @@ fn device_auto_without_a_gpu_runs_on_the_cpu_and_says_why() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(json["loss"].as_f64().unwrap().is_finite());
 }
+
+/// Started without `XDG_RUNTIME_DIR` (a machine without a desktop session), `train` sets a
+/// private one before wgpu opens Vulkan, so Mesa's layer prints nothing.
+#[test]
+fn without_xdg_runtime_dir_mesa_prints_nothing() {
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+        .current_dir(root())
+        .env_remove("XDG_RUNTIME_DIR")
+        .env("WGPU_BACKEND", "vulkan")
+        .arg("devices")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+}
