@@ -57,11 +57,15 @@ pub struct App {
 
 pub type AppState = Arc<App>;
 
+/// The engine thread has stopped and takes no more commands.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineStopped;
+
 impl App {
     /// Sends a command to the engine; an error when it has stopped.
-    pub fn send(&self, c: Command) -> Result<(), ()> {
+    pub fn send(&self, c: Command) -> Result<(), EngineStopped> {
         let commands = self.commands.lock().expect("no panic holding it");
-        commands.send(c).map_err(|_| ())
+        commands.send(c).map_err(|_| EngineStopped)
     }
 }
 
@@ -160,7 +164,9 @@ async fn load_adapter(
         let dir = app.roots.resolve(&path)?;
         let (reply, answer) = oneshot::channel();
         app.send(Command::Load { name, dir, reply })
-            .map_err(|()| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+            .map_err(|EngineStopped| {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+            })?;
         let info = answer
             .await
             .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?
@@ -190,7 +196,7 @@ async fn unload_adapter(
         name: name.clone(),
         reply,
     })
-    .map_err(|()| gone())?;
+    .map_err(|EngineStopped| gone())?;
     answer
         .await
         .map_err(|_| gone())?

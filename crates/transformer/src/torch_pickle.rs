@@ -66,6 +66,9 @@ struct TensorRef {
     stride: Vec<usize>,
 }
 
+/// A pickled dict: its (key, value) pairs in insertion order, shared as pickle's memo shares it.
+type DictCell = Rc<RefCell<Vec<(Obj, Obj)>>>;
+
 /// The values the machine handles.
 #[derive(Clone, Debug)]
 enum Obj {
@@ -76,7 +79,7 @@ enum Obj {
     Str(String),
     Tuple(Vec<Obj>),
     List(Rc<RefCell<Vec<Obj>>>),
-    Dict(Rc<RefCell<Vec<(Obj, Obj)>>>),
+    Dict(DictCell),
     /// A callable or class we know, by its `module.name`.
     Global(&'static str),
     Storage(Dtype, String, usize),
@@ -552,7 +555,7 @@ impl Machine {
         }
     }
 
-    fn dict_top(&self) -> R<Rc<RefCell<Vec<(Obj, Obj)>>>> {
+    fn dict_top(&self) -> R<DictCell> {
         match self.stack.last() {
             Some(Obj::Dict(d)) => Ok(d.clone()),
             other => Err(format!(
