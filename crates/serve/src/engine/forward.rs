@@ -22,7 +22,7 @@
 //! logits_i = ln_f(x[o_i + t_i − 1])·wteᵀ              (B,V): the last row of each sequence
 //! ```
 //!
-//! Each sequence's arithmetic is the one [`transformer::generate`] does for it alone: the same
+//! Each sequence's arithmetic is the one [`transformer::generate()`] does for it alone: the same
 //! ops on the same shapes for attention, and row-wise ops elsewhere.
 
 use autograd::{Tape, Var};

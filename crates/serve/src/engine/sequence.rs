@@ -1,5 +1,5 @@
 //! One prompt being served: its tokens, its cache, its sampler, and what of its text has been
-//! sent. Picking a token and stopping follow [`transformer::generate`] exactly (same sampler,
+//! sent. Picking a token and stopping follow [`transformer::generate()`] exactly (same sampler,
 //! same per-prompt seed `seed + i`, same stop rules), so a request's output is the one
 //! `train generate` gives for the same prompt, whatever else shares the batch.
 //!
@@ -193,7 +193,7 @@ impl Sequence {
     }
 
     /// The final text: without the end-of-text token, cut before the first stop string (as
-    /// [`transformer::generate`] returns it). Sends the rest of it and the end.
+    /// [`transformer::generate()`] returns it). Sends the rest of it and the end.
     pub fn send_done(&mut self, finish: Finish, tokenizer: &Tokenizer) {
         let eot = tokenizer.eot().filter(|_| !self.sampling.ignore_eos);
         let body = match self.out.split_last() {
