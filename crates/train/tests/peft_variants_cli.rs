@@ -3,12 +3,12 @@
 //! checked in `crates/lora/tests/peft_variants.rs`): the merged model scores what the adapter
 //! scores, and what this model cannot compute is refused with the tensor named, exit status 1.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::PathBuf;
+use std::process::Output;
+
+use common::{root, train_command};
 
 fn variant(name: &str) -> PathBuf {
     root()
@@ -17,13 +17,7 @@ fn variant(name: &str) -> PathBuf {
 }
 
 fn train(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .current_dir(root())
-        .arg("--device")
-        .arg("cpu")
-        .args(args)
-        .output()
-        .unwrap()
+    train_command().args(args).output().unwrap()
 }
 
 fn loss(args: &[&str]) -> f64 {
