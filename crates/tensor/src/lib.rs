@@ -16,7 +16,8 @@
 //!    splitting tensors larger than one storage binding;
 //! 6. [`shaders`]: the registry of `shaders/*.wgsl` at the repository root, one file per kernel
 //!    family, each preceded by the prelude `shaders/common.wgsl`;
-//! 7. `testing` (behind the feature of that name): what the tests of this crate and of the
+//! 7. [`quant`]: NF4, the 4-bit storage of QLoRA's frozen weights, as bitsandbytes writes it;
+//! 8. `testing` (behind the feature of that name): what the tests of this crate and of the
 //!    crates above it share: devices, random data, `assert_close`, `on_devices!`.
 //!
 //! Shapes follow one vocabulary throughout the workspace: B batch, T time (sequence), C channels,
@@ -38,6 +39,7 @@ pub mod gpu;
 pub mod memory;
 pub mod ops;
 pub mod profile;
+pub mod quant;
 pub mod reference;
 pub mod shaders;
 pub mod tensor;
