@@ -31,6 +31,8 @@ pub const COMMON: &str = wgsl_file!("common");
 pub const ELEMENTWISE: &str = shader!("elementwise");
 /// `shaders/matmul.wgsl`, launched from `ops/matmul.rs`.
 pub const MATMUL: &str = shader!("matmul");
+/// `shaders/matmul_nf4.wgsl`, launched from `ops/matmul_nf4.rs`.
+pub const MATMUL_NF4: &str = shader!("matmul_nf4");
 /// `shaders/gelu.wgsl`, launched from `ops/gelu.rs`.
 pub const GELU: &str = shader!("gelu");
 /// `shaders/activation.wgsl`, launched from `ops/activation.rs`.
@@ -63,6 +65,7 @@ pub const SGMV: &str = shader!("sgmv");
 pub const ALL: &[(&str, &str)] = &[
     ("elementwise", ELEMENTWISE),
     ("matmul", MATMUL),
+    ("matmul_nf4", MATMUL_NF4),
     ("gelu", GELU),
     ("activation", ACTIVATION),
     ("softmax", SOFTMAX),

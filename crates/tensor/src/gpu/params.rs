@@ -67,6 +67,7 @@ mod tests {
             ("gelu", ops::gelu::params_layout()),
             ("layernorm", ops::layernorm::params_layout()),
             ("matmul", ops::matmul::params_layout()),
+            ("matmul_nf4", ops::matmul_nf4::params_layout()),
             ("permute", ops::permute::params_layout()),
             ("reduce", ops::reduce::params_layout()),
             ("sgmv", ops::sgmv::params_layout()),

@@ -12,6 +12,7 @@ pub mod embedding;
 pub mod gelu;
 pub mod layernorm;
 pub mod matmul;
+pub mod matmul_nf4;
 pub mod permute;
 pub mod reduce;
 pub mod sgmv;
