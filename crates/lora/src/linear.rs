@@ -117,8 +117,14 @@ impl LoraUpdate {
         let uniform = |rng: &mut StdRng, n: usize, bound: f32| -> Vec<f32> {
             (0..n).map(|_| rng.random_range(-bound..bound)).collect()
         };
+        if init.changes_base() {
+            return Err(tensor::Error::Invalid(format!(
+                "the {} init starts from the base weight: LoraModel::new computes it",
+                init.name()
+            )));
+        }
         let a = match init {
-            Init::KaimingUniform | Init::BothRandom => {
+            Init::KaimingUniform | Init::BothRandom | Init::Pissa | Init::Olora => {
                 uniform(rng, r * n_in, 1.0 / (n_in as f32).sqrt())
             }
             Init::Gaussian => {

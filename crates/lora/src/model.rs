@@ -40,7 +40,8 @@ use tensor::ops::slice::write_axis;
 use tensor::{Device, Tensor};
 use transformer::{Gpt2, NamedTensor};
 
-use crate::config::{LoraConfig, ParamCount, Site, bias_trains, layers_phrase};
+use crate::base_init;
+use crate::config::{Init, LoraConfig, ParamCount, Site, bias_trains, layers_phrase, module_saved};
 use crate::dora::Dora;
 use crate::error::{Error, Result};
 use crate::linear::{DropoutSeeds, LoraAdapter, LoraUpdate};
@@ -74,7 +75,8 @@ pub struct LoraModel {
     merged: Arc<AtomicBool>,
     seeds: Arc<DropoutSeeds>,
     attached: bool,
-    /// Trainable biases of the model (bias mode `all` / `lora_only`), while attached.
+    /// Trainable parameters of the model (biases of bias mode `all` / `lora_only`, every
+    /// parameter of `modules_to_save`), while attached.
     biases: Vec<Trainable>,
     /// Bias values to put into the model at the next attach (loaded from a file, or kept
     /// from the last detach): (size-table name, shape, values). A loaded adapter's
@@ -85,6 +87,9 @@ pub struct LoraModel {
     /// Features of a loaded adapter that this crate evaluates and merges but neither trains nor
     /// saves (DoRA, lora_bias, modules_to_save, trainable tokens).
     pub(crate) eval_only: Vec<String>,
+    /// With a PiSSA or OLoRA init: every site's A0 and B0 on the host (sites' order), which
+    /// saving subtracts again ([`crate::base_init`]); empty otherwise.
+    pub(crate) initial: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 /// wte[id] ← row for every trainable token (the tied head reads the same rows).
@@ -115,13 +120,26 @@ fn device_of(model: &Gpt2) -> Device {
 impl LoraModel {
     /// Fresh adapters for `model` as `config` says (A random, B zero by default), detached.
     /// `seed` draws A (and B for [`crate::Init::BothRandom`]) and seeds dropout.
+    ///
+    /// With [`crate::Init::Pissa`] or [`crate::Init::Olora`], A and B come from `model`'s
+    /// weights, and **those weights are changed** into the residual W0 − s·Aᵀ·Bᵀ
+    /// ([`crate::base_init`]): the adapters belong to this model from then on.
     pub fn new(model: &Gpt2, config: &LoraConfig, seed: u64) -> Result<LoraModel> {
         let sites = config.sites(&model.config)?;
         let device = device_of(model);
         let mut rng = StdRng::seed_from_u64(seed);
         let mut weights = Vec::with_capacity(sites.len());
+        let mut initial = Vec::new();
         for site in sites {
-            let (a, b) = LoraUpdate::init(&site, config.init, &mut rng, &device)?;
+            let (a, b) = if config.init.changes_base() {
+                let (a0, b0) = Self::init_from_base(model, &site, config.init)?;
+                let a = Tensor::from_vec(a0.clone(), &[site.r, site.in_features], &device)?;
+                let b = Tensor::from_vec(b0.clone(), &[site.width, site.r], &device)?;
+                initial.push((a0, b0));
+                (a, b)
+            } else {
+                LoraUpdate::init(&site, config.init, &mut rng, &device)?
+            };
             weights.push(SiteWeights {
                 site,
                 a,
@@ -130,12 +148,30 @@ impl LoraModel {
                 magnitude: None,
             });
         }
-        Ok(Self::from_weights(
-            config.clone(),
-            weights,
-            Vec::new(),
-            seed,
-        ))
+        let mut lora = Self::from_weights(config.clone(), weights, Vec::new(), seed);
+        lora.initial = initial;
+        Ok(lora)
+    }
+
+    /// PiSSA's or OLoRA's A0, B0 for `site` from the model's W, whose columns of the site are
+    /// replaced by the residual.
+    fn init_from_base(model: &Gpt2, site: &Site, init: Init) -> Result<(Vec<f32>, Vec<f32>)> {
+        let w = Self::base_weight(model, site)?;
+        let (n_in, out) = (w.shape()[0], w.shape()[1]);
+        let all = w.to_vec()?;
+        let (c0, width) = (site.col0, site.width);
+        let cols: Vec<f32> = (0..n_in)
+            .flat_map(|i| all[i * out + c0..i * out + c0 + width].iter().copied())
+            .collect();
+        let (r, s) = (site.r, site.scale);
+        let made = match init {
+            Init::Pissa => base_init::pissa(&cols, n_in, width, r, s),
+            _ => base_init::olora(&cols, n_in, width, r, s),
+        }
+        .map_err(|e| Error::config(format!("{}: {e}", site_name(site))))?;
+        let residual = Tensor::from_vec(made.residual, &[n_in, width], &w.device())?;
+        write_axis(w, 1, c0, &residual, false)?;
+        Ok((made.a, made.b))
     }
 
     /// [`LoraModel::new`], then [`LoraModel::attach`]: the usual way to start LoRA training.
@@ -192,6 +228,7 @@ impl LoraModel {
             bias_values,
             token_rows: None,
             eval_only: Vec::new(),
+            initial: Vec::new(),
         }
     }
 
@@ -284,7 +321,9 @@ impl LoraModel {
             {
                 *p = Param::frozen(name.clone(), Tensor::from_vec(v.clone(), shape, &device)?);
             }
-            if bias_trains(self.config.bias, p.name(), &sites) {
+            if bias_trains(self.config.bias, p.name(), &sites)
+                || module_saved(&self.config.modules_to_save, p.name())
+            {
                 p.unfreeze();
                 self.biases.extend(p.as_trainable().cloned());
             }
@@ -381,7 +420,8 @@ impl LoraModel {
         Ok(true)
     }
 
-    /// What the optimizer trains: every A and B, then the trainable biases (while attached).
+    /// What the optimizer trains: every A and B, then the trainable biases and
+    /// `modules_to_save` parameters (while attached).
     pub fn trainable_params(&self) -> Vec<Trainable> {
         let lora = self.sites.iter().flat_map(|(_, l)| [&l.a, &l.b]);
         lora.filter_map(|p| p.as_trainable().cloned())

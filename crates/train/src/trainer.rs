@@ -42,7 +42,8 @@ pub struct StepStats {
 pub struct OptimConfig {
     pub lr: f32,
     pub schedule: Schedule,
-    /// Clip the global gradient norm to this (0 = no clipping).
+    /// Clip the global gradient norm over the trainable parameters to this (0 = no clipping;
+    /// the norm is measured and reported either way).
     pub clip: f32,
 }
 
@@ -52,7 +53,7 @@ pub struct NonFinite {
     /// The step, counted from 1.
     pub step: u32,
     pub loss: f32,
-    /// The global gradient norm before clipping (NaN when the run does not clip).
+    /// The global gradient norm before clipping.
     pub grad_norm: f32,
 }
 
@@ -99,12 +100,11 @@ pub fn step(
     let (loss, saved_peak) = forward_backward(model, micro, &mut grads)?;
     let grad_bytes = grads.memory().peak;
     let _phase = profile::phase("optimizer");
-    let grad_norm = if cfg.clip > 0.0 {
-        clip_grad_norm(&mut grads, cfg.clip)?
-    } else {
-        f32::NAN
-    };
-    if !loss.is_finite() || (cfg.clip > 0.0 && !grad_norm.is_finite()) {
+    // The norm is measured in every case (for the metrics and the non-finite check); a limit of
+    // 0 means no clipping.
+    let limit = if cfg.clip > 0.0 { cfg.clip } else { f32::INFINITY };
+    let grad_norm = clip_grad_norm(&mut grads, limit)?;
+    if !loss.is_finite() || !grad_norm.is_finite() {
         return Ok(Err(NonFinite {
             step: step_index + 1,
             loss,
