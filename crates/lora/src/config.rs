@@ -113,9 +113,12 @@ pub struct LoraConfig {
     pub name_rank_pattern: Vec<(String, usize)>,
     /// PEFT's `alpha_pattern` by module name, as `name_rank_pattern`.
     pub name_alpha_pattern: Vec<(String, f32)>,
-    /// PEFT's `modules_to_save`: modules (`ln_f`, `h.0.ln_2`, `h.1.mlp.c_fc`; a name or a
-    /// `.`-suffix of one) whose every parameter trains and is saved whole with the adapter.
+    /// PEFT's `modules_to_save`: modules (`ln_f`, `h.0.ln_2`, `h.1.mlp.c_fc`: the end of a
+    /// module's full name, as PEFT matches them) whose every parameter trains and is saved
+    /// whole with the adapter.
     pub modules_to_save: Vec<String>,
+    /// DoRA (PEFT's `use_dora`): a trainable magnitude per output column, see [`crate::dora`].
+    pub use_dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -175,6 +178,7 @@ impl LoraConfig {
             name_rank_pattern: Vec::new(),
             name_alpha_pattern: Vec::new(),
             modules_to_save: Vec::new(),
+            use_dora: false,
         }
     }
 
@@ -237,6 +241,29 @@ impl LoraConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return err(format!("dropout {} is outside [0, 1)", self.dropout));
         }
+        if self.use_dora {
+            if let Some(s) = self.targets.iter().find(|t| slices.contains(t)) {
+                return err(format!(
+                    "DoRA on `{}`: its magnitude is per output column of a whole module, and \
+                     PEFT adapts c_attn as a whole; target c_attn instead",
+                    s.name()
+                ));
+            }
+            if self.init.changes_base() {
+                return err(format!(
+                    "DoRA with the {} init: the adapter could not be saved as a plain LoRA on \
+                     the original weights (DoRA is not additive)",
+                    self.init.name()
+                ));
+            }
+            if self.dropout > 0.0 {
+                return err(format!(
+                    "DoRA with dropout {}: PEFT then rescales the base output of the dropped \
+                     input while training, which this forward does not compute; use dropout 0",
+                    self.dropout
+                ));
+            }
+        }
         if let Some(layers) = &self.layers {
             if layers.is_empty() {
                 return err("`layers` is empty; use None to adapt every layer".into());
@@ -261,10 +288,13 @@ impl LoraConfig {
         }
         let shapes = transformer::parameter_shapes(gpt);
         for m in &self.modules_to_save {
-            if m == "wte" || m.ends_with(".wte") {
+            if m.is_empty() {
+                return Err(Error::config("modules_to_save holds an empty name"));
+            }
+            if module_saved(std::slice::from_ref(m), "wte.weight") {
                 return Err(Error::config(format!(
-                    "modules_to_save `{m}`: the token embedding is tied to the output head here, \
-                     while PEFT would train a copy for the input side only"
+                    "modules_to_save `{m}` names the token embedding `wte`, which is tied to the \
+                     output head here, while PEFT would train a copy for the input side only"
                 )));
             }
             if !shapes
@@ -372,12 +402,12 @@ pub(crate) fn bias_trains(mode: BiasMode, name: &str, sites: &[Site]) -> bool {
 }
 
 /// Whether the model parameter `name` (size-table name) belongs to a module of
-/// `modules_to_save`: its module is an entry, or ends with `.` + an entry (PEFT's rule).
+/// `modules_to_save`: the module's full name (`transformer.ln_f`) ends with an entry, PEFT's
+/// rule (`key.endswith(target_key)`, so `ln_2` names every block's, and so does `2`).
 pub(crate) fn module_saved(modules: &[String], name: &str) -> bool {
     let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
-    modules
-        .iter()
-        .any(|m| module == m || module.ends_with(&format!(".{m}")))
+    let full = format!("transformer.{module}");
+    modules.iter().any(|m| full.ends_with(m.as_str()))
 }
 
 /// Parameter counts as PEFT's `print_trainable_parameters` prints them.

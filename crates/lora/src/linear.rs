@@ -198,7 +198,7 @@ impl Adapter for LoraUpdate {
         }
         let delta = self.delta(tape, x)?;
         if let Some(dora) = &self.dora {
-            return Ok(dora.apply(tape, &y, &delta)?);
+            return Ok(dora.apply(tape, &y, &delta, self)?);
         }
         let out = if delta.shape() == y.shape() {
             tape.add(&y, &delta)?
@@ -210,7 +210,9 @@ impl Adapter for LoraUpdate {
     }
 
     fn params(&self) -> Vec<&Param> {
-        vec![&self.a, &self.b]
+        let mut p = vec![&self.a, &self.b];
+        p.extend(self.dora.as_ref().map(|d| &d.magnitude));
+        p
     }
 }
 
@@ -229,6 +231,6 @@ impl Adapter for LoraAdapter {
     }
 
     fn params(&self) -> Vec<&Param> {
-        self.parts.iter().flat_map(|p| [&p.a, &p.b]).collect()
+        self.parts.iter().flat_map(|p| p.params()).collect()
     }
 }

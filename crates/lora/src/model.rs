@@ -42,7 +42,7 @@ use transformer::{Gpt2, NamedTensor};
 
 use crate::base_init;
 use crate::config::{Init, LoraConfig, ParamCount, Site, bias_trains, layers_phrase, module_saved};
-use crate::dora::Dora;
+use crate::dora::{Dora, column_norms};
 use crate::error::{Error, Result};
 use crate::linear::{DropoutSeeds, LoraAdapter, LoraUpdate};
 use crate::target::{Module, Target};
@@ -140,12 +140,20 @@ impl LoraModel {
             } else {
                 LoraUpdate::init(&site, config.init, &mut rng, &device)?
             };
+            // DoRA's m starts at ‖W0‖ per column (PEFT's), so the model starts at W0.
+            let magnitude = if config.use_dora {
+                let w = Self::base_weight(model, &site)?;
+                let norms = column_norms(w, None)?.iter().map(|n| *n as f32).collect();
+                Some(Tensor::from_vec(norms, &[site.width], &device)?)
+            } else {
+                None
+            };
             weights.push(SiteWeights {
                 site,
                 a,
                 b,
                 lora_bias: None,
-                magnitude: None,
+                magnitude,
             });
         }
         let mut lora = Self::from_weights(config.clone(), weights, Vec::new(), seed);
@@ -201,11 +209,14 @@ impl LoraModel {
                     lora_bias: w
                         .lora_bias
                         .map(|t| Param::frozen(format!("{name}.lora_B.bias"), t)),
+                    // Trained when the config asks for DoRA (a loaded adapter's is frozen).
                     dora: w.magnitude.map(|m| {
-                        Arc::new(Dora::new(Param::frozen(
-                            format!("{name}.lora_magnitude_vector"),
-                            m,
-                        )))
+                        let name = format!("{name}.lora_magnitude_vector");
+                        Arc::new(Dora::new(if config.use_dora {
+                            Param::trainable(name, m)
+                        } else {
+                            Param::frozen(name, m)
+                        }))
                     }),
                     alpha: site.alpha,
                     scale: site.scale,
@@ -420,10 +431,14 @@ impl LoraModel {
         Ok(true)
     }
 
-    /// What the optimizer trains: every A and B, then the trainable biases and
+    /// What the optimizer trains: every A and B (and DoRA's m), then the trainable biases and
     /// `modules_to_save` parameters (while attached).
     pub fn trainable_params(&self) -> Vec<Trainable> {
-        let lora = self.sites.iter().flat_map(|(_, l)| [&l.a, &l.b]);
+        let lora = self.sites.iter().flat_map(|(_, l)| {
+            [Some(&l.a), Some(&l.b), l.dora.as_ref().map(|d| &d.magnitude)]
+                .into_iter()
+                .flatten()
+        });
         lora.filter_map(|p| p.as_trainable().cloned())
             .chain(self.biases.iter().cloned())
             .collect()
@@ -442,7 +457,10 @@ impl LoraModel {
         let lora: usize = self
             .sites
             .iter()
-            .map(|(_, l)| l.a.value().numel() + l.b.value().numel())
+            .map(|(_, l)| {
+                let m = l.dora.as_ref().map_or(0, |d| d.magnitude.value().numel());
+                l.a.value().numel() + l.b.value().numel() + m
+            })
             .sum();
         let base: usize = model.named_params().iter().map(|p| p.value().numel()).sum();
         let biases: usize = self.biases.iter().map(|t| t.value.numel()).sum();

@@ -149,6 +149,8 @@ mod tests {
         assert_eq!(count.trainable - plain.trainable, 4 * 768);
         cfg.modules_to_save = vec!["ln_g".into()];
         assert!(cfg.sites(&tiny()).unwrap_err().to_string().contains("names no module"));
+        cfg.modules_to_save = vec!["h.0.mlp".into()];
+        assert!(cfg.sites(&tiny()).unwrap_err().to_string().contains("names no module"));
         cfg.modules_to_save = vec!["wte".into()];
         assert!(cfg.sites(&tiny()).unwrap_err().to_string().contains("tied"));
         cfg.modules_to_save = vec!["c_attn".into()];

@@ -7,7 +7,8 @@
 //!                                base_model.model.transformer.h.{i}.attn.c_attn.lora_B.weight  (out, r)
 //!                                (+ base_model.model.transformer.<bias> for bias modes all/lora_only,
 //!                                 `h.{i}.attn.c_attn.base_layer.bias` for a Linear with a LoRA,
-//!                                 and every parameter of `modules_to_save`: `ln_f.weight`, …)
+//!                                 and every parameter of `modules_to_save`: `ln_f.weight`, …;
+//!                                 `h.{i}.….lora_magnitude_vector` (out) with DoRA)
 //! ```
 //! Each file is replaced atomically (the pair is written weights first, then the config).
 //!
@@ -72,6 +73,8 @@ pub(crate) struct PeftModule {
     pub b: Vec<f32>,
     pub in_features: usize,
     pub out_features: usize,
+    /// DoRA's magnitude m (out), PEFT's `lora_magnitude_vector`.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 /// A JSON number: an integer when the value is one (PEFT's configs write `"lora_alpha": 8`),
@@ -129,7 +132,14 @@ impl LoraModel {
             let in_f = parts[0].0.in_features;
             let out_f = module.out_features(in_f);
             let first = parts[0].0;
+            let dora = |layer: usize, module: Module| {
+                self.sites()
+                    .find(|(s, _)| s.layer == layer && s.target.module() == module)
+                    .and_then(|(_, l)| l.dora.as_ref().map(|d| d.magnitude.value().to_vec()))
+                    .transpose()
+            };
             if parts.len() == 1 && first.col0 == 0 && first.width == out_f {
+                let magnitude = dora(layer, module)?;
                 let (_, r, alpha, a, b) = parts.remove(0);
                 out.push(PeftModule {
                     layer,
@@ -140,8 +150,15 @@ impl LoraModel {
                     b,
                     in_features: in_f,
                     out_features: out_f,
+                    magnitude,
                 });
                 continue;
+            }
+            if dora(layer, module)?.is_some() {
+                return Err(Error::State(format!(
+                    "h.{layer}.{}: DoRA on column slices cannot be saved for PEFT",
+                    module.path()
+                )));
             }
             // Slices of c_attn: stack A, place each B in its column block, rescaled to s_c.
             let r: usize = parts.iter().map(|p| p.1).sum();
@@ -174,6 +191,7 @@ impl LoraModel {
                 b,
                 in_features: in_f,
                 out_features: out_f,
+                magnitude: None,
             });
         }
         Ok(out)
@@ -209,6 +227,13 @@ impl LoraModel {
                 vec![m.out_features, m.r],
                 &m.b,
             ));
+            if let Some(magnitude) = &m.magnitude {
+                tensors.push((
+                    format!("{stem}.lora_magnitude_vector"),
+                    vec![m.out_features],
+                    magnitude,
+                ));
+            }
         }
         for (name, shape, values) in &biases {
             // The bias of a Linear that carries a LoRA is its `base_layer`'s for PEFT.
@@ -307,7 +332,7 @@ impl LoraModel {
             "init_lora_weights": init,
             "inference_mode": true,
             "modules_to_save": modules_to_save,
-            "use_dora": false,
+            "use_dora": cfg.use_dora,
             "lora_bias": false,
             "revision": null,
         })

@@ -4,7 +4,7 @@
 //! ```text
 //! train finetune --model DIR --data FILE [--format auto|text|jsonl|e2e]
 //!                [--lora --r 8 --alpha 16 --targets c_attn --dropout 0 | --full]
-//!                [--use-rslora --layers 0,2 --rank-pattern KEY=R,.. --alpha-pattern KEY=A,..
+//!                [--use-rslora --use-dora --layers 0,2 --rank-pattern KEY=R,.. --alpha-pattern KEY=A,..
 //!                 --bias none|lora_only|all --modules-to-save ln_f,.. --init kaiming|gaussian|
 //!                 pissa|olora --lora-plus-ratio 1]
 //!                [--lr --schedule linear --warmup 0 --batch 8 --grad-accum 1 --seq-len

@@ -61,7 +61,7 @@ fn logits_with(dir: &Path) -> Vec<f32> {
 #[test]
 fn what_finetune_saves_with_pefts_options_gives_pefts_logits() {
     let cases = cases();
-    assert!(cases.len() >= 6, "cases.txt lists {} cases", cases.len());
+    assert!(cases.len() >= 7, "cases.txt lists {} cases", cases.len());
     let dir = scratch("finetune-peft");
     for (name, options) in &cases {
         let committed = fixtures().join(name);

@@ -1,5 +1,5 @@
 //! The options of `train finetune` that set up the adapters as PEFT's `LoraConfig` does
-//! (`use_rslora`, `layers_to_transform`, `rank_pattern`, `alpha_pattern`, `bias`,
+//! (`use_rslora`, `use_dora`, `layers_to_transform`, `rank_pattern`, `alpha_pattern`, `bias`,
 //! `modules_to_save`, `init_lora_weights`) and LoRA+'s learning rate of B; what they make of a
 //! [`LoraConfig`], and what of them a resumed run must repeat.
 
@@ -34,8 +34,9 @@ pub struct LoraOptions {
     #[arg(long, value_enum, default_value = "none", conflicts_with = "full")]
     pub bias: BiasArg,
     /// Modules trained whole and saved in the adapter (PEFT's modules_to_save), e.g.
-    /// `--modules-to-save ln_f,h.1.ln_2`: a module name, or the end of one after a dot. The
-    /// token embedding `wte` is refused (it is tied to the output head).
+    /// `--modules-to-save ln_f,h.1.ln_2`: each names every module whose full name
+    /// (`transformer.h.1.ln_2`) ends with it, as in PEFT. A module with an adapter, and the
+    /// token embedding `wte` (tied to the output head), are refused.
     #[arg(long, value_delimiter = ',', conflicts_with = "full")]
     pub modules_to_save: Vec<String>,
     /// How A and B start (PEFT's init_lora_weights): kaiming (A ~ kaiming-uniform, B = 0, PEFT's
@@ -46,6 +47,12 @@ pub struct LoraOptions {
     /// `path_initial_model_for_weight_conversion` does.
     #[arg(long, value_enum, default_value = "kaiming", conflicts_with = "full")]
     pub init: InitArg,
+    /// DoRA (PEFT's use_dora): a trained magnitude per output column scales the adapted
+    /// weight's normalised columns, m ⊙ (W0 + s·B·A)/‖W0 + s·B·A‖ (the norm held constant in
+    /// the backward, as PEFT does). Whole modules only (c_attn, not q/k/v), with --dropout 0 and
+    /// the kaiming or gaussian init.
+    #[arg(long, conflicts_with = "full")]
+    pub use_dora: bool,
     /// LoRA+: B's learning rate is this many times A's (Hayou et al. 2024; PEFT's
     /// loraplus_lr_ratio; 16 is the paper's usual choice). As in PEFT's LoRA+ optimizer, biases
     /// and layer-norm parameters train at B's rate. 1: plain LoRA.
@@ -106,6 +113,7 @@ impl LoraOptions {
         let mut cfg = LoraConfig::new(r, alpha, targets);
         cfg.dropout = dropout;
         cfg.use_rslora = self.use_rslora;
+        cfg.use_dora = self.use_dora;
         cfg.layers = (!self.layers.is_empty()).then(|| self.layers.clone());
         cfg.name_rank_pattern = self.rank_pattern.clone();
         cfg.name_alpha_pattern = self.alpha_pattern.clone();
@@ -130,6 +138,9 @@ impl LoraOptions {
         let mut m = Map::new();
         if self.use_rslora {
             m.insert("use_rslora".into(), json!(true));
+        }
+        if self.use_dora {
+            m.insert("use_dora".into(), json!(true));
         }
         if !self.layers.is_empty() {
             m.insert("layers".into(), json!(self.layers));

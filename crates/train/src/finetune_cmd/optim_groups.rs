@@ -4,14 +4,15 @@
 //! | parameters | learning rate | weight decay |
 //! |---|---|---|
 //! | `lora_A`, and the matrices of `modules_to_save` | lr | wd |
-//! | `lora_B` | ratio · lr | wd |
-//! | biases, layer norms (1-D) | ratio · lr | 0 |
+//! | `lora_B`, DoRA's magnitudes | ratio · lr | wd |
+//! | biases, layer norms | ratio · lr | 0 |
 //! | `--full`: every weight | lr | wd |
 //!
 //! LoRA+ (Hayou et al. 2024) gives B a learning rate `ratio` times A's; PEFT's
-//! `create_loraplus_optimizer` puts the one-dimensional parameters in B's group too, and, as
+//! `create_loraplus_optimizer` puts every one-dimensional parameter in B's group too, and, as
 //! Hugging Face's Trainer does, exempts biases and layer norms from weight decay. With ratio 1
-//! and no 1-D parameter this is one group of every parameter in order, as before these options.
+//! and no bias or layer norm this is one group of every parameter in order, as before these
+//! options.
 //!
 //! AdamW's decay is decoupled (Loshchilov & Hutter): p ← p − lr·wd·p, apart from the
 //! moments, so a parameter without gradient still shrinks by the factor (1 − lr·wd).
@@ -29,7 +30,11 @@ pub fn param_groups(params: &[Trainable], weight_decay: f32, ratio: f32) -> Vec<
         } else {
             1.0
         };
-        let decay = if one_dim { 0.0 } else { weight_decay };
+        let decay = if exempt_from_decay(&p.name) {
+            0.0
+        } else {
+            weight_decay
+        };
         match groups
             .iter_mut()
             .find(|g| g.lr_scale == lr_scale && g.weight_decay == decay)
@@ -43,6 +48,13 @@ pub fn param_groups(params: &[Trainable], weight_decay: f32, ratio: f32) -> Vec<
         }
     }
     groups
+}
+
+/// Biases and layer norms' parameters (`h.0.ln_1.weight`, `ln_f.bias`): not decayed.
+fn exempt_from_decay(name: &str) -> bool {
+    let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+    let last = module.rsplit('.').next().unwrap_or(module);
+    name.ends_with(".bias") || last.starts_with("ln_")
 }
 
 #[cfg(test)]
@@ -92,12 +104,16 @@ mod tests {
             param("h.0.attn.c_attn.lora_A", &[2, 3], 2.0),
             param("h.0.attn.c_attn.lora_B", &[4, 2], 2.0),
             param("h.0.ln_1.bias", &[3], 2.0),
+            param("ln_f.weight", &[3], 2.0),
+            param("h.0.attn.c_attn.lora_magnitude_vector", &[3], 2.0),
         ];
         // A zero gradient: Adam moves nothing, the decay alone gives p·(1 − lr·wd).
         let after = one_step(&params, 0.0, 0.1, 0.5, 1.0);
-        assert!((after[0] - 2.0 * (1.0 - 0.1 * 0.5)).abs() < 1e-6, "{after:?}");
-        assert!((after[1] - 2.0 * (1.0 - 0.1 * 0.5)).abs() < 1e-6, "{after:?}");
-        assert_eq!(after[2], 2.0);
+        let decayed = 2.0 * (1.0 - 0.1 * 0.5);
+        assert!((after[0] - decayed).abs() < 1e-6, "{after:?}");
+        assert!((after[1] - decayed).abs() < 1e-6, "{after:?}");
+        assert_eq!((after[2], after[3]), (2.0, 2.0));
+        assert!((after[4] - decayed).abs() < 1e-6, "{after:?}");
     }
 
     #[test]
