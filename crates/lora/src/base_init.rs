@@ -49,10 +49,7 @@ fn check(what: &str, n_in: usize, width: usize, r: usize, w: &[f32]) -> Result<(
     if w.len() != n_in * width {
         return Err(Error::mismatch(
             None,
-            format!(
-                "{what} init: W has {} values, not {n_in}·{width}",
-                w.len()
-            ),
+            format!("{what} init: W has {} values, not {n_in}·{width}", w.len()),
         ));
     }
     if r == 0 || r > n_in.min(width) {
@@ -65,7 +62,15 @@ fn check(what: &str, n_in: usize, width: usize, r: usize, w: &[f32]) -> Result<(
 }
 
 /// The residual W_res (in, width) = W − s·(B0·A0)ᵀ from the rounded factors.
-fn residual(w: &[f32], a: &[f32], b: &[f32], n_in: usize, width: usize, r: usize, s: f32) -> Vec<f32> {
+fn residual(
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    n_in: usize,
+    width: usize,
+    r: usize,
+    s: f32,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; n_in * width];
     for i in 0..n_in {
         for j in 0..width {
@@ -110,7 +115,14 @@ pub fn olora(w: &[f32], n_in: usize, width: usize, r: usize, s: f32) -> Result<B
 }
 
 /// A' = [A; A0] (2r, in) and B' = [B, −B0] (width, 2r): s·B'·A' = s·(B·A − B0·A0).
-pub fn converted(a: &[f32], b: &[f32], a0: &[f32], b0: &[f32], width: usize, r: usize) -> (Vec<f32>, Vec<f32>) {
+pub fn converted(
+    a: &[f32],
+    b: &[f32],
+    a0: &[f32],
+    b0: &[f32],
+    width: usize,
+    r: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let a2 = a.iter().chain(a0).copied().collect();
     let mut b2 = Vec::with_capacity(width * 2 * r);
     for j in 0..width {
@@ -128,7 +140,9 @@ mod tests {
 
     fn weight(n_in: usize, width: usize, seed: u64) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(seed);
-        (0..n_in * width).map(|_| rng.random_range(-1.0..1.0)).collect()
+        (0..n_in * width)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect()
     }
 
     /// (in, width): W_res + s·(B0·A0)ᵀ, in f64.
@@ -146,14 +160,20 @@ mod tests {
     }
 
     fn worst(a: &[f64], b: &[f32]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| (x - f64::from(*y)).abs()).fold(0.0, f64::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - f64::from(*y)).abs())
+            .fold(0.0, f64::max)
     }
 
     #[test]
     fn pissa_and_olora_rebuild_w0() {
         for (n_in, width, r, s) in [(12, 20, 3, 2.0f32), (16, 8, 4, 0.5), (10, 10, 10, 1.0)] {
             let w = weight(n_in, width, 3);
-            for init in [pissa(&w, n_in, width, r, s).unwrap(), olora(&w, n_in, width, r, s).unwrap()] {
+            for init in [
+                pissa(&w, n_in, width, r, s).unwrap(),
+                olora(&w, n_in, width, r, s).unwrap(),
+            ] {
                 assert_eq!((init.a.len(), init.b.len()), (r * n_in, width * r));
                 let err = worst(&rebuilt(&init, n_in, width, r, s), &w);
                 assert!(err < 1e-6, "W_res + s·B0·A0 differs from W0 by {err}");
@@ -191,7 +211,9 @@ mod tests {
         let (a, b) = (weight(r, n_in, 3), weight(width, r, 4));
         let (a2, b2) = converted(&a, &b, &a0, &b0, width, r);
         let ba = |a: &[f32], b: &[f32], r: usize, i: usize, j: usize| -> f64 {
-            (0..r).map(|k| f64::from(b[j * r + k]) * f64::from(a[k * n_in + i])).sum()
+            (0..r)
+                .map(|k| f64::from(b[j * r + k]) * f64::from(a[k * n_in + i]))
+                .sum()
         };
         for i in 0..n_in {
             for j in 0..width {
@@ -205,6 +227,9 @@ mod tests {
     fn ranks_beyond_the_weight_are_refused() {
         let w = weight(4, 6, 0);
         let e = pissa(&w, 4, 6, 5, 1.0).unwrap_err().to_string();
-        assert!(e.contains("rank 5 for a weight of 4 × 6; it must be 1 to 4"), "{e}");
+        assert!(
+            e.contains("rank 5 for a weight of 4 × 6; it must be 1 to 4"),
+            "{e}"
+        );
     }
 }

@@ -332,7 +332,8 @@ impl LoraConfig {
         for layer in self.layer_list(gpt.n_layer) {
             for &target in &targets {
                 let module = format!("transformer.h.{layer}.{}", target.module().path());
-                let (r, alpha) = names.rank_alpha(&module, self.rank(target), self.alpha_of(target))?;
+                let (r, alpha) =
+                    names.rank_alpha(&module, self.rank(target), self.alpha_of(target))?;
                 let (col0, width) = target.columns(c);
                 sites.push(Site {
                     layer,

@@ -27,8 +27,8 @@ use std::sync::Mutex;
 use autograd::{Param, Tape, Var};
 use tensor::Tensor;
 use tensor::ops::elementwise::{add, mul, scale};
-use tensor::ops::reduce::sum;
 use tensor::ops::embedding::embedding;
+use tensor::ops::reduce::sum;
 use tensor::ops::slice::write_axis;
 
 use crate::linear::LoraUpdate;

@@ -435,9 +435,13 @@ impl LoraModel {
     /// `modules_to_save` parameters (while attached).
     pub fn trainable_params(&self) -> Vec<Trainable> {
         let lora = self.sites.iter().flat_map(|(_, l)| {
-            [Some(&l.a), Some(&l.b), l.dora.as_ref().map(|d| &d.magnitude)]
-                .into_iter()
-                .flatten()
+            [
+                Some(&l.a),
+                Some(&l.b),
+                l.dora.as_ref().map(|d| &d.magnitude),
+            ]
+            .into_iter()
+            .flatten()
         });
         lora.filter_map(|p| p.as_trainable().cloned())
             .chain(self.biases.iter().cloned())

@@ -35,13 +35,16 @@ impl NamePatterns {
             .iter()
             .map(|(k, a)| (k.clone(), json!(a)))
             .collect();
-        let keys = (cfg.name_rank_pattern.iter().map(|(k, _)| ("rank_pattern", k.clone())))
-            .chain(
-                cfg.name_alpha_pattern
-                    .iter()
-                    .map(|(k, _)| ("alpha_pattern", k.clone())),
-            )
-            .collect();
+        let keys = (cfg
+            .name_rank_pattern
+            .iter()
+            .map(|(k, _)| ("rank_pattern", k.clone())))
+        .chain(
+            cfg.name_alpha_pattern
+                .iter()
+                .map(|(k, _)| ("alpha_pattern", k.clone())),
+        )
+        .collect();
         Ok(NamePatterns {
             rank: PatternKeys::new("rank_pattern", rank).map_err(Error::config)?,
             alpha: PatternKeys::new("alpha_pattern", alpha).map_err(Error::config)?,
@@ -127,7 +130,10 @@ mod tests {
         let mut cfg = LoraConfig::new(4, 8.0, &[Target::CAttn]);
         cfg.name_rank_pattern = vec![("c_fc".into(), 2)];
         let e = cfg.sites(&tiny()).unwrap_err().to_string();
-        assert!(e.contains("rank_pattern key `c_fc` matches no adapted module"), "{e}");
+        assert!(
+            e.contains("rank_pattern key `c_fc` matches no adapted module"),
+            "{e}"
+        );
         cfg.name_rank_pattern = vec![("c_attn".into(), 0)];
         let e = cfg.sites(&tiny()).unwrap_err().to_string();
         assert!(e.contains("a rank is at least 1"), "{e}");
@@ -145,12 +151,24 @@ mod tests {
         let mut cfg = LoraConfig::new(4, 8.0, &[Target::CAttn]);
         cfg.modules_to_save = vec!["ln_f".into(), "h.0.ln_2".into()];
         let count = cfg.count(&tiny()).unwrap();
-        let plain = LoraConfig::new(4, 8.0, &[Target::CAttn]).count(&tiny()).unwrap();
+        let plain = LoraConfig::new(4, 8.0, &[Target::CAttn])
+            .count(&tiny())
+            .unwrap();
         assert_eq!(count.trainable - plain.trainable, 4 * 768);
         cfg.modules_to_save = vec!["ln_g".into()];
-        assert!(cfg.sites(&tiny()).unwrap_err().to_string().contains("names no module"));
+        assert!(
+            cfg.sites(&tiny())
+                .unwrap_err()
+                .to_string()
+                .contains("names no module")
+        );
         cfg.modules_to_save = vec!["h.0.mlp".into()];
-        assert!(cfg.sites(&tiny()).unwrap_err().to_string().contains("names no module"));
+        assert!(
+            cfg.sites(&tiny())
+                .unwrap_err()
+                .to_string()
+                .contains("names no module")
+        );
         cfg.modules_to_save = vec!["wte".into()];
         assert!(cfg.sites(&tiny()).unwrap_err().to_string().contains("tied"));
         cfg.modules_to_save = vec!["c_attn".into()];

@@ -47,10 +47,16 @@ fn check(device: &Device) {
         cfg.use_rslora = rslora;
         let lora = LoraModel::inject(&mut tuned_model, &cfg, 3).unwrap();
         let start = rel_diff(&logits(&tuned_model), &base);
-        assert!(start < 1e-4, "{what}: W_res + s·B0·A0 starts {start} off W0");
+        assert!(
+            start < 1e-4,
+            "{what}: W_res + s·B0·A0 starts {start} off W0"
+        );
         perturb(&lora, 0.05, 9);
         let tuned = logits(&tuned_model);
-        assert!(rel_diff(&tuned, &base) > 1e-3, "{what}: the perturbation shows");
+        assert!(
+            rel_diff(&tuned, &base) > 1e-3,
+            "{what}: the perturbation shows"
+        );
         let dir = scratch("base-init");
         lora.save_peft(&dir).unwrap();
         let json: serde_json::Value =

@@ -102,7 +102,11 @@ pub fn step(
     let _phase = profile::phase("optimizer");
     // The norm is measured in every case (for the metrics and the non-finite check); a limit of
     // 0 means no clipping.
-    let limit = if cfg.clip > 0.0 { cfg.clip } else { f32::INFINITY };
+    let limit = if cfg.clip > 0.0 {
+        cfg.clip
+    } else {
+        f32::INFINITY
+    };
     let grad_norm = clip_grad_norm(&mut grads, limit)?;
     if !loss.is_finite() || !grad_norm.is_finite() {
         return Ok(Err(NonFinite {

@@ -30,7 +30,10 @@ fn cases() -> Vec<(String, Vec<String>)> {
     let text = std::fs::read_to_string(fixtures().join("cases.txt")).unwrap();
     let mut common = Vec::new();
     let mut out = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (name, options) = line.split_once('\t').expect("NAME<tab>OPTIONS");
         let options: Vec<String> = options.split_whitespace().map(String::from).collect();
         if name == "*" {
@@ -66,7 +69,11 @@ fn what_finetune_saves_with_pefts_options_gives_pefts_logits() {
     for (name, options) in &cases {
         let committed = fixtures().join(name);
         let out = dir.join(name);
-        let mut args = vec!["finetune".to_string(), "--out".into(), out.display().to_string()];
+        let mut args = vec![
+            "finetune".to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
         args.extend(options.iter().cloned());
         train_ok(&args);
         let made = out.join("adapter");
@@ -83,7 +90,10 @@ fn what_finetune_saves_with_pefts_options_gives_pefts_logits() {
         assert_eq!(names(&ours), names(&given), "{name}: tensors and shapes");
         for ((key, _, a), (_, _, b)) in ours.iter().zip(&given) {
             let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-            let worst = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            let worst = a
+                .iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(
                 worst <= 1e-5 * scale,
                 "{name}: {key} is {worst} off the committed adapter (scale {scale})"
@@ -120,12 +130,20 @@ fn pefts_options_are_checked_with_their_names() {
             .map(|s| s.to_string())
             .collect();
         a.push(data.display().to_string());
-        a.extend(["--out".to_string(), out.display().to_string(), "--steps".into(), "1".into()]);
+        a.extend([
+            "--out".to_string(),
+            out.display().to_string(),
+            "--steps".into(),
+            "1".into(),
+        ]);
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
     for (extra, message) in [
-        (&["--rank-pattern", "c_fc=2"][..], "rank_pattern key `c_fc` matches no adapted module"),
+        (
+            &["--rank-pattern", "c_fc=2"][..],
+            "rank_pattern key `c_fc` matches no adapted module",
+        ),
         (&["--rank-pattern", "c_attn"], "expected KEY=VALUE"),
         (&["--alpha-pattern", "c_attn=x"], "is not a number"),
         (&["--modules-to-save", "wte"], "tied"),
@@ -133,7 +151,7 @@ fn pefts_options_are_checked_with_their_names() {
         (&["--layers", "2"], "layer 2 does not exist"),
         (&["--init", "pissa", "--r", "65"], "it must be 1 to 64"),
         (&["--lora-plus-ratio", "0"], "--lora-plus-ratio 0"),
-        (&["--max-grad-norm", "-1"], "--max-grad-norm -1"),
+        (&["--max-grad-norm=-1"], "--max-grad-norm -1"),
     ] {
         // Status 1 for our checks, 2 for clap's.
         let out = common::run(&base(extra));
@@ -145,5 +163,8 @@ fn pefts_options_are_checked_with_their_names() {
     assert!(stderr.contains("it must be above 0"), "{stderr}");
     let out = common::run(&base(&["--full", "--use-rslora"]));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("--use-rslora"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("--use-rslora"),
+        "{stderr}"
+    );
 }

@@ -65,13 +65,18 @@ mod tests {
 
     fn param(name: &str, shape: &[usize], v: f32) -> Param {
         let n = shape.iter().product();
-        Param::trainable(name, Tensor::from_vec(vec![v; n], shape, &Device::cpu()).unwrap())
+        Param::trainable(
+            name,
+            Tensor::from_vec(vec![v; n], shape, &Device::cpu()).unwrap(),
+        )
     }
 
     /// One AdamW step with gradient `g` everywhere; the parameters after it.
     fn one_step(params: &[Param], g: f32, lr: f32, wd: f32, ratio: f32) -> Vec<f32> {
-        let trainables: Vec<Trainable> =
-            params.iter().map(|p| p.as_trainable().unwrap().clone()).collect();
+        let trainables: Vec<Trainable> = params
+            .iter()
+            .map(|p| p.as_trainable().unwrap().clone())
+            .collect();
         let mut opt = AdamW::new(param_groups(&trainables, wd, ratio));
         let mut grads = Grads::new();
         for t in &trainables {
@@ -80,7 +85,10 @@ mod tests {
             grads.set(t.id, grad);
         }
         opt.step(&grads, lr).unwrap();
-        params.iter().map(|p| p.value().to_vec().unwrap()[0]).collect()
+        params
+            .iter()
+            .map(|p| p.value().to_vec().unwrap()[0])
+            .collect()
     }
 
     #[test]
@@ -123,7 +131,10 @@ mod tests {
             param("a.lora_B", &[2, 2], 0.0),
             param("b.lora_A", &[2, 2], 0.0),
         ];
-        let t: Vec<Trainable> = params.iter().map(|p| p.as_trainable().unwrap().clone()).collect();
+        let t: Vec<Trainable> = params
+            .iter()
+            .map(|p| p.as_trainable().unwrap().clone())
+            .collect();
         let groups = param_groups(&t, 0.01, 1.0);
         assert_eq!(groups.len(), 1);
         let names: Vec<&str> = groups[0].params.iter().map(|p| p.name.as_str()).collect();

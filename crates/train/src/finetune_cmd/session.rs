@@ -23,8 +23,8 @@ use serde_json::{Value, json};
 use tensor::Device;
 use transformer::{Checkpoint, Gpt2};
 
-use super::interrupt::{self, Interrupted};
 use super::FinetuneArgs;
+use super::interrupt::{self, Interrupted};
 use super::optim_groups::param_groups;
 use crate::batch::{Batch, Batches, Example, batch};
 use crate::checkpoint::{self, Progress, Saved};
