@@ -168,3 +168,36 @@ fn pefts_options_are_checked_with_their_names() {
         "{stderr}"
     );
 }
+
+/// A run with a PiSSA init (W0 changed), trained biases, a modules_to_save copy and LoRA+,
+/// stopped after step 2 and resumed, saves the adapter of the uninterrupted run, byte for byte.
+#[test]
+fn a_resumed_pissa_run_saves_the_uninterrupted_runs_adapter() {
+    let dir = scratch("finetune-peft-resume");
+    let options = cases()
+        .into_iter()
+        .find(|(name, _)| name == "pissa")
+        .unwrap()
+        .1;
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "finetune".to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        args.extend(options.iter().cloned());
+        args.extend(["--bias", "all", "--lora-plus-ratio", "4"].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        train_ok(&args);
+    };
+    let (whole, parts) = (dir.join("whole"), dir.join("parts"));
+    run(&whole, &[]);
+    run(&parts, &["--stop-after", "2"]);
+    assert!(!parts.join("adapter").exists(), "stopped before the end");
+    run(&parts, &["--resume"]);
+    for file in [lora::WEIGHTS_FILE, lora::CONFIG_FILE] {
+        let a = std::fs::read(whole.join("adapter").join(file)).unwrap();
+        let b = std::fs::read(parts.join("adapter").join(file)).unwrap();
+        assert!(a == b, "{file} differs after resuming");
+    }
+}
