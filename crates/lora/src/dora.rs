@@ -1,5 +1,5 @@
 //! DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") as PEFT computes it,
-//! for inference and merging: the adapted weight is split into a direction and a magnitude m
+//! for inference, merging and training: the adapted weight is split into a direction and a magnitude m
 //! (one value per output column), and the LoRA update moves the direction only.
 //!
 //! In this crate's layout (W: (in, out), columns are outputs):

@@ -26,7 +26,12 @@
 //! ([`LoraModel::eval_only`]: DoRA, `lora_bias`, `modules_to_save`, trainable tokens): such an
 //! adapter is not saved and not served by an [`crate::AdapterBank`]; its
 //! [`LoraModel::trainable_params`] are A and B alone, so it must not be trained as if it were
-//! PEFT's (DoRA's magnitude, for one, would stay fixed).
+//! PEFT's (DoRA's magnitude, for one, would stay fixed). Adapters made here with
+//! [`LoraConfig::use_dora`] or `modules_to_save` train those parts and save them.
+//!
+//! With a PiSSA or OLoRA init ([`crate::base_init`]), [`LoraModel::new`] changes the model's
+//! adapted weights into the residual W0 − s·B0·A0 and keeps A0 and B0, so that
+//! [`LoraModel::save_peft`] writes the plain LoRA that works on the original W0.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -22,9 +22,8 @@ fn value(model: &Gpt2) -> f64 {
     f64::from(loss(model, &Tape::inference()).value.to_vec().unwrap()[0])
 }
 
-#[test]
-fn dora_starts_at_the_base_model_and_trains_its_magnitude() {
-    let device = Device::cpu();
+fn starts_at_base_and_trains_magnitude(device: &Device) {
+    let device = device.clone();
     let base = logits(&model(&device));
     let mut m = model(&device);
     let mut cfg = LoraConfig::new(4, 8.0, &[Target::CAttn, Target::Fc]);
@@ -72,6 +71,12 @@ fn dora_starts_at_the_base_model_and_trains_its_magnitude() {
         );
     }
 }
+
+tensor::on_devices!(
+    starts_at_base_and_trains_magnitude,
+    dora_starts_at_the_base_model_and_trains_its_magnitude_cpu,
+    dora_starts_at_the_base_model_and_trains_its_magnitude_gpu
+);
 
 #[test]
 fn dora_refuses_what_it_cannot_save_or_compute_as_peft_does() {
