@@ -238,18 +238,17 @@ impl LoraConfig {
     /// targets in the order of [`Target::ALL`].
     pub fn sites(&self, gpt: &GptConfig) -> Result<Vec<Site>> {
         self.validate_for(gpt)?;
-        let c = gpt.n_embd;
         let mut targets = self.targets.clone();
         targets.sort();
         let mut sites = Vec::new();
         for layer in self.layer_list(gpt.n_layer) {
             for &target in &targets {
                 let (r, alpha) = (self.rank(target), self.alpha_of(target));
-                let (col0, width) = target.columns(c);
+                let (col0, width) = target.columns(gpt);
                 sites.push(Site {
                     layer,
                     target,
-                    in_features: target.module().shape(c).0,
+                    in_features: target.module().shape(gpt).0,
                     col0,
                     width,
                     r,

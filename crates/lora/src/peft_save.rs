@@ -89,9 +89,14 @@ impl LoraModel {
         let mut out = Vec::with_capacity(groups.len());
         for ((layer, module), parts) in groups {
             let in_f = parts[0].0.in_features;
-            let out_f = module.out_features(in_f);
             let (first, _) = parts[0];
-            if parts.len() == 1 && first.col0 == 0 && first.width == out_f {
+            // A whole Linear's site spans all of W's columns; slices are of c_attn (C, 3C).
+            let out_f = if first.target.is_slice() {
+                3 * in_f
+            } else {
+                first.width
+            };
+            if parts.len() == 1 && !first.target.is_slice() {
                 let (_, lora) = parts[0];
                 out.push(PeftModule {
                     layer,
