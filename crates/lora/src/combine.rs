@@ -1,5 +1,5 @@
 //! Several adapters made into one, as PEFT's `LoraModel.add_weighted_adapter` does it (PEFT
-//! 0.21, `tuners/lora/model.py`), for the combination types `linear`, `cat` and `svd`.
+//! 0.21, `tuners/lora/model.py`), for the combination types `linear`, `cat`, `svd` and `ties`.
 //!
 //! Inputs: adapters i with weights wᵢ, each with A_i (rᵢ, in), B_i (out, rᵢ) and scale sᵢ at
 //! every Linear it adapts. Only the adapters present at a Linear take part there. The new
@@ -16,6 +16,7 @@
 //! | `linear` | the rᶜ, all equal (else an error) | Σ sgn(wᵢsᵢ)·√|wᵢsᵢ|·A_i | Σ √|wᵢsᵢ|·B_i |
 //! | `cat` | Σ rᶜ | [w₁s₁A₁; w₂s₂A₂; …], zero rows after | [B₁ B₂ …], zero columns after |
 //! | `svd` | `svd_rank`, else max rᶜ | V_Rᵀ (first R rows of Vᵀ) | U_R·diag(S_R) |
+//! | `ties` | as `linear` | TIES of the A_i, weights sgn(wᵢsᵢ)·√|wᵢsᵢ| | TIES of the B_i, weights √|wᵢsᵢ| |
 //!
 //! `cat` is exact: B·A = Σ wᵢsᵢ·B_i·A_i. `linear` is not (its B·A has the cross terms
 //! √|wᵢsᵢ wⱼsⱼ|·B_i·A_j); it is PEFT's cheap approximation. `svd` takes ΔW = Σ wᵢsᵢ·B_i·A_i
@@ -25,7 +26,13 @@
 //! all their entries together; SVD's signs are not unique (flipping uₖ and vₖ together gives
 //! the same ΔW), so a clamped result may differ from PEFT's where LAPACK chose other signs.
 //!
+//! TIES (trim, elect sign, disjoint merge) is in [`ties`]. PEFT's `dare_*` types prune at
+//! random (`torch.bernoulli`), so no other program can reproduce their result; they are not
+//! offered.
+//!
 //! The arithmetic is in f64, the result rounded to f32 once.
+
+pub mod ties;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,6 +46,7 @@ use crate::error::{Error, Result};
 use crate::model::LoraModel;
 use crate::peft_save::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
 use crate::target::Module;
+pub use ties::MajoritySign;
 
 /// How the adapters are combined (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -51,6 +59,11 @@ pub enum Combination {
         /// The quantile q in (0, 1] of PEFT's `svd_clamp`; no clamping when `None`.
         clamp: Option<f64>,
     },
+    Ties {
+        /// The fraction of each tensor's entries kept, in [0, 1].
+        density: f64,
+        majority: MajoritySign,
+    },
 }
 
 impl Combination {
@@ -60,6 +73,7 @@ impl Combination {
             Combination::Linear => "linear",
             Combination::Cat => "cat",
             Combination::Svd { .. } => "svd",
+            Combination::Ties { .. } => "ties",
         }
     }
 }
@@ -194,6 +208,38 @@ pub fn cat(parts: &[Part], n_in: usize, n_out: usize, rank: usize) -> Result<(Ve
     Ok((a, b))
 }
 
+/// PEFT's `ties`: [`ties::ties`] of the A's and of the B's, with `linear`'s weights.
+pub fn ties_ab(
+    parts: &[Part],
+    n_in: usize,
+    n_out: usize,
+    rank: usize,
+    density: f64,
+    majority: MajoritySign,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    if let Some(p) = parts.iter().find(|p| p.r != rank) {
+        return Err(Error::config(format!(
+            "combination `ties` merges A and B of equal shapes, but a module has rank {} where \
+             the combined rank is {rank}",
+            p.r
+        )));
+    }
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let (a, b): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
+        parts.iter().map(|p| (f64s(&p.a), f64s(&p.b))).unzip();
+    let wa: Vec<f64> = parts
+        .iter()
+        .map(|p| p.ws.signum() * p.ws.abs().sqrt())
+        .collect();
+    let wb: Vec<f64> = parts.iter().map(|p| p.ws.abs().sqrt()).collect();
+    let (a, b) = (
+        ties::ties(&a, &wa, density, majority),
+        ties::ties(&b, &wb, density, majority),
+    );
+    debug_assert_eq!((a.len(), b.len()), (rank * n_in, n_out * rank));
+    Ok((to_f32(&a), to_f32(&b)))
+}
+
 /// ΔW = Σ wᵢsᵢ·B_i·A_i, (out, in).
 pub fn delta(parts: &[Part], n_in: usize, n_out: usize) -> DMatrix<f64> {
     let mut d = DMatrix::<f64>::zeros(n_out, n_in);
@@ -303,11 +349,12 @@ pub fn combine(inputs: &[CombineInput], how: Combination) -> Result<Combined> {
         ranks.push(config_rank(input.config)?);
     }
     let rank = match how {
-        Combination::Linear => {
+        Combination::Linear | Combination::Ties { .. } => {
             if ranks.iter().any(|&r| r != ranks[0]) {
                 return Err(Error::config(format!(
-                    "combination `linear` needs adapters of one rank; their ranks are {ranks:?} \
-                     (use `cat` or `svd`)"
+                    "combination `{}` needs adapters of one rank; their ranks are {ranks:?} \
+                     (use `cat` or `svd`)",
+                    how.name()
                 )));
             }
             ranks[0]
@@ -319,6 +366,13 @@ pub fn combine(inputs: &[CombineInput], how: Combination) -> Result<Combined> {
     };
     if rank == 0 {
         return Err(Error::config("the combined rank is 0".to_string()));
+    }
+    if let Combination::Ties { density, .. } = how {
+        if !(0.0..=1.0).contains(&density) {
+            return Err(Error::config(format!(
+                "ties density {density}: expected a fraction in [0, 1]"
+            )));
+        }
     }
     if let Combination::Svd { clamp: Some(q), .. } = how {
         if !(q > 0.0 && q <= 1.0) {
@@ -361,6 +415,9 @@ pub fn combine(inputs: &[CombineInput], how: Combination) -> Result<Combined> {
             Combination::Linear => linear(&parts, n_in, n_out, rank),
             Combination::Cat => cat(&parts, n_in, n_out, rank),
             Combination::Svd { clamp, .. } => svd(&parts, n_in, n_out, rank, clamp),
+            Combination::Ties { density, majority } => {
+                ties_ab(&parts, n_in, n_out, rank, density, majority)
+            }
         }
         .map_err(at)?;
         modules.push(CombinedModule {

@@ -1,7 +1,8 @@
 //! [`lora::combine`] against PEFT's `add_weighted_adapter` (`tests/fixtures/combine/make.py`):
-//! two PEFT adapters combined with weights 0.7 and −0.4 as `linear`, `cat` and `svd` (rank 3).
+//! two PEFT adapters combined with weights 0.7 and −0.4 as `linear`, `cat`, `svd` (rank 3) and
+//! `ties` (density 0.5, and 0.7 with the `frequency` sign election).
 //! For each type:
-//! - our A and B equal PEFT's (`linear`, `cat`: 1e-5), or our ΔW = B·A does (`svd`, whose
+//! - our A and B equal PEFT's (`linear`, `cat`, `ties`: 1e-5), or our ΔW = B·A does (`svd`, whose
 //!   factors are unique only up to the signs of the singular vectors);
 //! - the adapter we save loads back, and its logits of the fixture's ids are PEFT's (1e-4), its
 //!   loss PEFT's float64 one (1e-4);
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use autograd::Tape;
 use common::{batch, model};
+use lora::combine::MajoritySign;
 use lora::{Combination, CombineInput, LoraModel, combine};
 use nalgebra::DMatrix;
 use serde_json::Value;
@@ -35,13 +37,21 @@ fn json(path: &Path) -> Value {
 fn ours(name: &str) -> lora::Combined {
     let model = model(&Device::cpu());
     let want = json(&dir(name).join("expected.json"));
-    let how = match name {
+    let how = match want["combination_type"].as_str().unwrap() {
         "linear" => Combination::Linear,
         "cat" => Combination::Cat,
-        _ => Combination::Svd {
+        "svd" => Combination::Svd {
             rank: want["svd_rank"].as_u64().map(|r| r as usize),
             clamp: None,
         },
+        "ties" => Combination::Ties {
+            density: want["density"].as_f64().unwrap(),
+            majority: match want["majority_sign_method"].as_str() {
+                Some("frequency") => MajoritySign::Frequency,
+                _ => MajoritySign::Total,
+            },
+        },
+        other => panic!("{other}"),
     };
     let weights: Vec<f64> = want["weights"]
         .as_array()
@@ -187,6 +197,12 @@ fn cat_is_peft_s() {
 #[test]
 fn svd_is_peft_s() {
     check("svd");
+}
+
+#[test]
+fn ties_is_peft_s() {
+    check("ties");
+    check("ties_frequency");
 }
 
 #[test]

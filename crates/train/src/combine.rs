@@ -1,6 +1,6 @@
 //! `train combine`: several LoRA adapters of one base made into one adapter, as PEFT's
 //! `add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank,
-//! svd_clamp)` does it (the math is [`lora::combine`]'s), written as a PEFT adapter directory.
+//! svd_clamp, density, majority_sign_method)` does it for `linear`, `cat`, `svd` and `ties` (the math is [`lora::combine`]'s), written as a PEFT adapter directory.
 //!
 //! ```text
 //! train combine --model BASE --adapter A1 --weight 0.7 --adapter A2 --weight -0.4 \
@@ -24,6 +24,18 @@ pub enum CombinationArg {
     Cat,
     /// The best rank-R fit (SVD) of Σ wᵢsᵢ·Bᵢ·Aᵢ: R = --svd-rank, else the largest rᵢ.
     Svd,
+    /// TIES-merging of the A's and of the B's (trim to --density, elect signs, average the
+    /// agreeing entries), with linear's weights: equal ranks only.
+    Ties,
+}
+
+/// PEFT's `majority_sign_method` of `ties`.
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub enum MajorityArg {
+    /// The sign of the sum of the values.
+    Total,
+    /// The sign most adapters have.
+    Frequency,
 }
 
 /// Options of `train combine`.
@@ -50,6 +62,12 @@ pub struct CombineArgs {
     /// svd_clamp. SVD's signs are not unique, so a clamped result can differ from PEFT's.
     #[arg(long)]
     pub svd_clamp: Option<f64>,
+    /// For ties: the fraction of each A's and B's entries kept (the largest in magnitude).
+    #[arg(long)]
+    pub density: Option<f64>,
+    /// For ties: how the sign of each entry is elected.
+    #[arg(long, value_enum, default_value = "total")]
+    pub majority_sign: MajorityArg,
     /// The directory to write the combined adapter into (adapter_config.json +
     /// adapter_model.safetensors).
     #[arg(long)]
@@ -73,7 +91,19 @@ pub fn run(args: &CombineArgs, device: &Device) -> crate::Result<()> {
             rank: args.svd_rank,
             clamp: args.svd_clamp,
         },
+        CombinationArg::Ties => Combination::Ties {
+            density: args
+                .density
+                .ok_or("--combination ties needs --density (the fraction of entries kept)")?,
+            majority: match args.majority_sign {
+                MajorityArg::Total => lora::combine::MajoritySign::Total,
+                MajorityArg::Frequency => lora::combine::MajoritySign::Frequency,
+            },
+        },
     };
+    if how.name() != "ties" && args.density.is_some() {
+        return Err("--density is for --combination ties".into());
+    }
     if how.name() != "svd" && (args.svd_rank.is_some() || args.svd_clamp.is_some()) {
         return Err("--svd-rank and --svd-clamp are for --combination svd".into());
     }

@@ -35,7 +35,7 @@ enum Command {
     Finetune(train::finetune_cmd::FinetuneArgs),
     /// Fold a LoRA adapter into its base and write a merged checkpoint (Hugging Face layout).
     Merge(train::merge::MergeArgs),
-    /// Combine LoRA adapters into one, as PEFT's add_weighted_adapter (linear, cat, svd).
+    /// Combine LoRA adapters into one, as PEFT's add_weighted_adapter (linear, cat, svd, ties).
     Combine(train::combine::CombineArgs),
     /// The paper's section-7 analysis of one or two adapters: singular values of each learned
     /// update, and the subspace similarity between two adapters (tables, JSON, SVG heat map).

@@ -52,6 +52,18 @@ fn combined_adapters_give_peft_s_logits() {
         ("linear", &["--combination", "linear"][..]),
         ("cat", &["--combination", "cat"][..]),
         ("svd", &["--combination", "svd", "--svd-rank", "3"][..]),
+        ("ties", &["--combination", "ties", "--density", "0.5"][..]),
+        (
+            "ties_frequency",
+            &[
+                "--combination",
+                "ties",
+                "--density",
+                "0.7",
+                "--majority-sign",
+                "frequency",
+            ][..],
+        ),
     ] {
         let out = dir.join(case);
         let mut args = extra.to_vec();
