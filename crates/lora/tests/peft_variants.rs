@@ -221,3 +221,22 @@ fn unmerging_dora_restores_the_base() {
     let want = expected("dora")["loss"].as_f64().unwrap();
     assert!((loss(&model) - want).abs() < 1e-4);
 }
+
+#[test]
+fn an_n_inner_adapter_saves_and_loads_back_the_same() {
+    let cpu = Device::cpu();
+    let mut model = base("n_inner", &cpu);
+    let lora = LoraModel::load_peft(case_dir("n_inner"), &model)
+        .unwrap()
+        .lora;
+    let dir = integration_tests::scratch("n-inner-save");
+    lora.save_peft(&dir).unwrap();
+    let mut again = LoraModel::load_peft(&dir, &model).unwrap().lora;
+    again.attach(&mut model).unwrap();
+    let want = expected("n_inner")["loss"].as_f64().unwrap();
+    let got = loss(&model);
+    assert!(
+        (got - want).abs() < 1e-4,
+        "saved and reloaded: {got} vs PEFT {want}"
+    );
+}
