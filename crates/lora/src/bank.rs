@@ -185,9 +185,9 @@ impl AdapterBank {
         let c = self.config.n_embd;
         let mut sites = Vec::new();
         for (site, l) in lora.sites() {
-            let (col0, width) = site.target.columns(c);
+            let (col0, width) = site.target.columns(&self.config);
             let fits = site.layer < self.config.n_layer
-                && l.in_features() == site.target.module().shape(c).0
+                && l.in_features() == site.target.module().shape(&self.config).0
                 && (l.col0, l.width()) == (col0, width);
             if !fits {
                 return Err(Error::mismatch(
@@ -291,7 +291,6 @@ impl AdapterBank {
     /// Stacks every site any adapter adapts (zero-padded, see the module doc) on the device.
     fn rebuild(&mut self) -> Result<()> {
         let n = self.adapters.len();
-        let c = self.config.n_embd;
         // Every (layer, target) of any adapter, with the largest rank there.
         let mut r_max: BTreeMap<(usize, Target), usize> = BTreeMap::new();
         for s in self.adapters.iter().flat_map(|(_, sites)| sites) {
@@ -300,8 +299,8 @@ impl AdapterBank {
         }
         let mut linears: BTreeMap<(usize, Module), Vec<SiteStack>> = BTreeMap::new();
         for (&(layer, target), &r) in &r_max {
-            let n_in = target.module().shape(c).0;
-            let (col0, width) = target.columns(c);
+            let n_in = target.module().shape(&self.config).0;
+            let (col0, width) = target.columns(&self.config);
             let mut a = vec![0.0; n * r * n_in];
             let mut b = vec![0.0; n * width * r];
             let mut scales = vec![0.0; n];

@@ -324,7 +324,6 @@ impl LoraConfig {
     /// targets in the order of [`Target::ALL`].
     pub fn sites(&self, gpt: &GptConfig) -> Result<Vec<Site>> {
         self.validate_for(gpt)?;
-        let c = gpt.n_embd;
         let mut targets = self.targets.clone();
         targets.sort();
         let mut names = NamePatterns::new(self)?;
@@ -334,11 +333,11 @@ impl LoraConfig {
                 let module = format!("transformer.h.{layer}.{}", target.module().path());
                 let (r, alpha) =
                     names.rank_alpha(&module, self.rank(target), self.alpha_of(target))?;
-                let (col0, width) = target.columns(c);
+                let (col0, width) = target.columns(gpt);
                 sites.push(Site {
                     layer,
                     target,
-                    in_features: target.module().shape(c).0,
+                    in_features: target.module().shape(gpt).0,
                     col0,
                     width,
                     r,

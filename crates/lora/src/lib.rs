@@ -64,7 +64,9 @@
 //!    [`dora`], `lora_bias`, AdaLoRA, trained biases, `modules_to_save`, trainable tokens);
 //! 5. [`bank`]: many adapters over one unmerged base, a different one per sequence of a batch
 //!    (serving, forward only);
-//! 6. [`analysis`]: the paper's section 7: the spectrum of ΔW, the subspace similarity of two
+//! 6. [`combine`]: several adapters made into one, as PEFT's `add_weighted_adapter` does
+//!    (`linear`, `cat`, `svd`, `ties`);
+//! 7. [`analysis`]: the paper's section 7: the spectrum of ΔW, the subspace similarity of two
 //!    adapters, and its heat map.
 //!
 //! ```
@@ -86,6 +88,7 @@
 pub mod analysis;
 pub mod bank;
 pub mod base_init;
+pub mod combine;
 pub mod config;
 pub mod dora;
 mod error;
@@ -100,11 +103,12 @@ pub mod target;
 
 pub use analysis::{Similarities, SiteSimilarity, SiteSpectrum, Spectra, write_heatmap_svg};
 pub use bank::{AdapterBank, Routing};
+pub use combine::{Combination, CombineInput, Combined, combine};
 pub use config::{BiasMode, Init, LoraConfig, ParamCount, Site, scaling};
 pub use error::{Error, Result};
 pub use linear::{LoraAdapter, LoraUpdate};
 pub use model::{LoraModel, site_name};
 pub use peft_config::MAX_CONFIG_BYTES as MAX_ADAPTER_CONFIG_BYTES;
-pub use peft_load::LoadedAdapter;
+pub use peft_load::{BIN_WEIGHTS_FILE, LoadedAdapter};
 pub use peft_save::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, peft_target_name};
 pub use target::{Module, Target};

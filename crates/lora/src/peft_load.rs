@@ -27,7 +27,8 @@
 //! (`lm_head`), and a `modules_to_save` copy of `wte`, because PEFT then uses one matrix for
 //! the input embedding and another for the output head, which this model ties.
 //!
-//! The weights file is read by [`transformer::tensor_file::read_tensors`], so a damaged file
+//! The weights file is read by [`transformer::tensor_file::read_tensors`] (or, for
+//! `adapter_model.bin`, by [`transformer::torch_pickle::read_state_dict`]), so a damaged file
 //! (truncated, a header that lies, an unreadable dtype) is an error naming it, and so is a NaN
 //! or infinite value in any tensor (the tensor and the count of such values are named).
 //! A tensor given twice (with and without the `transformer.` prefix) is an error too.
@@ -38,7 +39,8 @@ use std::path::Path;
 use serde_json::Value;
 use tensor::Tensor;
 use transformer::tensor_file::read_tensors;
-use transformer::{Gpt2, NamedTensor};
+use transformer::torch_pickle::read_state_dict;
+use transformer::{Gpt2, GptConfig, NamedTensor};
 
 use crate::config::{Site, layers_phrase, scaling};
 use crate::error::{Error, Result};
@@ -133,6 +135,22 @@ struct FileWeights {
     token_delta: Option<Weight>,
 }
 
+/// PEFT's weights file when `save_pretrained(safe_serialization=False)` wrote the adapter:
+/// PyTorch's `torch.save` zip of the state dict, read by [`transformer::torch_pickle`] (which
+/// rebuilds tensors and never runs code).
+pub const BIN_WEIGHTS_FILE: &str = "adapter_model.bin";
+
+/// The weights file of the adapter in `dir`: `adapter_model.safetensors`, or
+/// `adapter_model.bin` when only that exists (PEFT prefers the safetensors file too).
+fn weights_path(dir: &Path) -> std::path::PathBuf {
+    let (safe, bin) = (dir.join(WEIGHTS_FILE), dir.join(BIN_WEIGHTS_FILE));
+    if !safe.exists() && bin.exists() {
+        bin
+    } else {
+        safe
+    }
+}
+
 /// Keys PEFT writes for features this model cannot compute, and why.
 fn refused_key(rest: &str) -> Option<&'static str> {
     if rest.starts_with("wte.lora_embedding_") {
@@ -173,7 +191,12 @@ fn read_weights(path: &Path, model: &Gpt2, pc: &PeftConfig) -> Result<FileWeight
         params: Vec::new(),
         token_delta: None,
     };
-    for (key, shape, data) in read_tensors(path)? {
+    let tensors = if path.extension().is_some_and(|e| e == "bin") {
+        read_state_dict(path, |_| true)?
+    } else {
+        read_tensors(path)?
+    };
+    for (key, shape, data) in tensors {
         // PEFT's prefix, then GPT2LMHeadModel's (absent when the base was a bare GPT2Model).
         let rest = key.strip_prefix("base_model.model.").unwrap_or("");
         let rest = match rest.strip_prefix("transformer.") {
@@ -354,11 +377,11 @@ fn site_of(
     layer: usize,
     module: Module,
     t: ModuleTensors,
-    c: usize,
+    gpt: &GptConfig,
 ) -> std::result::Result<Option<FileSite>, String> {
     let stem = format!("{KEY_PREFIX}h.{layer}.{}", module.path());
     let name = format!("{prefix}h.{layer}.{}", module.path());
-    let (n_in, n_out) = module.shape(c);
+    let (n_in, n_out) = module.shape(gpt);
     let (Some((sa, a)), Some(b)) = (t.a, t.b) else {
         return Err(format!("{stem}: lora_A and lora_B must both be present"));
     };
@@ -543,7 +566,8 @@ fn token_rows(
 }
 
 impl LoraModel {
-    /// Reads `dir/adapter_config.json` + `dir/adapter_model.safetensors` (PEFT's layout) for
+    /// Reads `dir/adapter_config.json` + `dir/adapter_model.safetensors` (PEFT's layout; or
+    /// `adapter_model.bin`, PyTorch's pickle, when only that exists: [`BIN_WEIGHTS_FILE`]) for
     /// `model`, checks that they fit it, and puts the tensors on the model's device. The result
     /// is detached: [`LoraModel::attach`] it to run it, or attach and [`LoraModel::merge`] it.
     pub fn load_peft(dir: impl AsRef<Path>, model: &Gpt2) -> Result<LoadedAdapter> {
@@ -551,7 +575,7 @@ impl LoraModel {
         let mut warnings = Vec::new();
         let config_path = dir.join(CONFIG_FILE);
         let pc = parse_config(&config_path, &mut warnings)?;
-        let path = dir.join(WEIGHTS_FILE);
+        let path = weights_path(dir);
         let mut file = read_weights(&path, model, &pc)?;
         check_targets(&pc, &file, model.config.n_layer, &path)?;
         let device = model.wte.value().device();
@@ -559,15 +583,8 @@ impl LoraModel {
         let mut weights = Vec::new();
         let modules = std::mem::take(&mut file.modules);
         for ((layer, module), tensors) in modules {
-            let Some(fs) = site_of(
-                &pc,
-                file.prefix,
-                layer,
-                module,
-                tensors,
-                model.config.n_embd,
-            )
-            .map_err(|m| Error::mismatch(Some(&path), m))?
+            let Some(fs) = site_of(&pc, file.prefix, layer, module, tensors, &model.config)
+                .map_err(|m| Error::mismatch(Some(&path), m))?
             else {
                 continue;
             };

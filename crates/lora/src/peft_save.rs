@@ -130,15 +130,20 @@ impl LoraModel {
         let mut out = Vec::with_capacity(groups.len());
         for ((layer, module), mut parts) in groups {
             let in_f = parts[0].0.in_features;
-            let out_f = module.out_features(in_f);
             let first = parts[0].0;
+            // A whole Linear's site spans all of W's columns; slices are of c_attn (C, 3C).
+            let out_f = if first.target.is_slice() {
+                3 * in_f
+            } else {
+                first.width
+            };
             let dora = |layer: usize, module: Module| {
                 self.sites()
                     .find(|(s, _)| s.layer == layer && s.target.module() == module)
                     .and_then(|(_, l)| l.dora.as_ref().map(|d| d.magnitude.value().to_vec()))
                     .transpose()
             };
-            if parts.len() == 1 && first.col0 == 0 && first.width == out_f {
+            if parts.len() == 1 && !first.target.is_slice() {
                 let magnitude = dora(layer, module)?;
                 let (_, r, alpha, a, b) = parts.remove(0);
                 out.push(PeftModule {

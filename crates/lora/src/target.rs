@@ -2,6 +2,7 @@
 //! [`crate::LoraConfig`] names ([`Target`]): a whole Linear, or the q, k or v column block of the
 //! fused `c_attn`.
 
+use transformer::GptConfig;
 use transformer::model::{Block, Linear};
 
 use crate::error::{Error, Result};
@@ -13,9 +14,9 @@ pub enum Module {
     CAttn,
     /// `attn.c_proj`: (C, C), heads back into the residual stream.
     AttnProj,
-    /// `mlp.c_fc`: (C, 4C).
+    /// `mlp.c_fc`: (C, F), F the MLP's width (`n_inner`, 4C unless the config says otherwise).
     Fc,
-    /// `mlp.c_proj`: (4C, C).
+    /// `mlp.c_proj`: (F, C).
     MlpProj,
 }
 
@@ -32,21 +33,15 @@ impl Module {
         }
     }
 
-    /// (in, out) of W for a model of width C.
-    pub fn shape(self, c: usize) -> (usize, usize) {
+    /// (in, out) of W in a model of config `gpt`: C = `n_embd`, F = its MLP width
+    /// ([`GptConfig::inner_size`]).
+    pub fn shape(self, gpt: &GptConfig) -> (usize, usize) {
+        let (c, f) = (gpt.n_embd, gpt.inner_size());
         match self {
             Module::CAttn => (c, 3 * c),
             Module::AttnProj => (c, c),
-            Module::Fc => (c, 4 * c),
-            Module::MlpProj => (4 * c, c),
-        }
-    }
-
-    /// out of W given its in (C → 3C, C, 4C; 4C → C).
-    pub fn out_features(self, in_features: usize) -> usize {
-        match self {
-            Module::MlpProj => in_features / 4,
-            _ => self.shape(in_features).1,
+            Module::Fc => (c, f),
+            Module::MlpProj => (f, c),
         }
     }
 
@@ -135,13 +130,20 @@ impl Target {
         }
     }
 
-    /// The columns of the module's output this target adds into: (first, width).
-    pub fn columns(self, c: usize) -> (usize, usize) {
+    /// Whether the target is a column block (q, k or v) of `c_attn` rather than a whole Linear.
+    pub fn is_slice(self) -> bool {
+        matches!(self, Target::Q | Target::K | Target::V)
+    }
+
+    /// The columns of the module's output this target adds into, in a model of config `gpt`:
+    /// (first, width).
+    pub fn columns(self, gpt: &GptConfig) -> (usize, usize) {
+        let c = gpt.n_embd;
         match self {
             Target::Q => (0, c),
             Target::K => (c, c),
             Target::V => (2 * c, c),
-            _ => (0, self.module().shape(c).1),
+            _ => (0, self.module().shape(gpt).1),
         }
     }
 }
@@ -152,11 +154,24 @@ mod tests {
 
     #[test]
     fn slices_are_column_blocks_of_c_attn() {
-        let c = 64;
-        assert_eq!(Target::Q.columns(c), (0, 64));
-        assert_eq!(Target::K.columns(c), (64, 64));
-        assert_eq!(Target::V.columns(c), (128, 64));
-        assert_eq!(Target::CAttn.columns(c), (0, 192));
-        assert_eq!(Target::Proj.module().shape(c), (256, 64));
+        let mut gpt = GptConfig::gpt2_small();
+        gpt.n_embd = 64;
+        assert_eq!(Target::Q.columns(&gpt), (0, 64));
+        assert_eq!(Target::K.columns(&gpt), (64, 64));
+        assert_eq!(Target::V.columns(&gpt), (128, 64));
+        assert_eq!(Target::CAttn.columns(&gpt), (0, 192));
+        assert_eq!(Target::Proj.module().shape(&gpt), (256, 64));
+        assert!(Target::V.is_slice() && !Target::CAttn.is_slice());
+    }
+
+    #[test]
+    fn the_mlp_is_as_wide_as_n_inner() {
+        let mut gpt = GptConfig::gpt2_small();
+        gpt.n_embd = 8;
+        gpt.variant.n_inner = Some(20);
+        assert_eq!(Module::Fc.shape(&gpt), (8, 20));
+        assert_eq!(Module::MlpProj.shape(&gpt), (20, 8));
+        assert_eq!(Target::Fc.columns(&gpt), (0, 20));
+        assert_eq!(Target::CAttn.columns(&gpt), (0, 24));
     }
 }

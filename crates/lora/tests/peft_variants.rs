@@ -6,6 +6,9 @@
 //!   went through a checkpoint (what `train merge` writes), within 1e-4 of PEFT's merged loss;
 //! - or, for what this model cannot compute, an error naming what was found.
 //!
+//! Also an adapter saved as `adapter_model.bin` (PyTorch's pickle, `safe_serialization=False`)
+//! and one on a model whose MLP is not 4·n_embd wide (`n_inner`).
+//!
 //! Among them the cases that once loaded with a wrong scale and exit 0: `alpha_pattern` keys
 //! that are regular expressions, and several keys matching one module (PEFT takes the first in
 //! the file's order).
@@ -42,10 +45,25 @@ fn loss(model: &Gpt2) -> f64 {
     l.value.to_vec().unwrap()[0] as f64
 }
 
+/// The base model of case `name`: the fixture's, or for `n_inner` the hf-models fixture whose
+/// MLP is n_inner = 20 wide, not 4·n_embd = 32.
+fn base(name: &str, device: &Device) -> Gpt2 {
+    if name != "n_inner" {
+        return model(device);
+    }
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/hf-models/n-inner"
+    );
+    let ckpt = transformer::Checkpoint::load(dir).unwrap();
+    assert_eq!((ckpt.config.n_embd, ckpt.config.inner_size()), (8, 20));
+    Gpt2::from_checkpoint(&ckpt, device, false).unwrap()
+}
+
 /// Loads case `name`, checks its loss unmerged, merged, and merged through a checkpoint.
 fn check_case(name: &str, device: &Device) {
     let want = expected(name);
-    let mut model = model(device);
+    let mut model = base(name, device);
     let loaded =
         LoraModel::load_peft(case_dir(name), &model).unwrap_or_else(|e| panic!("{name}: {e}"));
     for w in &loaded.warnings {
@@ -130,7 +148,21 @@ cases!(
     adalora,
     adalora_pruned,
     trainable_tokens,
+    torch_bin,
+    n_inner,
 );
+
+#[test]
+fn a_torch_bin_adapter_is_read_from_its_pickle() {
+    let dir = case_dir("torch_bin");
+    assert!(!dir.join(lora::WEIGHTS_FILE).exists());
+    assert!(dir.join(lora::BIN_WEIGHTS_FILE).exists());
+    let lora = LoraModel::load_peft(&dir, &model(&Device::cpu()))
+        .unwrap()
+        .lora;
+    // c_attn and attn.c_proj of both layers (PEFT's `c_proj` also names mlp.c_proj: 2 × 3).
+    assert_eq!(lora.sites().count(), 6);
+}
 
 #[test]
 fn embedding_lora_is_refused_naming_the_tensor() {
@@ -188,4 +220,23 @@ fn unmerging_dora_restores_the_base() {
     assert!(drift < 1e-5, "unmerge drift {drift}");
     let want = expected("dora")["loss"].as_f64().unwrap();
     assert!((loss(&model) - want).abs() < 1e-4);
+}
+
+#[test]
+fn an_n_inner_adapter_saves_and_loads_back_the_same() {
+    let cpu = Device::cpu();
+    let mut model = base("n_inner", &cpu);
+    let lora = LoraModel::load_peft(case_dir("n_inner"), &model)
+        .unwrap()
+        .lora;
+    let dir = integration_tests::scratch("n-inner-save");
+    lora.save_peft(&dir).unwrap();
+    let mut again = LoraModel::load_peft(&dir, &model).unwrap().lora;
+    again.attach(&mut model).unwrap();
+    let want = expected("n_inner")["loss"].as_f64().unwrap();
+    let got = loss(&model);
+    assert!(
+        (got - want).abs() < 1e-4,
+        "saved and reloaded: {got} vs PEFT {want}"
+    );
 }

@@ -17,11 +17,14 @@ use tensor::Device;
 #[derive(Args, Debug, Clone)]
 pub struct AnalyzeArgs {
     /// Base model directory (config.json + model.safetensors) the adapters were trained on.
-    #[arg(long)]
+    /// Or a Hugging Face Hub id, `name` or `org/name`, with `@revision` for a branch, tag or
+    /// commit (`org/name@v1`): read from the HF cache ($HF_HUB_CACHE, else $HF_HOME/hub), and
+    /// downloaded into it unless HF_HUB_OFFLINE=1. A local path that exists always wins.
+    #[arg(long, value_parser = crate::hub::model_dir)]
     pub model: PathBuf,
-    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors); give it twice
-    /// to compare two adapters.
-    #[arg(long, required = true)]
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors), or a Hub id
+    /// as for --model; give it twice to compare two adapters.
+    #[arg(long, required = true, value_parser = crate::hub::adapter_dir)]
     pub adapter: Vec<PathBuf>,
     /// Draw φ(A1, A2, i, j) of the two adapters into this SVG file.
     #[arg(long)]

@@ -25,10 +25,14 @@ pub struct EvalArgs {
     /// its shards) + the model's tokenizer: tokenizer.json, or vocab.json + merges.txt (with
     /// added_tokens.json). Without tokenizer files, GPT-2's built-in tokenizer (or bytes for a
     /// 256-token model); a note on stderr says which is used.
-    #[arg(long)]
+    /// Or a Hugging Face Hub id, `name` or `org/name`, with `@revision` for a branch, tag or
+    /// commit (`org/name@v1`): read from the HF cache ($HF_HUB_CACHE, else $HF_HOME/hub), and
+    /// downloaded into it unless HF_HUB_OFFLINE=1. A local path that exists always wins.
+    #[arg(long, value_parser = crate::hub::model_dir)]
     pub model: PathBuf,
     /// A LoRA adapter directory in PEFT's layout (ours or one PEFT saved), applied unmerged.
-    #[arg(long)]
+    /// Or a Hub id, as for --model.
+    #[arg(long, value_parser = crate::hub::adapter_dir)]
     pub adapter: Option<PathBuf>,
     /// A UTF-8 text file to score. A literal `<|endoftext|>` in it is the end-of-text token, as
     /// in Hugging Face's tokenizer (a note on stderr counts them).

@@ -78,7 +78,10 @@ pub use session::heldout_loss;
 pub struct FinetuneArgs {
     /// Model directory: a Hugging Face GPT-2 checkpoint (config.json + model.safetensors, with
     /// vocab.json + merges.txt or GPT-2's own tokenizer) or one of ours.
-    #[arg(long)]
+    /// Or a Hugging Face Hub id, `name` or `org/name`, with `@revision` for a branch, tag or
+    /// commit (`org/name@v1`): read from the HF cache ($HF_HUB_CACHE, else $HF_HOME/hub), and
+    /// downloaded into it unless HF_HUB_OFFLINE=1. A local path that exists always wins.
+    #[arg(long, value_parser = crate::hub::model_dir)]
     pub model: PathBuf,
     /// Training data: plain text, JSONL with `context`/`completion`, or `context||completion`
     /// lines (E2E); see --format.

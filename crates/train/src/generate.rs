@@ -10,12 +10,15 @@ use transformer::{BeamConfig, GenerateConfig, beam_search, generate};
 #[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
     /// Model directory: config.json + model.safetensors (+ vocab.json, merges.txt).
-    #[arg(long)]
+    /// Or a Hugging Face Hub id, `name` or `org/name`, with `@revision` for a branch, tag or
+    /// commit (`org/name@v1`): read from the HF cache ($HF_HUB_CACHE, else $HF_HOME/hub), and
+    /// downloaded into it unless HF_HUB_OFFLINE=1. A local path that exists always wins.
+    #[arg(long, value_parser = crate::hub::model_dir)]
     pub model: PathBuf,
     /// A LoRA adapter directory in PEFT's layout (ours or one PEFT saved), applied unmerged.
     /// Give it several times to generate every prompt under each adapter in turn (one bank of
-    /// adapters over one base model).
-    #[arg(long)]
+    /// adapters over one base model). Or a Hub id, as for --model.
+    #[arg(long, value_parser = crate::hub::adapter_dir)]
     pub adapter: Vec<PathBuf>,
     /// A prompt to continue; give several to generate them as one batch.
     #[arg(long, required_unless_present = "prompt_file")]

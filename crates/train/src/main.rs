@@ -35,6 +35,8 @@ enum Command {
     Finetune(train::finetune_cmd::FinetuneArgs),
     /// Fold a LoRA adapter into its base and write a merged checkpoint (Hugging Face layout).
     Merge(train::merge::MergeArgs),
+    /// Combine LoRA adapters into one, as PEFT's add_weighted_adapter (linear, cat, svd, ties).
+    Combine(train::combine::CombineArgs),
     /// The paper's section-7 analysis of one or two adapters: singular values of each learned
     /// update, and the subspace similarity between two adapters (tables, JSON, SVG heat map).
     Analyze(train::analyze::AnalyzeArgs),
@@ -102,6 +104,7 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
             device(cli_device).and_then(|d| train::finetune_cmd::run(&args, &d))
         }
         Command::Merge(args) => device(cli_device).and_then(|d| train::merge::run(&args, &d)),
+        Command::Combine(args) => device(cli_device).and_then(|d| train::combine::run(&args, &d)),
         Command::Analyze(args) => device(cli_device).and_then(|d| train::analyze::run(&args, &d)),
         Command::Eval(args) => device(cli_device).and_then(|d| train::eval::run(&args, &d)),
         Command::Bench { what } => match what {

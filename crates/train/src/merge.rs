@@ -11,10 +11,13 @@ use tensor::Device;
 #[derive(Args, Debug, Clone)]
 pub struct MergeArgs {
     /// The base model directory.
-    #[arg(long)]
+    /// Or a Hugging Face Hub id, `name` or `org/name`, with `@revision` for a branch, tag or
+    /// commit (`org/name@v1`): read from the HF cache ($HF_HUB_CACHE, else $HF_HOME/hub), and
+    /// downloaded into it unless HF_HUB_OFFLINE=1. A local path that exists always wins.
+    #[arg(long, value_parser = crate::hub::model_dir)]
     pub model: PathBuf,
-    /// The adapter directory (PEFT layout).
-    #[arg(long)]
+    /// The adapter directory (PEFT layout), or a Hub id, as for --model.
+    #[arg(long, value_parser = crate::hub::adapter_dir)]
     pub adapter: PathBuf,
     /// Where to write the merged model directory.
     #[arg(long)]

@@ -11,12 +11,17 @@ use tensor::Device;
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Base model directory: config.json + model.safetensors (+ vocab.json, merges.txt).
+    /// Or a Hugging Face Hub id, `name` or `org/name`, with `@revision` for a branch, tag or
+    /// commit (`org/name@v1`): read from the HF cache ($HF_HUB_CACHE, else $HF_HOME/hub), and
+    /// downloaded into it unless HF_HUB_OFFLINE=1. A local path that exists always wins.
     #[arg(long)]
     pub model: PathBuf,
-    /// The base model's name in requests [default: the model directory's name].
+    /// The base model's name in requests [default: the model directory's name, or the Hub id
+    /// as given].
     #[arg(long)]
     pub model_name: Option<String>,
-    /// An adapter to serve, as NAME=DIR (a PEFT adapter directory); may be repeated.
+    /// An adapter to serve, as NAME=DIR (a PEFT adapter directory, or a Hub id as for --model);
+    /// may be repeated.
     #[arg(long, value_parser = parse_adapter)]
     pub adapter: Vec<(String, PathBuf)>,
     /// Load every adapter found in this directory (each subdirectory with an
@@ -63,7 +68,7 @@ pub struct ServeArgs {
 fn parse_adapter(s: &str) -> Result<(String, PathBuf), String> {
     match s.split_once('=') {
         Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
-            Ok((name.to_string(), PathBuf::from(dir)))
+            Ok((name.to_string(), crate::hub::adapter_dir(dir)?))
         }
         _ => Err(format!("expected NAME=DIR, found `{s}`")),
     }
@@ -81,8 +86,14 @@ impl ServeArgs {
         if !(self.kv_cache_mb > 0.0 && self.kv_cache_mb.is_finite()) {
             return Err(format!("--kv-cache-mb {}: expected a size > 0", self.kv_cache_mb).into());
         }
-        let mut cfg = serve::ServeConfig::new(&self.model);
-        cfg.model_name = self.model_name.clone();
+        let spec = self.model.to_string_lossy();
+        let model = crate::hub::model_dir(&spec)?;
+        let mut cfg = serve::ServeConfig::new(&model);
+        // A Hub id is served under the id, not its snapshot's commit hash.
+        cfg.model_name = self
+            .model_name
+            .clone()
+            .or_else(|| (model != self.model).then(|| spec.to_string()));
         cfg.adapters = self.adapter.clone();
         cfg.adapter_dirs = self.adapter_dir.clone();
         cfg.host = self.host.clone();
