@@ -13,6 +13,7 @@ use std::fmt;
 use transformer::GptConfig;
 
 use crate::error::{Error, Result};
+use crate::name_patterns::NamePatterns;
 use crate::target::Target;
 
 /// Which biases train along with the adapters (PEFT's `bias`).
@@ -58,6 +59,31 @@ pub enum Init {
     /// PEFT's `false`: nothing is reset, so both keep `nn.Linear`'s default init,
     /// A ~ U(±1/√in) and B ~ U(±1/√r). The model does not start at W0; for tests only.
     BothRandom,
+    /// PEFT's `"pissa"`: A and B from the top-r SVD of W0, and W0 becomes the residual
+    /// (see [`crate::base_init`]). Saved converted to a plain LoRA of rank 2r.
+    Pissa,
+    /// PEFT's `"olora"`: A and B from the QR decomposition of W0, and W0 becomes the residual
+    /// (see [`crate::base_init`]). Saved converted to a plain LoRA of rank 2r.
+    Olora,
+}
+
+impl Init {
+    /// Whether this init changes W0 (the adapter then only makes sense with the residual, and
+    /// is saved converted to a plain LoRA).
+    pub fn changes_base(self) -> bool {
+        matches!(self, Init::Pissa | Init::Olora)
+    }
+
+    /// The name of `train finetune --init` and of PEFT's `init_lora_weights`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Init::KaimingUniform => "default",
+            Init::Gaussian => "gaussian",
+            Init::BothRandom => "both-random",
+            Init::Pissa => "pissa",
+            Init::Olora => "olora",
+        }
+    }
 }
 
 /// What to adapt and how. `LoraConfig::new(8, 16.0, &[Target::Q, Target::V])` is the paper's
@@ -81,6 +107,18 @@ pub struct LoraConfig {
     pub init: Init,
     /// Rank-stabilised LoRA (Kalajdzievski 2023): scale α/√r instead of α/r.
     pub use_rslora: bool,
+    /// PEFT's `rank_pattern` by module name: (regular expression, rank), the first key in this
+    /// order that matches `transformer.h.{i}.{module}` as PEFT matches it
+    /// ([`crate::peft_pattern`]'s rule `(.*\.)?(key)$`) gives the rank; before `rank_pattern`.
+    pub name_rank_pattern: Vec<(String, usize)>,
+    /// PEFT's `alpha_pattern` by module name, as `name_rank_pattern`.
+    pub name_alpha_pattern: Vec<(String, f32)>,
+    /// PEFT's `modules_to_save`: modules (`ln_f`, `h.0.ln_2`, `h.1.mlp.c_fc`: the end of a
+    /// module's full name, as PEFT matches them) whose every parameter trains and is saved
+    /// whole with the adapter.
+    pub modules_to_save: Vec<String>,
+    /// DoRA (PEFT's `use_dora`): a trainable magnitude per output column, see [`crate::dora`].
+    pub use_dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -137,6 +175,10 @@ impl LoraConfig {
             bias: BiasMode::None,
             init: Init::KaimingUniform,
             use_rslora: false,
+            name_rank_pattern: Vec::new(),
+            name_alpha_pattern: Vec::new(),
+            modules_to_save: Vec::new(),
+            use_dora: false,
         }
     }
 
@@ -199,6 +241,29 @@ impl LoraConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return err(format!("dropout {} is outside [0, 1)", self.dropout));
         }
+        if self.use_dora {
+            if let Some(s) = self.targets.iter().find(|t| slices.contains(t)) {
+                return err(format!(
+                    "DoRA on `{}`: its magnitude is per output column of a whole module, and \
+                     PEFT adapts c_attn as a whole; target c_attn instead",
+                    s.name()
+                ));
+            }
+            if self.init.changes_base() {
+                return err(format!(
+                    "DoRA with the {} init: the adapter could not be saved as a plain LoRA on \
+                     the original weights (DoRA is not additive)",
+                    self.init.name()
+                ));
+            }
+            if self.dropout > 0.0 {
+                return err(format!(
+                    "DoRA with dropout {}: PEFT then rescales the base output of the dropped \
+                     input while training, which this forward does not compute; use dropout 0",
+                    self.dropout
+                ));
+            }
+        }
         if let Some(layers) = &self.layers {
             if layers.is_empty() {
                 return err("`layers` is empty; use None to adapt every layer".into());
@@ -221,6 +286,27 @@ impl LoraConfig {
                 layers_phrase(gpt.n_layer)
             )));
         }
+        let shapes = transformer::parameter_shapes(gpt);
+        for m in &self.modules_to_save {
+            if m.is_empty() {
+                return Err(Error::config("modules_to_save holds an empty name"));
+            }
+            if module_saved(std::slice::from_ref(m), "wte.weight") {
+                return Err(Error::config(format!(
+                    "modules_to_save `{m}` names the token embedding `wte`, which is tied to the \
+                     output head here, while PEFT would train a copy for the input side only"
+                )));
+            }
+            if !shapes
+                .iter()
+                .any(|(n, _)| module_saved(std::slice::from_ref(m), n))
+            {
+                return Err(Error::config(format!(
+                    "modules_to_save `{m}` names no module of the model (e.g. ln_f, h.0.ln_1, \
+                     h.0.mlp.c_fc)"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -241,10 +327,13 @@ impl LoraConfig {
         let c = gpt.n_embd;
         let mut targets = self.targets.clone();
         targets.sort();
+        let mut names = NamePatterns::new(self)?;
         let mut sites = Vec::new();
         for layer in self.layer_list(gpt.n_layer) {
             for &target in &targets {
-                let (r, alpha) = (self.rank(target), self.alpha_of(target));
+                let module = format!("transformer.h.{layer}.{}", target.module().path());
+                let (r, alpha) =
+                    names.rank_alpha(&module, self.rank(target), self.alpha_of(target))?;
                 let (col0, width) = target.columns(c);
                 sites.push(Site {
                     layer,
@@ -258,6 +347,19 @@ impl LoraConfig {
                 });
             }
         }
+        names.all_used()?;
+        for site in &sites {
+            let module = format!("h.{}.{}", site.layer, site.target.module().path());
+            if let Some(m) = self
+                .modules_to_save
+                .iter()
+                .find(|m| module_saved(std::slice::from_ref(m), &format!("{module}.weight")))
+            {
+                return Err(Error::config(format!(
+                    "modules_to_save `{m}` names {module}, which also carries an adapter"
+                )));
+            }
+        }
         Ok(sites)
     }
 
@@ -268,7 +370,9 @@ impl LoraConfig {
         let lora: usize = sites.iter().map(Site::numel).sum();
         let biases: usize = transformer::parameter_shapes(gpt)
             .iter()
-            .filter(|(name, _)| bias_trains(self.bias, name, &sites))
+            .filter(|(name, _)| {
+                bias_trains(self.bias, name, &sites) || module_saved(&self.modules_to_save, name)
+            })
             .map(|(_, shape)| shape.iter().product::<usize>())
             .sum();
         Ok(ParamCount {
@@ -296,6 +400,15 @@ pub(crate) fn bias_trains(mode: BiasMode, name: &str, sites: &[Site]) -> bool {
             .iter()
             .any(|s| name == format!("h.{}.{}.bias", s.layer, s.target.module().path())),
     }
+}
+
+/// Whether the model parameter `name` (size-table name) belongs to a module of
+/// `modules_to_save`: the module's full name (`transformer.ln_f`) ends with an entry, PEFT's
+/// rule (`key.endswith(target_key)`, so `ln_2` names every block's, and so does `2`).
+pub(crate) fn module_saved(modules: &[String], name: &str) -> bool {
+    let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+    let full = format!("transformer.{module}");
+    modules.iter().any(|m| full.ends_with(m.as_str()))
 }
 
 /// Parameter counts as PEFT's `print_trainable_parameters` prints them.

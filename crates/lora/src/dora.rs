@@ -1,5 +1,5 @@
 //! DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") as PEFT computes it,
-//! for inference and merging: the adapted weight is split into a direction and a magnitude m
+//! for inference, merging and training: the adapted weight is split into a direction and a magnitude m
 //! (one value per output column), and the LoRA update moves the direction only.
 //!
 //! In this crate's layout (W: (in, out), columns are outputs):
@@ -15,6 +15,12 @@
 //! f depends on W0, so it is computed (on the host, in f64) when the adapter is attached or
 //! merged, from the weight it is attached to; the forward broadcasts it over the rows with an
 //! embedding lookup of row 0 (no new kernel): F = f[[0, 0, …]] has y's shape.
+//!
+//! **Training** (a trainable m, `train finetune --use-dora`): ΔW changes every step, so each
+//! forward computes n = ‖W0 + ΔW‖ per column again (on the device, the column sums read back),
+//! as a constant, as PEFT detaches it; f = m ⊙ (1/n) is then a function of m on the tape, and
+//! the gradients are dm_j = Σ_rows (dy' ⊙ (y − b + Δy))_j / n_j, and through Δy those of A and
+//! B scaled by f. m starts at ‖W0‖ per column, so the model starts at W0.
 
 use std::sync::Mutex;
 
@@ -22,6 +28,7 @@ use autograd::{Param, Tape, Var};
 use tensor::Tensor;
 use tensor::ops::elementwise::{add, mul, scale};
 use tensor::ops::embedding::embedding;
+use tensor::ops::reduce::sum;
 use tensor::ops::slice::write_axis;
 
 use crate::linear::LoraUpdate;
@@ -31,8 +38,18 @@ use crate::linear::LoraUpdate;
 pub struct Dora {
     /// m: (width), PEFT's `lora_magnitude_vector`.
     pub magnitude: Param,
-    /// (f: (1, width), the Linear's bias b: (width)) once prepared.
-    state: Mutex<Option<(Tensor, Tensor)>>,
+    /// (f: (1, width), the Linear's bias b: (width), its weight W (in, width)) once prepared.
+    state: Mutex<Option<(Tensor, Tensor, Tensor)>>,
+}
+
+/// ‖W + ΔW‖₂ of each column of W (in, width), on the host in f64.
+pub(crate) fn column_norms(w: &Tensor, dw: Option<&Tensor>) -> tensor::Result<Vec<f64>> {
+    let v = match dw {
+        Some(dw) => add(w, dw)?,
+        None => w.clone(),
+    };
+    let sq = sum(&mul(&v, &v)?, 0)?.to_vec()?;
+    Ok(sq.iter().map(|s| f64::from(*s).sqrt()).collect())
 }
 
 /// `rows` copies of the (1, width) row `f`: (rows, width).
@@ -75,11 +92,11 @@ impl Dora {
             .map(|(s, &m)| (m as f64 / s.sqrt()) as f32)
             .collect();
         let f = Tensor::from_vec(f, &[1, width], &device)?;
-        *self.state.lock().expect("DoRA state") = Some((f, b.value().clone()));
+        *self.state.lock().expect("DoRA state") = Some((f, b.value().clone(), w.clone()));
         Ok(())
     }
 
-    fn state(&self) -> tensor::Result<(Tensor, Tensor)> {
+    fn state(&self) -> tensor::Result<(Tensor, Tensor, Tensor)> {
         self.state
             .lock()
             .expect("DoRA state")
@@ -90,27 +107,45 @@ impl Dora {
     }
 
     /// y' = f ⊙ (y − b + Δy) + b for the base output y = x·W0 + b and the LoRA term Δy.
-    pub(crate) fn apply(&self, tape: &Tape, y: &Var, delta: &Var) -> tensor::Result<Var> {
-        let (f, b) = self.state()?;
+    pub(crate) fn apply(
+        &self,
+        tape: &Tape,
+        y: &Var,
+        delta: &Var,
+        lora: &LoraUpdate,
+    ) -> tensor::Result<Var> {
+        let (f, b, w) = self.state()?;
         let width = f.shape()[1];
         let rows = y.value.numel() / width;
         let neg_b = tape.constant(scale(&b, -1.0)?);
         let direction = tape.add(&tape.add_bias(y, &neg_b)?, delta)?;
-        let f_rows = tape.constant(rows_of(&f, rows)?.reshape(y.shape())?);
+        let f_rows = if self.magnitude.is_trainable() {
+            // f = m / n with n = ‖W0 + ΔW‖ now, a constant (PEFT detaches it).
+            let inv: Vec<f32> = column_norms(&w, Some(&lora.delta_weight()?))?
+                .iter()
+                .map(|n| (1.0 / n) as f32)
+                .collect();
+            let inv = tape.constant(Tensor::from_vec(inv, &[1, width], &w.device())?);
+            let m = tape.reshape(&tape.param(&self.magnitude), &[1, width])?;
+            let f = tape.mul(&m, &inv)?;
+            tape.reshape(&tape.embedding(&f, &vec![0; rows])?, y.shape())?
+        } else {
+            tape.constant(rows_of(&f, rows)?.reshape(y.shape())?)
+        };
         let out = tape.mul(&direction, &f_rows)?;
         tape.add_bias(&out, &tape.constant(b))
     }
 
     /// W ← f ⊙ (W + ΔW), W (in, width) the unmerged weight `prepare` saw.
     pub(crate) fn merge(&self, w: &Tensor, lora: &LoraUpdate) -> tensor::Result<()> {
-        let (f, _) = self.state()?;
+        let (f, _, _) = self.state()?;
         let merged = mul(&add(w, &lora.delta_weight()?)?, &rows_of(&f, w.shape()[0])?)?;
         write_axis(w, 1, 0, &merged, false)
     }
 
     /// W ← W / f − ΔW, undoing [`Dora::merge`] with the f it used.
     pub(crate) fn unmerge(&self, w: &Tensor, lora: &LoraUpdate) -> tensor::Result<()> {
-        let (f, _) = self.state()?;
+        let (f, _, _) = self.state()?;
         let inv: Vec<f32> = f.to_vec()?.iter().map(|v| 1.0 / v).collect();
         let inv = Tensor::from_vec(inv, f.shape(), &w.device())?;
         let direction = mul(w, &rows_of(&inv, w.shape()[0])?)?;

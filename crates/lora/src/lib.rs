@@ -54,7 +54,9 @@
 //! under PEFT's one-scale-per-module rule, and it loads back here as a `c_attn` adapter.
 //!
 //! ## Reading order
-//! 1. [`target`] and [`config`]: where updates go; rank and α, the plan of sites, counts;
+//! 1. [`target`] and [`config`]: where updates go; rank and α (by target, or by module name as
+//!    PEFT's patterns give them: `name_patterns.rs`), the plan of sites, counts; [`base_init`]:
+//!    PiSSA and OLoRA, which start A and B from W0 and save the trained change as a plain LoRA;
 //! 2. [`linear`]: the adapter on one Linear, forward and backward;
 //! 3. [`model`]: attach (freeze the base), merge and unmerge, what the optimizer trains;
 //! 4. `peft_save.rs`, `peft_config.rs`, `peft_pattern.rs` (how PEFT matches module names),
@@ -83,11 +85,13 @@
 
 pub mod analysis;
 pub mod bank;
+pub mod base_init;
 pub mod config;
 pub mod dora;
 mod error;
 pub mod linear;
 pub mod model;
+mod name_patterns;
 mod peft_config;
 mod peft_load;
 mod peft_pattern;

@@ -117,8 +117,14 @@ impl LoraUpdate {
         let uniform = |rng: &mut StdRng, n: usize, bound: f32| -> Vec<f32> {
             (0..n).map(|_| rng.random_range(-bound..bound)).collect()
         };
+        if init.changes_base() {
+            return Err(tensor::Error::Invalid(format!(
+                "the {} init starts from the base weight: LoraModel::new computes it",
+                init.name()
+            )));
+        }
         let a = match init {
-            Init::KaimingUniform | Init::BothRandom => {
+            Init::KaimingUniform | Init::BothRandom | Init::Pissa | Init::Olora => {
                 uniform(rng, r * n_in, 1.0 / (n_in as f32).sqrt())
             }
             Init::Gaussian => {
@@ -192,7 +198,7 @@ impl Adapter for LoraUpdate {
         }
         let delta = self.delta(tape, x)?;
         if let Some(dora) = &self.dora {
-            return Ok(dora.apply(tape, &y, &delta)?);
+            return Ok(dora.apply(tape, &y, &delta, self)?);
         }
         let out = if delta.shape() == y.shape() {
             tape.add(&y, &delta)?
@@ -204,7 +210,9 @@ impl Adapter for LoraUpdate {
     }
 
     fn params(&self) -> Vec<&Param> {
-        vec![&self.a, &self.b]
+        let mut p = vec![&self.a, &self.b];
+        p.extend(self.dora.as_ref().map(|d| &d.magnitude));
+        p
     }
 }
 
@@ -223,6 +231,6 @@ impl Adapter for LoraAdapter {
     }
 
     fn params(&self) -> Vec<&Param> {
-        self.parts.iter().flat_map(|p| [&p.a, &p.b]).collect()
+        self.parts.iter().flat_map(|p| p.params()).collect()
     }
 }

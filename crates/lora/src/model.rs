@@ -26,7 +26,12 @@
 //! ([`LoraModel::eval_only`]: DoRA, `lora_bias`, `modules_to_save`, trainable tokens): such an
 //! adapter is not saved and not served by an [`crate::AdapterBank`]; its
 //! [`LoraModel::trainable_params`] are A and B alone, so it must not be trained as if it were
-//! PEFT's (DoRA's magnitude, for one, would stay fixed).
+//! PEFT's (DoRA's magnitude, for one, would stay fixed). Adapters made here with
+//! [`LoraConfig::use_dora`] or `modules_to_save` train those parts and save them.
+//!
+//! With a PiSSA or OLoRA init ([`crate::base_init`]), [`LoraModel::new`] changes the model's
+//! adapted weights into the residual W0 − s·B0·A0 and keeps A0 and B0, so that
+//! [`LoraModel::save_peft`] writes the plain LoRA that works on the original W0.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -40,8 +45,9 @@ use tensor::ops::slice::write_axis;
 use tensor::{Device, Tensor};
 use transformer::{Gpt2, NamedTensor};
 
-use crate::config::{LoraConfig, ParamCount, Site, bias_trains, layers_phrase};
-use crate::dora::Dora;
+use crate::base_init;
+use crate::config::{Init, LoraConfig, ParamCount, Site, bias_trains, layers_phrase, module_saved};
+use crate::dora::{Dora, column_norms};
 use crate::error::{Error, Result};
 use crate::linear::{DropoutSeeds, LoraAdapter, LoraUpdate};
 use crate::target::{Module, Target};
@@ -74,7 +80,8 @@ pub struct LoraModel {
     merged: Arc<AtomicBool>,
     seeds: Arc<DropoutSeeds>,
     attached: bool,
-    /// Trainable biases of the model (bias mode `all` / `lora_only`), while attached.
+    /// Trainable parameters of the model (biases of bias mode `all` / `lora_only`, every
+    /// parameter of `modules_to_save`), while attached.
     biases: Vec<Trainable>,
     /// Bias values to put into the model at the next attach (loaded from a file, or kept
     /// from the last detach): (size-table name, shape, values). A loaded adapter's
@@ -85,6 +92,9 @@ pub struct LoraModel {
     /// Features of a loaded adapter that this crate evaluates and merges but neither trains nor
     /// saves (DoRA, lora_bias, modules_to_save, trainable tokens).
     pub(crate) eval_only: Vec<String>,
+    /// With a PiSSA or OLoRA init: every site's A0 and B0 on the host (sites' order), which
+    /// saving subtracts again ([`crate::base_init`]); empty otherwise.
+    pub(crate) initial: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 /// wte[id] ← row for every trainable token (the tied head reads the same rows).
@@ -115,27 +125,66 @@ fn device_of(model: &Gpt2) -> Device {
 impl LoraModel {
     /// Fresh adapters for `model` as `config` says (A random, B zero by default), detached.
     /// `seed` draws A (and B for [`crate::Init::BothRandom`]) and seeds dropout.
+    ///
+    /// With [`crate::Init::Pissa`] or [`crate::Init::Olora`], A and B come from `model`'s
+    /// weights, and **those weights are changed** into the residual W0 − s·Aᵀ·Bᵀ
+    /// ([`crate::base_init`]): the adapters belong to this model from then on.
     pub fn new(model: &Gpt2, config: &LoraConfig, seed: u64) -> Result<LoraModel> {
         let sites = config.sites(&model.config)?;
         let device = device_of(model);
         let mut rng = StdRng::seed_from_u64(seed);
         let mut weights = Vec::with_capacity(sites.len());
+        let mut initial = Vec::new();
         for site in sites {
-            let (a, b) = LoraUpdate::init(&site, config.init, &mut rng, &device)?;
+            let (a, b) = if config.init.changes_base() {
+                let (a0, b0) = Self::init_from_base(model, &site, config.init)?;
+                let a = Tensor::from_vec(a0.clone(), &[site.r, site.in_features], &device)?;
+                let b = Tensor::from_vec(b0.clone(), &[site.width, site.r], &device)?;
+                initial.push((a0, b0));
+                (a, b)
+            } else {
+                LoraUpdate::init(&site, config.init, &mut rng, &device)?
+            };
+            // DoRA's m starts at ‖W0‖ per column (PEFT's), so the model starts at W0.
+            let magnitude = if config.use_dora {
+                let w = Self::base_weight(model, &site)?;
+                let norms = column_norms(w, None)?.iter().map(|n| *n as f32).collect();
+                Some(Tensor::from_vec(norms, &[site.width], &device)?)
+            } else {
+                None
+            };
             weights.push(SiteWeights {
                 site,
                 a,
                 b,
                 lora_bias: None,
-                magnitude: None,
+                magnitude,
             });
         }
-        Ok(Self::from_weights(
-            config.clone(),
-            weights,
-            Vec::new(),
-            seed,
-        ))
+        let mut lora = Self::from_weights(config.clone(), weights, Vec::new(), seed);
+        lora.initial = initial;
+        Ok(lora)
+    }
+
+    /// PiSSA's or OLoRA's A0, B0 for `site` from the model's W, whose columns of the site are
+    /// replaced by the residual.
+    fn init_from_base(model: &Gpt2, site: &Site, init: Init) -> Result<(Vec<f32>, Vec<f32>)> {
+        let w = Self::base_weight(model, site)?;
+        let (n_in, out) = (w.shape()[0], w.shape()[1]);
+        let all = w.to_vec()?;
+        let (c0, width) = (site.col0, site.width);
+        let cols: Vec<f32> = (0..n_in)
+            .flat_map(|i| all[i * out + c0..i * out + c0 + width].iter().copied())
+            .collect();
+        let (r, s) = (site.r, site.scale);
+        let made = match init {
+            Init::Pissa => base_init::pissa(&cols, n_in, width, r, s),
+            _ => base_init::olora(&cols, n_in, width, r, s),
+        }
+        .map_err(|e| Error::config(format!("{}: {e}", site_name(site))))?;
+        let residual = Tensor::from_vec(made.residual, &[n_in, width], &w.device())?;
+        write_axis(w, 1, c0, &residual, false)?;
+        Ok((made.a, made.b))
     }
 
     /// [`LoraModel::new`], then [`LoraModel::attach`]: the usual way to start LoRA training.
@@ -165,11 +214,14 @@ impl LoraModel {
                     lora_bias: w
                         .lora_bias
                         .map(|t| Param::frozen(format!("{name}.lora_B.bias"), t)),
+                    // Trained when the config asks for DoRA (a loaded adapter's is frozen).
                     dora: w.magnitude.map(|m| {
-                        Arc::new(Dora::new(Param::frozen(
-                            format!("{name}.lora_magnitude_vector"),
-                            m,
-                        )))
+                        let name = format!("{name}.lora_magnitude_vector");
+                        Arc::new(Dora::new(if config.use_dora {
+                            Param::trainable(name, m)
+                        } else {
+                            Param::frozen(name, m)
+                        }))
                     }),
                     alpha: site.alpha,
                     scale: site.scale,
@@ -192,6 +244,7 @@ impl LoraModel {
             bias_values,
             token_rows: None,
             eval_only: Vec::new(),
+            initial: Vec::new(),
         }
     }
 
@@ -284,7 +337,9 @@ impl LoraModel {
             {
                 *p = Param::frozen(name.clone(), Tensor::from_vec(v.clone(), shape, &device)?);
             }
-            if bias_trains(self.config.bias, p.name(), &sites) {
+            if bias_trains(self.config.bias, p.name(), &sites)
+                || module_saved(&self.config.modules_to_save, p.name())
+            {
                 p.unfreeze();
                 self.biases.extend(p.as_trainable().cloned());
             }
@@ -381,9 +436,18 @@ impl LoraModel {
         Ok(true)
     }
 
-    /// What the optimizer trains: every A and B, then the trainable biases (while attached).
+    /// What the optimizer trains: every A and B (and DoRA's m), then the trainable biases and
+    /// `modules_to_save` parameters (while attached).
     pub fn trainable_params(&self) -> Vec<Trainable> {
-        let lora = self.sites.iter().flat_map(|(_, l)| [&l.a, &l.b]);
+        let lora = self.sites.iter().flat_map(|(_, l)| {
+            [
+                Some(&l.a),
+                Some(&l.b),
+                l.dora.as_ref().map(|d| &d.magnitude),
+            ]
+            .into_iter()
+            .flatten()
+        });
         lora.filter_map(|p| p.as_trainable().cloned())
             .chain(self.biases.iter().cloned())
             .collect()
@@ -402,7 +466,10 @@ impl LoraModel {
         let lora: usize = self
             .sites
             .iter()
-            .map(|(_, l)| l.a.value().numel() + l.b.value().numel())
+            .map(|(_, l)| {
+                let m = l.dora.as_ref().map_or(0, |d| d.magnitude.value().numel());
+                l.a.value().numel() + l.b.value().numel() + m
+            })
             .sum();
         let base: usize = model.named_params().iter().map(|p| p.value().numel()).sum();
         let biases: usize = self.biases.iter().map(|t| t.value.numel()).sum();

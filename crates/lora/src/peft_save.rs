@@ -5,9 +5,16 @@
 //!                                 "target_modules": ["c_attn"], "fan_in_fan_out": true, ...}
 //! dir/adapter_model.safetensors  base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight  (r, in)
 //!                                base_model.model.transformer.h.{i}.attn.c_attn.lora_B.weight  (out, r)
-//!                                (+ base_model.model.transformer.<bias> for bias modes all/lora_only)
+//!                                (+ base_model.model.transformer.<bias> for bias modes all/lora_only,
+//!                                 `h.{i}.attn.c_attn.base_layer.bias` for a Linear with a LoRA,
+//!                                 and every parameter of `modules_to_save`: `ln_f.weight`, …;
+//!                                 `h.{i}.….lora_magnitude_vector` (out) with DoRA)
 //! ```
 //! Each file is replaced atomically (the pair is written weights first, then the config).
+//!
+//! Adapters made with a PiSSA or OLoRA init are saved as PEFT saves them with
+//! `path_initial_model_for_weight_conversion`: the plain LoRA of rank 2r and α 2α (√2·α with
+//! rsLoRA) that adds the trained change to the original W0 (see [`crate::base_init`]).
 //!
 //! q, k and v cannot be written as PEFT targets: PEFT only sees the fused `c_attn`. A q/v
 //! adapter is therefore saved as the equivalent `c_attn` adapter of rank r_q + r_v: A stacked,
@@ -29,8 +36,10 @@ use serde_json::{Map, Value, json};
 use transformer::SaveDtype;
 use transformer::tensor_file::{write_file_atomically, write_tensors};
 
-use crate::config::Init;
+use crate::base_init;
+use crate::config::{Init, Site};
 use crate::error::{Error, Result};
+use crate::linear::LoraUpdate;
 use crate::model::LoraModel;
 use crate::target::Module;
 
@@ -64,6 +73,8 @@ pub(crate) struct PeftModule {
     pub b: Vec<f32>,
     pub in_features: usize,
     pub out_features: usize,
+    /// DoRA's magnitude m (out), PEFT's `lora_magnitude_vector`.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 /// A JSON number: an integer when the value is one (PEFT's configs write `"lora_alpha": 8`),
@@ -77,36 +88,80 @@ fn number(x: f32) -> Value {
 }
 
 impl LoraModel {
+    /// α of a rank-2r converted adapter with the scale of rank r and α `alpha`: 2α, or √2·α
+    /// with rsLoRA (PEFT's `save_pretrained` with `path_initial_model_for_weight_conversion`).
+    fn converted_alpha(&self, alpha: f32) -> f32 {
+        if self.config.use_rslora {
+            alpha * std::f32::consts::SQRT_2
+        } else {
+            2.0 * alpha
+        }
+    }
+
+    /// Site `i`'s rank, α, A and B as saved: after a PiSSA/OLoRA init, the plain LoRA of rank 2r
+    /// that adds the trained change to the original W0 ([`crate::base_init::converted`]).
+    fn saved_site(
+        &self,
+        i: usize,
+        site: &Site,
+        lora: &LoraUpdate,
+    ) -> Result<(usize, f32, Vec<f32>, Vec<f32>)> {
+        let (a, b) = (lora.a.value().to_vec()?, lora.b.value().to_vec()?);
+        match self.initial.get(i) {
+            None => Ok((site.r, site.alpha, a, b)),
+            Some((a0, b0)) => {
+                let (a, b) = base_init::converted(&a, &b, a0, b0, site.width, site.r);
+                Ok((2 * site.r, self.converted_alpha(site.alpha), a, b))
+            }
+        }
+    }
+
     /// The adapters grouped per Linear, q/k/v slices folded into one `c_attn` update.
     pub(crate) fn peft_modules(&self) -> Result<Vec<PeftModule>> {
-        let mut groups: BTreeMap<(usize, Module), Vec<_>> = BTreeMap::new();
-        for (site, lora) in self.sites() {
+        type Part<'s> = (&'s Site, usize, f32, Vec<f32>, Vec<f32>);
+        let mut groups: BTreeMap<(usize, Module), Vec<Part>> = BTreeMap::new();
+        for (i, (site, lora)) in self.sites().enumerate() {
+            let (r, alpha, a, b) = self.saved_site(i, site, lora)?;
             groups
                 .entry((site.layer, site.target.module()))
                 .or_default()
-                .push((site, lora));
+                .push((site, r, alpha, a, b));
         }
         let mut out = Vec::with_capacity(groups.len());
-        for ((layer, module), parts) in groups {
+        for ((layer, module), mut parts) in groups {
             let in_f = parts[0].0.in_features;
             let out_f = module.out_features(in_f);
-            let (first, _) = parts[0];
+            let first = parts[0].0;
+            let dora = |layer: usize, module: Module| {
+                self.sites()
+                    .find(|(s, _)| s.layer == layer && s.target.module() == module)
+                    .and_then(|(_, l)| l.dora.as_ref().map(|d| d.magnitude.value().to_vec()))
+                    .transpose()
+            };
             if parts.len() == 1 && first.col0 == 0 && first.width == out_f {
-                let (_, lora) = parts[0];
+                let magnitude = dora(layer, module)?;
+                let (_, r, alpha, a, b) = parts.remove(0);
                 out.push(PeftModule {
                     layer,
                     module,
-                    r: first.r,
-                    alpha: first.alpha,
-                    a: lora.a.value().to_vec()?,
-                    b: lora.b.value().to_vec()?,
+                    r,
+                    alpha,
+                    a,
+                    b,
                     in_features: in_f,
                     out_features: out_f,
+                    magnitude,
                 });
                 continue;
             }
+            if dora(layer, module)?.is_some() {
+                return Err(Error::State(format!(
+                    "h.{layer}.{}: DoRA on column slices cannot be saved for PEFT",
+                    module.path()
+                )));
+            }
             // Slices of c_attn: stack A, place each B in its column block, rescaled to s_c.
-            let r: usize = parts.iter().map(|(s, _)| s.r).sum();
+            let r: usize = parts.iter().map(|p| p.1).sum();
             let s_c = first.scale;
             let alpha = if self.config.use_rslora {
                 s_c * (r as f32).sqrt()
@@ -115,17 +170,17 @@ impl LoraModel {
             };
             let (mut a, mut b) = (Vec::with_capacity(r * in_f), vec![0.0f32; out_f * r]);
             let mut k0 = 0; // first row of A_c (column of B_c) of this part
-            for (site, lora) in &parts {
-                a.extend(lora.a.value().to_vec()?);
+            for (site, ri, _, ai, bi) in &parts {
+                a.extend_from_slice(ai);
                 let ratio = site.scale / s_c;
-                let bi = lora.b.value().to_vec()?; // (width, r_i)
+                // bi: (width, ri)
                 for j in 0..site.width {
-                    for k in 0..site.r {
+                    for k in 0..*ri {
                         // ×1 (equal scales) leaves the value's bits as they are.
-                        b[(site.col0 + j) * r + k0 + k] = bi[j * site.r + k] * ratio;
+                        b[(site.col0 + j) * r + k0 + k] = bi[j * ri + k] * ratio;
                     }
                 }
-                k0 += site.r;
+                k0 += ri;
             }
             out.push(PeftModule {
                 layer,
@@ -136,6 +191,7 @@ impl LoraModel {
                 b,
                 in_features: in_f,
                 out_features: out_f,
+                magnitude: None,
             });
         }
         Ok(out)
@@ -171,8 +227,23 @@ impl LoraModel {
                 vec![m.out_features, m.r],
                 &m.b,
             ));
+            if let Some(magnitude) = &m.magnitude {
+                tensors.push((
+                    format!("{stem}.lora_magnitude_vector"),
+                    vec![m.out_features],
+                    magnitude,
+                ));
+            }
         }
         for (name, shape, values) in &biases {
+            // The bias of a Linear that carries a LoRA is its `base_layer`'s for PEFT.
+            let adapted = modules
+                .iter()
+                .any(|m| name == &format!("h.{}.{}.bias", m.layer, m.module.path()));
+            let name = match name.strip_suffix(".bias") {
+                Some(module) if adapted => format!("{module}.base_layer.bias"),
+                _ => name.clone(),
+            };
             tensors.push((format!("{KEY_PREFIX}{name}"), shape.clone(), values));
         }
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -194,7 +265,13 @@ impl LoraModel {
     /// `lora_alpha` go into `rank_pattern`/`alpha_pattern`, per module when every layer agrees,
     /// else per layer (`h.{i}.attn.c_attn`).
     fn peft_config(&self, modules: &[PeftModule]) -> Value {
-        let cfg = &self.config;
+        let mut cfg = self.config.clone();
+        if !self.initial.is_empty() {
+            // Saved converted to a plain LoRA of rank 2r with the same scales.
+            cfg.r *= 2;
+            cfg.alpha = self.converted_alpha(cfg.alpha);
+        }
+        let cfg = &cfg;
         let mut targets: Vec<Module> = modules.iter().map(|m| m.module).collect();
         targets.sort();
         targets.dedup();
@@ -223,9 +300,14 @@ impl LoraModel {
             }
         }
         let init = match cfg.init {
-            Init::KaimingUniform => json!(true),
+            // PiSSA and OLoRA adapters are saved converted to a plain LoRA (PEFT writes `true`).
+            Init::KaimingUniform | Init::Pissa | Init::Olora => json!(true),
             Init::Gaussian => json!("gaussian"),
             Init::BothRandom => json!(false),
+        };
+        let modules_to_save = match cfg.modules_to_save.is_empty() {
+            true => Value::Null,
+            false => json!(cfg.modules_to_save),
         };
         let layers = cfg.layers.as_ref().map(|l| {
             let mut l = l.clone();
@@ -249,8 +331,8 @@ impl LoraModel {
             "layers_pattern": null,
             "init_lora_weights": init,
             "inference_mode": true,
-            "modules_to_save": null,
-            "use_dora": false,
+            "modules_to_save": modules_to_save,
+            "use_dora": cfg.use_dora,
             "lora_bias": false,
             "revision": null,
         })

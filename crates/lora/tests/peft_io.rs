@@ -60,7 +60,8 @@ fn save_load_is_bit_exact(device: &Device) {
         assert_eq!(shape(&format!("h.{l}.mlp.c_fc.lora_A.weight")), [2, 64]);
         assert_eq!(shape(&format!("h.{l}.mlp.c_fc.lora_B.weight")), [256, 2]);
         assert_eq!(shape(&format!("h.{l}.mlp.c_proj.lora_A.weight")), [4, 256]);
-        assert_eq!(shape(&format!("h.{l}.mlp.c_fc.bias")), [256]); // lora_only bias
+        // lora_only bias, under the `base_layer` PEFT's LoRA layer wraps it in.
+        assert_eq!(shape(&format!("h.{l}.mlp.c_fc.base_layer.bias")), [256]);
     }
     assert_eq!(
         tensors.len(),

@@ -4,8 +4,12 @@
 //! ```text
 //! train finetune --model DIR --data FILE [--format auto|text|jsonl|e2e]
 //!                [--lora --r 8 --alpha 16 --targets c_attn --dropout 0 | --full]
-//!                [--lr --schedule linear --warmup 0 --batch 8 --grad-accum 1 --seq-len]
-//!                [--steps N | --epochs 1] [--eval-every N] [--seed 0]
+//!                [--use-rslora --use-dora --layers 0,2 --rank-pattern KEY=R,.. --alpha-pattern KEY=A,..
+//!                 --bias none|lora_only|all --modules-to-save ln_f,.. --init kaiming|gaussian|
+//!                 pissa|olora --lora-plus-ratio 1]
+//!                [--lr --schedule linear --warmup 0 --batch 8 --grad-accum 1 --seq-len
+//!                 --weight-decay 0.01 --max-grad-norm 1]
+//!                [--steps N | --epochs 1] [--eval-every N] [--eval-data FILE] [--seed 0]
 //!                [--out runs/finetune] [--save-every 100] [--resume] [--stop-after N]
 //!                [--skip-nonfinite --skip-lr-factor 0.5 --max-consecutive-skips 5]
 //! ```
@@ -13,8 +17,10 @@
 //! The data formats, and what the loss counts in each, are in [`crate::finetune_data`]. Each
 //! optimizer step draws `--grad-accum` micro-batches of `--batch` examples from a seeded,
 //! length-bucketed order ([`crate::batch::Batches`]) and adds their gradients into one [`autograd::Grads`]
-//! ([`crate::trainer::step`]); then the global norm is clipped to 1 and AdamW (weight
-//! decay 0.01) steps at the scheduled rate. `--epochs E` means ⌈E · examples / (batch ·
+//! ([`crate::trainer::step`]); then the global norm is clipped to `--max-grad-norm` (1) and
+//! AdamW (weight decay `--weight-decay`, 0.01; B's rate `--lora-plus-ratio` times A's, see
+//! `finetune_cmd/optim_groups.rs`) steps at the scheduled rate. The LoRA options mirror PEFT's
+//! `LoraConfig` (`finetune_cmd/lora_args.rs`), and what is saved loads in PEFT. `--epochs E` means ⌈E · examples / (batch ·
 //! grad-accum)⌉ steps.
 //!
 //! `--out` receives `metrics.jsonl` (one record per step: loss, lr, grad_norm, counted tokens,
@@ -45,6 +51,8 @@
 //!   (see [`crate::finetune_data`]).
 
 pub mod interrupt;
+mod lora_args;
+mod optim_groups;
 mod session;
 
 use std::path::PathBuf;
@@ -60,6 +68,8 @@ use crate::checkpoint::{self, Saved};
 use crate::e2e::end_of_text;
 use crate::finetune_data::{self, Dataset, Format, split_heldout};
 use session::{Plan, Session};
+
+pub use lora_args::{BiasArg, InitArg, LoraOptions};
 
 pub use session::heldout_loss;
 
@@ -96,6 +106,16 @@ pub struct FinetuneArgs {
     /// Dropout on the adapters' input.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f32,
+    #[command(flatten)]
+    pub lora_options: LoraOptions,
+    /// AdamW's decoupled weight decay (p ← p − lr·wd·p each step). With LoRA, biases and
+    /// layer norms (--bias, --modules-to-save) are not decayed, as in Hugging Face's Trainer.
+    #[arg(long, default_value_t = WEIGHT_DECAY)]
+    pub weight_decay: f32,
+    /// Clip the global norm of the trainable parameters' gradients to this before each update
+    /// (0: no clipping; the norm is still measured and logged as grad_norm).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
     /// Peak learning rate [default: 1e-3 with LoRA, 1e-4 with --full].
     #[arg(long)]
     pub lr: Option<f32>,
@@ -121,9 +141,14 @@ pub struct FinetuneArgs {
     /// Passes over the training examples (the default is 1) instead of --steps.
     #[arg(long)]
     pub epochs: Option<u32>,
-    /// Score a held-out 5 % of the examples every N steps (0: no held-out set).
+    /// Score a held-out set every N steps and after the last: 5 % of the examples, or the
+    /// --eval-data file (0: no held-out 5 %; with --eval-data, once after the last step).
     #[arg(long, default_value_t = 0)]
     pub eval_every: u32,
+    /// Held-out data (read with --format, like --data): its loss is logged every --eval-every
+    /// steps and after the last, and no examples are split off the training data.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The run's directory.
@@ -158,7 +183,7 @@ pub enum ScheduleKind {
     Cosine,
 }
 
-/// AdamW's weight decay, as in the E2E recipe.
+/// AdamW's weight decay by default, as in the E2E recipe.
 const WEIGHT_DECAY: f32 = 0.01;
 
 impl FinetuneArgs {
@@ -206,8 +231,22 @@ impl FinetuneArgs {
             "seq_len": seq_len, "steps": total, "eval_every": self.eval_every, "seed": self.seed,
         });
         if !self.full {
-            run["lora"] = json!({"r": self.r, "alpha": short(self.alpha), "targets": self.targets,
-                "dropout": short(self.dropout)});
+            let mut lora = json!({"r": self.r, "alpha": short(self.alpha),
+                "targets": self.targets, "dropout": short(self.dropout)});
+            lora.as_object_mut()
+                .expect("an object")
+                .extend(self.lora_options.identity());
+            run["lora"] = lora;
+        }
+        // Only when not the defaults, so that a run started before these options resumes.
+        if self.weight_decay != WEIGHT_DECAY {
+            run["weight_decay"] = json!(short(self.weight_decay));
+        }
+        if self.max_grad_norm != 1.0 {
+            run["max_grad_norm"] = json!(short(self.max_grad_norm));
+        }
+        if let Some(eval) = &self.eval_data {
+            run["eval_data"] = json!(eval);
         }
         run
     }
@@ -232,11 +271,33 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
         let factor = args.skip_lr_factor;
         return Err(format!("--skip-lr-factor {factor}: it must be above 0 and at most 1").into());
     }
+    if !(args.weight_decay >= 0.0 && args.weight_decay.is_finite()) {
+        let wd = args.weight_decay;
+        return Err(format!("--weight-decay {wd}: it must be 0 or more").into());
+    }
+    if !(args.max_grad_norm >= 0.0 && args.max_grad_norm.is_finite()) {
+        let m = args.max_grad_norm;
+        return Err(format!("--max-grad-norm {m}: it must be 0 (no clipping) or more").into());
+    }
+    let ratio = args.lora_options.lora_plus_ratio;
+    if !(ratio > 0.0 && ratio.is_finite()) {
+        return Err(format!("--lora-plus-ratio {ratio}: it must be above 0").into());
+    }
     let data = finetune_data::load(&args.data, args.format, &tok, seq_len)?;
-    let (train, heldout) = if args.eval_every > 0 {
-        split_heldout(data.examples.clone())
-    } else {
-        (data.examples.clone(), Vec::new())
+    let (train, heldout) = match &args.eval_data {
+        Some(path) => {
+            let eval = finetune_data::load(path, args.format, &tok, seq_len)?;
+            if eval.examples.is_empty() {
+                let message = format!(
+                    "--eval-data {}: no example of at most {seq_len} tokens",
+                    path.display()
+                );
+                return Err(message.into());
+            }
+            (data.examples.clone(), eval.examples)
+        }
+        None if args.eval_every > 0 => split_heldout(data.examples.clone()),
+        None => (data.examples.clone(), Vec::new()),
     };
     println!(
         "{}: {}, {} examples ({} training, {} held out); {} longer than {seq_len} tokens dropped",

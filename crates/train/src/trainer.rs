@@ -42,7 +42,8 @@ pub struct StepStats {
 pub struct OptimConfig {
     pub lr: f32,
     pub schedule: Schedule,
-    /// Clip the global gradient norm to this (0 = no clipping).
+    /// Clip the global gradient norm over the trainable parameters to this (0 = no clipping;
+    /// the norm is measured and reported either way).
     pub clip: f32,
 }
 
@@ -52,7 +53,7 @@ pub struct NonFinite {
     /// The step, counted from 1.
     pub step: u32,
     pub loss: f32,
-    /// The global gradient norm before clipping (NaN when the run does not clip).
+    /// The global gradient norm before clipping.
     pub grad_norm: f32,
 }
 
@@ -99,12 +100,15 @@ pub fn step(
     let (loss, saved_peak) = forward_backward(model, micro, &mut grads)?;
     let grad_bytes = grads.memory().peak;
     let _phase = profile::phase("optimizer");
-    let grad_norm = if cfg.clip > 0.0 {
-        clip_grad_norm(&mut grads, cfg.clip)?
+    // The norm is measured in every case (for the metrics and the non-finite check); a limit of
+    // 0 means no clipping.
+    let limit = if cfg.clip > 0.0 {
+        cfg.clip
     } else {
-        f32::NAN
+        f32::INFINITY
     };
-    if !loss.is_finite() || (cfg.clip > 0.0 && !grad_norm.is_finite()) {
+    let grad_norm = clip_grad_norm(&mut grads, limit)?;
+    if !loss.is_finite() || !grad_norm.is_finite() {
         return Ok(Err(NonFinite {
             step: step_index + 1,
             loss,
@@ -167,6 +171,60 @@ mod tests {
     use super::*;
     use crate::batch::{Example, batch};
     use transformer::Checkpoint;
+
+    /// Clipping through [`step`]: `clip` 0 measures the norm and changes nothing (the update of
+    /// an unreachable limit), a limit of half the norm halves the gradient. AdamW with β1 = β2 = 0
+    /// and an eps far above every gradient makes the update lr·g/(|g| + eps) ≈ lr·g/eps, linear
+    /// in g, so the halving shows in the update.
+    #[test]
+    fn clipping_scales_the_gradient_to_the_limit_and_0_turns_it_off() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/gpt2-tiny"
+        );
+        let ckpt = Checkpoint::load(dir).unwrap();
+        let rows = [Example {
+            ids: b"the quick brown fox jumps"
+                .iter()
+                .map(|&b| u32::from(b))
+                .collect(),
+            completion_start: 0,
+        }];
+        let refs: Vec<&Example> = rows.iter().collect();
+        let micro = [batch(&refs, 0)];
+        // (grad norm, the change of the first weight) after one step with limit `clip`.
+        let run = |clip: f32| -> (f32, Vec<f32>) {
+            let model = Gpt2::from_checkpoint(&ckpt, &tensor::Device::cpu(), true).unwrap();
+            let params: Vec<_> = model
+                .named_params()
+                .into_iter()
+                .filter_map(|p| p.as_trainable().cloned())
+                .collect();
+            let before = params[0].value.to_vec().unwrap();
+            let mut opt = AdamW::new(vec![autograd::ParamGroup::new(params.clone(), 0.0)]);
+            (opt.beta1, opt.beta2, opt.eps) = (0.0, 0.0, 1e3);
+            let cfg = OptimConfig {
+                lr: 1.0,
+                schedule: Schedule::Constant,
+                clip,
+            };
+            let stats = step(&model, &mut opt, &micro, &cfg, 0).unwrap().unwrap();
+            let after = params[0].value.to_vec().unwrap();
+            let delta = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+            (stats.grad_norm, delta)
+        };
+        let (norm, free) = run(0.0);
+        assert!(norm.is_finite() && norm > 0.0, "{norm}");
+        let (norm_big, unclipped) = run(1e9);
+        assert_eq!(norm, norm_big);
+        assert_eq!(free, unclipped, "clip 0 leaves the gradient as it is");
+        let (_, halved) = run(norm / 2.0);
+        let biggest = free.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(biggest > 0.0);
+        for (h, f) in halved.iter().zip(&free) {
+            assert!((h - 0.5 * f).abs() <= 1e-3 * biggest, "{h} vs half of {f}");
+        }
+    }
 
     /// Two micro-batches of 2 give the loss and gradients of one batch of 4: examples of
     /// different lengths and prompt lengths, so the micro-batches count different numbers of

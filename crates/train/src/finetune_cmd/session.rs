@@ -18,13 +18,14 @@
 use std::path::PathBuf;
 
 use autograd::{AdamW, ParamGroup, Tape, Trainable};
-use lora::{LoraConfig, LoraModel, Target};
+use lora::{LoraModel, Target};
 use serde_json::{Value, json};
 use tensor::Device;
 use transformer::{Checkpoint, Gpt2};
 
+use super::FinetuneArgs;
 use super::interrupt::{self, Interrupted};
-use super::{FinetuneArgs, WEIGHT_DECAY};
+use super::optim_groups::param_groups;
 use crate::batch::{Batch, Batches, Example, batch};
 use crate::checkpoint::{self, Progress, Saved};
 use crate::loss_plot::{Curve, plot_losses};
@@ -75,7 +76,13 @@ impl<'a> Session<'a> {
     ) -> crate::Result<Session<'a>> {
         let mut model = Gpt2::from_checkpoint(base, device, args.full)?;
         let (lora, params) = trainables(args, &mut model)?;
-        let mut opt = AdamW::new(vec![ParamGroup::new(params.clone(), WEIGHT_DECAY)]);
+        let groups = if args.full {
+            vec![ParamGroup::new(params.clone(), args.weight_decay)]
+        } else {
+            let ratio = args.lora_options.lora_plus_ratio;
+            param_groups(&params, args.weight_decay, ratio)
+        };
+        let mut opt = AdamW::new(groups);
         let lengths = plan.train.iter().map(|e| e.ids.len()).collect();
         let mut order = Batches::new(lengths, args.batch, args.seed).with_buckets(8);
         let path = args.out.join("metrics.jsonl");
@@ -99,7 +106,7 @@ impl<'a> Session<'a> {
         let optim = OptimConfig {
             lr: args.lr() * lr_scale,
             schedule: args.schedule(plan.total),
-            clip: 1.0,
+            clip: args.max_grad_norm,
         };
         Ok(Session {
             args,
@@ -147,7 +154,8 @@ impl<'a> Session<'a> {
             bar.inc(1);
             let step = self.state.step;
             let last = step == self.plan.total;
-            if args.eval_every > 0 && (step.is_multiple_of(args.eval_every) || last) {
+            let every = args.eval_every > 0 && step.is_multiple_of(args.eval_every);
+            if !self.plan.heldout.is_empty() && (every || last) {
                 let loss =
                     heldout_loss(&self.model, &self.plan.heldout, args.batch, self.plan.pad)?;
                 bar.suspend(|| println!("step {step}: held-out loss {loss:.4}"));
@@ -330,8 +338,9 @@ fn trainables(
     }
     let targets = args.targets.iter().map(|t| Target::parse(t));
     let targets: Vec<Target> = targets.collect::<Result<_, _>>()?;
-    let mut config = LoraConfig::new(args.r, args.alpha, &targets);
-    config.dropout = args.dropout;
+    let config = args
+        .lora_options
+        .config(args.r, args.alpha, &targets, args.dropout)?;
     let lora = LoraModel::inject(model, &config, args.seed)?;
     println!("{}", lora.param_count(model));
     let params = lora.trainable_params();
