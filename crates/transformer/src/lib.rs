@@ -77,6 +77,7 @@ pub mod generate;
 mod hf_tokenizer;
 pub mod init;
 pub mod model;
+pub mod nf4_file;
 pub mod tensor_file;
 pub mod tokenizer;
 pub mod torch_pickle;

@@ -21,6 +21,7 @@ pub mod embedding;
 pub mod heads;
 pub mod layernorm;
 pub mod matmul;
+pub mod matmul_nf4;
 pub mod reduce;
 pub mod slice;
 pub mod softmax;

@@ -47,6 +47,7 @@ kernel_params! {
 
 /// An NF4 weight on a device: its packed codes (u32 words, see [`Tensor::from_u32`]) and one f32
 /// scale per block (double-quantized scales are expanded on upload: 4 bytes per block).
+#[derive(Clone)]
 pub struct Nf4Tensor {
     words: Tensor,
     scales: Tensor,

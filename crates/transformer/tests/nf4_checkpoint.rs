@@ -1,0 +1,154 @@
+//! Checkpoints transformers + bitsandbytes saved in NF4 (tests/fixtures/gpt2-tiny-nf4, made by
+//! its make.py): we read every quantized weight and dequantize it to bitsandbytes' own values
+//! bit for bit; we quantize the original f32 weights to the same codes; and what we write reads
+//! back the same.
+
+use safetensors::SafeTensors;
+use tensor::quant::{Nf4Weight, Scales};
+use transformer::Checkpoint;
+use transformer::nf4_file::{QUANT_STATE, is_quant_part, nf4_tensors, read_nf4_weights};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+
+fn read(path: &str) -> Vec<u8> {
+    std::fs::read(format!("{FIXTURES}/{path}")).unwrap()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn bitsandbytes_checkpoints_dequantize_to_bitsandbytes_values_bit_for_bit() {
+    for variant in ["dq", "plain"] {
+        let model = read(&format!("gpt2-tiny-nf4/{variant}/model.safetensors"));
+        let expected = read(&format!("gpt2-tiny-nf4/{variant}/expected.safetensors"));
+        let (model, expected) = (
+            SafeTensors::deserialize(&model).unwrap(),
+            SafeTensors::deserialize(&expected).unwrap(),
+        );
+        let weights = read_nf4_weights(&model).unwrap();
+        assert_eq!(weights.len(), 8, "{variant}: 4 linears × 2 layers");
+        for (name, w) in &weights {
+            assert_eq!(
+                matches!(w.scales(), Scales::Double { .. }),
+                variant == "dq",
+                "{name}"
+            );
+            let want: Vec<f32> =
+                bytemuck::pod_collect_to_vec(expected.tensor(name).unwrap().data());
+            assert_eq!(bits(&w.dequantize()), bits(&want), "{variant}: {name}");
+        }
+    }
+}
+
+#[test]
+fn quantizing_the_f32_model_gives_bitsandbytes_codes() {
+    let base = Checkpoint::load(format!("{FIXTURES}/gpt2-tiny")).unwrap();
+    let model = read("gpt2-tiny-nf4/plain/model.safetensors");
+    let theirs = read_nf4_weights(&SafeTensors::deserialize(&model).unwrap()).unwrap();
+    for (name, w) in &theirs {
+        // Conv1D stores W as (in, out); transformers quantizes Wᵀ, (out, in).
+        let ours_name = name.strip_prefix("transformer.").unwrap();
+        let (shape, values) = base.get(ours_name).unwrap();
+        let (rows, cols) = (shape[0], shape[1]);
+        let transposed: Vec<f32> = (0..rows * cols)
+            .map(|e| values[(e % rows) * cols + e / rows])
+            .collect();
+        let ours = Nf4Weight::quantize(&transposed, &[cols, rows], 64, false).unwrap();
+        assert_eq!(ours.shape(), w.shape(), "{name}");
+        assert_eq!(ours.bytes(), w.bytes(), "{name}: codes");
+        assert_eq!(ours.scales(), w.scales(), "{name}: scales");
+    }
+}
+
+#[test]
+fn what_we_write_reads_back_the_same() {
+    let model = read("gpt2-tiny-nf4/dq/model.safetensors");
+    let theirs = read_nf4_weights(&SafeTensors::deserialize(&model).unwrap()).unwrap();
+    let mut tensors = Vec::new();
+    for (name, w) in &theirs {
+        tensors.extend(nf4_tensors(name, w));
+    }
+    // Every key bitsandbytes wrote for the quantized weights, and no other.
+    let file = SafeTensors::deserialize(&model).unwrap();
+    let mut their_keys: Vec<String> = file
+        .names()
+        .into_iter()
+        .filter(|k| is_quant_part(k) || theirs.contains_key(*k))
+        .map(|k| k.to_string())
+        .collect();
+    let mut our_keys: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
+    their_keys.sort();
+    our_keys.sort();
+    assert_eq!(our_keys, their_keys);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).unwrap();
+    let back = read_nf4_weights(&SafeTensors::deserialize(&bytes).unwrap()).unwrap();
+    assert_eq!(back, theirs);
+    // The JSON state carries what bitsandbytes' own reader needs.
+    let state = String::from_utf8(
+        tensors
+            .iter()
+            .find(|t| t.0.ends_with(QUANT_STATE))
+            .unwrap()
+            .3
+            .clone(),
+    )
+    .unwrap();
+    for field in [
+        "quant_type",
+        "blocksize",
+        "dtype",
+        "shape",
+        "nested_blocksize",
+        "nested_dtype",
+        "nested_offset",
+    ] {
+        assert!(state.contains(field), "{state}");
+    }
+}
+
+#[test]
+fn other_formats_are_refused_by_name() {
+    let model = read("gpt2-tiny-nf4/plain/model.safetensors");
+    let file = SafeTensors::deserialize(&model).unwrap();
+    let w = read_nf4_weights(&file)
+        .unwrap()
+        .into_values()
+        .next()
+        .unwrap();
+    let mut tensors = nf4_tensors("x.weight", &w);
+    let state = tensors
+        .iter_mut()
+        .find(|t| t.0.ends_with(QUANT_STATE))
+        .unwrap();
+    state.3 = String::from_utf8(state.3.clone())
+        .unwrap()
+        .replace("float32", "bfloat16")
+        .into_bytes();
+    state.2 = vec![state.3.len()];
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).unwrap();
+    let err = read_nf4_weights(&SafeTensors::deserialize(&bytes).unwrap()).unwrap_err();
+    assert!(
+        err.contains("x.weight") && err.contains("bfloat16"),
+        "{err}"
+    );
+}
