@@ -1,0 +1,109 @@
+//! [`HostAdapter`]: one adapter's A, B and scales read back to the host and checked against the
+//! shape of a bank's model, ready to be written into the bank's stacks.
+//!
+//! Made apart from the bank, on any thread, so that a server can read and check an adapter file
+//! while its model keeps decoding, and hand the bank only weights that fit: the insertion then
+//! only copies them into one slot ([`crate::AdapterBank::insert_host`]).
+
+use transformer::GptConfig;
+
+use crate::config::BiasMode;
+use crate::error::{Error, Result};
+use crate::model::{LoraModel, site_name};
+use crate::target::Target;
+
+/// One site of one adapter, on the host: A (r, in) and B (width, r) row-major.
+pub(super) struct HostSite {
+    pub layer: usize,
+    pub target: Target,
+    pub r: usize,
+    pub scale: f32,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// An adapter's weights on the host, checked for a bank over a model of `n_layer` layers of
+/// width `n_embd`. Plain data: it may cross threads.
+pub struct HostAdapter {
+    pub(super) name: String,
+    /// (n_layer, n_embd) of the model it was checked against.
+    pub(super) shape: (usize, usize),
+    pub(super) sites: Vec<HostSite>,
+}
+
+impl HostAdapter {
+    /// Copies `lora`'s A and B to the host as adapter `name` (later changes to `lora` do not
+    /// reach it), after the checks a bank makes: unmerged (the bank adds every adapter's term to
+    /// the unmerged base), no biases and nothing but A and B (a bank shares the base's
+    /// parameters between all rows), every site fitting a model of `config`'s shape.
+    pub fn new(name: &str, lora: &LoraModel, config: &GptConfig) -> Result<HostAdapter> {
+        if lora.is_merged() {
+            return Err(Error::State(format!(
+                "adapter `{name}` is merged into a model's weights: unmerge it first (the bank \
+                 adds every adapter's term to the unmerged base)"
+            )));
+        }
+        if !lora.eval_only().is_empty() {
+            return Err(Error::config(format!(
+                "adapter `{name}` holds {}: a bank serves plain LoRA (A and B) over a shared base; \
+                 evaluate or merge this adapter on its own model instead",
+                lora.eval_only().join(", ")
+            )));
+        }
+        if lora.config.bias != BiasMode::None {
+            return Err(Error::config(format!(
+                "adapter `{name}` trains biases (bias mode `{}`); a bank serves A and B only, \
+                 since the biases are the base model's, shared by every sequence",
+                lora.config.bias.name()
+            )));
+        }
+        let (n_layer, c) = (config.n_layer, config.n_embd);
+        let mut sites = Vec::new();
+        for (site, l) in lora.sites() {
+            let (col0, width) = site.target.columns(c);
+            let fits = site.layer < n_layer
+                && l.in_features() == site.target.module().shape(c).0
+                && (l.col0, l.width()) == (col0, width)
+                && l.a.value().shape() == [l.r(), l.in_features()]
+                && l.b.value().shape() == [width, l.r()];
+            if !fits {
+                return Err(Error::mismatch(
+                    None,
+                    format!(
+                        "adapter `{name}`, {}: A is {:?} and B {:?}, which do not fit a model \
+                         of {n_layer} layers and width {c}",
+                        site_name(site),
+                        l.a.value().shape(),
+                        l.b.value().shape(),
+                    ),
+                ));
+            }
+            sites.push(HostSite {
+                layer: site.layer,
+                target: site.target,
+                r: l.r(),
+                scale: l.scale,
+                a: l.a.value().to_vec()?,
+                b: l.b.value().to_vec()?,
+            });
+        }
+        Ok(HostAdapter {
+            name: name.to_string(),
+            shape: (n_layer, c),
+            sites,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes of its A and B: what it adds to a bank (beyond the padding to a site's largest
+    /// rank and the free slots of a stack's capacity).
+    pub fn bytes(&self) -> u64 {
+        self.sites
+            .iter()
+            .map(|s| 4 * (s.a.len() + s.b.len()) as u64)
+            .sum()
+    }
+}
