@@ -88,7 +88,7 @@ fn any_history_gives_a_fresh_banks_numbers(device: &Device) {
     let mut model = model(device);
     let a = adapter(&model, 2, &[Target::Q, Target::V], 1);
     let big = adapter(&model, 8, &[Target::Q, Target::Fc], 2); // larger rank: a re-layout
-    let c = adapter(&model, 4, &[Target::CAttn, Target::V, Target::Proj], 3);
+    let c = adapter(&model, 4, &[Target::CAttn, Target::Proj], 3);
     let d = adapter(&model, 3, &[Target::O, Target::V], 4);
     // History: grow, re-lay out for rank 8, remove it (its rank stays), reuse its slot.
     let mut used = AdapterBank::new(&model);
