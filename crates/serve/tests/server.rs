@@ -181,14 +181,14 @@ async fn models_health_and_metrics() {
         Some(3.0)
     );
     assert_eq!(metric(&text, "serve_adapters_loaded"), Some(2.0));
-    // The bank's stacks hold each adapter once: 2 slots at c_attn of both layers (PEFT's file
-    // holds q and v of rank 4 as one c_attn LoRA of rank 8, 64 → 192), and at c_fc (r 4,
-    // 64 → 256) of both layers, where a0's slot is zero; A, B and the scales, in f32.
-    let c_attn = 2 * (8 * 64 + 192 * 8 + 1) * 4;
+    // The bank's stacks hold each adapter once: 2 slots (r 4) at q and v of both layers
+    // (64 → 64; PEFT's file holds them as one c_attn LoRA of rank 8, which the bank splits
+    // back), and at c_fc (64 → 256) of both layers, where a0's slot is zero; A, B, scales.
+    let qv = 2 * (4 * 64 + 64 * 4 + 1) * 4;
     let fc = 2 * (4 * 64 + 256 * 4 + 1) * 4;
     assert_eq!(
         metric(&text, "serve_adapter_memory_bytes"),
-        Some((2 * c_attn + 2 * fc) as f64)
+        Some((4 * qv + 2 * fc) as f64)
     );
     assert_eq!(
         metric(&text, "serve_time_to_first_token_seconds_count"),

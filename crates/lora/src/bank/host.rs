@@ -23,7 +23,8 @@ pub(super) struct HostSite {
 }
 
 /// An adapter's weights on the host, checked for a bank over a model of `n_layer` layers of
-/// width `n_embd`. Plain data: it may cross threads.
+/// width `n_embd`; a `c_attn` site that is q, k and v sites in one (as PEFT's files hold a q/v
+/// adapter) split back into them. Plain data: it may cross threads.
 pub struct HostAdapter {
     pub(super) name: String,
     /// (n_layer, n_embd) of the model it was checked against.
@@ -78,14 +79,18 @@ impl HostAdapter {
                     ),
                 ));
             }
-            sites.push(HostSite {
+            let host = HostSite {
                 layer: site.layer,
                 target: site.target,
                 r: l.r(),
                 scale: l.scale,
                 a: l.a.value().to_vec()?,
                 b: l.b.value().to_vec()?,
-            });
+            };
+            match site.target {
+                Target::CAttn => sites.extend(split_c_attn(host, c)),
+                _ => sites.push(host),
+            }
         }
         Ok(HostAdapter {
             name: name.to_string(),
@@ -98,12 +103,74 @@ impl HostAdapter {
         &self.name
     }
 
-    /// Bytes of its A and B: what it adds to a bank (beyond the padding to a site's largest
-    /// rank and the free slots of a stack's capacity).
+    /// Bytes of its A and B as the bank holds them (a `c_attn` LoRA that is q, k, v LoRAs in
+    /// one, as PEFT saves them, split back, see `split_c_attn`): what it adds to a bank,
+    /// beyond the padding to a site's largest rank and the free slots of a stack's capacity.
     pub fn bytes(&self) -> u64 {
         self.sites
             .iter()
             .map(|s| 4 * (s.a.len() + s.b.len()) as u64)
             .sum()
     }
+}
+
+/// A `c_attn` site whose rank components each feed one column block only (q, k or v), as one
+/// site per block of the components feeding it; any other site as it is.
+///
+/// PEFT sees only the fused `c_attn`, so a q/v adapter of rank r is saved (`peft_save.rs`), and
+/// read back, as one `c_attn` LoRA of rank 2r with B block-diagonal: A = [A_q; A_v], B's q rows
+/// nonzero in the first r columns only, its v rows in the last r, its k rows zero. Served as it
+/// is, it would cost twice its weights (and twice the work). Split, component k of block β
+/// keeps its A row and its B column restricted to β's rows, with the same scale s:
+///
+/// ```text
+/// y[j] = Σ_k B[j,k]·h[k],  h = s·A·x     j in block β: only β's components have B[j,k] ≠ 0
+/// ```
+///
+/// so every output is the same sum of the same nonzero terms in the same (ascending) order,
+/// less terms 0·h[k] = 0 (x finite): the same numbers. A column of B that is all zero feeds
+/// nothing and is dropped.
+fn split_c_attn(site: HostSite, c: usize) -> Vec<HostSite> {
+    let r = site.r;
+    // The column block (0: q, 1: k, 2: v) each rank component feeds; None: none.
+    let mut owner: Vec<Option<usize>> = vec![None; r];
+    for (j, row) in site.b.chunks(r).enumerate() {
+        for (k, &v) in row.iter().enumerate() {
+            if v != 0.0 {
+                match owner[k] {
+                    None => owner[k] = Some(j / c),
+                    Some(block) if block == j / c => {}
+                    Some(_) => return vec![site], // a component feeds two blocks
+                }
+            }
+        }
+    }
+    if owner.iter().all(Option::is_none) {
+        return vec![site]; // B is zero (an untrained adapter): nothing to split by
+    }
+    let n_in = site.a.len() / r;
+    let mut out = Vec::new();
+    for (block, target) in [Target::Q, Target::K, Target::V].into_iter().enumerate() {
+        let ks: Vec<usize> = (0..r).filter(|&k| owner[k] == Some(block)).collect();
+        if ks.is_empty() {
+            continue;
+        }
+        let a = ks
+            .iter()
+            .flat_map(|&k| site.a[k * n_in..(k + 1) * n_in].iter().copied())
+            .collect();
+        let b = (block * c..(block + 1) * c)
+            .flat_map(|j| ks.iter().map(move |&k| (j, k)))
+            .map(|(j, k)| site.b[j * r + k])
+            .collect();
+        out.push(HostSite {
+            layer: site.layer,
+            target,
+            r: ks.len(),
+            scale: site.scale,
+            a,
+            b,
+        });
+    }
+    out
 }

@@ -3,7 +3,10 @@
 //!    hold each adapter once (their bytes are the adapters' own at a full power-of-two capacity);
 //! 2. whatever happened to the layout before (growth, re-layout for a larger rank, removals,
 //!    slot reuse), a batch gets the logits a fresh bank of the same adapters gives, bit for bit;
-//! 3. an adapter checked for another model's shape is refused.
+//! 3. a q/v adapter saved in PEFT's layout (one `c_attn` LoRA of twice the rank, B
+//!    block-diagonal) is split back: the bank holds its own q and v weights, and serves the
+//!    numbers of the adapter it was saved from, bit for bit; a real `c_attn` adapter stays whole;
+//! 4. an adapter checked for another model's shape is refused.
 
 use autograd::Tape;
 use tensor::{Device, on_devices};
@@ -155,3 +158,36 @@ fn an_adapter_checked_for_another_shape_is_refused() {
         "{e}"
     );
 }
+
+fn peft_q_v_adapters_are_split_back(device: &Device) {
+    let mut model = model(device);
+    // r 4, α 8 for both: the saved c_attn LoRA has rank 8 and the same scale 2, B unscaled.
+    let mut cfg = LoraConfig::new(4, 8.0, &[Target::Q, Target::V]);
+    cfg.init = Init::BothRandom;
+    let qv = LoraModel::new(&model, &cfg, 5).unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "bank-split-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    qv.save_peft(&dir).unwrap();
+    let loaded = LoraModel::load_peft(&dir, &model).unwrap().lora;
+    let _ = std::fs::remove_dir_all(&dir);
+    let c_attn = LoraModel::new(&model, &LoraConfig::new(8, 8.0, &[Target::CAttn]), 6).unwrap();
+    assert_eq!(loaded.lora_bytes(), 2 * qv.lora_bytes(), "saved as c_attn of rank 8");
+    let host = |l: &LoraModel| HostAdapter::new("x", l, &model.config).unwrap();
+    assert_eq!(host(&loaded).bytes(), qv.lora_bytes(), "split back into q and v");
+    assert_eq!(host(&c_attn).bytes(), c_attn.lora_bytes(), "a c_attn adapter is one site");
+    let route = [Some("x"), None, Some("x"), None];
+    let mut served = Vec::new();
+    for lora in [&qv, &loaded] {
+        let mut bank = AdapterBank::new(&model);
+        bank.insert("x", lora).unwrap();
+        bank.attach(&mut model).unwrap();
+        bank.route(&route).unwrap();
+        served.push(logits(&model));
+        bank.detach(&mut model).unwrap();
+    }
+    assert_eq!(served[0], served[1], "the file's adapter serves the saved adapter's numbers");
+}
+on_devices!(peft_q_v_adapters_are_split_back, split_cpu, split_gpu);
