@@ -160,9 +160,10 @@ fn bench_serve_runs_with_tiny_settings() {
     let ratio = memory["bank_bytes_per_adapter"].as_f64().unwrap()
         / memory["adapter_bytes"].as_f64().unwrap();
     assert!((1.0..1.01).contains(&ratio), "{memory}");
-    assert!(
-        rows.iter()
-            .any(|r| r["adapter_load_idle_ms_median"].as_f64().is_some_and(|v| v > 0.0))
-    );
+    assert!(rows.iter().any(|r| {
+        r["adapter_load_idle_ms_median"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0)
+    }));
     let _ = std::fs::remove_dir_all(work);
 }

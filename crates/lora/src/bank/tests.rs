@@ -174,10 +174,22 @@ fn peft_q_v_adapters_are_split_back(device: &Device) {
     let loaded = LoraModel::load_peft(&dir, &model).unwrap().lora;
     let _ = std::fs::remove_dir_all(&dir);
     let c_attn = LoraModel::new(&model, &LoraConfig::new(8, 8.0, &[Target::CAttn]), 6).unwrap();
-    assert_eq!(loaded.lora_bytes(), 2 * qv.lora_bytes(), "saved as c_attn of rank 8");
+    assert_eq!(
+        loaded.lora_bytes(),
+        2 * qv.lora_bytes(),
+        "saved as c_attn of rank 8"
+    );
     let host = |l: &LoraModel| HostAdapter::new("x", l, &model.config).unwrap();
-    assert_eq!(host(&loaded).bytes(), qv.lora_bytes(), "split back into q and v");
-    assert_eq!(host(&c_attn).bytes(), c_attn.lora_bytes(), "a c_attn adapter is one site");
+    assert_eq!(
+        host(&loaded).bytes(),
+        qv.lora_bytes(),
+        "split back into q and v"
+    );
+    assert_eq!(
+        host(&c_attn).bytes(),
+        c_attn.lora_bytes(),
+        "a c_attn adapter is one site"
+    );
     let route = [Some("x"), None, Some("x"), None];
     let mut served = Vec::new();
     for lora in [&qv, &loaded] {
@@ -188,6 +200,9 @@ fn peft_q_v_adapters_are_split_back(device: &Device) {
         served.push(logits(&model));
         bank.detach(&mut model).unwrap();
     }
-    assert_eq!(served[0], served[1], "the file's adapter serves the saved adapter's numbers");
+    assert_eq!(
+        served[0], served[1],
+        "the file's adapter serves the saved adapter's numbers"
+    );
 }
 on_devices!(peft_q_v_adapters_are_split_back, split_cpu, split_gpu);
