@@ -16,11 +16,19 @@
 //! ([`tensor::ops::sgmv`]) over the adapters' A and B stacked per site:
 //!
 //! ```text
-//! A stack: (n_adapters, r, in)    B stack: (n_adapters, width, r)    scales: (n_adapters)
+//! A stack: (capacity, r, in)    B stack: (capacity, width, r)    scales: (capacity)
 //! ```
 //!
 //! Rows are B·T: the rows of sequence b are b·T..(b+1)·T, so a per-sequence choice of adapter
 //! becomes a per-row index (uploaded once per batch shape and shared by every layer).
+//!
+//! **Memory: each adapter once, in its slot.** An adapter is given a slot, the same index in
+//! every site's stack; its A and B live only there (on the device; for the CPU device the
+//! stack buffers themselves), the bank keeps no other copy. Inserting writes that one slot
+//! (`bank/stack.rs`); removing zeroes it and frees it for the next adapter. Stacks grow by doubling
+//! their capacity (so n adapters cost at most 2n slots, each insertion copies O(1) adapters
+//! amortized), and a site's stack is dropped once no adapter adapts it. The cost of an adapter
+//! is then its own weights, plus the padding below, plus the free slots of the capacity.
 //!
 //! **Adapters of different shape share a stack by zero padding.** A stack has one rank per site,
 //! the largest of the bank's adapters there: an adapter of rank r < r_max fills rows 0..r of its
@@ -28,7 +36,9 @@
 //! 0·x = 0 exactly (x finite), so the sum over k (in the same order) is the same sum. An adapter
 //! that does not adapt a site at all (other targets, other layers) is all zeros there. So any
 //! adapters for the same base fit one bank: the padding costs compute (r_max per row, at every
-//! site of any adapter), never correctness.
+//! site of any adapter) and memory, never correctness. An adapter of a rank above a site's
+//! r_max re-lays that stack out (copied into one of the larger rank); r_max does not shrink
+//! when that adapter leaves, until the site's last adapter does.
 //!
 //! ```
 //! use autograd::Tape;
@@ -58,13 +68,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tensor::{Device, Tensor};
 use transformer::{Gpt2, GptConfig};
 
-use crate::config::BiasMode;
 use crate::error::{Error, Result};
-use crate::model::{LoraModel, site_name};
+use crate::model::LoraModel;
 use crate::target::{Module, Target};
 
+mod host;
 mod serve;
+mod stack;
+#[cfg(test)]
+mod tests;
+pub use host::HostAdapter;
 use serve::BankAdapter;
+use stack::SiteStack;
 
 /// Which adapter serves which sequence of the next batches.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,32 +90,12 @@ pub enum Routing {
     PerSequence(Vec<Option<String>>),
 }
 
-/// One site of one adapter, on the host: A (r, in) and B (width, r) row-major.
-struct HostSite {
-    layer: usize,
-    target: Target,
-    r: usize,
-    scale: f32,
-    a: Vec<f32>,
-    b: Vec<f32>,
-}
-
-/// The stacked adapters of one site, on the bank's device.
-struct SiteStack {
-    /// First output column of the Linear the site adds into.
-    col0: usize,
-    /// (n_adapters, r_max, in).
-    a: Tensor,
-    /// (n_adapters, width, r_max).
-    b: Tensor,
-    /// (n_adapters).
-    scales: Tensor,
-}
-
 /// What the adapters installed on the Linears read at every forward.
 struct Shared {
-    names: Vec<String>,
-    /// The stacks of every adapted Linear, by (layer, module).
+    /// Slot i of every stack: the adapter's name, or `None` for a free slot. Its length is the
+    /// stacks' capacity.
+    slots: Vec<Option<String>>,
+    /// The stacks of every adapted Linear, by (layer, module), each Linear's in target order.
     linears: BTreeMap<(usize, Module), Vec<SiteStack>>,
     routing: Routing,
     /// The per-row adapter indices for batches of shape (B, T), once made (`None` inside: no row
@@ -108,11 +103,19 @@ struct Shared {
     rows: Option<((usize, usize), Option<Tensor>)>,
 }
 
-/// Several adapters over one base model; see the module doc.
+/// One adapter of the bank: its slot and the sites it adapts.
+struct Entry {
+    name: String,
+    slot: usize,
+    sites: Vec<(usize, Target)>,
+}
+
+/// Several adapters over one unmerged base model; see the module doc.
 pub struct AdapterBank {
     config: GptConfig,
     device: Device,
-    adapters: Vec<(String, Vec<HostSite>)>,
+    /// In the order they were inserted.
+    adapters: Vec<Entry>,
     shared: Arc<Mutex<Shared>>,
     attached: bool,
 }
@@ -125,7 +128,7 @@ impl AdapterBank {
             device: model.wte.value().device(),
             adapters: Vec::new(),
             shared: Arc::new(Mutex::new(Shared {
-                names: Vec::new(),
+                slots: Vec::new(),
                 linears: BTreeMap::new(),
                 routing: Routing::All(None),
                 rows: None,
@@ -142,7 +145,7 @@ impl AdapterBank {
 
     /// The adapters' names, in the order they were inserted.
     pub fn names(&self) -> Vec<&str> {
-        self.adapters.iter().map(|(n, _)| n.as_str()).collect()
+        self.adapters.iter().map(|e| e.name.as_str()).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -153,66 +156,107 @@ impl AdapterBank {
         self.adapters.is_empty()
     }
 
+    /// Slots of every stack (loaded adapters and free slots).
+    pub fn capacity(&self) -> usize {
+        self.shared().slots.len()
+    }
+
+    /// Bytes of all the stacks on the device: the adapters' weights, their padding and the
+    /// free slots.
+    pub fn stack_bytes(&self) -> u64 {
+        let shared = self.shared();
+        shared
+            .linears
+            .values()
+            .flatten()
+            .map(SiteStack::bytes)
+            .sum()
+    }
+
     /// Adds `lora`'s A and B (copied: later changes to `lora` do not reach the bank) as `name`.
     /// It must be unmerged (the bank adds its term to the unmerged base) and train no biases
-    /// (biases belong to the base, which every row shares).
+    /// (biases belong to the base, which every row shares); see [`HostAdapter::new`].
     pub fn insert(&mut self, name: &str, lora: &LoraModel) -> Result<()> {
-        if self.adapters.iter().any(|(n, _)| n == name) {
+        self.check_free(name)?;
+        self.insert_host(HostAdapter::new(name, lora, &self.config)?)
+    }
+
+    fn check_free(&self, name: &str) -> Result<()> {
+        if self.adapters.iter().any(|e| e.name == name) {
             return Err(Error::State(format!(
                 "the bank already holds an adapter `{name}`"
             )));
         }
-        if lora.is_merged() {
-            return Err(Error::State(format!(
-                "adapter `{name}` is merged into a model's weights: unmerge it first (the bank \
-                 adds every adapter's term to the unmerged base)"
-            )));
+        Ok(())
+    }
+
+    /// Adds an adapter read and checked beforehand (on any thread): writes it into a free slot
+    /// of every stack it adapts (doubling the capacity when none is free, re-laying out a stack
+    /// whose rank is below the adapter's there).
+    pub fn insert_host(&mut self, adapter: HostAdapter) -> Result<()> {
+        let name = adapter.name.clone();
+        self.check_free(&name)?;
+        let shape = (self.config.n_layer, self.config.n_embd);
+        if adapter.shape != shape {
+            return Err(Error::mismatch(
+                None,
+                format!(
+                    "adapter `{name}` was checked for a model of {} layers and width {}, the \
+                     bank's has {} and {}",
+                    adapter.shape.0, adapter.shape.1, shape.0, shape.1
+                ),
+            ));
         }
-        if !lora.eval_only().is_empty() {
-            return Err(Error::config(format!(
-                "adapter `{name}` holds {}: a bank serves plain LoRA (A and B) over a shared base; \
-                 evaluate or merge this adapter on its own model instead",
-                lora.eval_only().join(", ")
-            )));
-        }
-        if lora.config.bias != BiasMode::None {
-            return Err(Error::config(format!(
-                "adapter `{name}` trains biases (bias mode `{}`); a bank serves A and B only, \
-                 since the biases are the base model's, shared by every sequence",
-                lora.config.bias.name()
-            )));
-        }
-        let c = self.config.n_embd;
-        let mut sites = Vec::new();
-        for (site, l) in lora.sites() {
-            let (col0, width) = site.target.columns(&self.config);
-            let fits = site.layer < self.config.n_layer
-                && l.in_features() == site.target.module().shape(&self.config).0
-                && (l.col0, l.width()) == (col0, width);
-            if !fits {
-                return Err(Error::mismatch(
-                    None,
-                    format!(
-                        "adapter `{name}`, {}: A is {:?} and B {:?}, which do not fit a model \
-                         of {} layers and width {c}",
-                        site_name(site),
-                        l.a.value().shape(),
-                        l.b.value().shape(),
-                        self.config.n_layer
-                    ),
-                ));
+        let device = self.device.clone();
+        let mut shared = self
+            .shared
+            .lock()
+            .expect("no forward panicked while holding the bank");
+        let slot = match shared.slots.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                let old = shared.slots.len();
+                let capacity = (2 * old).max(1);
+                for s in shared.linears.values_mut().flatten() {
+                    let r = s.r;
+                    s.relayout(capacity, r)?;
+                }
+                shared.slots.resize(capacity, None);
+                old
             }
-            sites.push(HostSite {
-                layer: site.layer,
-                target: site.target,
-                r: l.r(),
-                scale: l.scale,
-                a: l.a.value().to_vec()?,
-                b: l.b.value().to_vec()?,
-            });
+        };
+        let capacity = shared.slots.len();
+        for site in &adapter.sites {
+            let stacks = shared
+                .linears
+                .entry((site.layer, site.target.module()))
+                .or_default();
+            let i = match stacks.binary_search_by_key(&site.target, |s| s.target) {
+                Ok(i) => i,
+                Err(i) => {
+                    stacks.insert(
+                        i,
+                        SiteStack::new(site.target, &self.config, capacity, site.r, &device)?,
+                    );
+                    i
+                }
+            };
+            let stack = &mut stacks[i];
+            if site.r > stack.r {
+                stack.relayout(capacity, site.r)?;
+            }
+            stack.write(slot, site)?;
+            stack.users += 1;
         }
-        self.adapters.push((name.to_string(), sites));
-        self.rebuild()
+        shared.slots[slot] = Some(name.clone());
+        shared.rows = None;
+        drop(shared);
+        self.adapters.push(Entry {
+            name,
+            slot,
+            sites: adapter.sites.iter().map(|s| (s.layer, s.target)).collect(),
+        });
+        Ok(())
     }
 
     /// Reads a PEFT adapter directory ([`LoraModel::load_peft`]) for `model` and inserts it as
@@ -228,22 +272,44 @@ impl AdapterBank {
         Ok(loaded.warnings)
     }
 
-    /// Deletes adapter `name`. A routing that named it is reset to the base model for every
-    /// sequence (so no batch is ever served by an adapter other than the one asked for).
+    /// Deletes adapter `name`: zeroes its slot (free for the next adapter), and drops the stacks
+    /// of sites no other adapter adapts. A routing that named it is reset to the base model for
+    /// every sequence (so no batch is ever served by an adapter other than the one asked for).
     pub fn remove(&mut self, name: &str) -> Result<()> {
         let i = self.index(name)?;
-        self.adapters.remove(i);
-        {
-            let mut shared = self.shared();
-            let named = match &shared.routing {
-                Routing::All(a) => a.as_deref() == Some(name),
-                Routing::PerSequence(v) => v.iter().any(|a| a.as_deref() == Some(name)),
+        let entry = self.adapters.remove(i);
+        let mut shared = self.shared();
+        for &(layer, target) in &entry.sites {
+            let key = (layer, target.module());
+            let Some(stacks) = shared.linears.get_mut(&key) else {
+                continue;
             };
-            if named {
-                shared.routing = Routing::All(None);
+            let Some(i) = stacks.iter().position(|s| s.target == target) else {
+                continue;
+            };
+            stacks[i].users -= 1;
+            if stacks[i].users == 0 {
+                stacks.remove(i);
+                if stacks.is_empty() {
+                    shared.linears.remove(&key);
+                }
+            } else {
+                stacks[i].clear(entry.slot)?;
             }
         }
-        self.rebuild()
+        shared.slots[entry.slot] = None;
+        if self.adapters.is_empty() {
+            shared.slots.clear(); // every stack is gone with its last adapter
+        }
+        shared.rows = None;
+        let named = match &shared.routing {
+            Routing::All(a) => a.as_deref() == Some(name),
+            Routing::PerSequence(v) => v.iter().any(|a| a.as_deref() == Some(name)),
+        };
+        if named {
+            shared.routing = Routing::All(None);
+        }
+        Ok(())
     }
 
     /// Serves every sequence with adapter `name`, or with the base model for `None`.
@@ -279,60 +345,13 @@ impl AdapterBank {
     fn index(&self, name: &str) -> Result<usize> {
         self.adapters
             .iter()
-            .position(|(n, _)| n == name)
+            .position(|e| e.name == name)
             .ok_or_else(|| {
                 Error::State(format!(
                     "the bank holds no adapter `{name}` (it holds: {})",
                     self.names().join(", ")
                 ))
             })
-    }
-
-    /// Stacks every site any adapter adapts (zero-padded, see the module doc) on the device.
-    fn rebuild(&mut self) -> Result<()> {
-        let n = self.adapters.len();
-        // Every (layer, target) of any adapter, with the largest rank there.
-        let mut r_max: BTreeMap<(usize, Target), usize> = BTreeMap::new();
-        for s in self.adapters.iter().flat_map(|(_, sites)| sites) {
-            let r = r_max.entry((s.layer, s.target)).or_default();
-            *r = (*r).max(s.r);
-        }
-        let mut linears: BTreeMap<(usize, Module), Vec<SiteStack>> = BTreeMap::new();
-        for (&(layer, target), &r) in &r_max {
-            let n_in = target.module().shape(&self.config).0;
-            let (col0, width) = target.columns(&self.config);
-            let mut a = vec![0.0; n * r * n_in];
-            let mut b = vec![0.0; n * width * r];
-            let mut scales = vec![0.0; n];
-            for (i, (_, sites)) in self.adapters.iter().enumerate() {
-                let Some(s) = sites
-                    .iter()
-                    .find(|s| (s.layer, s.target) == (layer, target))
-                else {
-                    continue; // this adapter leaves the site alone: its slot stays zero
-                };
-                // A's r rows go first in its r_max rows; B's r columns first in each row.
-                a[i * r * n_in..][..s.r * n_in].copy_from_slice(&s.a);
-                for (j, row) in s.b.chunks(s.r).enumerate() {
-                    b[(i * width + j) * r..][..s.r].copy_from_slice(row);
-                }
-                scales[i] = s.scale;
-            }
-            linears
-                .entry((layer, target.module()))
-                .or_default()
-                .push(SiteStack {
-                    col0,
-                    a: Tensor::from_vec(a, &[n, r, n_in], &self.device)?,
-                    b: Tensor::from_vec(b, &[n, width, r], &self.device)?,
-                    scales: Tensor::from_vec(scales, &[n], &self.device)?,
-                });
-        }
-        let mut shared = self.shared();
-        shared.names = self.adapters.iter().map(|(n, _)| n.clone()).collect();
-        shared.linears = linears;
-        shared.rows = None;
-        Ok(())
     }
 
     /// Installs the bank on every Linear of `model` (each adds the terms of the sites it has,

@@ -102,7 +102,7 @@ mod peft_save;
 pub mod target;
 
 pub use analysis::{Similarities, SiteSimilarity, SiteSpectrum, Spectra, write_heatmap_svg};
-pub use bank::{AdapterBank, Routing};
+pub use bank::{AdapterBank, HostAdapter, Routing};
 pub use combine::{Combination, CombineInput, Combined, combine};
 pub use config::{BiasMode, Init, LoraConfig, ParamCount, Site, scaling};
 pub use error::{Error, Result};

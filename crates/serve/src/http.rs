@@ -26,7 +26,8 @@ use tokio::sync::oneshot;
 use transformer::Tokenizer;
 
 use crate::api::parse_adapter;
-use crate::engine::{Command, Shared};
+use crate::engine::reader::Reader;
+use crate::engine::{Command, Engine, Refusal, Shared};
 use crate::error::ApiError;
 use crate::paths::Roots;
 
@@ -53,6 +54,8 @@ pub struct App {
     pub kv_budget_bytes: u64,
     pub api_key: Option<String>,
     pub roots: Roots,
+    /// Reads and checks adapters for `POST /v1/adapters` off the engine's thread.
+    pub reader: Reader,
 }
 
 pub type AppState = Arc<App>;
@@ -162,20 +165,31 @@ async fn load_adapter(
         let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
         let (name, path) = parse_adapter(&body)?;
         let dir = app.roots.resolve(&path)?;
+        Engine::name_free(&app.shared, &name).map_err(refusal)?;
+        // Files are read and checked here, on a blocking task, while the engine decodes; the
+        // engine only writes the ready weights into the bank.
+        let (reader, n, d) = (app.reader.clone(), name.clone(), dir.clone());
+        let ready = tokio::task::spawn_blocking(move || reader.read(&n, &d))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("reading the adapter failed: {e}"),
+                )
+            })?
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
         let (reply, answer) = oneshot::channel();
-        app.send(Command::Load { name, dir, reply })
-            .map_err(|EngineStopped| {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
-            })?;
+        app.send(Command::Load {
+            name,
+            dir,
+            ready,
+            reply,
+        })
+        .map_err(|EngineStopped| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
         let info = answer
             .await
             .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?
-            .map_err(|(status, message)| {
-                ApiError::new(
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-                    message,
-                )
-            })?;
+            .map_err(refusal)?;
         Ok::<_, ApiError>(axum::Json(json!({"id": info.name, "object": "model",
                              "created": info.created, "adapter_bytes": info.bytes})))
     }
@@ -184,6 +198,14 @@ async fn load_adapter(
         app.shared.metrics.refuse(e.status.as_u16());
     }
     result
+}
+
+/// The engine's refusal as an answer.
+fn refusal((status, message): Refusal) -> ApiError {
+    ApiError::new(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        message,
+    )
 }
 
 async fn unload_adapter(

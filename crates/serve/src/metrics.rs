@@ -1,7 +1,7 @@
 //! `GET /metrics` in Prometheus' text format (prometheus-client): requests and tokens by model
 //! (the base's name or an adapter's), refusals by status, queue depth, running sequences, batch
-//! size per step, time to first token, generated tokens per second, loaded adapters and the KV
-//! cache reserved.
+//! size and distinct adapters per step, time to first token, generated tokens per second,
+//! loaded adapters and their bytes, and the KV cache reserved.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -32,8 +32,12 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub running: Gauge,
     pub adapters: Gauge,
+    /// Bytes the adapters take where they are served (the bank's stacks).
+    pub adapter_bytes: Gauge,
     pub kv_reserved_bytes: Gauge,
     pub batch_size: Histogram,
+    /// Distinct adapters (the base not counted) among a step's sequences.
+    pub step_adapters: Histogram,
     pub time_to_first_token: Histogram,
     pub tokens_per_second: Gauge<f64, AtomicU64>,
 }
@@ -55,8 +59,10 @@ impl Metrics {
             queue_depth: Gauge::default(),
             running: Gauge::default(),
             adapters: Gauge::default(),
+            adapter_bytes: Gauge::default(),
             kv_reserved_bytes: Gauge::default(),
             batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+            step_adapters: Histogram::new([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             time_to_first_token: Histogram::new([
                 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
@@ -96,6 +102,12 @@ impl Metrics {
         );
         r.register("adapters_loaded", "Adapters loaded", m.adapters.clone());
         r.register(
+            "adapter_memory_bytes",
+            "Bytes of the loaded adapters where they are served (the bank's stacks: weights, \
+             rank padding, free slots)",
+            m.adapter_bytes.clone(),
+        );
+        r.register(
             "kv_cache_reserved_bytes",
             "KV cache reserved by admitted sequences",
             m.kv_reserved_bytes.clone(),
@@ -104,6 +116,11 @@ impl Metrics {
             "batch_size",
             "Sequences per decoding step",
             m.batch_size.clone(),
+        );
+        r.register(
+            "step_adapters",
+            "Distinct adapters per decoding step (the base not counted)",
+            m.step_adapters.clone(),
         );
         r.register(
             "time_to_first_token_seconds",

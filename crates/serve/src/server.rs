@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use transformer::{Checkpoint, Gpt2, Tokenizer};
 
 use crate::Result;
+use crate::engine::reader::Reader;
 use crate::engine::{Command, Engine, EngineLimits, Mode, Shared, forward::SeqCache};
 use crate::http::{App, RequestLimits, router};
 use crate::metrics::Metrics;
@@ -157,6 +158,10 @@ impl Server {
             kv_budget_bytes,
             api_key: cfg.api_key.clone(),
             roots,
+            reader: Reader {
+                config: ckpt.config.clone(),
+                mode: cfg.mode,
+            },
         });
         // The engine thread builds the model (it never leaves that thread) and the adapters.
         let (commands, inbox) = mpsc::channel();

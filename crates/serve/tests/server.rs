@@ -2,8 +2,9 @@
 //! 1. plain and streamed completions agree, with usage and finish reasons;
 //! 2. greedy answers equal offline generation (`train generate`'s path) for several adapters
 //!    and the base in concurrent requests, i.e. sharing batches;
-//! 3. models listing, health and metrics;
-//! 4. a client that goes away mid-stream frees its sequence.
+//! 3. one decoding step serves several adapters at once (the engine's per-step count);
+//! 4. models listing, health and metrics;
+//! 5. a client that goes away mid-stream frees its sequence.
 
 mod common;
 
@@ -122,6 +123,39 @@ async fn mixed_batches_answer_as_offline_generation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_decoding_step_serves_several_adapters() {
+    // Three adapters and the base, 40 tokens each, all at once: their sequences overlap, and
+    // the engine's per-step count of distinct adapters shows steps serving two or more of them
+    // in one forward, while each answer stays the offline one.
+    let (server, url, root) = start(3, |_| {});
+    let models = ["a0", "a1", "a2", "base"];
+    let tasks: Vec<_> = models
+        .iter()
+        .map(|m| {
+            let (url, m) = (url.clone(), m.to_string());
+            tokio::spawn(async move { complete(&url, &m, "Hello", 40).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    for (m, got) in models.iter().zip(&answers) {
+        let dir = (*m != "base").then(|| root.join(m));
+        assert_eq!(got, &offline(dir.as_deref(), "Hello", 40, &[]), "model {m}");
+    }
+    let (_, text) = get(&format!("{url}/metrics")).await;
+    let steps = metric(&text, "serve_step_adapters_count").unwrap();
+    let at_most_one = metric(&text, r#"serve_step_adapters_bucket{le="1.0"}"#).unwrap();
+    assert!(
+        steps - at_most_one >= 1.0,
+        "no step served two adapters at once ({steps} steps)\n{text}"
+    );
+    server.shutdown();
+    server.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_health_and_metrics() {
     let (server, url, _root) = start(2, |_| {});
     let (status, text) = get(&format!("{url}/v1/models")).await;
@@ -147,6 +181,15 @@ async fn models_health_and_metrics() {
         Some(3.0)
     );
     assert_eq!(metric(&text, "serve_adapters_loaded"), Some(2.0));
+    // The bank's stacks hold each adapter once: 2 slots (r 4) at q and v of both layers
+    // (64 → 64; PEFT's file holds them as one c_attn LoRA of rank 8, which the bank splits
+    // back), and at c_fc (64 → 256) of both layers, where a0's slot is zero; A, B, scales.
+    let qv = 2 * (4 * 64 + 64 * 4 + 1) * 4;
+    let fc = 2 * (4 * 64 + 256 * 4 + 1) * 4;
+    assert_eq!(
+        metric(&text, "serve_adapter_memory_bytes"),
+        Some((4 * qv + 2 * fc) as f64)
+    );
     assert_eq!(
         metric(&text, "serve_time_to_first_token_seconds_count"),
         Some(1.0)

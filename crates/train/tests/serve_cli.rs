@@ -151,5 +151,19 @@ fn bench_serve_runs_with_tiny_settings() {
             .any(|r| r["soak_seconds"] == 1.0 && r["failed"] == 0)
     );
     assert!(rows.iter().any(|r| r["rss_per_adapter_bytes"].is_number()));
+    // The bank holds each adapter once: its stack bytes per adapter are the adapter's own
+    // weights plus one scale per site and slot (2 adapters in 2 slots: no free slot).
+    let memory = rows
+        .iter()
+        .find(|r| r["bank_bytes_per_adapter"].is_number())
+        .expect("a memory note");
+    let ratio = memory["bank_bytes_per_adapter"].as_f64().unwrap()
+        / memory["adapter_bytes"].as_f64().unwrap();
+    assert!((1.0..1.01).contains(&ratio), "{memory}");
+    assert!(rows.iter().any(|r| {
+        r["adapter_load_idle_ms_median"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0)
+    }));
     let _ = std::fs::remove_dir_all(work);
 }

@@ -168,34 +168,40 @@ impl Block {
         cache: Option<(&Tensor, &Tensor, usize)>,
     ) -> Result<Var> {
         let (c, nh) = (cfg.n_embd, cfg.n_head);
-        let hs = c / nh;
+        self.forward_with(tape, x, cfg, |qkv, scale| {
+            let q = tape.split_heads(qkv, nh, 0, c)?; // (B,NH,T,hs)
+            let k = tape.split_heads(qkv, nh, c, c)?;
+            let v = tape.split_heads(qkv, nh, 2 * c, c)?;
+            // With a cache, keys and values cover positions 0..pos+T and the causal mask lets
+            // row t see columns up to pos + t (softmax masks c > r + (columns − rows)).
+            let (k, v) = match cache {
+                Some((ck, cv, pos)) => cached_kv(&k, &v, ck, cv, pos, tape)?,
+                None => (k, v),
+            };
+            attend(tape, &q, &k, &v, scale)
+        })
+    }
+
+    /// The block with its attention core given by `attention`: called with
+    /// qkv = ln_1(x)·c_attn.W + c_attn.b (…, 3C) and this block's attention scale s_i, it
+    /// returns the heads merged back, merge_heads(att·v) (…, C). Everything else (layer norms,
+    /// the four Linears with their adapters, the activation, the residuals) is the block's own.
+    /// [`Block::forward_cached`] attends over one cache for the whole batch; a server whose
+    /// sequences each have their own cache brings its own core.
+    pub fn forward_with(
+        &self,
+        tape: &Tape,
+        x: &Var,
+        cfg: &GptConfig,
+        attention: impl FnOnce(&Var, f32) -> Result<Var>,
+    ) -> Result<Var> {
+        let hs = cfg.n_embd / cfg.n_head;
         // Attention.
         let h = self.ln_1.forward(tape, x)?;
         let qkv = self.c_attn.forward(tape, &h)?; // (B,T,3C)
-        let attention = tensor::profile::scope("attention"); // q·kᵀ, softmax, att·v, heads
-        let q = tape.split_heads(&qkv, nh, 0, c)?; // (B,NH,T,hs)
-        let k = tape.split_heads(&qkv, nh, c, c)?;
-        let v = tape.split_heads(&qkv, nh, 2 * c, c)?;
-        // With a cache, keys and values cover positions 0..pos+T and the causal mask lets row
-        // t see columns up to pos + t (softmax masks c > r + (columns − rows)).
-        let (k, v) = match cache {
-            Some((ck, cv, pos)) => cached_kv(&k, &v, ck, cv, pos, tape)?,
-            None => (k, v),
-        };
-        let scores = tape.matmul(
-            &q,
-            &k,
-            None,
-            MatmulOpts {
-                trans_a: false,
-                trans_b: true,
-            },
-        )?; // (B,NH,T,T)
-        let scores = tape.scale(&scores, cfg.variant.attention_scale(hs, self.layer))?;
-        let att = tape.softmax(&scores, true)?;
-        let y = tape.matmul(&att, &v, None, MatmulOpts::default())?; // (B,NH,T,hs)
-        let y = tape.merge_heads(&y)?; // (B,T,C)
-        drop(attention);
+        let scope = tensor::profile::scope("attention"); // q·kᵀ, softmax, att·v, heads
+        let y = attention(&qkv, cfg.variant.attention_scale(hs, self.layer))?; // (B,T,C)
+        drop(scope);
         let x = tape.add(x, &self.attn_c_proj.forward(tape, &y)?)?;
         // MLP.
         let h = self.ln_2.forward(tape, &x)?;
@@ -210,6 +216,24 @@ impl Block {
         let h = self.mlp_c_proj.forward(tape, &h)?;
         Ok(tape.add(&x, &h)?)
     }
+}
+
+/// merge_heads(softmax_causal(q·kᵀ·scale)·v): q (B,NH,T,hs), k and v (B,NH,T',hs) with T' ≥ T
+/// (the last T of T' positions are q's) → (B,T,C).
+pub fn attend(tape: &Tape, q: &Var, k: &Var, v: &Var, scale: f32) -> Result<Var> {
+    let scores = tape.matmul(
+        q,
+        k,
+        None,
+        MatmulOpts {
+            trans_a: false,
+            trans_b: true,
+        },
+    )?; // (B,NH,T,T')
+    let scores = tape.scale(&scores, scale)?;
+    let att = tape.softmax(&scores, true)?;
+    let y = tape.matmul(&att, v, None, MatmulOpts::default())?; // (B,NH,T,hs)
+    Ok(tape.merge_heads(&y)?) // (B,T,C)
 }
 
 impl Gpt2 {
@@ -362,7 +386,7 @@ impl Gpt2 {
     }
 
     /// The output head: logits = x·Wᵀ with W = wte (tied) or lm_head, x: (N, C) → (N, V).
-    fn head(&self, tape: &Tape, x: &Var) -> Result<Var> {
+    pub fn head(&self, tape: &Tape, x: &Var) -> Result<Var> {
         let w = self.head_weight(tape);
         Ok(tape.matmul(
             x,

@@ -28,9 +28,9 @@ impl Shared {
         }
         let index = |name: &Option<String>| match name {
             Some(n) => self
-                .names
+                .slots
                 .iter()
-                .position(|m| m == n)
+                .position(|m| m.as_ref() == Some(n))
                 .map_or(NO_ADAPTER, |i| i as u32),
             None => NO_ADAPTER,
         };
@@ -90,6 +90,6 @@ impl Adapter for BankAdapter {
     }
 
     fn params(&self) -> Vec<&Param> {
-        Vec::new() // nothing trains: the stacks are copies, served as constants
+        Vec::new() // nothing trains: the stacks are the bank's own, served as constants
     }
 }

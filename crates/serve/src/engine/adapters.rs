@@ -12,6 +12,7 @@ use std::path::Path;
 use lora::{AdapterBank, LoraModel};
 use transformer::Gpt2;
 
+use super::reader::Ready;
 use crate::Result;
 
 /// How adapters are served; see the module doc.
@@ -47,16 +48,32 @@ impl Store {
         })
     }
 
-    /// Reads the PEFT adapter in `dir` (checked against `model` as `train eval --adapter`
-    /// checks it) and adds it as `name`; returns the loader's warnings and the adapter's bytes.
-    pub fn load(&mut self, name: &str, dir: &Path, model: &Gpt2) -> Result<(Vec<String>, u64)> {
-        let loaded = LoraModel::load_peft(dir, model)?;
-        let bytes = loaded.lora.lora_bytes();
+    /// Adds adapter `name` read from `dir` ([`Reader`](super::reader::Reader)): the bank
+    /// writes the ready weights into a slot; the merging server reads them onto the model's
+    /// device.
+    pub fn insert(&mut self, name: &str, dir: &Path, ready: Ready, model: &Gpt2) -> Result<()> {
         match self {
-            Store::Bank(bank) => bank.insert(name, &loaded.lora)?,
-            Store::MergeSwitch { loras, .. } => loras.push((name.to_string(), loaded.lora)),
+            Store::Bank(bank) => {
+                let host = ready
+                    .host
+                    .ok_or_else(|| format!("adapter `{name}` was read without its weights"))?;
+                bank.insert_host(host)?
+            }
+            Store::MergeSwitch { loras, .. } => {
+                let loaded = LoraModel::load_peft(dir, model)?;
+                loras.push((name.to_string(), loaded.lora))
+            }
         }
-        Ok((loaded.warnings, bytes))
+        Ok(())
+    }
+
+    /// Bytes the adapters take: the bank's stacks (weights, rank padding, free slots), or the
+    /// merging server's adapters.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Store::Bank(bank) => bank.stack_bytes(),
+            Store::MergeSwitch { loras, .. } => loras.iter().map(|(_, l)| l.lora_bytes()).sum(),
+        }
     }
 
     pub fn remove(&mut self, name: &str, model: &Gpt2) -> Result<()> {

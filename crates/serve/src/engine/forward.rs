@@ -16,20 +16,21 @@
 //!     for each sequence i (rows o_i..o_i+t_i):
 //!         q, k, v = heads of qkv[o_i..o_i+t_i]         (1,NH,t_i,hs)
 //!         cache_i[len_i..len_i+t_i] = k, v
-//!         y_i = softmax_causal(q·K_iᵀ/√hs)·V_i         K_i, V_i: positions 0..len_i+t_i
+//!         y_i = softmax_causal(q·K_iᵀ·s)·V_i           K_i, V_i: positions 0..len_i+t_i
 //!     x = x + attn_c_proj(merge_heads(y))
-//!     x = x + mlp_c_proj(gelu(c_fc(ln_2(x))))
-//! logits_i = ln_f(x[o_i + t_i − 1])·wteᵀ              (B,V): the last row of each sequence
+//!     x = x + mlp_c_proj(act(c_fc(ln_2(x))))
+//! logits_i = ln_f(x[o_i + t_i − 1])·Wᵀ                (B,V): the last row of each sequence; W = wte or lm_head
 //! ```
 //!
-//! Each sequence's arithmetic is the one [`transformer::generate()`] does for it alone: the same
-//! ops on the same shapes for attention, and row-wise ops elsewhere.
+//! Each sequence's arithmetic is the one [`transformer::generate()`] does for it alone: the
+//! block is the model's own ([`Block::forward_with`]: its variant's activation and attention
+//! scale), attention the same ops on the same shapes ([`attend`]), the head the model's (tied
+//! or not), and row-wise ops elsewhere.
 
 use autograd::{Tape, Var};
-use tensor::ops::matmul::MatmulOpts;
 use tensor::ops::slice::{slice_axis, write_axis};
 use tensor::{Device, Tensor};
-use transformer::model::Block;
+use transformer::model::{Block, attend};
 use transformer::{Gpt2, GptConfig};
 
 use crate::Result;
@@ -107,15 +108,7 @@ pub fn step(model: &Gpt2, parts: &mut [Part]) -> Result<Vec<f32>> {
     let x = tape.reshape(&x, &[n, c])?;
     let last: Vec<u32> = spans.iter().map(|&(o, t, _)| (o + t - 1) as u32).collect();
     let x = tape.embedding(&x, &last)?; // (B, C)
-    let logits = tape.matmul(
-        &x,
-        &tape.param(&model.wte),
-        None,
-        MatmulOpts {
-            trans_a: false,
-            trans_b: true,
-        },
-    )?;
+    let logits = model.head(&tape, &x)?; // (B, V)
     for p in parts.iter_mut() {
         p.cache.len += p.ids.len();
     }
@@ -126,7 +119,8 @@ pub fn step(model: &Gpt2, parts: &mut [Part]) -> Result<Vec<f32>> {
     Ok(host)
 }
 
-/// One block over the N rows; attention per sequence against its own cache.
+/// One block over the N rows ([`Block::forward_with`]: the block's own layer norms, Linears,
+/// activation and residuals), with attention per sequence against its own cache.
 fn block_step(
     tape: &Tape,
     block: &Block,
@@ -137,40 +131,23 @@ fn block_step(
     spans: &[(usize, usize, usize)],
 ) -> Result<Var> {
     let (c, nh) = (cfg.n_embd, cfg.n_head);
-    let hs = c / nh;
     let n = x.shape()[0];
-    let h = block.ln_1.forward(tape, x)?;
-    let qkv = block.c_attn.forward(tape, &h)?; // (N,1,3C)
-    let y = Tensor::zeros(&[n, 1, c], &x.value.device())?;
-    for (p, &(o, t, pos0)) in parts.iter().zip(spans) {
-        let rows = tape.reshape(&tape.slice_axis(&qkv, 0, o, t)?, &[1, t, 3 * c])?;
-        let q = tape.split_heads(&rows, nh, 0, c)?; // (1,NH,t,hs)
-        let k = tape.split_heads(&rows, nh, c, c)?;
-        let v = tape.split_heads(&rows, nh, 2 * c, c)?;
-        let (ck, cv) = (&p.cache.k[layer], &p.cache.v[layer]);
-        write_axis(ck, 2, pos0, &k.value, false)?;
-        write_axis(cv, 2, pos0, &v.value, false)?;
-        let k = tape.constant(slice_axis(ck, 2, 0, pos0 + t)?);
-        let v = tape.constant(slice_axis(cv, 2, 0, pos0 + t)?);
-        let scores = tape.matmul(
-            &q,
-            &k,
-            None,
-            MatmulOpts {
-                trans_a: false,
-                trans_b: true,
-            },
-        )?; // (1,NH,t,pos0+t)
-        let scores = tape.scale(&scores, 1.0 / (hs as f32).sqrt())?;
-        let att = tape.softmax(&scores, true)?;
-        let out = tape.matmul(&att, &v, None, MatmulOpts::default())?; // (1,NH,t,hs)
-        let out = tape.merge_heads(&out)?; // (1,t,C)
-        write_axis(&y, 0, o, &out.value.reshape(&[t, 1, c])?, false)?;
-    }
-    let y = tape.constant(y);
-    let x = tape.add(x, &block.attn_c_proj.forward(tape, &y)?)?;
-    let h = block.ln_2.forward(tape, &x)?;
-    let h = tape.gelu(&block.c_fc.forward(tape, &h)?)?;
-    let h = block.mlp_c_proj.forward(tape, &h)?;
-    Ok(tape.add(&x, &h)?)
+    Ok(block.forward_with(tape, x, cfg, |qkv, scale| {
+        // qkv: (N,1,3C); y: (N,1,C), filled sequence by sequence.
+        let y = Tensor::zeros(&[n, 1, c], &x.value.device())?;
+        for (p, &(o, t, pos0)) in parts.iter().zip(spans) {
+            let rows = tape.reshape(&tape.slice_axis(qkv, 0, o, t)?, &[1, t, 3 * c])?;
+            let q = tape.split_heads(&rows, nh, 0, c)?; // (1,NH,t,hs)
+            let k = tape.split_heads(&rows, nh, c, c)?;
+            let v = tape.split_heads(&rows, nh, 2 * c, c)?;
+            let (ck, cv) = (&p.cache.k[layer], &p.cache.v[layer]);
+            write_axis(ck, 2, pos0, &k.value, false)?;
+            write_axis(cv, 2, pos0, &v.value, false)?;
+            let k = tape.constant(slice_axis(ck, 2, 0, pos0 + t)?);
+            let v = tape.constant(slice_axis(cv, 2, 0, pos0 + t)?);
+            let out = attend(tape, &q, &k, &v, scale)?; // (1,t,C)
+            write_axis(&y, 0, o, &out.value.reshape(&[t, 1, c])?, false)?;
+        }
+        Ok(tape.constant(y))
+    })?)
 }

@@ -4,8 +4,8 @@
 //!
 //! # A step (continuous batching)
 //!
-//! 1. Take every command that has arrived: new requests join the waiting queue; adapters are
-//!    loaded; an adapter to unload stops accepting requests and is removed once no sequence of
+//! 1. Take every command that has arrived: new requests join the waiting queue; adapters read
+//!    and checked by the HTTP side ([`reader`]) are written into the bank; an adapter to unload stops accepting requests and is removed once no sequence of
 //!    it is waiting or running (requests already on it finish first).
 //! 2. Drop every sequence whose client has gone (its receiver was dropped).
 //! 3. Admit waiting sequences in arrival order while the batch has room (`max_batch`
@@ -13,11 +13,13 @@
 //!    capacity, prompt + max_tokens positions, reserved at admission so that an admitted
 //!    sequence never runs out of cache.
 //! 4. Run one ragged step ([`forward::step`]): new sequences feed their whole prompt (prefill),
-//!    running ones their last token, in one forward, each row served by its own adapter.
+//!    running ones their last token, in one forward, each row served by its own adapter (the
+//!    metric `serve_step_adapters` counts the distinct adapters of each step).
 //! 5. Each sequence takes its next token; finished sequences leave at once, freeing their cache.
 
 pub mod adapters;
 pub mod forward;
+pub mod reader;
 pub mod sequence;
 
 use std::collections::VecDeque;
@@ -36,6 +38,7 @@ use crate::metrics::Metrics;
 pub use adapters::Mode;
 use adapters::Store;
 use forward::{Part, SeqCache};
+use reader::Ready;
 pub use sequence::{Event, Finish, Sequence, TokenLogprob};
 
 /// Limits of the scheduler.
@@ -108,9 +111,11 @@ pub type Refusal = (u16, String);
 
 pub enum Command {
     Submit(Submission),
+    /// Insert an adapter read and checked by a [`reader::Reader`] off the engine's thread.
     Load {
         name: String,
         dir: PathBuf,
+        ready: Ready,
         reply: oneshot::Sender<std::result::Result<AdapterInfo, Refusal>>,
     },
     Unload {
@@ -164,21 +169,44 @@ impl Engine {
         })
     }
 
-    /// Loads adapter `name` from `dir`; listed in `shared` once loaded.
-    pub fn load(&mut self, name: &str, dir: PathBuf) -> std::result::Result<AdapterInfo, Refusal> {
-        let taken = name == self.shared.base_name
-            || self.shared.resolve(name).is_some()
-            || self.unloading.iter().any(|(n, _)| n == name);
-        if taken {
+    /// Whether `name` is free for a new adapter (409 otherwise).
+    pub fn name_free(shared: &Shared, name: &str) -> std::result::Result<(), Refusal> {
+        if name == shared.base_name || shared.resolve(name).is_some() {
             return Err((409, format!("the name `{name}` is already in use")));
         }
-        let (warnings, bytes) = self
-            .store
-            .load(name, &dir, &self.model)
-            .map_err(|e| (400, e.to_string()))?;
-        for w in warnings {
+        Ok(())
+    }
+
+    /// Reads adapter `name` from `dir` on this thread, as `POST /v1/adapters` does on its own,
+    /// and inserts it (at start).
+    pub fn load(&mut self, name: &str, dir: PathBuf) -> std::result::Result<AdapterInfo, Refusal> {
+        Engine::name_free(&self.shared, name)?;
+        let reader = reader::Reader {
+            config: self.model.config.clone(),
+            mode: self.limits.mode,
+        };
+        let ready = reader.read(name, &dir).map_err(|e| (400, e.to_string()))?;
+        self.insert(name, dir, ready)
+    }
+
+    /// Inserts adapter `name` read from `dir`; listed in `shared` once inserted.
+    pub fn insert(
+        &mut self,
+        name: &str,
+        dir: PathBuf,
+        ready: Ready,
+    ) -> std::result::Result<AdapterInfo, Refusal> {
+        Engine::name_free(&self.shared, name)?;
+        if self.unloading.iter().any(|(n, _)| n == name) {
+            return Err((409, format!("the name `{name}` is already in use")));
+        }
+        for w in &ready.warnings {
             eprintln!("adapter {name}: warning: {w}");
         }
+        let bytes = ready.bytes;
+        self.store
+            .insert(name, &dir, ready, &self.model)
+            .map_err(|e| (400, e.to_string()))?;
         let info = AdapterInfo {
             name: name.to_string(),
             path: dir,
@@ -188,6 +216,8 @@ impl Engine {
         let mut adapters = self.shared.adapters.write().expect("no panic holding it");
         adapters.push(info.clone());
         self.shared.metrics.adapters.set(adapters.len() as i64);
+        let bytes = self.store.bytes();
+        self.shared.metrics.adapter_bytes.set(bytes as i64);
         Ok(info)
     }
 
@@ -236,8 +266,13 @@ impl Engine {
     fn command(&mut self, c: Command) {
         match c {
             Command::Submit(s) => self.submit(s),
-            Command::Load { name, dir, reply } => {
-                let _ = reply.send(self.load(&name, dir));
+            Command::Load {
+                name,
+                dir,
+                ready,
+                reply,
+            } => {
+                let _ = reply.send(self.insert(&name, dir, ready));
             }
             Command::Unload { name, reply } => {
                 let mut adapters = self.shared.adapters.write().expect("no panic holding it");
@@ -314,6 +349,10 @@ impl Engine {
             .collect();
         self.store.route(&rows, &self.model)?;
         metrics.batch_size.observe(self.running.len() as f64);
+        let mut adapters: Vec<&str> = rows.iter().flatten().copied().collect();
+        adapters.sort_unstable();
+        adapters.dedup();
+        metrics.step_adapters.observe(adapters.len() as f64);
         let logits = {
             let feeds: Vec<Vec<u32>> = self
                 .running
@@ -411,6 +450,10 @@ impl Engine {
             let result = self.store.remove(&name, &self.model);
             let n = self.shared.adapters.read().expect("no panic").len();
             self.shared.metrics.adapters.set(n as i64);
+            self.shared
+                .metrics
+                .adapter_bytes
+                .set(self.store.bytes() as i64);
             let _ = reply.send(result.map_err(|e| (500, e.to_string())));
         }
         Ok(())

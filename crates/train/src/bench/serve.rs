@@ -12,8 +12,9 @@
 //!   adapter into the base (and unmerging the last) to switch.
 //!
 //! For each: generated tokens/s, latency and time to first token (p50, p99) per request. Then
-//! the cost of an adapter: time of `POST /v1/adapters` while the mixed case runs, and the growth
-//! of the process's resident memory per loaded adapter against the adapter's own bytes.
+//! the cost of an adapter: time of `POST /v1/adapters` while the mixed case runs and into an
+//! idle server, and per loaded adapter the growth of the process's resident memory and the
+//! bank's stack bytes (`serve_adapter_memory_bytes`), against the adapter's own bytes.
 //! `--soak SECONDS` adds a soak: C clients while adapters are loaded and unloaded every two
 //! seconds; failed requests and resident memory after warm-up and at the end.
 
@@ -468,11 +469,13 @@ fn memory_per_adapter(
     let loaded = runtime.block_on(async {
         let client = reqwest::Client::new();
         let mut before = 0;
+        let mut times = Vec::new();
         for i in 0..n {
             if i == 1 {
                 before = rss();
             }
             let name = format!("mem{i}");
+            let t = Instant::now();
             let r = client
                 .post(format!("{url}/v1/adapters"))
                 .json(&json!({"name": name, "path": name}))
@@ -485,28 +488,65 @@ fn memory_per_adapter(
                     r.text().await.unwrap_or_default()
                 ));
             }
+            times.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        Ok::<_, String>((before, rss()))
+        let after = rss();
+        let metrics = client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((
+            before,
+            after,
+            times,
+            metric(&metrics, "serve_adapter_memory_bytes"),
+        ))
     });
     server.shutdown();
     server.wait()?;
-    let (before, after) = loaded?;
+    let (before, after, times, bank_bytes) = loaded?;
+    report.note(
+        json!({"bench": "serve", "adapter_load_idle_ms_median": median(&times),
+               "adapter_load_idle_ms_max": times.iter().copied().fold(0.0, f64::max),
+               "loads": times.len()}),
+        &format!(
+            "loading a rank-{} adapter into an idle server: median {:.1} ms, max {:.1} ms ({} loads)",
+            args.rank,
+            median(&times),
+            times.iter().copied().fold(0.0, f64::max),
+            times.len()
+        ),
+    );
     if n < 2 {
         return Ok(());
     }
     let per = after.saturating_sub(before) as f64 / (n - 1) as f64;
+    let bank = bank_bytes.unwrap_or(f64::NAN) / n as f64;
     report.note(
         json!({"bench": "serve", "adapters_loaded": n, "rss_per_adapter_bytes": per,
-               "adapter_bytes": adapter_bytes}),
+               "bank_bytes_per_adapter": bank, "adapter_bytes": adapter_bytes}),
         &format!(
-            "memory per loaded adapter ({n} loaded): {:.1} KiB resident, the adapter's own \
-             weights {:.1} KiB ({:.2}x)",
+            "memory per loaded adapter ({n} loaded): {:.1} KiB resident, {:.1} KiB in the bank's \
+             stacks, the adapter's own weights {:.1} KiB ({:.2}x resident, {:.2}x in the bank)",
             per / 1024.0,
+            bank / 1024.0,
             adapter_bytes as f64 / 1024.0,
-            per / adapter_bytes as f64
+            per / adapter_bytes as f64,
+            bank / adapter_bytes as f64
         ),
     );
     Ok(())
+}
+
+/// The value of the sample `name` (no labels) in Prometheus' text format.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
 }
 
 /// C clients on 16 adapters and the base while other adapters are loaded, used and unloaded
