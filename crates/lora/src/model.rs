@@ -147,7 +147,7 @@ impl LoraModel {
             };
             // DoRA's m starts at ‖W0‖ per column (PEFT's), so the model starts at W0.
             let magnitude = if config.use_dora {
-                let w = Self::base_weight(model, &site)?;
+                let w = Self::base_weight(model, &site, "DoRA")?;
                 let norms = column_norms(w, None)?.iter().map(|n| *n as f32).collect();
                 Some(Tensor::from_vec(norms, &[site.width], &device)?)
             } else {
@@ -169,7 +169,7 @@ impl LoraModel {
     /// PiSSA's or OLoRA's A0, B0 for `site` from the model's W, whose columns of the site are
     /// replaced by the residual.
     fn init_from_base(model: &Gpt2, site: &Site, init: Init) -> Result<(Vec<f32>, Vec<f32>)> {
-        let w = Self::base_weight(model, site)?;
+        let w = Self::base_weight(model, site, "PiSSA and OLoRA initialisation")?;
         let (n_in, out) = (w.shape()[0], w.shape()[1]);
         let all = w.to_vec()?;
         let (c0, width) = (site.col0, site.width);
@@ -267,13 +267,19 @@ impl LoraModel {
         self.sites.iter().map(|(s, l)| (s, l))
     }
 
-    /// W: (in, out) of the Linear `site` adapts, or an error if the model lacks that layer.
-    fn base_weight<'m>(model: &'m Gpt2, site: &Site) -> Result<&'m Tensor> {
+    /// The Linear `site` adapts, or an error if the model lacks that layer.
+    fn base_linear<'m>(model: &'m Gpt2, site: &Site) -> Result<&'m transformer::model::Linear> {
         let block = model.h.get(site.layer).ok_or_else(|| {
             let phrase = layers_phrase(model.h.len());
             Error::mismatch(None, format!("{}: the model has {phrase}", site_name(site)))
         })?;
-        Ok(site.target.module().linear(block).weight.value())
+        Ok(site.target.module().linear(block))
+    }
+
+    /// W: (in, out) of the Linear `site` adapts, in f32; `what` needs its values (an error names
+    /// the weight when the base is quantized).
+    fn base_weight<'m>(model: &'m Gpt2, site: &Site, what: &str) -> Result<&'m Tensor> {
+        Ok(Self::base_linear(model, site)?.weight.dense(what)?.value())
     }
 
     /// Checks that every site fits `model`: the layer exists, W has the site's input width and
@@ -281,7 +287,7 @@ impl LoraModel {
     pub fn check_fits(&self, model: &Gpt2) -> Result<()> {
         let device = device_of(model);
         for (site, lora) in &self.sites {
-            let w = Self::base_weight(model, site)?.shape();
+            let w = Self::base_linear(model, site)?.weight.shape();
             let (a, b) = (lora.a.value(), lora.b.value());
             if w[0] != lora.in_features() || w[1] < site.col0 + lora.width() {
                 let message = format!(
@@ -353,7 +359,7 @@ impl LoraModel {
         for (site, lora) in self.sites.iter().filter(|_| !self.is_merged()) {
             if let Some(dora) = &lora.dora {
                 let linear = site.target.module().linear(&model.h[site.layer]);
-                dora.prepare(&linear.weight, &linear.bias, lora)?;
+                dora.prepare(linear.weight.dense("DoRA")?, &linear.bias, lora)?;
             }
         }
         for ((layer, module), adapter) in per_linear {
@@ -413,11 +419,11 @@ impl LoraModel {
         self.check_fits(model)?;
         for (site, lora) in &self.sites {
             let linear = site.target.module().linear(&model.h[site.layer]);
-            let w = Self::base_weight(model, site)?;
+            let w = Self::base_weight(model, site, "merging")?;
             match &lora.dora {
                 // W ← f ⊙ (W0 + ΔW), and back W0 = W / f − ΔW (f per output column).
                 Some(dora) if merging => {
-                    dora.prepare(&linear.weight, &linear.bias, lora)?;
+                    dora.prepare(linear.weight.dense("DoRA")?, &linear.bias, lora)?;
                     dora.merge(w, lora)?;
                 }
                 Some(dora) => dora.unmerge(w, lora)?,

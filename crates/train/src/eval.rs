@@ -49,6 +49,8 @@ pub struct EvalArgs {
     /// end-of-text or a newline) and the outputs get corpus BLEU-4 against all its references.
     #[arg(long)]
     pub references: Option<PathBuf>,
+    #[command(flatten)]
+    pub quant: crate::quantize::QuantizeArgs,
 }
 
 /// Corpus BLEU of greedy continuations of every distinct context of a `context||reference` file.
@@ -156,7 +158,8 @@ pub fn special_token_note(tokenizer: &Tokenizer, ids: &[u32]) -> Option<String> 
 
 /// `train eval`.
 pub fn run(args: &EvalArgs, device: &Device) -> crate::Result<()> {
-    let (model, _lora) = crate::load_with_adapter(&args.model, args.adapter.as_deref(), device)?;
+    let (model, _lora) =
+        crate::load_with_adapter(&args.model, args.adapter.as_deref(), device, args.quant)?;
     let tokenizer = crate::model_tokenizer(&args.model, &model.config)?;
     let text = std::fs::read(&args.data).map_err(|e| format!("{}: {e}", args.data.display()))?;
     let text = String::from_utf8(text)

@@ -176,6 +176,8 @@ pub struct FinetuneArgs {
     /// With --skip-nonfinite: stop when more than this many steps in a row were non-finite.
     #[arg(long, default_value_t = 5, requires = "skip_nonfinite")]
     pub max_consecutive_skips: u32,
+    #[command(flatten)]
+    pub quant: crate::quantize::QuantizeArgs,
 }
 
 /// The learning rate after the warm-up.
@@ -250,6 +252,9 @@ impl FinetuneArgs {
         }
         if let Some(eval) = &self.eval_data {
             run["eval_data"] = json!(eval);
+        }
+        if let Some(quant) = self.quant.identity() {
+            run["quantize"] = quant;
         }
         run
     }

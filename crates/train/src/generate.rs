@@ -51,6 +51,8 @@ pub struct GenerateArgs {
     /// Beam search: never repeat an n-gram of this size (0 = off).
     #[arg(long, default_value_t = 4)]
     pub no_repeat_ngram: usize,
+    #[command(flatten)]
+    pub quant: crate::quantize::QuantizeArgs,
 }
 
 /// `train generate`.
@@ -72,11 +74,13 @@ pub fn run(args: &GenerateArgs, device: &Device) -> crate::Result<()> {
             &args.model,
             args.adapter.first().map(PathBuf::as_path),
             device,
+            args.quant,
         )?;
         return generate_all(args, &model, &prompts);
     }
     // Several adapters: one bank over one base, each adapter active in turn.
     let mut model = crate::load_model(&args.model, device, false)?;
+    args.quant.apply(&mut model)?;
     let mut bank = lora::AdapterBank::new(&model);
     let names: Vec<String> = args
         .adapter

@@ -36,6 +36,7 @@ pub mod main_job;
 pub mod merge;
 pub mod metrics;
 pub mod pretrain;
+pub mod quantize;
 pub mod report;
 pub mod runtime_dir;
 pub mod serve;
@@ -64,14 +65,17 @@ pub fn load_model(dir: &Path, device: &Device, trainable: bool) -> Result<Gpt2> 
     Ok(Gpt2::from_checkpoint(&ckpt, device, trainable)?)
 }
 
-/// Load a frozen model and, if given, attach a LoRA adapter saved in PEFT's layout (ours or
-/// one PEFT wrote). Warnings about config keys we do not use are printed to stderr.
+/// Load a frozen model, quantized as `quantize` says, and, if given, attach a LoRA adapter
+/// saved in PEFT's layout (ours or one PEFT wrote). Warnings about config keys we do not use
+/// are printed to stderr.
 pub fn load_with_adapter(
     dir: &Path,
     adapter: Option<&Path>,
     device: &Device,
+    quantize: quantize::QuantizeArgs,
 ) -> Result<(Gpt2, Option<lora::LoraModel>)> {
     let mut model = load_model(dir, device, false)?;
+    quantize.apply(&mut model)?;
     let Some(adapter) = adapter else {
         return Ok((model, None));
     };

@@ -29,7 +29,8 @@ pub struct MergeArgs {
 
 /// `train merge`.
 pub fn run(args: &MergeArgs, device: &Device) -> crate::Result<()> {
-    let (mut model, lora) = crate::load_with_adapter(&args.model, Some(&args.adapter), device)?;
+    let (mut model, lora) =
+        crate::load_with_adapter(&args.model, Some(&args.adapter), device, Default::default())?;
     let mut lora = lora.expect("an adapter was given");
     lora.merge(&model)?;
     lora.detach(&mut model)?;

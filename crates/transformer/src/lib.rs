@@ -91,7 +91,7 @@ pub use config::{GptConfig, TokenizerKind};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_tokens};
 pub use init::init_checkpoint;
-pub use model::{Gpt2, KvCache};
+pub use model::{Gpt2, KvCache, Nf4Linear, Weight};
 pub use tensor_file::{NamedTensor, SaveDtype};
 pub use tokenizer::Tokenizer;
 pub use variant::{Activation, Variant};

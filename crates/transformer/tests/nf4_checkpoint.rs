@@ -152,3 +152,72 @@ fn other_formats_are_refused_by_name() {
         "{err}"
     );
 }
+
+/// Our model with NF4 Linears computes what transformers' bitsandbytes model computes (f32
+/// products in another order): quantized by us (plain: the same codes bit for bit), and with
+/// the weights of bitsandbytes' own files (double quantization: bitsandbytes' nested codes).
+fn quantized_logits_match(device: &tensor::Device) {
+    use autograd::Tape;
+    use transformer::{Gpt2, Weight};
+    for (variant, ours) in [("plain", true), ("plain", false), ("dq", false)] {
+        let ckpt = Checkpoint::load(format!("{FIXTURES}/gpt2-tiny")).unwrap();
+        let mut model = Gpt2::from_checkpoint(&ckpt, device, false).unwrap();
+        if ours {
+            model.quantize_nf4(false).unwrap();
+        } else {
+            let file = read(&format!("gpt2-tiny-nf4/{variant}/model.safetensors"));
+            let weights = read_nf4_weights(&SafeTensors::deserialize(&file).unwrap()).unwrap();
+            model.use_nf4_weights(&weights).unwrap();
+        }
+        assert!(model.linears().all(|l| matches!(l.weight, Weight::Nf4(_))));
+        let expected = read(&format!("gpt2-tiny-nf4/{variant}/expected.safetensors"));
+        let expected = SafeTensors::deserialize(&expected).unwrap();
+        let ids: Vec<i64> = bytemuck::pod_collect_to_vec(expected.tensor("ids").unwrap().data());
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let want: Vec<f32> =
+            bytemuck::pod_collect_to_vec(expected.tensor("logits").unwrap().data());
+        let logits = model
+            .logits(&Tape::inference(), &ids, 1, ids.len())
+            .unwrap();
+        let got = logits.value.to_vec().unwrap();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "{variant} (ours {ours}): logits differ from bitsandbytes' by {worst}"
+        );
+    }
+}
+
+#[test]
+fn quantized_model_logits_match_bitsandbytes_on_the_cpu() {
+    quantized_logits_match(&tensor::Device::cpu());
+}
+
+#[test]
+fn quantized_model_logits_match_bitsandbytes_on_the_gpu() {
+    if let Some(gpu) = tensor::testing::gpu() {
+        quantized_logits_match(&gpu);
+    }
+}
+
+#[test]
+fn a_quantized_model_refuses_what_needs_f32_weights_by_name() {
+    let device = tensor::Device::cpu();
+    let ckpt = Checkpoint::load(format!("{FIXTURES}/gpt2-tiny")).unwrap();
+    let mut model = transformer::Gpt2::from_checkpoint(&ckpt, &device, false).unwrap();
+    let params = model.num_params();
+    model.quantize_nf4(false).unwrap();
+    assert_eq!(model.num_params(), params, "quantized weights still count");
+    let err = model.to_checkpoint().err().unwrap().to_string();
+    assert!(
+        err.contains("h.0.attn.c_attn.weight") && err.contains("NF4"),
+        "{err}"
+    );
+    let mut trainable = transformer::Gpt2::from_checkpoint(&ckpt, &device, true).unwrap();
+    let err = trainable.quantize_nf4(false).unwrap_err().to_string();
+    assert!(err.contains("trainable"), "{err}");
+}
