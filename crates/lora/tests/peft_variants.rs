@@ -206,12 +206,26 @@ fn eval_only_adapters_are_not_saved_or_banked() {
 fn unmerging_dora_restores_the_base() {
     let cpu = Device::cpu();
     let mut model = model(&cpu);
-    let w0 = model.h[0].c_attn.weight.dense("the test").unwrap().value().to_vec().unwrap();
+    let w0 = model.h[0]
+        .c_attn
+        .weight
+        .dense("the test")
+        .unwrap()
+        .value()
+        .to_vec()
+        .unwrap();
     let mut lora = LoraModel::load_peft(case_dir("dora"), &model).unwrap().lora;
     lora.attach(&mut model).unwrap();
     lora.merge(&model).unwrap();
     assert!(lora.unmerge(&model).unwrap());
-    let back = model.h[0].c_attn.weight.dense("the test").unwrap().value().to_vec().unwrap();
+    let back = model.h[0]
+        .c_attn
+        .weight
+        .dense("the test")
+        .unwrap()
+        .value()
+        .to_vec()
+        .unwrap();
     let drift = w0
         .iter()
         .zip(&back)

@@ -68,7 +68,7 @@ pub fn stand_in(config: &GptConfig) -> lora::Result<Gpt2> {
     };
     let linear = |p: &str| -> lora::Result<Linear> {
         Ok(Linear {
-            weight: empty(&format!("{p}.weight"))?,
+            weight: transformer::Weight::Dense(empty(&format!("{p}.weight"))?),
             bias: empty(&format!("{p}.bias"))?,
             adapter: None,
         })
