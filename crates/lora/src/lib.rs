@@ -83,6 +83,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod adalora;
 pub mod analysis;
 pub mod bank;
 pub mod base_init;
@@ -98,6 +99,7 @@ mod peft_pattern;
 mod peft_save;
 pub mod target;
 
+pub use adalora::{AdaLora, AdaLoraConfig, AdaLoraSchedule, RankAllocator, SvdUpdate};
 pub use analysis::{Similarities, SiteSimilarity, SiteSpectrum, Spectra, write_heatmap_svg};
 pub use bank::{AdapterBank, Routing};
 pub use config::{BiasMode, Init, LoraConfig, ParamCount, Site, scaling};
