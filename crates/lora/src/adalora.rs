@@ -19,6 +19,7 @@
 //! Which singular values survive is the [`allocator`]'s business.
 
 pub mod allocator;
+mod save;
 
 use autograd::{Param, Tape, Var};
 use rand::SeedableRng;

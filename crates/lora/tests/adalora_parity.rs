@@ -19,11 +19,23 @@ fn fixture_file(name: &str) -> std::path::PathBuf {
     integration_tests::fixture("adalora-steps").join(name)
 }
 
-/// The f32 tensors of a PEFT safetensors file, by PEFT's name without `base_model.model.`
-/// and `.default`.
+/// The f32 tensors of a fixture's safetensors file, by PEFT's name without
+/// `base_model.model.` and `.default`.
 fn read_f32(name: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let path = fixture_file(name);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    read_f32_at(&fixture_file(name))
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k
+                .trim_start_matches("base_model.model.")
+                .trim_end_matches(".default");
+            (k.to_string(), v)
+        })
+        .collect()
+}
+
+/// The f32 tensors of a safetensors file, by their names in the file.
+fn read_f32_at(path: &std::path::Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
@@ -34,11 +46,7 @@ fn read_f32(name: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
                 .collect();
-            let key = n
-                .trim_start_matches("base_model.model.")
-                .trim_end_matches(".default")
-                .to_string();
-            (key, (v.shape().to_vec(), data))
+            (n, (v.shape().to_vec(), data))
         })
         .collect()
 }
@@ -154,6 +162,71 @@ fn replay(device: &Device) {
             assert!((g - w).abs() <= 1e-4, "{name}.lora_E[{i}]: {g}, PEFT {w}");
         }
     }
+    saved_as_peft_saves(&ada, &allocator, &model, device);
+}
+
+/// Saved with the final rank pattern: the same tensors (names, pruned shapes, values within
+/// 1e-4) and rank pattern as PEFT's `save_pretrained` wrote, and loaded back by our PEFT loader
+/// it computes what the trained model computes.
+fn saved_as_peft_saves(
+    ada: &AdaLora,
+    allocator: &RankAllocator,
+    model: &transformer::Gpt2,
+    device: &Device,
+) {
+    let dir = common::scratch("adalora-save");
+    ada.save_peft(&dir, allocator.rank_pattern.as_deref())
+        .unwrap();
+    let ours = read_f32_at(&dir.join("adapter_model.safetensors"));
+    let peft = read_f32_at(&fixture_file("adapter/adapter_model.safetensors"));
+    let mut names: Vec<&String> = ours.keys().collect();
+    names.sort();
+    let mut peft_names: Vec<&String> = peft.keys().collect();
+    peft_names.sort();
+    assert_eq!(names, peft_names);
+    for n in names {
+        let ((s1, v1), (s2, v2)) = (&ours[n], &peft[n]);
+        assert_eq!(s1, s2, "{n}");
+        let worst = v1
+            .iter()
+            .zip(v2)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "{n}: differs from PEFT's by {worst}");
+    }
+    let config = |path: std::path::PathBuf| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let (ours, peft) = (
+        config(dir.join("adapter_config.json")),
+        config(fixture_file("adapter/adapter_config.json")),
+    );
+    for key in [
+        "peft_type",
+        "rank_pattern",
+        "init_r",
+        "target_r",
+        "lora_alpha",
+        "tinit",
+        "tfinal",
+        "deltaT",
+        "total_step",
+    ] {
+        assert_eq!(ours[key], peft[key], "adapter_config.json `{key}`");
+    }
+
+    let (ids, _, _) = common::batch();
+    let trained = common::logits(model);
+    let mut base = common::model(device);
+    let mut loaded = lora::LoraModel::load_peft(&dir, &base).unwrap().lora;
+    loaded.attach(&mut base).unwrap();
+    let got = common::logits(&base);
+    assert_eq!(got.len(), ids.len() * 256);
+    let diff = common::rel_diff(&got, &trained);
+    assert!(
+        diff < 1e-5,
+        "loaded adapter's logits differ from the trained model's by {diff}"
+    );
 }
 
 tensor::on_devices!(
