@@ -50,6 +50,8 @@
 //!   than `--seq-len` (the model's context by default) are dropped, and a warning says how many
 //!   (see [`crate::finetune_data`]).
 
+mod adalora_args;
+mod adalora_run;
 pub mod interrupt;
 mod lora_args;
 mod optim_groups;
@@ -69,6 +71,7 @@ use crate::e2e::end_of_text;
 use crate::finetune_data::{self, Dataset, Format, split_heldout};
 use session::{Plan, Session};
 
+pub use adalora_args::AdaLoraArgs;
 pub use lora_args::{BiasArg, InitArg, LoraOptions};
 
 pub use session::heldout_loss;
@@ -108,6 +111,8 @@ pub struct FinetuneArgs {
     pub dropout: f32,
     #[command(flatten)]
     pub lora_options: LoraOptions,
+    #[command(flatten)]
+    pub adalora: AdaLoraArgs,
     /// AdamW's decoupled weight decay (p ← p − lr·wd·p each step). With LoRA, biases and
     /// layer norms (--bias, --modules-to-save) are not decayed, as in Hugging Face's Trainer.
     #[arg(long, default_value_t = WEIGHT_DECAY)]
@@ -339,6 +344,16 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
         total,
         run_id,
     };
+    if args.adalora.adalora {
+        let saved_to = adalora_run::run(args, &base, device, plan)?;
+        println!(
+            "{total} steps; saved {} in {:.1} s (and metrics.jsonl in {})",
+            saved_to.display(),
+            started.elapsed().as_secs_f64(),
+            args.out.display()
+        );
+        return Ok(());
+    }
     let mut session = Session::start(args, &base, device, plan, saved)?;
     drop(base);
     let stop = args
