@@ -141,7 +141,7 @@ impl RankAllocator {
             let mul = 1.0 - (t - s.tinit) as f64 / span;
             let spread = (self.init_bgt - self.target_bgt) as f64;
             let b = (spread * mul.powi(3) + self.target_bgt as f64) as usize;
-            (b, t % s.delta_t == 0)
+            (b, t.is_multiple_of(s.delta_t))
         }
     }
 

@@ -1,7 +1,7 @@
 //! Saving AdaLoRA in PEFT 0.21's layout (what `AdaLoraModel.save_pretrained` writes).
 //!
-//! `adapter_model.safetensors`: per adapted Linear, `base_model.model.transformer.h.{l}.{module}`
-//! + `.lora_A` (r', in), `.lora_E` (r', 1), `.lora_B` (out, r') — no `.weight` suffix (PEFT keeps
+//! `adapter_model.safetensors`: per adapted Linear `base_model.model.transformer.h.{l}.{module}`,
+//! its `.lora_A` (r', in), `.lora_E` (r', 1), `.lora_B` (out, r') — no `.weight` suffix (PEFT keeps
 //! them in ParameterDicts), and no `ranknum` (PEFT drops it: it is `init_r`, deterministic).
 //! With a rank pattern, r' is the number of kept triplets and only their rows of A and E and
 //! columns of B are written (PEFT's `resize_state_dict_by_rank_pattern`); a module whose
