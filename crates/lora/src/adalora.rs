@@ -19,6 +19,7 @@
 //! Which singular values survive is the [`allocator`]'s business.
 
 pub mod allocator;
+pub mod ranks;
 mod save;
 
 use autograd::{Param, Tape, Var};
@@ -34,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::target::Module;
 
 pub use allocator::{AdaLoraSchedule, RankAllocator};
+pub use ranks::{AdaLoraRanks, KeptRank};
 
 /// `x·Mᵀ` for M stored (rows, cols).
 const TRANS_B: MatmulOpts = MatmulOpts {

@@ -99,7 +99,9 @@ mod peft_pattern;
 mod peft_save;
 pub mod target;
 
-pub use adalora::{AdaLora, AdaLoraConfig, AdaLoraSchedule, RankAllocator, SvdUpdate};
+pub use adalora::{
+    AdaLora, AdaLoraConfig, AdaLoraRanks, AdaLoraSchedule, RankAllocator, SvdUpdate,
+};
 pub use analysis::{Similarities, SiteSimilarity, SiteSpectrum, Spectra, write_heatmap_svg};
 pub use bank::{AdapterBank, Routing};
 pub use config::{BiasMode, Init, LoraConfig, ParamCount, Site, scaling};

@@ -1,6 +1,7 @@
 //! `train finetune --adalora` on the tiny fixture: the budget follows PEFT's cubic schedule,
 //! allocations are recorded, the saved adapter is PEFT's ADALORA layout pruned to the final rank
-//! pattern (target_r · modules triplets in all), and `train eval` and `train merge` load it.
+//! pattern (target_r · modules triplets in all), `train analyze` lists the kept ranks, and
+//! `train eval` and `train merge` load it.
 //! Parity of the AdaLoRA math with PEFT's own run is `crates/lora/tests/adalora_parity.rs`.
 
 mod common;
@@ -100,6 +101,47 @@ fn adalora_trains_prunes_saves_peft_layout_and_merges() {
     }
 
     let model = tiny();
+    let a = adapter.to_str().unwrap();
+    let printed = train_ok(&["analyze", "--model", &model, "--adapter", a]);
+    assert!(
+        printed.contains("AdaLoRA ranks kept (of init_r 12): 32 of 48"),
+        "{printed}"
+    );
+    let v: Value = serde_json::from_str(&train_ok(&[
+        "analyze",
+        "--model",
+        &model,
+        "--adapter",
+        a,
+        "--json",
+    ]))
+    .unwrap();
+    let listed = v["adapters"][0]["adalora"]["ranks"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut want: Vec<(String, u64)> = pattern
+        .keys()
+        .zip(&ranks)
+        .map(|(k, r)| (k.clone(), *r as u64))
+        .collect();
+    want.sort();
+    let mut got: Vec<(String, u64)> = listed
+        .iter()
+        .map(|r| {
+            let name = format!(
+                "transformer.h.{}.{}.lora_E",
+                r["layer"],
+                r["module"].as_str().unwrap()
+            );
+            (name, r["rank"].as_u64().unwrap())
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got, want,
+        "train analyze's ranks against the adapter's rank_pattern"
+    );
     let eval = |adapter: Option<&std::path::Path>, model: &str| -> f64 {
         let mut a = vec![
             "eval",
