@@ -65,7 +65,10 @@
 //! 5. [`bank`]: many adapters over one unmerged base, a different one per sequence of a batch
 //!    (serving, forward only);
 //! 6. [`analysis`]: the paper's section 7: the spectrum of ΔW, the subspace similarity of two
-//!    adapters, and its heat map.
+//!    adapters, and its heat map;
+//! 7. [`adalora`]: AdaLoRA trained here (SVD-form updates P·diag(Λ)·Q, the orthogonal
+//!    regularizer, PEFT's rank allocator in `adalora/allocator.rs`, saving in PEFT's ADALORA
+//!    layout), replayed against PEFT's own run in `tests/adalora_parity.rs`.
 //!
 //! ```
 //! use lora::{LoraConfig, LoraModel, Target};

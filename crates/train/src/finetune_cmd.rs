@@ -7,6 +7,8 @@
 //!                [--use-rslora --use-dora --layers 0,2 --rank-pattern KEY=R,.. --alpha-pattern KEY=A,..
 //!                 --bias none|lora_only|all --modules-to-save ln_f,.. --init kaiming|gaussian|
 //!                 pissa|olora --lora-plus-ratio 1]
+//!                [--adalora --init-r 12 --target-r 8 --tinit 0 --tfinal 0 --delta-t 1
+//!                 --beta1 0.85 --beta2 0.85 --orth-reg-weight 0.5]
 //!                [--lr --schedule linear --warmup 0 --batch 8 --grad-accum 1 --seq-len
 //!                 --weight-decay 0.01 --max-grad-norm 1]
 //!                [--steps N | --epochs 1] [--eval-every N] [--eval-data FILE] [--seed 0]
@@ -20,7 +22,9 @@
 //! ([`crate::trainer::step`]); then the global norm is clipped to `--max-grad-norm` (1) and
 //! AdamW (weight decay `--weight-decay`, 0.01; B's rate `--lora-plus-ratio` times A's, see
 //! `finetune_cmd/optim_groups.rs`) steps at the scheduled rate. The LoRA options mirror PEFT's
-//! `LoraConfig` (`finetune_cmd/lora_args.rs`), and what is saved loads in PEFT. `--epochs E` means ⌈E · examples / (batch ·
+//! `LoraConfig` (`finetune_cmd/lora_args.rs`), and what is saved loads in PEFT. `--adalora` trains
+//! AdaLoRA instead (PEFT's `AdaLoraConfig`, `total_step` = the run's steps; its own loop in
+//! `finetune_cmd/adalora_run.rs`), saving a PEFT ADALORA adapter. `--epochs E` means ⌈E · examples / (batch ·
 //! grad-accum)⌉ steps.
 //!
 //! `--out` receives `metrics.jsonl` (one record per step: loss, lr, grad_norm, counted tokens,
