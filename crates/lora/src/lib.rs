@@ -67,7 +67,10 @@
 //! 6. [`combine`]: several adapters made into one, as PEFT's `add_weighted_adapter` does
 //!    (`linear`, `cat`, `svd`, `ties`);
 //! 7. [`analysis`]: the paper's section 7: the spectrum of ΔW, the subspace similarity of two
-//!    adapters, and its heat map.
+//!    adapters, and its heat map;
+//! 8. [`adalora`]: AdaLoRA trained here (SVD-form updates P·diag(Λ)·Q, the orthogonal
+//!    regularizer, PEFT's rank allocator in `adalora/allocator.rs`, saving in PEFT's ADALORA
+//!    layout), replayed against PEFT's own run in `tests/adalora_parity.rs`.
 //!
 //! ```
 //! use lora::{LoraConfig, LoraModel, Target};
@@ -85,6 +88,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod adalora;
 pub mod analysis;
 pub mod bank;
 pub mod base_init;
@@ -101,6 +105,9 @@ mod peft_pattern;
 mod peft_save;
 pub mod target;
 
+pub use adalora::{
+    AdaLora, AdaLoraConfig, AdaLoraRanks, AdaLoraSchedule, RankAllocator, SvdUpdate,
+};
 pub use analysis::{Similarities, SiteSimilarity, SiteSpectrum, Spectra, write_heatmap_svg};
 pub use bank::{AdapterBank, HostAdapter, Routing};
 pub use combine::{Combination, CombineInput, Combined, combine};

@@ -4,7 +4,8 @@
 //! how many directions the update uses. For two adapters (`--adapter A --adapter B`: two ranks,
 //! or two seeds), the normalised subspace similarity φ(A1, A2, i, j) of their A matrices at every
 //! site both adapt, and with `--out` its heat map as SVG (the paper's figure 3). The math is in
-//! [`lora::analysis`].
+//! [`lora::analysis`]. For an AdaLoRA adapter, also where its rank budget went: the rank
+//! each layer's matrices kept ([`lora::AdaLoraRanks`]).
 
 use std::path::PathBuf;
 
@@ -59,6 +60,11 @@ pub fn run(args: &AnalyzeArgs, device: &Device) -> crate::Result<()> {
         .iter()
         .map(Spectra::of)
         .collect::<lora::Result<_>>()?;
+    let budgets: Vec<Option<lora::AdaLoraRanks>> = args
+        .adapter
+        .iter()
+        .map(|dir| lora::AdaLoraRanks::read(dir))
+        .collect::<lora::Result<_>>()?;
     let similarity = match &adapters[..] {
         [a1, a2] => Some(Similarities::between(a1, a2)?),
         _ => None,
@@ -71,7 +77,14 @@ pub fn run(args: &AnalyzeArgs, device: &Device) -> crate::Result<()> {
             .adapter
             .iter()
             .zip(&spectra)
-            .map(|(dir, s)| json!({"adapter": dir.display().to_string(), "spectra": s.to_json()}))
+            .zip(&budgets)
+            .map(|((dir, s), b)| {
+                let mut v = json!({"adapter": dir.display().to_string(), "spectra": s.to_json()});
+                if let Some(b) = b {
+                    v["adalora"] = b.to_json();
+                }
+                v
+            })
             .collect();
         let mut report = json!({ "adapters": per_adapter });
         if let Some(sims) = &similarity {
@@ -82,6 +95,9 @@ pub fn run(args: &AnalyzeArgs, device: &Device) -> crate::Result<()> {
     }
     for (k, (dir, s)) in args.adapter.iter().zip(&spectra).enumerate() {
         println!("adapter {} ({}):\n{s}", k + 1, dir.display());
+        if let Some(b) = &budgets[k] {
+            println!("{b}");
+        }
     }
     if let Some(sims) = &similarity {
         println!(

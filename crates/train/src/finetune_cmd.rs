@@ -7,6 +7,8 @@
 //!                [--use-rslora --use-dora --layers 0,2 --rank-pattern KEY=R,.. --alpha-pattern KEY=A,..
 //!                 --bias none|lora_only|all --modules-to-save ln_f,.. --init kaiming|gaussian|
 //!                 pissa|olora --lora-plus-ratio 1]
+//!                [--adalora --init-r 12 --target-r 8 --tinit 0 --tfinal 0 --delta-t 1
+//!                 --beta1 0.85 --beta2 0.85 --orth-reg-weight 0.5]
 //!                [--lr --schedule linear --warmup 0 --batch 8 --grad-accum 1 --seq-len
 //!                 --weight-decay 0.01 --max-grad-norm 1]
 //!                [--steps N | --epochs 1] [--eval-every N] [--eval-data FILE] [--seed 0]
@@ -20,7 +22,9 @@
 //! ([`crate::trainer::step`]); then the global norm is clipped to `--max-grad-norm` (1) and
 //! AdamW (weight decay `--weight-decay`, 0.01; B's rate `--lora-plus-ratio` times A's, see
 //! `finetune_cmd/optim_groups.rs`) steps at the scheduled rate. The LoRA options mirror PEFT's
-//! `LoraConfig` (`finetune_cmd/lora_args.rs`), and what is saved loads in PEFT. `--epochs E` means ⌈E · examples / (batch ·
+//! `LoraConfig` (`finetune_cmd/lora_args.rs`), and what is saved loads in PEFT. `--adalora` trains
+//! AdaLoRA instead (PEFT's `AdaLoraConfig`, `total_step` = the run's steps; its own loop in
+//! `finetune_cmd/adalora_run.rs`), saving a PEFT ADALORA adapter. `--epochs E` means ⌈E · examples / (batch ·
 //! grad-accum)⌉ steps.
 //!
 //! `--out` receives `metrics.jsonl` (one record per step: loss, lr, grad_norm, counted tokens,
@@ -50,6 +54,8 @@
 //!   than `--seq-len` (the model's context by default) are dropped, and a warning says how many
 //!   (see [`crate::finetune_data`]).
 
+mod adalora_args;
+mod adalora_run;
 pub mod interrupt;
 mod lora_args;
 mod optim_groups;
@@ -69,6 +75,7 @@ use crate::e2e::end_of_text;
 use crate::finetune_data::{self, Dataset, Format, split_heldout};
 use session::{Plan, Session};
 
+pub use adalora_args::AdaLoraArgs;
 pub use lora_args::{BiasArg, InitArg, LoraOptions};
 
 pub use session::heldout_loss;
@@ -111,6 +118,8 @@ pub struct FinetuneArgs {
     pub dropout: f32,
     #[command(flatten)]
     pub lora_options: LoraOptions,
+    #[command(flatten)]
+    pub adalora: AdaLoraArgs,
     /// AdamW's decoupled weight decay (p ← p − lr·wd·p each step). With LoRA, biases and
     /// layer norms (--bias, --modules-to-save) are not decayed, as in Hugging Face's Trainer.
     #[arg(long, default_value_t = WEIGHT_DECAY)]
@@ -347,6 +356,16 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
         total,
         run_id,
     };
+    if args.adalora.adalora {
+        let saved_to = adalora_run::run(args, &base, device, plan)?;
+        println!(
+            "{total} steps; saved {} in {:.1} s (and metrics.jsonl in {})",
+            saved_to.display(),
+            started.elapsed().as_secs_f64(),
+            args.out.display()
+        );
+        return Ok(());
+    }
     let mut session = Session::start(args, &base, device, plan, saved)?;
     drop(base);
     let stop = args
