@@ -100,6 +100,7 @@ mod peft_load;
 mod peft_pattern;
 mod peft_save;
 pub mod target;
+mod token_lora;
 
 pub use analysis::{Similarities, SiteSimilarity, SiteSpectrum, Spectra, write_heatmap_svg};
 pub use bank::{AdapterBank, HostAdapter, Routing};
