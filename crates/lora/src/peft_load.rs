@@ -50,7 +50,7 @@ use crate::peft_config::{Kind, PeftConfig, config_from, parse_config};
 use crate::peft_pattern::layer_index;
 use crate::peft_save::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
 use crate::target::{Module, Target};
-use crate::token_lora::{TokenFile, TokenLora};
+use crate::token_lora::{TokenFile, token_lora};
 
 /// An adapter read from disk, and what the caller may want to print about its config.
 pub struct LoadedAdapter {
@@ -272,7 +272,10 @@ fn read_weights(path: &Path, model: &Gpt2, pc: &PeftConfig) -> Result<FileWeight
 
 /// Whether PEFT adapts the module `name` of block `layer` under this config (its
 /// `check_target_module_exists`); `None` when `target_modules` is absent (the file decides).
-fn peft_targets(pc: &PeftConfig, name: &str) -> std::result::Result<Option<bool>, String> {
+pub(crate) fn peft_targets(
+    pc: &PeftConfig,
+    name: &str,
+) -> std::result::Result<Option<bool>, String> {
     if let Some(ex) = &pc.exclude {
         if ex.matches(name)? {
             return Ok(Some(false));
@@ -349,59 +352,6 @@ fn check_targets(pc: &PeftConfig, file: &FileWeights, n_layer: usize, path: &Pat
         }
     }
     Ok(())
-}
-
-/// The file's adapters on `wte` and `lm_head` (see [`crate::token_lora`]), checked against the
-/// config: `target_modules` names `wte` / `lm_head` exactly when the file holds its LoRA, and
-/// ranks and α follow `r`, `rank_pattern`, `alpha_pattern` as for the blocks' modules.
-fn token_lora(
-    pc: &PeftConfig,
-    file: TokenFile,
-    prefix: &str,
-    model: &Gpt2,
-) -> std::result::Result<Option<TokenLora>, String> {
-    let (wte, head) = (format!("{prefix}wte"), "lm_head".to_string());
-    for (name, held) in [(&wte, file.has_embed()), (&head, file.has_head())] {
-        let named = peft_targets(pc, name)?.unwrap_or(held);
-        if named != held {
-            let targets = pc
-                .targets
-                .as_ref()
-                .map_or_else(|| "(none)".into(), |t| t.to_string());
-            return Err(match held {
-                true => format!(
-                    "the file has LoRA weights for `{name}`, which target_modules {targets} does not name"
-                ),
-                false => format!(
-                    "target_modules {targets} names `{name}` but the file has no LoRA weights for it"
-                ),
-            });
-        }
-    }
-    file.build(model, |m, r| {
-        if !matches!(pc.kind, Kind::Lora) {
-            return Err(format!(
-                "`{m}`: an adapter on the embedding or head is read for peft_type LORA only"
-            ));
-        }
-        let name = if m == "wte" { &wte } else { &head };
-        let want_r = pc.rank_pattern.number(name)?.map_or(pc.r, |v| v as usize);
-        if r != want_r {
-            return Err(format!(
-                "{m}: rank {r} in the file, but adapter_config.json says r = {want_r}"
-            ));
-        }
-        let alpha = pc
-            .alpha_pattern
-            .number(name)?
-            .map_or(pc.alpha, |v| v as f32);
-        if !(alpha.is_finite() && alpha > 0.0) {
-            return Err(format!(
-                "{m}: lora_alpha is {alpha}; it must be positive and finite"
-            ));
-        }
-        Ok(scaling(alpha, r, pc.use_rslora))
-    })
 }
 
 /// The value of an AdaLoRA mask entry: how many triplets it keeps.

@@ -23,7 +23,10 @@ use tensor::ops::slice::write_axis;
 use tensor::{Device, Tensor};
 use transformer::{Gpt2, TokenAdapter};
 
+use crate::config::scaling;
 use crate::error::Result;
+use crate::peft_config::{Kind, PeftConfig};
+use crate::peft_load::peft_targets;
 
 const TRANS_B: MatmulOpts = MatmulOpts {
     trans_a: false,
@@ -284,4 +287,57 @@ impl TokenFile {
             merged: Arc::new(AtomicBool::new(false)),
         }))
     }
+}
+
+/// The file's adapters on `wte` and `lm_head` (see [`crate::token_lora`]), checked against the
+/// config: `target_modules` names `wte` / `lm_head` exactly when the file holds its LoRA, and
+/// ranks and α follow `r`, `rank_pattern`, `alpha_pattern` as for the blocks' modules.
+pub(crate) fn token_lora(
+    pc: &PeftConfig,
+    file: TokenFile,
+    prefix: &str,
+    model: &Gpt2,
+) -> std::result::Result<Option<TokenLora>, String> {
+    let (wte, head) = (format!("{prefix}wte"), "lm_head".to_string());
+    for (name, held) in [(&wte, file.has_embed()), (&head, file.has_head())] {
+        let named = peft_targets(pc, name)?.unwrap_or(held);
+        if named != held {
+            let targets = pc
+                .targets
+                .as_ref()
+                .map_or_else(|| "(none)".into(), |t| t.to_string());
+            return Err(match held {
+                true => format!(
+                    "the file has LoRA weights for `{name}`, which target_modules {targets} does not name"
+                ),
+                false => format!(
+                    "target_modules {targets} names `{name}` but the file has no LoRA weights for it"
+                ),
+            });
+        }
+    }
+    file.build(model, |m, r| {
+        if !matches!(pc.kind, Kind::Lora) {
+            return Err(format!(
+                "`{m}`: an adapter on the embedding or head is read for peft_type LORA only"
+            ));
+        }
+        let name = if m == "wte" { &wte } else { &head };
+        let want_r = pc.rank_pattern.number(name)?.map_or(pc.r, |v| v as usize);
+        if r != want_r {
+            return Err(format!(
+                "{m}: rank {r} in the file, but adapter_config.json says r = {want_r}"
+            ));
+        }
+        let alpha = pc
+            .alpha_pattern
+            .number(name)?
+            .map_or(pc.alpha, |v| v as f32);
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(format!(
+                "{m}: lora_alpha is {alpha}; it must be positive and finite"
+            ));
+        }
+        Ok(scaling(alpha, r, pc.use_rslora))
+    })
 }

@@ -626,11 +626,10 @@ impl Gpt2 {
             )));
         }
         let c = cfg.n_embd;
-        let tok = tape.embedding(&tape.param(&self.wte), ids)?; // (B·T, C)
-        let tok = match &self.token_adapter {
-            Some(a) => a.embed(tape, ids, tok)?,
-            None => tok,
-        };
+        let mut tok = tape.embedding(&tape.param(&self.wte), ids)?; // (B·T, C)
+        if let Some(a) = &self.token_adapter {
+            tok = a.embed(tape, ids, tok)?;
+        }
         let positions: Vec<u32> = (0..b)
             .flat_map(|_| pos0 as u32..(pos0 + t) as u32)
             .collect();
