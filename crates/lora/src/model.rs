@@ -23,7 +23,8 @@
 //! layer norms and trainable-token rows of `wte`.
 //!
 //! A loaded adapter may carry PEFT features computed here for inference and merging only
-//! ([`LoraModel::eval_only`]: DoRA, `lora_bias`, `modules_to_save`, trainable tokens): such an
+//! ([`LoraModel::eval_only`]: DoRA, `lora_bias`, `modules_to_save`, trainable tokens, LoRA on
+//! `wte` or the tied `lm_head`): such an
 //! adapter is not saved and not served by an [`crate::AdapterBank`]; its
 //! [`LoraModel::trainable_params`] are A and B alone, so it must not be trained as if it were
 //! PEFT's (DoRA's magnitude, for one, would stay fixed). Adapters made here with
