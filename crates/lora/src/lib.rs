@@ -61,7 +61,8 @@
 //! 3. [`model`]: attach (freeze the base), merge and unmerge, what the optimizer trains;
 //! 4. `peft_save.rs`, `peft_config.rs`, `peft_pattern.rs` (how PEFT matches module names),
 //!    `peft_load.rs`: PEFT's files both ways, and what else PEFT saves in an adapter (DoRA in
-//!    [`dora`], `lora_bias`, AdaLoRA, trained biases, `modules_to_save`, trainable tokens);
+//!    [`dora`], `lora_bias`, AdaLoRA, trained biases, `modules_to_save`, trainable tokens, and
+//!    in `token_lora.rs` LoRA on `wte` or the tied `lm_head` and a copy of `wte`);
 //! 5. [`bank`]: many adapters over one unmerged base, a different one per sequence of a batch
 //!    (serving, forward only);
 //! 6. [`combine`]: several adapters made into one, as PEFT's `add_weighted_adapter` does
@@ -104,6 +105,7 @@ mod peft_load;
 mod peft_pattern;
 mod peft_save;
 pub mod target;
+mod token_lora;
 
 pub use adalora::{
     AdaLora, AdaLoraConfig, AdaLoraRanks, AdaLoraSchedule, RankAllocator, SvdUpdate,

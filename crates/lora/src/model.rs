@@ -23,7 +23,8 @@
 //! layer norms and trainable-token rows of `wte`.
 //!
 //! A loaded adapter may carry PEFT features computed here for inference and merging only
-//! ([`LoraModel::eval_only`]: DoRA, `lora_bias`, `modules_to_save`, trainable tokens): such an
+//! ([`LoraModel::eval_only`]: DoRA, `lora_bias`, `modules_to_save`, trainable tokens, LoRA on
+//! `wte` or the tied `lm_head`): such an
 //! adapter is not saved and not served by an [`crate::AdapterBank`]; its
 //! [`LoraModel::trainable_params`] are A and B alone, so it must not be trained as if it were
 //! PEFT's (DoRA's magnitude, for one, would stay fixed). Adapters made here with
@@ -51,6 +52,7 @@ use crate::dora::{Dora, column_norms};
 use crate::error::{Error, Result};
 use crate::linear::{DropoutSeeds, LoraAdapter, LoraUpdate};
 use crate::target::{Module, Target};
+use crate::token_lora::TokenLora;
 
 /// One site's tensors as a file gives them: A (r, in), B (width, r), and PEFT's extras.
 pub(crate) struct SiteWeights {
@@ -89,6 +91,8 @@ pub struct LoraModel {
     bias_values: Vec<NamedTensor>,
     /// Rows of `wte` to write at the next attach (trainable tokens of a loaded adapter).
     token_rows: Option<TokenRows>,
+    /// A loaded adapter's LoRA on `wte` / `lm_head` and copy of `wte` ([`crate::token_lora`]).
+    token: Option<TokenLora>,
     /// Features of a loaded adapter that this crate evaluates and merges but neither trains nor
     /// saves (DoRA, lora_bias, modules_to_save, trainable tokens).
     pub(crate) eval_only: Vec<String>,
@@ -243,6 +247,7 @@ impl LoraModel {
             biases: Vec::new(),
             bias_values,
             token_rows: None,
+            token: None,
             eval_only: Vec::new(),
             initial: Vec::new(),
         }
@@ -253,6 +258,14 @@ impl LoraModel {
     pub(crate) fn set_loaded_extras(&mut self, tokens: Option<TokenRows>, eval_only: Vec<String>) {
         self.token_rows = tokens;
         self.eval_only = eval_only;
+    }
+
+    /// A loaded adapter's adapters on the token embedding's two uses, sharing the merge state.
+    pub(crate) fn set_token_lora(&mut self, token: Option<TokenLora>) {
+        self.token = token.map(|t| TokenLora {
+            merged: self.merged.clone(),
+            ..t
+        });
     }
 
     /// The features of a loaded adapter that this crate evaluates and merges (as PEFT does) but
@@ -334,6 +347,11 @@ impl LoraModel {
                 )));
             }
         }
+        if self.token.is_some() && model.token_adapter.is_some() {
+            return Err(Error::State(
+                "the model's token embedding already has an adapter: detach it first".into(),
+            ));
+        }
         let device = device_of(model);
         let sites: Vec<Site> = self.sites.iter().map(|(s, _)| s.clone()).collect();
         for p in model.params_mut() {
@@ -365,6 +383,9 @@ impl LoraModel {
         for ((layer, module), adapter) in per_linear {
             module.linear_mut(&mut model.h[layer]).adapter = Some(Box::new(adapter));
         }
+        if let Some(t) = &self.token {
+            model.token_adapter = Some(Box::new(t.clone()));
+        }
         self.attached = true;
         Ok(())
     }
@@ -380,6 +401,12 @@ impl LoraModel {
                 .module()
                 .linear_mut(&mut model.h[site.layer])
                 .adapter = None;
+        }
+        if let Some(t) = &self.token {
+            model.token_adapter = None;
+            if self.is_merged() {
+                t.unload(model)?;
+            }
         }
         self.bias_values = self.biases_on_host()?;
         let names: Vec<String> = self.biases.drain(..).map(|t| t.name).collect();
@@ -437,6 +464,9 @@ impl LoraModel {
                 let db = scale(b.value(), sign * lora.scale)?;
                 write_axis(linear.bias.value(), 0, site.col0, &db, true)?;
             }
+        }
+        if let Some(t) = &self.token {
+            t.add_to_wte(&model.wte, sign)?;
         }
         self.merged.store(merging, Ordering::Relaxed);
         Ok(true)

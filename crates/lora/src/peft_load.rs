@@ -23,9 +23,10 @@
 //! - `wte.token_adapter.trainable_tokens_delta` (`trainable_token_indices`): the new rows of the
 //!   tied embedding (PEFT ties the output head's rows to them), written into `wte` at attach.
 //!
-//! Refused by name: LoRA on the embedding (`lora_embedding_A/B`) or on the output head
-//! (`lm_head`), and a `modules_to_save` copy of `wte`, because PEFT then uses one matrix for
-//! the input embedding and another for the output head, which this model ties.
+//! - LoRA on the embedding (`wte.lora_embedding_A/B`) or on the tied output head
+//!   (`lm_head.lora_A/B`, with `lm_head.base_layer.weight`, the tied matrix), and a
+//!   `modules_to_save` copy of `wte`: PEFT uses them for one of the tied matrix's two uses
+//!   only, read as a [`transformer::TokenAdapter`] ([`crate::token_lora`]).
 //!
 //! The weights file is read by [`transformer::tensor_file::read_tensors`] (or, for
 //! `adapter_model.bin`, by [`transformer::torch_pickle::read_state_dict`]), so a damaged file
@@ -42,13 +43,14 @@ use transformer::tensor_file::read_tensors;
 use transformer::torch_pickle::read_state_dict;
 use transformer::{Gpt2, GptConfig, NamedTensor};
 
-use crate::config::{Site, layers_phrase, scaling};
+use crate::config::{Site, layers_phrase, module_saved, scaling};
 use crate::error::{Error, Result};
 use crate::model::{LoraModel, SiteWeights, TokenRows};
 use crate::peft_config::{Kind, PeftConfig, config_from, parse_config};
 use crate::peft_pattern::layer_index;
 use crate::peft_save::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
 use crate::target::{Module, Target};
+use crate::token_lora::{TokenFile, token_lora};
 
 /// An adapter read from disk, and what the caller may want to print about its config.
 pub struct LoadedAdapter {
@@ -133,6 +135,8 @@ struct FileWeights {
     params: Vec<NamedTensor>,
     /// `trainable_tokens_delta`: (n, C), the new rows of `wte`.
     token_delta: Option<Weight>,
+    /// LoRA on `wte` or `lm_head`, a copy of `wte`.
+    token: TokenFile,
 }
 
 /// PEFT's weights file when `save_pretrained(safe_serialization=False)` wrote the adapter:
@@ -148,28 +152,6 @@ fn weights_path(dir: &Path) -> std::path::PathBuf {
         bin
     } else {
         safe
-    }
-}
-
-/// Keys PEFT writes for features this model cannot compute, and why.
-fn refused_key(rest: &str) -> Option<&'static str> {
-    if rest.starts_with("wte.lora_embedding_") {
-        Some(
-            "LoRA on the token embedding: PEFT adds it to the input embedding only, while the \
-             output head keeps using the original `wte`, and this model ties the two",
-        )
-    } else if rest.starts_with("lm_head.") {
-        Some(
-            "an adapter on the output head `lm_head`: PEFT applies it to the head only, while \
-             the input embedding keeps the original `wte`, and this model ties the two",
-        )
-    } else if rest == "wte.weight" || rest.starts_with("wte.modules_to_save") {
-        Some(
-            "a `modules_to_save` copy of `wte`: PEFT uses the copy for the input embedding and the \
-             original `wte` for the tied output head, and this model ties the two",
-        )
-    } else {
-        None
     }
 }
 
@@ -190,7 +172,9 @@ fn read_weights(path: &Path, model: &Gpt2, pc: &PeftConfig) -> Result<FileWeight
         modules: BTreeMap::new(),
         params: Vec::new(),
         token_delta: None,
+        token: TokenFile::default(),
     };
+    let wte_saved = module_saved(&pc.modules_to_save, "wte.weight");
     let tensors = if path.extension().is_some_and(|e| e == "bin") {
         read_state_dict(path, |_| true)?
     } else {
@@ -206,11 +190,28 @@ fn read_weights(path: &Path, model: &Gpt2, pc: &PeftConfig) -> Result<FileWeight
             }
             None => rest,
         };
-        if let Some(why) = refused_key(rest) {
-            return Err(mismatch(format!(
-                "tensor `{key}` is {why}; such an adapter cannot be evaluated or merged here \
-                 exactly (untie the head, or train the adapter without it)"
-            )));
+        if rest == "lm_head.base_layer.weight" {
+            // The head's base weight: the tied matrix (PEFT loads it into both uses).
+            let name = match model.lm_head {
+                Some(_) => "lm_head.weight",
+                None => "wte.weight",
+            };
+            if Some(&shape) != shapes.get(name) {
+                return Err(mismatch(format!(
+                    "tensor `{key}` is {shape:?}, the model's `{name}` is {:?}",
+                    shapes.get(name)
+                )));
+            }
+            file.params.push((name.to_string(), shape, data));
+            continue;
+        }
+        if (rest.starts_with("wte.") || rest.starts_with("lm_head."))
+            && rest != "wte.token_adapter.trainable_tokens_delta"
+        {
+            file.token
+                .take(rest, &shape, data, wte_saved)
+                .map_err(|m| mismatch(format!("tensor `{key}`: {m}")))?;
+            continue;
         }
         if let Some((layer, module, part)) = parse_lora_key(rest) {
             if layer >= n_layer {
@@ -271,7 +272,10 @@ fn read_weights(path: &Path, model: &Gpt2, pc: &PeftConfig) -> Result<FileWeight
 
 /// Whether PEFT adapts the module `name` of block `layer` under this config (its
 /// `check_target_module_exists`); `None` when `target_modules` is absent (the file decides).
-fn peft_targets(pc: &PeftConfig, name: &str) -> std::result::Result<Option<bool>, String> {
+pub(crate) fn peft_targets(
+    pc: &PeftConfig,
+    name: &str,
+) -> std::result::Result<Option<bool>, String> {
     if let Some(ex) = &pc.exclude {
         if ex.matches(name)? {
             return Ok(Some(false));
@@ -574,10 +578,16 @@ impl LoraModel {
         let dir = dir.as_ref();
         let mut warnings = Vec::new();
         let config_path = dir.join(CONFIG_FILE);
-        let pc = parse_config(&config_path, &mut warnings)?;
+        let mut pc = parse_config(&config_path, &mut warnings)?;
         let path = weights_path(dir);
         let mut file = read_weights(&path, model, &pc)?;
         check_targets(&pc, &file, model.config.n_layer, &path)?;
+        let token = token_lora(&pc, std::mem::take(&mut file.token), file.prefix, model)
+            .map_err(|m| Error::mismatch(Some(&path), m))?;
+        let saves_modules = !pc.modules_to_save.is_empty();
+        // A copy of `wte` is the token adapter's; the config's modules_to_save are the rest.
+        pc.modules_to_save
+            .retain(|m| !module_saved(std::slice::from_ref(m), "wte.weight"));
         let device = model.wte.value().device();
         let upload = |shape: &[usize], v: Vec<f32>| Tensor::from_vec(v, shape, &device);
         let mut weights = Vec::new();
@@ -609,7 +619,7 @@ impl LoraModel {
             model,
         )
         .map_err(|m| Error::mismatch(Some(&path), m))?;
-        if weights.is_empty() && file.params.is_empty() && tokens.is_none() {
+        if weights.is_empty() && file.params.is_empty() && tokens.is_none() && token.is_none() {
             return Err(Error::mismatch(
                 Some(&path),
                 "the file holds no LoRA weights",
@@ -625,7 +635,15 @@ impl LoraModel {
         for (on, what) in [
             (pc.use_dora, "DoRA magnitudes (use_dora)"),
             (pc.lora_bias, "biases of lora_B (lora_bias)"),
-            (!pc.modules_to_save.is_empty(), "modules_to_save copies"),
+            (saves_modules, "modules_to_save copies"),
+            (
+                token.as_ref().is_some_and(|t| t.embed.is_some()),
+                "LoRA on the token embedding (lora_embedding_A/B)",
+            ),
+            (
+                token.as_ref().is_some_and(|t| t.head.is_some()),
+                "LoRA on the tied output head (lm_head)",
+            ),
             (
                 tokens.is_some(),
                 "trainable token rows (trainable_token_indices)",
@@ -638,6 +656,7 @@ impl LoraModel {
         let mut lora = LoraModel::from_weights(config, weights, file.params, 0);
         lora.base_model = pc.base_model;
         lora.set_loaded_extras(tokens, eval_only);
+        lora.set_token_lora(token);
         Ok(LoadedAdapter { lora, warnings })
     }
 }

@@ -79,6 +79,7 @@ pub mod init;
 pub mod model;
 pub mod nf4_file;
 pub mod tensor_file;
+pub mod token_adapter;
 pub mod tokenizer;
 pub mod torch_pickle;
 pub mod variant;
@@ -93,5 +94,6 @@ pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_to
 pub use init::init_checkpoint;
 pub use model::{Gpt2, KvCache, Nf4Linear, Weight};
 pub use tensor_file::{NamedTensor, SaveDtype};
+pub use token_adapter::TokenAdapter;
 pub use tokenizer::Tokenizer;
 pub use variant::{Activation, Variant};

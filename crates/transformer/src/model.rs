@@ -28,6 +28,7 @@ use tensor::{Device, Tensor};
 use crate::checkpoint::{Checkpoint, LM_HEAD, parameter_shapes};
 use crate::config::GptConfig;
 use crate::error::{Error, Result};
+use crate::token_adapter::TokenAdapter;
 use crate::variant::Activation;
 
 /// Something that adds to a linear layer's output: LoRA's (alpha/r)·B·A·x (crates/lora) is one.
@@ -211,6 +212,8 @@ pub struct Gpt2 {
     pub ln_f: LayerNorm,
     /// The untied output head (V, C); `None` when tied to `wte`.
     pub lm_head: Option<Param>,
+    /// An adapter on the input rows wte[ids] and/or the output head (LoRA on `wte`, `lm_head`).
+    pub token_adapter: Option<Box<dyn TokenAdapter>>,
 }
 
 /// Keys and values of the positions seen so far, per layer: (B, NH, T_max, hs) each, filled up to
@@ -391,6 +394,7 @@ impl Gpt2 {
                 true => None,
                 false => Some(param(LM_HEAD)?),
             },
+            token_adapter: None,
             config: cfg,
         })
     }
@@ -583,17 +587,18 @@ impl Gpt2 {
     }
 
     /// The output head: logits = x·Wᵀ with W = wte (tied) or lm_head, x: (N, C) → (N, V).
+    /// With a [`TokenAdapter`], its head term is added.
     pub fn head(&self, tape: &Tape, x: &Var) -> Result<Var> {
         let w = self.head_weight(tape);
-        Ok(tape.matmul(
-            x,
-            &w,
-            None,
-            MatmulOpts {
-                trans_a: false,
-                trans_b: true,
-            },
-        )?)
+        let opts = MatmulOpts {
+            trans_a: false,
+            trans_b: true,
+        };
+        let logits = tape.matmul(x, &w, None, opts)?;
+        match &self.token_adapter {
+            Some(a) => a.head(tape, x, logits),
+            None => Ok(logits),
+        }
     }
 
     /// The final hidden states ln_f(x), (B·T, C).
@@ -621,7 +626,10 @@ impl Gpt2 {
             )));
         }
         let c = cfg.n_embd;
-        let tok = tape.embedding(&tape.param(&self.wte), ids)?; // (B·T, C)
+        let mut tok = tape.embedding(&tape.param(&self.wte), ids)?; // (B·T, C)
+        if let Some(a) = &self.token_adapter {
+            tok = a.embed(tape, ids, tok)?;
+        }
         let positions: Vec<u32> = (0..b)
             .flat_map(|_| pos0 as u32..(pos0 + t) as u32)
             .collect();
@@ -668,6 +676,10 @@ impl Gpt2 {
         } else {
             (x, targets.to_vec(), weights.to_vec())
         };
+        if self.token_adapter.as_ref().is_some_and(|a| a.adapts_head()) {
+            let logits = self.head(tape, &x)?;
+            return Ok(tape.cross_entropy(&logits, &targets, &weights)?);
+        }
         let head = self.head_weight(tape);
         Ok(tape.linear_cross_entropy(&x, &head, &targets, &weights)?)
     }

@@ -101,6 +101,7 @@ pub fn stand_in(config: &GptConfig) -> lora::Result<Gpt2> {
             true => None,
             false => Some(empty("lm_head.weight")?),
         },
+        token_adapter: None,
         config: config.clone(),
     })
 }
