@@ -109,7 +109,7 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// PEFT's `rank_pattern` by module name: (regular expression, rank), the first key in this
     /// order that matches `transformer.h.{i}.{module}` as PEFT matches it
-    /// ([`crate::peft_pattern`]'s rule `(.*\.)?(key)$`) gives the rank; before `rank_pattern`.
+    /// (`peft_pattern.rs`'s rule `(.*\.)?(key)$`) gives the rank; before `rank_pattern`.
     pub name_rank_pattern: Vec<(String, usize)>,
     /// PEFT's `alpha_pattern` by module name, as `name_rank_pattern`.
     pub name_alpha_pattern: Vec<(String, f32)>,

@@ -65,7 +65,7 @@
 //!    in `token_lora.rs` LoRA on `wte` or the tied `lm_head` and a copy of `wte`);
 //! 5. [`bank`]: many adapters over one unmerged base, a different one per sequence of a batch
 //!    (serving, forward only);
-//! 6. [`combine`]: several adapters made into one, as PEFT's `add_weighted_adapter` does
+//! 6. [`combine`](mod@combine): several adapters made into one, as PEFT's `add_weighted_adapter` does
 //!    (`linear`, `cat`, `svd`, `ties`);
 //! 7. [`analysis`]: the paper's section 7: the spectrum of ΔW, the subspace similarity of two
 //!    adapters, and its heat map;

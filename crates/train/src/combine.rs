@@ -1,6 +1,6 @@
 //! `train combine`: several LoRA adapters of one base made into one adapter, as PEFT's
 //! `add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank,
-//! svd_clamp, density, majority_sign_method)` does it for `linear`, `cat`, `svd` and `ties` (the math is [`lora::combine`]'s), written as a PEFT adapter directory.
+//! svd_clamp, density, majority_sign_method)` does it for `linear`, `cat`, `svd` and `ties` (the math is [`lora::combine()`]'s), written as a PEFT adapter directory.
 //!
 //! ```text
 //! train combine --model BASE --adapter A1 --weight 0.7 --adapter A2 --weight -0.4 \

@@ -212,7 +212,7 @@ pub struct Gpt2 {
     pub ln_f: LayerNorm,
     /// The untied output head (V, C); `None` when tied to `wte`.
     pub lm_head: Option<Param>,
-    /// An adapter on the input rows wte[ids] and/or the output head (LoRA on `wte`, `lm_head`).
+    /// An adapter on the input rows `wte[ids]` and/or the output head (LoRA on `wte`, `lm_head`).
     pub token_adapter: Option<Box<dyn TokenAdapter>>,
 }
 

@@ -59,7 +59,7 @@ impl Blockwise8 {
     /// Quantizes `values` blockwise on `map`, as bitsandbytes' CPU `quantize_blockwise` does:
     /// per block m = max |x| (f32), x/m by f32 division, the nearest level by distance with ties
     /// to the lower one. A block of zeros has m = 0, and every code rebuilds it exactly
-    /// (map[q]·0 = 0): it gets the code of the level 0 (bitsandbytes divides 0 by 0 there, so its
+    /// (`map[q]·0 = 0`): it gets the code of the level 0 (bitsandbytes divides 0 by 0 there, so its
     /// code for such a block is arbitrary; the dequantized values agree).
     pub fn quantize(values: &[f32], map: [f32; 256], blocksize: usize) -> Result<Blockwise8> {
         if blocksize == 0 {
@@ -93,7 +93,7 @@ impl Blockwise8 {
         })
     }
 
-    /// x = map[q] · absmax[block], in f32.
+    /// `x = map[q] · absmax[block]`, in f32.
     pub fn dequantize(&self) -> Vec<f32> {
         self.codes
             .iter()

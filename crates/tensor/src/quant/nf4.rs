@@ -44,7 +44,7 @@ pub enum Scales {
 }
 
 impl Scales {
-    /// The f32 absmax of every block: absmax = DYN[q]·nested_absmax + offset for double
+    /// The f32 absmax of every block: `absmax = DYN[q]·nested_absmax + offset` for double
     /// quantization, in f32 as bitsandbytes computes it.
     pub fn absmax(&self) -> Vec<f32> {
         match self {
@@ -75,7 +75,7 @@ impl Nf4Weight {
     ///
     /// Per block of `blocksize` values: m = max |w|; s = clamp(w · (1/m), −1, 1) in f32 (the
     /// last, shorter block divides by m instead, as bitsandbytes does); the code is the number
-    /// of midpoints (NF4[i] + NF4[i+1])/2 strictly below s, i.e. the nearest level with a tie
+    /// of midpoints `(NF4[i] + NF4[i+1])/2` strictly below s, i.e. the nearest level with a tie
     /// going to the lower one. With `double_quant`, the absmax values minus their mean are
     /// quantized with [`Blockwise8`] in blocks of 256 on [`dynamic_map`].
     pub fn quantize(
@@ -196,7 +196,7 @@ impl Nf4Weight {
         })
     }
 
-    /// w = NF4[code] · absmax[block], in f32 (bitsandbytes' `dequantize_4bit`).
+    /// `w = NF4[code] · absmax[block]`, in f32 (bitsandbytes' `dequantize_4bit`).
     pub fn dequantize(&self) -> Vec<f32> {
         let absmax = self.scales.absmax();
         (0..self.len())
