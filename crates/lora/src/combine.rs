@@ -39,12 +39,10 @@ use std::path::Path;
 
 use nalgebra::DMatrix;
 use serde_json::{Value, json};
-use transformer::SaveDtype;
-use transformer::tensor_file::{write_file_atomically, write_tensors};
 
 use crate::error::{Error, Result};
 use crate::model::LoraModel;
-use crate::peft_save::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
+use crate::peft_save::{KEY_PREFIX, write_adapter_files};
 use crate::target::Module;
 pub use ties::MajoritySign;
 
@@ -466,18 +464,7 @@ impl Combined {
                 &m.b[..],
             ));
         }
-        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_tensors(
-            &dir.join(WEIGHTS_FILE),
-            tensors
-                .iter()
-                .map(|(n, s, v)| (n.clone(), s.as_slice(), *v)),
-            SaveDtype::F32,
-            Some(metadata),
-        )?;
-        let text = serde_json::to_string_pretty(&self.config).expect("JSON values serialise");
-        write_file_atomically(&dir.join(CONFIG_FILE), text.as_bytes())?;
-        Ok(())
+        write_adapter_files(dir, &tensors, &self.config)
     }
 }
 

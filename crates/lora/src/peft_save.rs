@@ -251,19 +251,7 @@ impl LoraModel {
             };
             tensors.push((format!("{KEY_PREFIX}{name}"), shape.clone(), values));
         }
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_tensors(
-            &dir.join(WEIGHTS_FILE),
-            tensors
-                .iter()
-                .map(|(n, s, v)| (n.clone(), s.as_slice(), *v)),
-            SaveDtype::F32,
-            Some(metadata),
-        )?;
-        let text = serde_json::to_string_pretty(&self.peft_config(&modules))
-            .expect("JSON values serialise");
-        write_file_atomically(&dir.join(CONFIG_FILE), text.as_bytes())?;
-        Ok(())
+        write_adapter_files(dir, &tensors, &self.peft_config(&modules))
     }
 
     /// `adapter_config.json` with PEFT's keys; ranks and alphas that differ from `r` and
@@ -342,4 +330,25 @@ impl LoraModel {
             "revision": null,
         })
     }
+}
+
+/// Writes an adapter directory's two files as PEFT does: `tensors` (key, shape, values) as
+/// [`WEIGHTS_FILE`] (f32, with PEFT's `format: pt` metadata) and `config` as [`CONFIG_FILE`].
+pub(crate) fn write_adapter_files(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    config: &Value,
+) -> Result<()> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_tensors(
+        &dir.join(WEIGHTS_FILE),
+        tensors
+            .iter()
+            .map(|(n, s, v)| (n.clone(), s.as_slice(), *v)),
+        SaveDtype::F32,
+        Some(metadata),
+    )?;
+    let text = serde_json::to_string_pretty(config).expect("JSON values serialise");
+    write_file_atomically(&dir.join(CONFIG_FILE), text.as_bytes())?;
+    Ok(())
 }

@@ -11,16 +11,13 @@
 //! `target_modules`, and `rank_pattern` as PEFT records it: `transformer.h.{l}.{module}.lora_E`
 //! → one true/false per singular value (true = kept), or null before any allocation.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{Map, Value, json};
-use transformer::SaveDtype;
-use transformer::tensor_file::{write_file_atomically, write_tensors};
 
 use super::AdaLora;
 use crate::error::{Error, Result};
-use crate::peft_save::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, peft_target_name};
+use crate::peft_save::{KEY_PREFIX, peft_target_name, write_adapter_files};
 
 /// An f32 as JSON as PEFT writes it: an integer when integral (`lora_alpha` 8), otherwise
 /// its shortest decimal form (0.85, not 0.8500000238418579).
@@ -97,20 +94,15 @@ impl AdaLora {
             tensors.push((format!("{stem}.lora_B"), vec![out, kr], b));
             tensors.push((format!("{stem}.lora_E"), vec![kr, 1], e));
         }
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_tensors(
-            &dir.join(WEIGHTS_FILE),
-            tensors
-                .iter()
-                .map(|(n, s, v)| (n.clone(), s.as_slice(), v.as_slice())),
-            SaveDtype::F32,
-            Some(metadata),
-        )?;
-        let text =
-            serde_json::to_string_pretty(&self.peft_config(rank_pattern.map(|_| pattern_json)))
-                .expect("JSON values serialise");
-        write_file_atomically(&dir.join(CONFIG_FILE), text.as_bytes())?;
-        Ok(())
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = tensors
+            .iter()
+            .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
+            .collect();
+        write_adapter_files(
+            dir,
+            &tensors,
+            &self.peft_config(rank_pattern.map(|_| pattern_json)),
+        )
     }
 
     fn peft_config(&self, rank_pattern: Option<Map<String, Value>>) -> Value {
