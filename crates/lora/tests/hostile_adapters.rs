@@ -45,7 +45,7 @@ fn base(n_layer: usize, n_embd: usize) -> Gpt2 {
             (name, shape, vec![0.25; n])
         })
         .collect();
-    Gpt2::from_checkpoint(&Checkpoint { config, tensors }, &Device::cpu(), false).unwrap()
+    Gpt2::from_checkpoint(&Checkpoint::new(config, tensors), &Device::cpu(), false).unwrap()
 }
 
 /// A rank-1 c_attn adapter for `model`, saved in PEFT's layout in a fresh directory. B is set

@@ -47,6 +47,9 @@ pub struct ServeConfig {
     pub requests: RequestLimits,
     pub drain_timeout: Duration,
     pub mode: Mode,
+    /// Store the base's Linear weights in NF4 (QLoRA's 4-bit base) before serving: `Some(double
+    /// quantization)`. A model directory saved in NF4 is served in NF4 without it.
+    pub quantize_nf4: Option<bool>,
     /// Stop on SIGTERM and Ctrl-C.
     pub signals: bool,
 }
@@ -74,6 +77,7 @@ impl ServeConfig {
             },
             drain_timeout: Duration::from_secs(30),
             mode: Mode::Bank,
+            quantize_nf4: None,
             signals: false,
         }
     }
@@ -112,7 +116,10 @@ impl Server {
     /// Loads everything and starts serving; returns once the address is bound and the model
     /// and adapters are loaded (or with the first error).
     pub fn start(cfg: ServeConfig, device: Device) -> Result<Server> {
-        let ckpt = Checkpoint::load(&cfg.model)?;
+        let mut ckpt = Checkpoint::load(&cfg.model)?;
+        if let Some(double_quant) = cfg.quantize_nf4.filter(|_| !ckpt.is_quantized()) {
+            ckpt.quantize_nf4(double_quant)?;
+        }
         let tokenizer = Arc::new(Tokenizer::for_model(&cfg.model, &ckpt.config)?);
         let roots = Roots::new(&cfg.adapter_dirs)?;
         let base_name = match &cfg.model_name {

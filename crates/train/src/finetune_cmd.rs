@@ -272,7 +272,12 @@ impl FinetuneArgs {
 /// `train finetune`.
 pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
     let started = Instant::now();
-    let base = Checkpoint::load(&args.model)?;
+    let mut base = Checkpoint::load(&args.model)?;
+    if args.full && args.quant.quantize != crate::quantize::Quantization::None {
+        return Err("--quantize stores a frozen base: it trains adapters, not --full".into());
+    }
+    // On the host, before any weight reaches the device.
+    args.quant.apply(&mut base)?;
     let tok = crate::model_tokenizer(&args.model, &base.config)?;
     let context = base.config.n_positions;
     let seq_len = args.seq_len.unwrap_or(context);

@@ -65,6 +65,38 @@ pub fn load_model(dir: &Path, device: &Device, trainable: bool) -> Result<Gpt2> 
     Ok(Gpt2::from_checkpoint(&ckpt, device, trainable)?)
 }
 
+/// Load a model directory onto `device` with every parameter frozen, its Linear weights
+/// quantized on the host first when `quantize` asks (a directory saved in NF4 is NF4 anyway).
+pub fn load_frozen(
+    dir: &Path,
+    device: &Device,
+    quantize: quantize::QuantizeArgs,
+) -> Result<Gpt2> {
+    let mut ckpt = Checkpoint::load(dir)?;
+    quantize.apply(&mut ckpt)?;
+    Ok(Gpt2::from_checkpoint(&ckpt, device, false)?)
+}
+
+/// Copies the tokenizer files of model directory `from` that exist (`vocab.json`,
+/// `merges.txt`, `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`) into
+/// `to`, so a model written from it keeps its tokenizer.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    let names = [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ];
+    for name in names {
+        let src = from.join(name);
+        if src.exists() {
+            std::fs::copy(&src, to.join(name)).map_err(|e| format!("{}: {e}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Load a frozen model, quantized as `quantize` says, and, if given, attach a LoRA adapter
 /// saved in PEFT's layout (ours or one PEFT wrote). Warnings about config keys we do not use
 /// are printed to stderr.
@@ -74,8 +106,7 @@ pub fn load_with_adapter(
     device: &Device,
     quantize: quantize::QuantizeArgs,
 ) -> Result<(Gpt2, Option<lora::LoraModel>)> {
-    let mut model = load_model(dir, device, false)?;
-    quantize.apply(&mut model)?;
+    let model = load_frozen(dir, device, quantize)?;
     let Some(adapter) = adapter else {
         return Ok((model, None));
     };

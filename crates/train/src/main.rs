@@ -35,6 +35,9 @@ enum Command {
     Finetune(train::finetune_cmd::FinetuneArgs),
     /// Fold a LoRA adapter into its base and write a merged checkpoint (Hugging Face layout).
     Merge(train::merge::MergeArgs),
+    /// Store a model's Linear weights in 4-bit NF4 (QLoRA's base, bitsandbytes' layout): a
+    /// model directory that this program and transformers load quantized.
+    Quantize(train::quantize::QuantizeCmdArgs),
     /// Combine LoRA adapters into one, as PEFT's add_weighted_adapter (linear, cat, svd, ties).
     Combine(train::combine::CombineArgs),
     /// The paper's section-7 analysis of one or two adapters: singular values of each learned
@@ -104,6 +107,7 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
             device(cli_device).and_then(|d| train::finetune_cmd::run(&args, &d))
         }
         Command::Merge(args) => device(cli_device).and_then(|d| train::merge::run(&args, &d)),
+        Command::Quantize(args) => train::quantize::run(&args),
         Command::Combine(args) => device(cli_device).and_then(|d| train::combine::run(&args, &d)),
         Command::Analyze(args) => device(cli_device).and_then(|d| train::analyze::run(&args, &d)),
         Command::Eval(args) => device(cli_device).and_then(|d| train::eval::run(&args, &d)),

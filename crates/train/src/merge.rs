@@ -41,13 +41,7 @@ pub fn run(args: &MergeArgs, device: &Device) -> crate::Result<()> {
     };
     model.to_checkpoint()?.save_as(&args.out, dtype)?;
     // The tokenizer files travel with the model when it has them.
-    for name in ["vocab.json", "merges.txt"] {
-        let src = args.model.join(name);
-        if src.exists() {
-            std::fs::copy(&src, args.out.join(name))
-                .map_err(|e| format!("{}: {e}", src.display()))?;
-        }
-    }
+    crate::copy_tokenizer_files(&args.model, &args.out)?;
     println!(
         "merged {} into {}: wrote {}",
         args.adapter.display(),

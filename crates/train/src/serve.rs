@@ -62,6 +62,8 @@ pub struct ServeArgs {
     /// Seconds to let running requests finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30.0)]
     pub drain_timeout: f64,
+    #[command(flatten)]
+    pub quant: crate::quantize::QuantizeArgs,
 }
 
 /// `NAME=DIR`.
@@ -109,6 +111,7 @@ impl ServeArgs {
             max_queue: self.max_queue,
         };
         cfg.drain_timeout = Duration::from_secs_f64(self.drain_timeout);
+        cfg.quantize_nf4 = self.quant.nf4()?;
         Ok(cfg)
     }
 }

@@ -16,7 +16,12 @@
 //!   `"tie_word_embeddings": false` it is the model's own output head, in the size table;
 //! - the attention buffers `h.{i}.attn.bias` (the causal mask) and `h.{i}.attn.masked_bias`,
 //!   which are constants, not parameters: skipped;
-//! - f32, f16 or bf16 storage, read to f32.
+//! - f32, f16 or bf16 storage, read to f32;
+//! - bitsandbytes' 4-bit NF4 weights for the blocks' four Linears, with `quantization_config`
+//!   in `config.json` (a model `transformers` saved after loading it with
+//!   `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`, or `train quantize`'s
+//!   output): kept as codes in [`Checkpoint::nf4`], never dequantized on load
+//!   ([`crate::nf4_file`] gives the layout).
 //!
 //! Anything else is an error, and so is an unknown extra tensor: a tensor we would not use means
 //! the file describes a model other than `config.json` says (say, a wrong `n_layer`).
@@ -24,15 +29,21 @@
 //! [`Checkpoint::save`] writes what `GPT2LMHeadModel.from_pretrained` reads: `transformer.`-prefixed
 //! f32 tensors with metadata `{"format": "pt"}`, no `lm_head.weight` (tied), each file replaced
 //! atomically. [`Checkpoint::save_as`] stores f16 or bf16 instead, half the bytes, for models
-//! shipped in a repository.
+//! shipped in a repository. [`Checkpoint::quantize_nf4`] turns the Linears' weights into NF4
+//! codes on the host, and `save` then writes them as bitsandbytes does, with the
+//! `quantization_config` that makes `from_pretrained` rebuild the 4-bit layers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use crate::config::GptConfig;
+use serde_json::Value;
+use tensor::quant::{self, Nf4Weight};
+
+use crate::config::{GptConfig, MAX_CONFIG_BYTES};
 use crate::error::{Error, Result};
+use crate::nf4_file;
 use crate::tensor_file::{self, NamedTensor, SaveDtype};
-use crate::weight_files;
+use crate::weight_files::{self, Weights};
 
 /// Every parameter of a GPT-2 with this config, in a fixed order: name (Hugging Face's, without
 /// `transformer.`) and shape. Conv1D weights are stored `[in, out]`, so `y = x·W + b`. An untied
@@ -83,14 +94,34 @@ pub fn num_parameters(cfg: &GptConfig) -> usize {
         .sum()
 }
 
-/// A model's config and weights, in host memory as f32.
+/// A model's config and weights, in host memory: f32, and NF4 codes for a quantized base.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     pub config: GptConfig,
     /// `(name, shape, values)` in exactly the order and with the names and shapes of
-    /// [`parameter_shapes`]`(&config)`; values row-major. A `Vec` rather than a map so that the
-    /// order is the size table's; [`Checkpoint::get`] finds one by name.
+    /// [`parameter_shapes`]`(&config)`, less the weights in `nf4`; values row-major. A `Vec`
+    /// rather than a map so that the order is the size table's; [`Checkpoint::get`] finds one
+    /// by name.
     pub tensors: Vec<NamedTensor>,
+    /// The weights stored in NF4, by the size table's name (only the blocks' four Linear
+    /// weights), each quantized in `nn.Linear`'s orientation, (out, in): the table's shape
+    /// reversed. Empty for a float model.
+    pub nf4: BTreeMap<String, Nf4Weight>,
+}
+
+/// The suffixes of the weights a quantized base stores in NF4: every block's four Linears.
+const QUANTIZED: [&str; 4] = [
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+];
+
+/// Whether `name` (without `transformer.`) is one of a block's four Linear weights.
+pub fn is_block_linear_weight(name: &str) -> bool {
+    name.strip_prefix("h.")
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(layer, field)| layer.parse::<usize>().is_ok() && QUANTIZED.contains(&field))
 }
 
 /// The prefix `GPT2LMHeadModel` puts before `GPT2Model`'s parameter names.
@@ -101,16 +132,59 @@ impl Checkpoint {
     /// accepted).
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let config = GptConfig::from_file(dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config = GptConfig::from_file(&config_path)?;
+        let raw: Value = serde_json::from_str(&tensor_file::read_text(
+            &config_path,
+            MAX_CONFIG_BYTES,
+        )?)
+        .map_err(|e| Error::checkpoint(&config_path, format!("not valid JSON: {e}")))?;
+        let wants_nf4 =
+            nf4_file::wants_nf4(&raw).map_err(|m| Error::checkpoint(&config_path, m))?;
         let unprefixed = |key: &str| key.strip_prefix(PREFIX).unwrap_or(key).to_string();
-        let (found, path) =
+        let weights =
             weight_files::read_weights(dir, |key| !is_attention_buffer(&unprefixed(key)))?;
-        Self::from_file_tensors(config, found, &path)
+        Self::from_file_tensors(config, weights, wants_nf4)
     }
 
-    /// Matches the tensors read from `path` against the size table of `config`.
-    fn from_file_tensors(config: GptConfig, found: Vec<NamedTensor>, path: &Path) -> Result<Self> {
+    /// Matches the tensors read from a model's files against the size table of `config`.
+    fn from_file_tensors(config: GptConfig, weights: Weights, wants_nf4: bool) -> Result<Self> {
+        let Weights {
+            tensors: found,
+            nf4: found_nf4,
+            path,
+        } = weights;
+        let path = path.as_path();
         let err = |message: String| Error::checkpoint(path, message);
+        let mut nf4 = BTreeMap::new();
+        for (key, w) in found_nf4 {
+            let name = key.strip_prefix(PREFIX).unwrap_or(&key).to_string();
+            if !is_block_linear_weight(&name) {
+                return Err(err(format!(
+                    "tensor `{key}` is stored in NF4; only the blocks' Linear weights ({}) can be",
+                    QUANTIZED.join(", ")
+                )));
+            }
+            if nf4.insert(name.clone(), w).is_some() {
+                return Err(err(format!(
+                    "NF4 weight `{name}` appears twice, with and without the `{PREFIX}` prefix"
+                )));
+            }
+        }
+        match (wants_nf4, nf4.keys().next()) {
+            (true, None) => {
+                return Err(err(
+                    "config.json's `quantization_config` asks for bitsandbytes 4-bit weights,                      but the file holds none"
+                        .into(),
+                ));
+            }
+            (false, Some(first)) => {
+                return Err(err(format!(
+                    "holds NF4 weights (`{first}`, ...) but config.json has no                      `quantization_config`"
+                )));
+            }
+            _ => {}
+        }
         let mut by_name = BTreeMap::new();
         let mut lm_head = None;
         for (key, shape, data) in found {
@@ -127,6 +201,18 @@ impl Checkpoint {
         let mut tensors = Vec::new();
         let mut missing = Vec::new();
         for (name, expected) in parameter_shapes(&config) {
+            if let Some(w) = nf4.get(&name) {
+                let stored = [expected[1], expected[0]];
+                if w.shape() != stored {
+                    return Err(err(format!(
+                        "NF4 weight `{name}`: expected shape (out, in) = {stored:?}, found {:?} \
+                         (config: {})",
+                        w.shape(),
+                        describe(&config)
+                    )));
+                }
+                continue;
+            }
             match by_name.remove(&name) {
                 None => missing.push(format!("`{name}` {expected:?}")),
                 Some((shape, _)) if shape != expected => {
@@ -172,7 +258,59 @@ impl Checkpoint {
                 ));
             }
         }
-        Ok(Checkpoint { config, tensors })
+        Ok(Checkpoint {
+            config,
+            tensors,
+            nf4,
+        })
+    }
+
+    /// A float checkpoint: `tensors` in the size table's order.
+    pub fn new(config: GptConfig, tensors: Vec<NamedTensor>) -> Checkpoint {
+        Checkpoint {
+            config,
+            tensors,
+            nf4: BTreeMap::new(),
+        }
+    }
+
+    /// QLoRA's frozen base: stores the weights of every block's four Linears in NF4 (blocks of
+    /// 64 values, as bitsandbytes quantizes `nn.Linear`'s (out, in) weight; with
+    /// `double_quant` the block scales in 8 bits too), about 0.5 byte per weight instead of 4,
+    /// on the host, so no f32 copy of them ever reaches a device. Embeddings, layer norms and
+    /// biases stay f32, as bitsandbytes leaves them. Weights already in NF4 are kept.
+    pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
+        let mut kept = Vec::with_capacity(self.tensors.len());
+        for (name, shape, values) in std::mem::take(&mut self.tensors) {
+            if !is_block_linear_weight(&name) {
+                kept.push((name, shape, values));
+                continue;
+            }
+            let &[in_f, out_f] = &shape[..] else {
+                return Err(Error::Invalid(format!(
+                    "`{name}`: shape {shape:?}, expected (in, out)"
+                )));
+            };
+            // Conv1D stores W (in, out); bitsandbytes quantizes nn.Linear's Wᵀ, (out, in).
+            let transposed: Vec<f32> = (0..in_f * out_f)
+                .map(|e| values[(e % in_f) * out_f + e / in_f])
+                .collect();
+            let q = Nf4Weight::quantize(
+                &transposed,
+                &[out_f, in_f],
+                quant::DEFAULT_BLOCK,
+                double_quant,
+            )
+            .map_err(|e| Error::Invalid(format!("`{name}`: {e}")))?;
+            self.nf4.insert(name, q);
+        }
+        self.tensors = kept;
+        Ok(())
+    }
+
+    /// Whether some weights are stored in NF4.
+    pub fn is_quantized(&self) -> bool {
+        !self.nf4.is_empty()
     }
 
     /// The shape and values of the parameter `name` (without `transformer.`).
@@ -197,26 +335,64 @@ impl Checkpoint {
         self.config.validate()?;
         self.check_against_table()
             .map_err(|m| Error::checkpoint(&path, format!("refusing to write: {m}")))?;
+        if self.is_quantized() && dtype != SaveDtype::F32 {
+            return Err(Error::checkpoint(
+                &path,
+                format!(
+                    "refusing to write: a model with NF4 weights is saved with its other tensors                      in f32 (they define the dtype the 4-bit weights dequantize to), not {dtype:?}"
+                ),
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let tensors = self
             .tensors
             .iter()
             .map(|(name, shape, data)| (saved_name(name), &shape[..], &data[..]));
+        let raw = self
+            .nf4
+            .iter()
+            .flat_map(|(name, w)| nf4_file::nf4_tensors(&saved_name(name), w))
+            .collect();
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        tensor_file::write_tensors(&path, tensors, dtype, Some(metadata))?;
-        tensor_file::write_file_atomically(
-            &dir.join("config.json"),
-            self.config.to_json().as_bytes(),
-        )
+        tensor_file::write_tensors_and_raw(&path, tensors, raw, dtype, Some(metadata))?;
+        let config = match self.nf4.values().next() {
+            None => self.config.to_json(),
+            Some(w) => {
+                let double_quant = matches!(w.scales(), quant::Scales::Double { .. });
+                let mut value: Value = serde_json::from_str(&self.config.to_json())
+                    .map_err(|e| Error::Invalid(format!("config JSON: {e}")))?;
+                value["quantization_config"] = nf4_file::quantization_config(double_quant);
+                let mut text = serde_json::to_string_pretty(&value)
+                    .map_err(|e| Error::Invalid(format!("config JSON: {e}")))?;
+                text.push('\n');
+                text
+            }
+        };
+        tensor_file::write_file_atomically(&dir.join("config.json"), config.as_bytes())
     }
 
     /// The tensors are the size table's, in its order, each with as many values as its shape.
     fn check_against_table(&self) -> std::result::Result<(), String> {
-        let table = parameter_shapes(&self.config);
+        let mut table = parameter_shapes(&self.config);
+        for (name, w) in &self.nf4 {
+            let Some(at) = table.iter().position(|(n, _)| n == name) else {
+                return Err(format!("NF4 weight `{name}` is not in the size table"));
+            };
+            let (_, shape) = table.remove(at);
+            if !is_block_linear_weight(name) || w.shape() != [shape[1], shape[0]] {
+                return Err(format!(
+                    "NF4 weight `{name}` {:?}: expected a block's Linear weight, (out, in) = \
+                     [{}, {}]",
+                    w.shape(),
+                    shape[1],
+                    shape[0]
+                ));
+            }
+        }
         if table.len() != self.tensors.len() {
             let (want, have) = (table.len(), self.tensors.len());
             return Err(format!(
-                "config ({}) has {want} tensors, checkpoint holds {have}",
+                "config ({}) has {want} float tensors, checkpoint holds {have}",
                 describe(&self.config)
             ));
         }
@@ -321,7 +497,7 @@ mod tests {
             })
             .collect();
         tensors[3].2.pop(); // h.0.ln_1.bias now has one value too few
-        let ckpt = Checkpoint { config, tensors };
+        let ckpt = Checkpoint::new(config, tensors);
         let dir = std::env::temp_dir().join(format!("transformer-refuse-{}", std::process::id()));
         let e = ckpt.save(&dir).unwrap_err().to_string();
         assert!(

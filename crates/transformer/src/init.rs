@@ -37,10 +37,7 @@ pub fn init_checkpoint(cfg: &GptConfig, seed: u64) -> Result<Checkpoint> {
         };
         tensors.push((name, shape, values));
     }
-    Ok(Checkpoint {
-        config: cfg.clone(),
-        tensors,
-    })
+    Ok(Checkpoint::new(cfg.clone(), tensors))
 }
 
 #[cfg(test)]

@@ -15,14 +15,10 @@
 //! GPT-2's own choices, which a `config.json` may change ([`crate::Variant`]): act = GELU (tanh
 //! form), F = 4C, s_i = 1/√hs for every block i, and the head tied to `wte` (untied: `lm_head`).
 
-use std::collections::BTreeMap;
-
 use autograd::{Param, Tape, Var};
 use tensor::ops::activation::Activation as Kind;
 use tensor::ops::matmul::MatmulOpts;
-use tensor::ops::matmul_nf4::Nf4Tensor;
 use tensor::ops::slice::{slice_axis, write_axis};
-use tensor::quant::{self, Nf4Weight};
 use tensor::{Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, LM_HEAD, parameter_shapes};
@@ -31,150 +27,7 @@ use crate::error::{Error, Result};
 use crate::token_adapter::TokenAdapter;
 use crate::variant::Activation;
 
-/// Something that adds to a linear layer's output: LoRA's (alpha/r)·B·A·x (crates/lora) is one.
-/// The base layer stays as it is; the adapter sees the input and the base output.
-pub trait Adapter {
-    /// `y` is the base output x·W + b, (…, out); return y plus the adapter's term.
-    fn apply(&self, tape: &Tape, x: &Var, y: Var) -> Result<Var>;
-    /// The adapter's own parameters (trainable ones go to the optimizer).
-    fn params(&self) -> Vec<&Param>;
-}
-
-/// `y = x·W + b` with W: (in, out) as Hugging Face's Conv1D stores it, plus an optional adapter.
-pub struct Linear {
-    pub weight: Weight,
-    pub bias: Param,
-    pub adapter: Option<Box<dyn Adapter>>,
-}
-
-/// The W of a [`Linear`]: f32 values (trainable or frozen), or frozen NF4 codes (QLoRA).
-pub enum Weight {
-    Dense(Param),
-    Nf4(Nf4Linear),
-}
-
-/// A frozen W stored in NF4 as bitsandbytes stores it: Wᵀ, (out, in), quantized in blocks of 64
-/// ([`tensor::quant`]). The product dequantizes it on the fly ([`Tape::matmul_nf4`]); no f32
-/// copy exists on the device.
-pub struct Nf4Linear {
-    /// The weight's checkpoint name, e.g. `h.0.attn.c_attn.weight`.
-    pub name: String,
-    pub codes: Nf4Tensor,
-    pub in_features: usize,
-    pub out_features: usize,
-}
-
-impl Weight {
-    /// The f32 parameter, or an error naming the weight when it is quantized: `what` is what
-    /// needed the f32 values (merging, DoRA, saving a full checkpoint, ...).
-    pub fn dense(&self, what: &str) -> Result<&Param> {
-        match self {
-            Weight::Dense(p) => Ok(p),
-            Weight::Nf4(q) => Err(Error::Invalid(format!(
-                "`{}` is stored in NF4 (a quantized frozen base); {what} needs its f32 values: \
-                 load the model without --quantize (adapters trained on a quantized base are \
-                 ordinary LoRA adapters and apply to the f32 base too)",
-                q.name
-            ))),
-        }
-    }
-
-    /// The weight's checkpoint name.
-    pub fn name(&self) -> &str {
-        match self {
-            Weight::Dense(p) => p.name(),
-            Weight::Nf4(q) => &q.name,
-        }
-    }
-
-    /// W's shape as the model uses it, (in, out), whatever its storage.
-    pub fn shape(&self) -> [usize; 2] {
-        match self {
-            Weight::Dense(p) => {
-                let s = p.value().shape();
-                [s[0], s.get(1).copied().unwrap_or(1)]
-            }
-            Weight::Nf4(q) => [q.in_features, q.out_features],
-        }
-    }
-
-    /// Number of weights (in · out).
-    pub fn numel(&self) -> usize {
-        match self {
-            Weight::Dense(p) => p.value().numel(),
-            Weight::Nf4(q) => q.in_features * q.out_features,
-        }
-    }
-}
-
-impl Linear {
-    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
-        let b = tape.param(&self.bias);
-        let y = match &self.weight {
-            Weight::Dense(w) => tape.matmul(x, &tape.param(w), Some(&b), MatmulOpts::default())?,
-            // Stored (out, in): y = x·(Wᵀ)ᵀ.
-            Weight::Nf4(q) => tape.matmul_nf4(x, &q.codes, Some(&b), true)?,
-        };
-        match &self.adapter {
-            Some(adapter) => adapter.apply(tape, x, y),
-            None => Ok(y),
-        }
-    }
-
-    /// Stores W in NF4 (blocks of 64, with double quantization when asked), dropping its f32
-    /// values. W must be frozen: QLoRA trains adapters on a quantized base, never the base.
-    pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
-        let Weight::Dense(w) = &self.weight else {
-            return Ok(());
-        };
-        if w.is_trainable() {
-            return Err(Error::Invalid(format!(
-                "`{}` is trainable; only frozen weights can be stored in NF4",
-                w.name()
-            )));
-        }
-        let value = w.value();
-        let &[in_f, out_f] = value.shape() else {
-            return Err(Error::Invalid(format!(
-                "`{}`: shape {:?}, expected (in, out)",
-                w.name(),
-                value.shape()
-            )));
-        };
-        let data = value.to_vec()?;
-        // bitsandbytes quantizes nn.Linear's (out, in) weight: Wᵀ.
-        let transposed: Vec<f32> = (0..in_f * out_f)
-            .map(|e| data[(e % in_f) * out_f + e / in_f])
-            .collect();
-        let q = Nf4Weight::quantize(
-            &transposed,
-            &[out_f, in_f],
-            quant::DEFAULT_BLOCK,
-            double_quant,
-        )?;
-        self.weight = Weight::Nf4(Nf4Linear {
-            name: w.name().to_string(),
-            codes: Nf4Tensor::upload(&q, &value.device())?,
-            in_features: in_f,
-            out_features: out_f,
-        });
-        Ok(())
-    }
-
-    fn params(&self) -> Vec<&Param> {
-        match &self.weight {
-            Weight::Dense(w) => vec![w, &self.bias],
-            Weight::Nf4(_) => vec![&self.bias],
-        }
-    }
-
-    fn params_mut(&mut self) -> Vec<&mut Param> {
-        match &mut self.weight {
-            Weight::Dense(w) => vec![w, &mut self.bias],
-            Weight::Nf4(_) => vec![&mut self.bias],
-        }
-    }
-}
+pub use crate::linear::{Adapter, Linear, Nf4Linear, Weight};
 
 /// Layer norm over C with learned γ (weight) and β (bias).
 pub struct LayerNorm {
@@ -355,13 +208,25 @@ pub fn attend(tape: &Tape, q: &Var, k: &Var, v: &Var, scale: f32) -> Result<Var>
 
 impl Gpt2 {
     /// Build the model from a loaded checkpoint on `device`; every parameter trainable or
-    /// every parameter frozen (LoRA freezes the base and adds trainable adapters).
+    /// every parameter frozen (LoRA freezes the base and adds trainable adapters). The weights
+    /// the checkpoint holds in NF4 ([`Checkpoint::nf4`]) go to the device as their 4-bit codes
+    /// (QLoRA's frozen base); such a model cannot be `trainable`.
     pub fn from_checkpoint(ckpt: &Checkpoint, device: &Device, trainable: bool) -> Result<Gpt2> {
         let cfg = ckpt.config.clone();
         let param = |name: &str| load_param(ckpt, device, name, trainable);
         let linear = |p: &str| -> Result<Linear> {
+            let name = format!("{p}.weight");
+            let weight = match ckpt.nf4.get(&name) {
+                None => Weight::Dense(param(&name)?),
+                Some(_) if trainable => {
+                    return Err(Error::Invalid(format!(
+                        "`{name}` is stored in NF4 (a quantized base), which cannot be trained:                          fine-tune it with LoRA, or load the f32 model for full fine-tuning"
+                    )));
+                }
+                Some(q) => Weight::Nf4(Nf4Linear::new(&name, q, device)?),
+            };
             Ok(Linear {
-                weight: Weight::Dense(param(&format!("{p}.weight"))?),
+                weight,
                 bias: param(&format!("{p}.bias"))?,
                 adapter: None,
             })
@@ -400,7 +265,7 @@ impl Gpt2 {
     }
 
     /// Every parameter with its Hugging Face name, in the order of [`parameter_shapes`]
-    /// (less the weights stored in NF4, see [`Gpt2::quantize_nf4`]).
+    /// (less the weights stored in NF4, see [`Checkpoint::nf4`]).
     pub fn named_params(&self) -> Vec<&Param> {
         let mut out = vec![&self.wte, &self.wpe];
         for b in &self.h {
@@ -431,60 +296,6 @@ impl Gpt2 {
             .flat_map(|b| [&b.c_attn, &b.attn_c_proj, &b.c_fc, &b.mlp_c_proj])
     }
 
-    /// Replaces the weights of every block's four Linears by NF4 weights already quantized (as
-    /// [`crate::nf4_file::read_nf4_weights`] reads them from a file bitsandbytes wrote), by
-    /// name: `h.{i}.attn.c_attn.weight` (with or without the `transformer.` prefix), each of
-    /// shape (out, in). A missing or misshapen weight is an error naming it.
-    pub fn use_nf4_weights(&mut self, weights: &BTreeMap<String, Nf4Weight>) -> Result<()> {
-        for b in &mut self.h {
-            for linear in [
-                &mut b.c_attn,
-                &mut b.attn_c_proj,
-                &mut b.c_fc,
-                &mut b.mlp_c_proj,
-            ] {
-                let name = linear.weight.name().to_string();
-                let q = weights
-                    .get(&format!("transformer.{name}"))
-                    .or_else(|| weights.get(&name))
-                    .ok_or_else(|| Error::Invalid(format!("no NF4 weight `{name}`")))?;
-                let [in_f, out_f] = linear.weight.shape();
-                if q.shape() != [out_f, in_f] {
-                    return Err(Error::Invalid(format!(
-                        "NF4 weight `{name}`: shape {:?}, expected (out, in) = [{out_f}, {in_f}]",
-                        q.shape()
-                    )));
-                }
-                let device = linear.bias.value().device();
-                linear.weight = Weight::Nf4(Nf4Linear {
-                    name,
-                    codes: Nf4Tensor::upload(q, &device)?,
-                    in_features: in_f,
-                    out_features: out_f,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// QLoRA's frozen base: stores the weights of every block's four Linears in NF4 (blocks of
-    /// 64 values; with `double_quant` their scales in 8 bits too), about 0.5 byte per weight
-    /// instead of 4. Embeddings, layer norms and biases stay f32, as bitsandbytes leaves them.
-    /// The weights must be frozen (a LoRA or inference model); the f32 values are dropped.
-    pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
-        for b in &mut self.h {
-            for linear in [
-                &mut b.c_attn,
-                &mut b.attn_c_proj,
-                &mut b.c_fc,
-                &mut b.mlp_c_proj,
-            ] {
-                linear.quantize_nf4(double_quant)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Copy every parameter back to the host as a checkpoint (for saving). A model with NF4
     /// weights has no f32 values to save: an error names the first.
     pub fn to_checkpoint(&self) -> Result<Checkpoint> {
@@ -496,10 +307,7 @@ impl Gpt2 {
             let t = p.value();
             tensors.push((p.name().to_string(), t.shape().to_vec(), t.to_vec()?));
         }
-        Ok(Checkpoint {
-            config: self.config.clone(),
-            tensors,
-        })
+        Ok(Checkpoint::new(self.config.clone(), tensors))
     }
 
     /// Total number of parameter values (quantized weights included).

@@ -221,3 +221,65 @@ pub fn nf4_tensors(name: &str, w: &Nf4Weight) -> Vec<(String, Dtype, Vec<usize>,
     ));
     out
 }
+
+/// The `quantization_config` transformers writes into `config.json` for
+/// `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+/// bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)`: what makes
+/// `from_pretrained` rebuild the 4-bit layers from the tensors above.
+pub fn quantization_config(double_quant: bool) -> Value {
+    json!({
+        "_load_in_4bit": true,
+        "_load_in_8bit": false,
+        "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": double_quant,
+        "llm_int8_enable_fp32_cpu_offload": false,
+        "llm_int8_has_fp16_weight": false,
+        "llm_int8_skip_modules": null,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": true,
+        "load_in_8bit": false,
+        "quant_method": "bitsandbytes"
+    })
+}
+
+/// What a `config.json`'s `quantization_config` asks for: `Ok(false)` without one (a float
+/// model), `Ok(true)` for bitsandbytes' 4-bit NF4. Any other method (8-bit LLM.int8, FP4, GPTQ,
+/// AWQ, ...) is an error naming it: its weights are not stored as this program reads them.
+pub fn wants_nf4(config: &Value) -> Result<bool, String> {
+    let Some(q) = config.get("quantization_config") else {
+        return Ok(false);
+    };
+    if q.is_null() {
+        return Ok(false);
+    }
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    if method != "bitsandbytes" {
+        return Err(format!(
+            "`quantization_config`: quant_method `{method}`; only bitsandbytes' 4-bit NF4 is \
+             supported"
+        ));
+    }
+    let flag = |k: &str| q.get(k).and_then(Value::as_bool).unwrap_or(false);
+    if flag("load_in_8bit") || flag("_load_in_8bit") {
+        return Err(
+            "`quantization_config`: load_in_8bit (LLM.int8); only bitsandbytes' 4-bit NF4 is \
+             supported"
+                .into(),
+        );
+    }
+    if !(flag("load_in_4bit") || flag("_load_in_4bit")) {
+        return Err("`quantization_config`: bitsandbytes without load_in_4bit".into());
+    }
+    let kind = q
+        .get("bnb_4bit_quant_type")
+        .and_then(Value::as_str)
+        .unwrap_or("fp4"); // transformers' default
+    if kind != "nf4" {
+        return Err(format!(
+            "`quantization_config`: bnb_4bit_quant_type `{kind}`; only `nf4` is supported"
+        ));
+    }
+    Ok(true)
+}

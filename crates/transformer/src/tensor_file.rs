@@ -30,15 +30,17 @@
 //! allocating whatever a (possibly endless) file holds.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors, View};
+use tensor::quant::Nf4Weight;
 
 use crate::error::{Error, Result};
+use crate::nf4_file;
 
 /// A tensor read from or written to a file: name, shape (row-major, outermost first), values.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
@@ -75,6 +77,26 @@ pub fn read_tensors_with(
     keep: impl Fn(&str) -> bool,
     nonfinite_ok: impl Fn(&str) -> bool,
 ) -> Result<Vec<NamedTensor>> {
+    with_file(path, |file| decode_all(path, file, keep, nonfinite_ok))
+}
+
+/// A model file that may hold bitsandbytes' 4-bit weights ([`crate::nf4_file`]): its NF4
+/// weights by name, and, as [`read_tensors_where`], every other tensor whose name passes `keep`
+/// (the parts of the quantized weights are not among them).
+pub fn read_tensors_and_nf4(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(Vec<NamedTensor>, BTreeMap<String, Nf4Weight>)> {
+    with_file(path, |file| {
+        let nf4 = nf4_file::read_nf4_weights(file).map_err(|m| Error::checkpoint(path, m))?;
+        let plain = |name: &str| !nf4.contains_key(name) && !nf4_file::is_quant_part(name);
+        let tensors = decode_all(path, file, |name| plain(name) && keep(name), |_| false)?;
+        Ok((tensors, nf4))
+    })
+}
+
+/// Maps `path` and hands its parsed safetensors to `read`.
+fn with_file<T>(path: &Path, read: impl FnOnce(&SafeTensors<'_>) -> Result<T>) -> Result<T> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only and lives only inside this function, while we copy each
     // tensor out. Another process truncating or rewriting the file during those milliseconds
@@ -84,6 +106,16 @@ pub fn read_tensors_with(
     check_header_length(&map).map_err(|m| Error::checkpoint(path, m))?;
     let file = SafeTensors::deserialize(&map)
         .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file: {e}")))?;
+    read(&file)
+}
+
+/// Every tensor of `file` whose name passes `keep`, converted to f32 and sorted by name.
+fn decode_all(
+    path: &Path,
+    file: &SafeTensors<'_>,
+    keep: impl Fn(&str) -> bool,
+    nonfinite_ok: impl Fn(&str) -> bool,
+) -> Result<Vec<NamedTensor>> {
     let mut tensors = Vec::with_capacity(file.len());
     for (name, view) in file.iter().filter(|(name, _)| keep(name)) {
         let data = decode(view.dtype(), view.data()).ok_or_else(|| {
@@ -200,6 +232,46 @@ struct Encoded<'a> {
     data: &'a [f32],
 }
 
+/// A tensor to write: f32 values encoded on the way out, or bytes stored as they are.
+enum Stored<'a> {
+    Encoded(Encoded<'a>),
+    Raw {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    },
+}
+
+impl View for Stored<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            Stored::Encoded(e) => e.dtype(),
+            Stored::Raw { dtype, .. } => *dtype,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Stored::Encoded(e) => e.shape(),
+            Stored::Raw { shape, .. } => shape,
+        }
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            Stored::Encoded(e) => e.data(),
+            Stored::Raw { bytes, .. } => Cow::Borrowed(bytes),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            Stored::Encoded(e) => e.data_len(),
+            Stored::Raw { bytes, .. } => bytes.len(),
+        }
+    }
+}
+
 impl View for Encoded<'_> {
     fn dtype(&self) -> Dtype {
         match self.dtype {
@@ -241,6 +313,22 @@ pub fn write_tensors<'a>(
     dtype: SaveDtype,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    write_tensors_and_raw(path, tensors, Vec::new(), dtype, metadata)
+}
+
+/// A tensor stored as given: (name, dtype, shape, little-endian bytes), e.g. the parts of an
+/// NF4 weight ([`crate::nf4_file::nf4_tensors`]).
+pub type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// As [`write_tensors`], with `raw` tensors written beside the f32 ones as they are (each must
+/// hold exactly the bytes its dtype and shape need).
+pub fn write_tensors_and_raw<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, &'a [usize], &'a [f32])>,
+    raw: Vec<RawTensor>,
+    dtype: SaveDtype,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let mut views = Vec::new();
     for (name, shape, data) in tensors {
         let expected: usize = shape.iter().product();
@@ -259,7 +347,18 @@ pub fn write_tensors<'a>(
             let message = format!("tensor `{name}`: value {x} does not fit in {dtype:?}");
             return Err(Error::checkpoint(path, message));
         }
-        views.push((name, Encoded { dtype, shape, data }));
+        views.push((name, Stored::Encoded(Encoded { dtype, shape, data })));
+    }
+    for (name, dtype, shape, bytes) in raw {
+        let expected = (shape.iter().product::<usize>() * dtype.bitsize()).div_ceil(8);
+        if expected != bytes.len() {
+            let found = bytes.len();
+            let message = format!(
+                "tensor `{name}`: {dtype:?} of shape {shape:?} needs {expected} bytes, found {found}"
+            );
+            return Err(Error::checkpoint(path, message));
+        }
+        views.push((name, Stored::Raw { dtype, shape, bytes }));
     }
     write_atomically(path, |tmp| {
         safetensors::serialize_to_file(views, metadata, tmp)

@@ -9,40 +9,67 @@
 //! 4. `pytorch_model.bin.index.json` + `.bin` shards, as 2.
 //!
 //! Another framework's weights (`tf_model.h5`, `flax_model.msgpack`) are refused by name.
+//!
+//! Safetensors files may hold bitsandbytes' 4-bit weights ([`crate::nf4_file`]): they are read
+//! as [`Nf4Weight`]s beside the float tensors. A pickle with them is refused by its dtype.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use tensor::quant::Nf4Weight;
 
 use crate::error::{Error, Result};
+use crate::nf4_file;
 use crate::tensor_file::{self, NamedTensor, read_text};
 use crate::torch_pickle;
 
 /// The largest index file read (64 MiB; a 100-layer model's index is under 100 kB).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
 
-/// The tensors of `dir` whose names pass `keep`, and the path to name in later errors (the file,
-/// or the index for shards).
-pub fn read_weights(
-    dir: &Path,
-    keep: impl Fn(&str) -> bool,
-) -> Result<(Vec<NamedTensor>, PathBuf)> {
+/// What a model directory's weight files hold.
+pub struct Weights {
+    /// The float tensors whose names passed the filter, read to f32.
+    pub tensors: Vec<NamedTensor>,
+    /// The NF4 weights, by their names in the file (empty for a float model).
+    pub nf4: BTreeMap<String, Nf4Weight>,
+    /// The path to name in later errors: the file, or the index for shards.
+    pub path: PathBuf,
+}
+
+/// The tensors of `dir` whose names pass `keep`, and its NF4 weights.
+pub fn read_weights(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Weights> {
+    let plain = |(tensors, path)| Weights {
+        tensors,
+        nf4: BTreeMap::new(),
+        path,
+    };
     let single = dir.join("model.safetensors");
     if single.exists() {
-        return Ok((tensor_file::read_tensors_where(&single, keep)?, single));
+        let (tensors, nf4) = tensor_file::read_tensors_and_nf4(&single, keep)?;
+        return Ok(Weights {
+            tensors,
+            nf4,
+            path: single,
+        });
     }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        return Ok((read_sharded(dir, &index, Format::Safetensors, keep)?, index));
+        let (tensors, nf4) = read_sharded(dir, &index, Format::Safetensors, keep)?;
+        return Ok(Weights {
+            tensors,
+            nf4,
+            path: index,
+        });
     }
     let bin = dir.join("pytorch_model.bin");
     if bin.exists() {
-        return Ok((torch_pickle::read_state_dict(&bin, keep)?, bin));
+        return Ok(plain((torch_pickle::read_state_dict(&bin, keep)?, bin)));
     }
     let index = dir.join("pytorch_model.bin.index.json");
     if index.exists() {
-        return Ok((read_sharded(dir, &index, Format::Torch, keep)?, index));
+        let (tensors, _) = read_sharded(dir, &index, Format::Torch, keep)?;
+        return Ok(plain((tensors, index)));
     }
     let others = [
         ("tf_model.h5", "TensorFlow's format"),
@@ -75,13 +102,13 @@ enum Format {
     Torch,
 }
 
-/// The tensors of every shard an index names.
+/// The tensors (and, for safetensors, the NF4 weights) of every shard an index names.
 fn read_sharded(
     dir: &Path,
     index: &Path,
     format: Format,
     keep: impl Fn(&str) -> bool,
-) -> Result<Vec<NamedTensor>> {
+) -> Result<(Vec<NamedTensor>, BTreeMap<String, Nf4Weight>)> {
     let suffix = match format {
         Format::Safetensors => ".safetensors",
         Format::Torch => ".bin",
@@ -114,20 +141,26 @@ fn read_sharded(
         by_shard.entry(file).or_default().insert(tensor);
     }
     let mut out = Vec::new();
+    let mut nf4 = BTreeMap::new();
     for (file, names) in by_shard {
         let path = dir.join(file);
         let wanted = |k: &str| names.contains(k) && keep(k);
-        let tensors = match format {
-            Format::Safetensors => tensor_file::read_tensors_where(&path, wanted)?,
-            Format::Torch => torch_pickle::read_state_dict(&path, wanted)?,
+        let (tensors, quantized) = match format {
+            Format::Safetensors => tensor_file::read_tensors_and_nf4(&path, wanted)?,
+            Format::Torch => (torch_pickle::read_state_dict(&path, wanted)?, BTreeMap::new()),
         };
         let found: BTreeSet<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
-        if let Some(lost) = names.iter().find(|n| keep(n) && !found.contains(*n)) {
+        // A quantized weight's parts are read with it (a missing part is an error there).
+        let accounted = |n: &str| {
+            found.contains(n) || quantized.contains_key(n) || nf4_file::is_quant_part(n)
+        };
+        if let Some(lost) = names.iter().find(|n| keep(n) && !accounted(n)) {
             return Err(err(format!(
                 "tensor `{lost}` is not in `{file}`, the shard the index names for it"
             )));
         }
         out.extend(tensors);
+        nf4.extend(quantized);
     }
-    Ok(out)
+    Ok((out, nf4))
 }

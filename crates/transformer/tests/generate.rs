@@ -261,7 +261,7 @@ fn always_eot() -> Gpt2 {
     let wte = &mut tensors.iter_mut().find(|t| t.0 == "wte.weight").unwrap().2;
     let eot_row = wte[50256 * 8..].iter_mut();
     eot_row.zip(&b).for_each(|(w, b)| *w = 10.0 * b);
-    Gpt2::from_checkpoint(&Checkpoint { config, tensors }, &Device::cpu(), false).unwrap()
+    Gpt2::from_checkpoint(&Checkpoint::new(config, tensors), &Device::cpu(), false).unwrap()
 }
 
 #[test]

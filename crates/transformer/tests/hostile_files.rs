@@ -60,7 +60,7 @@ fn tiny_checkpoint() -> Checkpoint {
             (name, shape, data)
         })
         .collect();
-    Checkpoint { config, tensors }
+    Checkpoint::new(config, tensors)
 }
 
 /// A directory holding the tiny model; returns it and the bytes of its `model.safetensors`.

@@ -154,21 +154,21 @@ fn other_formats_are_refused_by_name() {
 }
 
 /// Our model with NF4 Linears computes what transformers' bitsandbytes model computes (f32
-/// products in another order): quantized by us (plain: the same codes bit for bit), and with
-/// the weights of bitsandbytes' own files (double quantization: bitsandbytes' nested codes).
+/// products in another order): quantized by us (plain: the same codes bit for bit), and loaded
+/// from the directories transformers + bitsandbytes saved (double quantization: bitsandbytes'
+/// nested codes).
 fn quantized_logits_match(device: &tensor::Device) {
     use autograd::Tape;
     use transformer::{Gpt2, Weight};
     for (variant, ours) in [("plain", true), ("plain", false), ("dq", false)] {
-        let ckpt = Checkpoint::load(format!("{FIXTURES}/gpt2-tiny")).unwrap();
-        let mut model = Gpt2::from_checkpoint(&ckpt, device, false).unwrap();
-        if ours {
-            model.quantize_nf4(false).unwrap();
+        let ckpt = if ours {
+            let mut ckpt = Checkpoint::load(format!("{FIXTURES}/gpt2-tiny")).unwrap();
+            ckpt.quantize_nf4(false).unwrap();
+            ckpt
         } else {
-            let file = read(&format!("gpt2-tiny-nf4/{variant}/model.safetensors"));
-            let weights = read_nf4_weights(&SafeTensors::deserialize(&file).unwrap()).unwrap();
-            model.use_nf4_weights(&weights).unwrap();
-        }
+            Checkpoint::load(format!("{FIXTURES}/gpt2-tiny-nf4/{variant}")).unwrap()
+        };
+        let model = Gpt2::from_checkpoint(&ckpt, device, false).unwrap();
         assert!(model.linears().all(|l| matches!(l.weight, Weight::Nf4(_))));
         let expected = read(&format!("gpt2-tiny-nf4/{variant}/expected.safetensors"));
         let expected = SafeTensors::deserialize(&expected).unwrap();
@@ -207,17 +207,105 @@ fn quantized_model_logits_match_bitsandbytes_on_the_gpu() {
 #[test]
 fn a_quantized_model_refuses_what_needs_f32_weights_by_name() {
     let device = tensor::Device::cpu();
-    let ckpt = Checkpoint::load(format!("{FIXTURES}/gpt2-tiny")).unwrap();
-    let mut model = transformer::Gpt2::from_checkpoint(&ckpt, &device, false).unwrap();
-    let params = model.num_params();
-    model.quantize_nf4(false).unwrap();
+    let mut ckpt = Checkpoint::load(format!("{FIXTURES}/gpt2-tiny")).unwrap();
+    let params = transformer::Gpt2::from_checkpoint(&ckpt, &device, false)
+        .unwrap()
+        .num_params();
+    ckpt.quantize_nf4(false).unwrap();
+    let model = transformer::Gpt2::from_checkpoint(&ckpt, &device, false).unwrap();
     assert_eq!(model.num_params(), params, "quantized weights still count");
     let err = model.to_checkpoint().err().unwrap().to_string();
     assert!(
         err.contains("h.0.attn.c_attn.weight") && err.contains("NF4"),
         "{err}"
     );
-    let mut trainable = transformer::Gpt2::from_checkpoint(&ckpt, &device, true).unwrap();
-    let err = trainable.quantize_nf4(false).unwrap_err().to_string();
-    assert!(err.contains("trainable"), "{err}");
+    let err = transformer::Gpt2::from_checkpoint(&ckpt, &device, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("h.0.attn.c_attn.weight") && err.contains("cannot be trained"),
+        "{err}"
+    );
+}
+
+/// Loading a directory transformers saved in NF4 keeps bitsandbytes' codes as they are (no
+/// dequantize-requantize), and what we save reads back the same: the same tensors, keys and
+/// `quantization_config` transformers needs.
+#[test]
+fn quantized_directories_load_and_save_exactly() {
+    for variant in ["plain", "dq"] {
+        let dir = format!("{FIXTURES}/gpt2-tiny-nf4/{variant}");
+        let ckpt = Checkpoint::load(&dir).unwrap();
+        let file = read(&format!("gpt2-tiny-nf4/{variant}/model.safetensors"));
+        let theirs = read_nf4_weights(&SafeTensors::deserialize(&file).unwrap()).unwrap();
+        assert_eq!(ckpt.nf4.len(), 8, "{variant}");
+        for (name, w) in &theirs {
+            assert_eq!(&ckpt.nf4[name.strip_prefix("transformer.").unwrap()], w);
+        }
+        let out = std::env::temp_dir().join(format!("nf4-save-{variant}-{}", std::process::id()));
+        ckpt.save(&out).unwrap();
+        assert_eq!(Checkpoint::load(&out).unwrap(), ckpt, "{variant}");
+        // Every tensor key transformers wrote, and no other (the attention buffers aside).
+        let ours = std::fs::read(out.join("model.safetensors")).unwrap();
+        let key_set = |bytes: &[u8]| -> Vec<String> {
+            let mut keys: Vec<String> = SafeTensors::deserialize(bytes)
+                .unwrap()
+                .names()
+                .into_iter()
+                .filter(|k| !k.ends_with(".attn.bias") && !k.ends_with(".attn.masked_bias"))
+                .map(|k| k.to_string())
+                .collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(key_set(&ours), key_set(&file), "{variant}");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        let theirs: serde_json::Value = serde_json::from_slice(&read(&format!(
+            "gpt2-tiny-nf4/{variant}/config.json"
+        )))
+        .unwrap();
+        assert_eq!(
+            config["quantization_config"], theirs["quantization_config"],
+            "{variant}"
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+#[test]
+fn inconsistent_quantized_directories_are_refused_by_name() {
+    let tmp = std::env::temp_dir().join(format!("nf4-refuse-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let src = format!("{FIXTURES}/gpt2-tiny-nf4/plain");
+    std::fs::copy(format!("{src}/model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    let config = std::fs::read_to_string(format!("{src}/config.json")).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&config).unwrap();
+    // NF4 tensors without the config that says so.
+    value.as_object_mut().unwrap().remove("quantization_config");
+    std::fs::write(tmp.join("config.json"), value.to_string()).unwrap();
+    let err = Checkpoint::load(&tmp).unwrap_err().to_string();
+    assert!(err.contains("quantization_config"), "{err}");
+    // 8-bit and FP4 are other formats.
+    for (key, val, says) in [
+        ("load_in_8bit", serde_json::json!(true), "load_in_8bit"),
+        ("bnb_4bit_quant_type", serde_json::json!("fp4"), "fp4"),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&config).unwrap();
+        v["quantization_config"][key] = val;
+        std::fs::write(tmp.join("config.json"), v.to_string()).unwrap();
+        let err = Checkpoint::load(&tmp).unwrap_err().to_string();
+        assert!(err.contains(says) && err.contains("config.json"), "{err}");
+    }
+    // A float model's file under a config that asks for NF4.
+    std::fs::copy(
+        format!("{FIXTURES}/gpt2-tiny/model.safetensors"),
+        tmp.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(tmp.join("config.json"), &config).unwrap();
+    let err = Checkpoint::load(&tmp).unwrap_err().to_string();
+    assert!(err.contains("holds none"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -139,11 +139,13 @@ pub fn parse_bt(s: &str) -> crate::Result<(usize, usize)> {
 /// What a training step updates.
 #[derive(Clone, Debug)]
 pub enum Mode {
-    /// LoRA of rank r with this alpha on these targets; the base is frozen.
+    /// LoRA of rank r with this alpha on these targets; the base is frozen, and with `nf4` its
+    /// Linear weights are stored in NF4 with double quantization (QLoRA's setting).
     Lora {
         r: usize,
         alpha: f32,
         targets: Vec<Target>,
+        nf4: bool,
     },
     /// Every parameter trainable.
     Full,
@@ -152,24 +154,31 @@ pub enum Mode {
 impl Mode {
     pub fn name(&self) -> &'static str {
         match self {
-            Mode::Lora { .. } => "lora",
+            Mode::Lora { nf4: false, .. } => "lora",
+            Mode::Lora { nf4: true, .. } => "qlora",
             Mode::Full => "full",
         }
     }
 
-    /// `lora` or `full`, LoRA with rank `r`, `alpha` and targets `targets` (e.g. q,v).
+    /// `lora`, `qlora` (LoRA on an NF4 base) or `full`, LoRA with rank `r`, `alpha` and targets
+    /// `targets` (e.g. q,v).
     pub fn parse(name: &str, r: usize, alpha: f32, targets: &[String]) -> crate::Result<Mode> {
-        match name {
-            "lora" => Ok(Mode::Lora {
+        let lora = |nf4| -> crate::Result<Mode> {
+            Ok(Mode::Lora {
                 r,
                 alpha,
                 targets: targets
                     .iter()
                     .map(|t| Target::parse(t))
                     .collect::<Result<_, _>>()?,
-            }),
+                nf4,
+            })
+        };
+        match name {
+            "lora" => lora(false),
+            "qlora" => lora(true),
             "full" => Ok(Mode::Full),
-            other => Err(format!("unknown mode `{other}`: expected lora or full").into()),
+            other => Err(format!("unknown mode `{other}`: expected lora, qlora or full").into()),
         }
     }
 }
@@ -187,12 +196,17 @@ pub struct Trainee {
 
 /// Build `cfg` with GPT-2's random init on `device`, for `mode`.
 pub fn trainee(cfg: &GptConfig, mode: &Mode, device: &Device, seed: u64) -> crate::Result<Trainee> {
-    let ckpt = init_checkpoint(cfg, seed)?;
+    let mut ckpt = init_checkpoint(cfg, seed)?;
+    if let Mode::Lora { nf4: true, .. } = mode {
+        ckpt.quantize_nf4(true)?;
+    }
     let full = matches!(mode, Mode::Full);
     let mut model = Gpt2::from_checkpoint(&ckpt, device, full)?;
     drop(ckpt);
     let (lora, params): (Option<LoraModel>, Vec<Trainable>) = match mode {
-        Mode::Lora { r, alpha, targets } => {
+        Mode::Lora {
+            r, alpha, targets, ..
+        } => {
             let lcfg = LoraConfig::new(*r, *alpha, targets);
             let lora = LoraModel::inject(&mut model, &lcfg, seed)?;
             let params = lora.trainable_params();
@@ -208,7 +222,15 @@ pub fn trainee(cfg: &GptConfig, mode: &Mode, device: &Device, seed: u64) -> crat
         ),
     };
     let trainable = params.iter().map(|p| p.value.numel()).sum();
+    let nf4_bytes: u64 = model
+        .linears()
+        .map(|l| match &l.weight {
+            transformer::Weight::Nf4(q) => q.codes.bytes(),
+            transformer::Weight::Dense(_) => 0,
+        })
+        .sum();
     let parameter_bytes = autograd::memory::parameter_bytes(model.named_params()).live
+        + nf4_bytes
         + lora.as_ref().map_or(0, LoraModel::lora_bytes);
     Ok(Trainee {
         model,
@@ -357,7 +379,7 @@ pub struct LoraArgs {
 /// Which fine-tuning modes a training bench compares, and the LoRA settings.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModeArgs {
-    /// Modes: lora, full.
+    /// Modes: lora, qlora (LoRA on a base stored in NF4 with double quantization), full.
     #[arg(long, value_delimiter = ',', default_value = "lora,full")]
     pub modes: Vec<String>,
     #[command(flatten)]

@@ -75,10 +75,6 @@ impl<'a> Session<'a> {
         saved: Option<Saved>,
     ) -> crate::Result<Session<'a>> {
         let mut model = Gpt2::from_checkpoint(base, device, args.full)?;
-        if args.full && args.quant.quantize != crate::quantize::Quantization::None {
-            return Err("--quantize stores a frozen base: it trains adapters, not --full".into());
-        }
-        args.quant.apply(&mut model)?;
         let (lora, params) = trainables(args, &mut model)?;
         let groups = if args.full {
             vec![ParamGroup::new(params.clone(), args.weight_decay)]

@@ -1,0 +1,134 @@
+//! [`Linear`]: `y = x·W + b` in the layout of Hugging Face's Conv1D, W (in, out), with W dense
+//! ([`Weight::Dense`]) or frozen in NF4 ([`Weight::Nf4`], QLoRA), and the [`Adapter`] hook
+//! through which LoRA adds its term.
+
+use autograd::{Param, Tape, Var};
+use tensor::Device;
+use tensor::ops::matmul::MatmulOpts;
+use tensor::ops::matmul_nf4::Nf4Tensor;
+use tensor::quant::Nf4Weight;
+
+use crate::error::{Error, Result};
+
+/// Something that adds to a linear layer's output: LoRA's (alpha/r)·B·A·x (crates/lora) is one.
+/// The base layer stays as it is; the adapter sees the input and the base output.
+pub trait Adapter {
+    /// `y` is the base output x·W + b, (…, out); return y plus the adapter's term.
+    fn apply(&self, tape: &Tape, x: &Var, y: Var) -> Result<Var>;
+    /// The adapter's own parameters (trainable ones go to the optimizer).
+    fn params(&self) -> Vec<&Param>;
+}
+
+/// `y = x·W + b` with W: (in, out) as Hugging Face's Conv1D stores it, plus an optional adapter.
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Param,
+    pub adapter: Option<Box<dyn Adapter>>,
+}
+
+/// The W of a [`Linear`]: f32 values (trainable or frozen), or frozen NF4 codes (QLoRA).
+pub enum Weight {
+    Dense(Param),
+    Nf4(Nf4Linear),
+}
+
+/// A frozen W stored in NF4 as bitsandbytes stores it: Wᵀ, (out, in), quantized in blocks of 64
+/// ([`tensor::quant`]). The product dequantizes it on the fly ([`Tape::matmul_nf4`]); no f32
+/// copy exists on the device.
+pub struct Nf4Linear {
+    /// The weight's checkpoint name, e.g. `h.0.attn.c_attn.weight`.
+    pub name: String,
+    pub codes: Nf4Tensor,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Nf4Linear {
+    /// Uploads `w`, stored (out, in) as bitsandbytes stores it, as the weight `name`.
+    pub fn new(name: &str, w: &Nf4Weight, device: &Device) -> Result<Nf4Linear> {
+        let &[out_features, in_features] = w.shape() else {
+            return Err(Error::Invalid(format!(
+                "NF4 weight `{name}`: shape {:?}, expected (out, in)",
+                w.shape()
+            )));
+        };
+        Ok(Nf4Linear {
+            name: name.to_string(),
+            codes: Nf4Tensor::upload(w, device)?,
+            in_features,
+            out_features,
+        })
+    }
+}
+
+impl Weight {
+    /// The f32 parameter, or an error naming the weight when it is quantized: `what` is what
+    /// needed the f32 values (merging, DoRA, saving a full checkpoint, ...).
+    pub fn dense(&self, what: &str) -> Result<&Param> {
+        match self {
+            Weight::Dense(p) => Ok(p),
+            Weight::Nf4(q) => Err(Error::Invalid(format!(
+                "`{}` is stored in NF4 (a quantized frozen base); {what} needs its f32 values: \
+                 load the model without --quantize (adapters trained on a quantized base are \
+                 ordinary LoRA adapters and apply to the f32 base too)",
+                q.name
+            ))),
+        }
+    }
+
+    /// The weight's checkpoint name.
+    pub fn name(&self) -> &str {
+        match self {
+            Weight::Dense(p) => p.name(),
+            Weight::Nf4(q) => &q.name,
+        }
+    }
+
+    /// W's shape as the model uses it, (in, out), whatever its storage.
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            Weight::Dense(p) => {
+                let s = p.value().shape();
+                [s[0], s.get(1).copied().unwrap_or(1)]
+            }
+            Weight::Nf4(q) => [q.in_features, q.out_features],
+        }
+    }
+
+    /// Number of weights (in · out).
+    pub fn numel(&self) -> usize {
+        match self {
+            Weight::Dense(p) => p.value().numel(),
+            Weight::Nf4(q) => q.in_features * q.out_features,
+        }
+    }
+}
+
+impl Linear {
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        let b = tape.param(&self.bias);
+        let y = match &self.weight {
+            Weight::Dense(w) => tape.matmul(x, &tape.param(w), Some(&b), MatmulOpts::default())?,
+            // Stored (out, in): y = x·(Wᵀ)ᵀ.
+            Weight::Nf4(q) => tape.matmul_nf4(x, &q.codes, Some(&b), true)?,
+        };
+        match &self.adapter {
+            Some(adapter) => adapter.apply(tape, x, y),
+            None => Ok(y),
+        }
+    }
+
+    pub(crate) fn params(&self) -> Vec<&Param> {
+        match &self.weight {
+            Weight::Dense(w) => vec![w, &self.bias],
+            Weight::Nf4(_) => vec![&self.bias],
+        }
+    }
+
+    pub(crate) fn params_mut(&mut self) -> Vec<&mut Param> {
+        match &mut self.weight {
+            Weight::Dense(w) => vec![w, &mut self.bias],
+            Weight::Nf4(_) => vec![&mut self.bias],
+        }
+    }
+}
