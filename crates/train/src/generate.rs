@@ -79,7 +79,7 @@ pub fn run(args: &GenerateArgs, device: &Device) -> crate::Result<()> {
         return generate_all(args, &model, &prompts);
     }
     // Several adapters: one bank over one base, each adapter active in turn.
-    let model = crate::load_frozen(&args.model, device, args.quant)?;
+    let mut model = crate::load_frozen(&args.model, device, args.quant)?;
     let mut bank = lora::AdapterBank::new(&model);
     let names: Vec<String> = args
         .adapter

@@ -67,11 +67,7 @@ pub fn load_model(dir: &Path, device: &Device, trainable: bool) -> Result<Gpt2> 
 
 /// Load a model directory onto `device` with every parameter frozen, its Linear weights
 /// quantized on the host first when `quantize` asks (a directory saved in NF4 is NF4 anyway).
-pub fn load_frozen(
-    dir: &Path,
-    device: &Device,
-    quantize: quantize::QuantizeArgs,
-) -> Result<Gpt2> {
+pub fn load_frozen(dir: &Path, device: &Device, quantize: quantize::QuantizeArgs) -> Result<Gpt2> {
     let mut ckpt = Checkpoint::load(dir)?;
     quantize.apply(&mut ckpt)?;
     Ok(Gpt2::from_checkpoint(&ckpt, device, false)?)
@@ -106,7 +102,7 @@ pub fn load_with_adapter(
     device: &Device,
     quantize: quantize::QuantizeArgs,
 ) -> Result<(Gpt2, Option<lora::LoraModel>)> {
-    let model = load_frozen(dir, device, quantize)?;
+    let mut model = load_frozen(dir, device, quantize)?;
     let Some(adapter) = adapter else {
         return Ok((model, None));
     };

@@ -127,7 +127,9 @@ pub fn run(args: &QuantizeCmdArgs) -> crate::Result<()> {
         .into());
     }
     if args.out.exists() && args.out.canonicalize().ok() == args.model.canonicalize().ok() {
-        return Err("--out is the model directory itself: write the quantized model elsewhere".into());
+        return Err(
+            "--out is the model directory itself: write the quantized model elsewhere".into(),
+        );
     }
     let before = linear_bytes(&ckpt);
     ckpt.quantize_nf4(args.double_quant)?;

@@ -91,3 +91,98 @@ fn what_needs_f32_weights_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--quantize"), "{err}");
 }
+
+/// `train quantize` writes bitsandbytes' layout (for the plain format, the very codes
+/// transformers + bitsandbytes wrote for this model), and every command reads the directory
+/// as the NF4 base `--quantize nf4` builds in memory: the same losses, bit for bit.
+#[test]
+fn train_quantize_writes_a_base_every_command_reads() {
+    let dir = scratch("quantize-cmd");
+    let data = dir.join("data.txt");
+    std::fs::write(&data, "a quantized base still reads text. ".repeat(30)).unwrap();
+    let data_s = data.to_str().unwrap();
+    let model = tiny();
+    let fixture = format!(
+        "{}/../../tests/fixtures/gpt2-tiny-nf4",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    for (flags, variant) in [(&[][..], "plain"), (&["--double-quant"][..], "dq")] {
+        let q = dir.join(format!("q-{variant}"));
+        let q_s = q.to_str().unwrap();
+        let said = train_ok(&[&["quantize", "--model", &model, "--out", q_s][..], flags].concat());
+        assert!(said.contains("NF4"), "{said}");
+        let ours = transformer::Checkpoint::load(&q).unwrap();
+        assert_eq!(ours.nf4.len(), 8);
+        if variant == "plain" {
+            let theirs = transformer::Checkpoint::load(format!("{fixture}/plain")).unwrap();
+            assert_eq!(ours.nf4, theirs.nf4, "bitsandbytes' codes and scales");
+        }
+        // eval: the directory = --quantize on the f32 model, bit for bit.
+        let on_the_fly = eval_loss(&[&["--quantize", "nf4"][..], flags].concat(), data_s);
+        let v: Value = serde_json::from_str(&train_ok(&[
+            "eval", "--model", q_s, "--data", data_s, "--json",
+        ]))
+        .unwrap();
+        assert_eq!(v["loss"].as_f64().unwrap().to_bits(), on_the_fly.to_bits());
+        // finetune: the same run either way.
+        let steps = ["--steps", "3", "--batch", "2", "--lr", "1e-2"];
+        let (a, b) = (
+            dir.join(format!("a-{variant}")),
+            dir.join(format!("b-{variant}")),
+        );
+        finetune(
+            &data,
+            &a,
+            &[&steps[..], &["--quantize", "nf4"], flags].concat(),
+        );
+        let args = common::finetune_args(&data, &b, &steps);
+        let args: Vec<String> = args
+            .into_iter()
+            .map(|s| if s == model { q_s.to_string() } else { s })
+            .collect();
+        train_ok(&args);
+        let losses = |out: &std::path::Path| -> Vec<u64> {
+            metrics(out)
+                .iter()
+                .map(|r| r["loss"].as_f64().unwrap().to_bits())
+                .collect()
+        };
+        assert_eq!(losses(&a), losses(&b), "{variant}");
+        // generate runs on it.
+        let text = train_ok(&[
+            "generate",
+            "--model",
+            q_s,
+            "--prompt",
+            "a ",
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert!(!text.is_empty());
+        // What needs f32 weights is refused, naming the weight.
+        let err = train_fails(&[
+            "finetune",
+            "--model",
+            q_s,
+            "--data",
+            data_s,
+            "--out",
+            dir.join("full").to_str().unwrap(),
+            "--steps",
+            "1",
+            "--full",
+        ]);
+        assert!(
+            err.contains("NF4") && err.contains("h.0.attn.c_attn.weight"),
+            "{err}"
+        );
+        let err = train_fails(&[
+            "quantize",
+            "--model",
+            q_s,
+            "--out",
+            dir.join("qq").to_str().unwrap(),
+        ]);
+        assert!(err.contains("already"), "{err}");
+    }
+}

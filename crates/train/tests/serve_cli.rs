@@ -167,3 +167,57 @@ fn bench_serve_runs_with_tiny_settings() {
     }));
     let _ = std::fs::remove_dir_all(work);
 }
+
+/// `--quantize nf4` serves QLoRA's 4-bit base: at temperature 0 the server completes a prompt
+/// as `train generate --quantize nf4` does, and, over a long completion, not as the f32 base.
+#[cfg(unix)]
+#[test]
+fn serve_quantize_nf4_serves_the_4bit_base() {
+    let prompt = "name : Aromi | food : Chinese ||";
+    let model = root().join("models/base");
+    let out = train_command()
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompt,
+        ])
+        .args(["--max-new-tokens", "12", "--quantize", "nf4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let generated = generated
+        .trim_end_matches('\n')
+        .strip_prefix(prompt)
+        .unwrap();
+    let complete = |extra: &[&str]| -> serde_json::Value {
+        let (mut child, addr) = serve(extra, None);
+        let body = serde_json::json!({"model": "base", "prompt": prompt, "max_tokens": 12,
+            "temperature": 0, "logprobs": 1})
+        .to_string();
+        let (status, answer) = http(&addr, "POST", "/v1/completions", &body, None);
+        assert_eq!(status, 200, "{answer}");
+        signal(&child, libc::SIGINT);
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        answer["choices"][0].clone()
+    };
+    let (nf4, f32) = (complete(&["--quantize", "nf4"]), complete(&[]));
+    assert_eq!(nf4["text"], generated, "served vs generated, NF4 base");
+    let logprobs = |c: &serde_json::Value| c["logprobs"]["token_logprobs"].clone();
+    assert!(
+        logprobs(&nf4).as_array().is_some_and(|a| !a.is_empty()),
+        "{nf4}"
+    );
+    assert_ne!(
+        logprobs(&nf4),
+        logprobs(&f32),
+        "NF4 changes the base's probabilities"
+    );
+}

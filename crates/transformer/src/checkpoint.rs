@@ -134,11 +134,9 @@ impl Checkpoint {
         let dir = dir.as_ref();
         let config_path = dir.join("config.json");
         let config = GptConfig::from_file(&config_path)?;
-        let raw: Value = serde_json::from_str(&tensor_file::read_text(
-            &config_path,
-            MAX_CONFIG_BYTES,
-        )?)
-        .map_err(|e| Error::checkpoint(&config_path, format!("not valid JSON: {e}")))?;
+        let raw: Value =
+            serde_json::from_str(&tensor_file::read_text(&config_path, MAX_CONFIG_BYTES)?)
+                .map_err(|e| Error::checkpoint(&config_path, format!("not valid JSON: {e}")))?;
         let wants_nf4 =
             nf4_file::wants_nf4(&raw).map_err(|m| Error::checkpoint(&config_path, m))?;
         let unprefixed = |key: &str| key.strip_prefix(PREFIX).unwrap_or(key).to_string();

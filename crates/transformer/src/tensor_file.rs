@@ -358,7 +358,14 @@ pub fn write_tensors_and_raw<'a>(
             );
             return Err(Error::checkpoint(path, message));
         }
-        views.push((name, Stored::Raw { dtype, shape, bytes }));
+        views.push((
+            name,
+            Stored::Raw {
+                dtype,
+                shape,
+                bytes,
+            },
+        ));
     }
     write_atomically(path, |tmp| {
         safetensors::serialize_to_file(views, metadata, tmp)

@@ -147,13 +147,15 @@ fn read_sharded(
         let wanted = |k: &str| names.contains(k) && keep(k);
         let (tensors, quantized) = match format {
             Format::Safetensors => tensor_file::read_tensors_and_nf4(&path, wanted)?,
-            Format::Torch => (torch_pickle::read_state_dict(&path, wanted)?, BTreeMap::new()),
+            Format::Torch => (
+                torch_pickle::read_state_dict(&path, wanted)?,
+                BTreeMap::new(),
+            ),
         };
         let found: BTreeSet<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
         // A quantized weight's parts are read with it (a missing part is an error there).
-        let accounted = |n: &str| {
-            found.contains(n) || quantized.contains_key(n) || nf4_file::is_quant_part(n)
-        };
+        let accounted =
+            |n: &str| found.contains(n) || quantized.contains_key(n) || nf4_file::is_quant_part(n);
         if let Some(lost) = names.iter().find(|n| keep(n) && !accounted(n)) {
             return Err(err(format!(
                 "tensor `{lost}` is not in `{file}`, the shard the index names for it"

@@ -262,10 +262,8 @@ fn quantized_directories_load_and_save_exactly() {
         assert_eq!(key_set(&ours), key_set(&file), "{variant}");
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
-        let theirs: serde_json::Value = serde_json::from_slice(&read(&format!(
-            "gpt2-tiny-nf4/{variant}/config.json"
-        )))
-        .unwrap();
+        let theirs: serde_json::Value =
+            serde_json::from_slice(&read(&format!("gpt2-tiny-nf4/{variant}/config.json"))).unwrap();
         assert_eq!(
             config["quantization_config"], theirs["quantization_config"],
             "{variant}"
@@ -279,7 +277,11 @@ fn inconsistent_quantized_directories_are_refused_by_name() {
     let tmp = std::env::temp_dir().join(format!("nf4-refuse-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let src = format!("{FIXTURES}/gpt2-tiny-nf4/plain");
-    std::fs::copy(format!("{src}/model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        format!("{src}/model.safetensors"),
+        tmp.join("model.safetensors"),
+    )
+    .unwrap();
     let config = std::fs::read_to_string(format!("{src}/config.json")).unwrap();
     let mut value: serde_json::Value = serde_json::from_str(&config).unwrap();
     // NF4 tensors without the config that says so.
