@@ -60,6 +60,11 @@ pub struct RunArgs {
     pub eval_limit: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// QLoRA: the base (its score and the LoRA run) with its Linear weights in NF4; full
+    /// fine-tuning keeps the f32 base. Merging needs f32 weights, so the merge check and the
+    /// latency table are skipped.
+    #[command(flatten)]
+    pub quant: crate::quantize::QuantizeArgs,
 }
 
 impl RunArgs {
@@ -69,6 +74,7 @@ impl RunArgs {
             "model": self.model, "data": self.data, "steps": self.steps, "batch": self.batch,
             "r": self.r, "alpha": self.alpha, "targets": self.targets, "lora_lr": self.lora_lr,
             "full_lr": self.full_lr, "seed": self.seed, "full": !self.no_full,
+            "quantize": self.quant.identity(),
         })
     }
 }
@@ -134,8 +140,11 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
         cfg.batch
     );
 
-    // The base model, frozen.
-    let mut model = Gpt2::from_checkpoint(&ckpt, device, false)?;
+    // The base model, frozen (in NF4 if asked).
+    let mut frozen = ckpt.clone();
+    args.quant.apply(&mut frozen)?;
+    let mut model = Gpt2::from_checkpoint(&frozen, device, false)?;
+    drop(frozen);
     let total = model.num_params();
     let (base_bleu, _) = bleu_heldout(&model, &tok, &data)?;
     println!("base model: BLEU {:.1}", base_bleu.score);
@@ -154,7 +163,13 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     lora.save_peft(out.join("adapter"))?;
 
     // Merge, check, time.
-    let latency = inference_latency(&model, &lora, &tok, &data)?;
+    let latency = if args.quant.nf4()?.is_some() {
+        "merge check and latency: skipped (the base is in NF4, and merging needs its f32 \
+         weights; the adapter applies to the f32 base as it is)"
+            .to_string()
+    } else {
+        inference_latency(&model, &lora, &tok, &data)?
+    };
 
     // Full fine-tuning of a fresh copy with the same budget.
     let full = if args.no_full {
@@ -204,10 +219,14 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
         },
         Row {
             name: format!(
-                "LoRA r {} alpha {} ({})",
+                "LoRA r {} alpha {} ({}){}",
                 args.r,
                 args.alpha,
-                args.targets.join(",")
+                args.targets.join(","),
+                match args.quant.nf4()? {
+                    None => "",
+                    Some(_) => ", NF4 base",
+                }
             ),
             bleu: lora_bleu,
             report: Some(lora_report),

@@ -66,6 +66,8 @@ fn adalora_trains_prunes_saves_peft_layout_and_merges() {
         assert_eq!(kept, r["budget"].as_u64().unwrap(), "step {}", r["step"]);
     }
 
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("AdaLoRA"), "loss.svg");
     let adapter = out.join("adapter");
     let text = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap();
     let config: Value = serde_json::from_str(&text).unwrap();

@@ -5,7 +5,7 @@
 //! gradients ([`lora::RankAllocator`]). Batches are drawn as for LoRA ([`crate::batch::Batches`]).
 //!
 //! `--out` receives `metrics.jsonl` (step, loss with the regularizer, lr, grad_norm, budget, and
-//! kept ranks after each allocation) and `adapter/`: a PEFT ADALORA adapter pruned by the final
+//! kept ranks after each allocation), `loss.svg` (that loss by step) and `adapter/`: a PEFT ADALORA adapter pruned by the final
 //! rank pattern ([`lora::AdaLora::save_peft`]), which `train eval --adapter` and `train merge`
 //! load like any PEFT adapter. AdaLoRA runs are not checkpointed: `--resume` and `--stop-after`
 //! are refused, as are LoRA-only options (dropout, DoRA, rsLoRA, patterns, ...).
@@ -21,6 +21,7 @@ use transformer::{Checkpoint, Gpt2};
 use super::FinetuneArgs;
 use super::session::Plan;
 use crate::batch::{Batches, Example, batch};
+use crate::loss_plot::{Curve, plot_losses};
 use crate::metrics::Metrics;
 
 /// Refuses what an AdaLoRA run does not do.
@@ -88,6 +89,7 @@ pub(super) fn run(
             .map(|p| p.value().numel())
             .sum::<usize>()
     );
+    let mut losses = Vec::with_capacity(total);
     for i in 0..total {
         let micro: Vec<_> = (0..args.grad_accum)
             .map(|_| {
@@ -134,6 +136,7 @@ pub(super) fn run(
             }
         }
         metrics.write(record)?;
+        losses.push(loss_sum);
         if (i + 1) % 10 == 0 || i + 1 == total {
             println!(
                 "step {}/{total}: loss {loss_sum:.4}, budget {budget}",
@@ -141,6 +144,21 @@ pub(super) fn run(
             );
         }
     }
+    let name = format!(
+        "AdaLoRA r {} to {}",
+        args.adalora.init_r, args.adalora.target_r
+    );
+    let curve = Curve {
+        name: &name,
+        losses: &losses,
+        heldout: &[],
+    };
+    let title = format!(
+        "fine-tuning {} on {}: loss of the counted tokens, with the orthogonal regularizer",
+        args.model.display(),
+        args.data.display()
+    );
+    plot_losses(&args.out.join("loss.svg"), &title, &[curve])?;
     let dir = args.out.join("adapter");
     ada.save_peft(&dir, allocator.rank_pattern.as_deref())?;
     if let Some(p) = &allocator.rank_pattern {
