@@ -507,7 +507,7 @@ impl LoraModel {
                 l.a.value().numel() + l.b.value().numel() + m
             })
             .sum();
-        let base: usize = model.named_params().iter().map(|p| p.value().numel()).sum();
+        let base = model.num_params(); // quantized weights included
         let biases: usize = self.biases.iter().map(|t| t.value.numel()).sum();
         ParamCount {
             trainable: lora + biases,
