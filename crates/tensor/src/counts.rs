@@ -21,7 +21,11 @@
 //!   the loss, a norm) or a [`Device::sync`](crate::Device::sync), with the bytes read;
 //! - **matmuls**: every product by its shape (batch, M, N, K and the transpose flags, after
 //!   [`matmul`](crate::ops::matmul)'s folding of a shared B), with its FLOPs `2·batch·M·N·K`,
-//!   so masked or redundant work (a causal product computed whole) shows by shape.
+//!   so masked or redundant work (a causal product computed whole) shows by shape;
+//! - **memory by phase**: the device's live tensor bytes when each phase made its first
+//!   allocation, and the most live bytes during the phase (the counters of
+//!   [`memory`](crate::memory), which every allocation of either backend updates). The bytes
+//!   the forward leaves for the backward are the saved activations, exactly.
 //!
 //! Off, each hook costs one relaxed atomic load. Only the thread that called [`start`] is
 //! counted, as with the profiler; counting and profiling can run together.
@@ -99,7 +103,17 @@ pub struct MatmulCount {
     pub flops: u64,
 }
 
-/// What [`stop`] returns; each list is sorted by context then name.
+/// Live tensor bytes of the device during one phase.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhaseMemory {
+    pub phase: &'static str,
+    /// Live bytes just before the phase's first allocation.
+    pub live_at_start: u64,
+    /// The most live bytes after any allocation of the phase.
+    pub peak: u64,
+}
+
+/// What [`stop`] returns; each list is sorted by context then name, `memory` by first use.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Counts {
     pub ops: Vec<OpCount>,
@@ -110,6 +124,7 @@ pub struct Counts {
     pub waits: Vec<TransferCount>,
     pub matmuls: Vec<MatmulCount>,
     pub submissions: u64,
+    pub memory: Vec<PhaseMemory>,
 }
 
 impl Counts {
@@ -159,6 +174,7 @@ struct State {
     waits: BTreeMap<(Context, &'static str), (u64, u64)>,
     matmuls: BTreeMap<MatmulKey, (u64, u64)>,
     submissions: u64,
+    memory: Vec<PhaseMemory>,
     /// Per shader: the bindings declared `read_write`, and each entry point's workgroup size.
     shaders: Option<HashMap<&'static str, ShaderFacts>>,
 }
@@ -172,6 +188,7 @@ impl State {
             waits: BTreeMap::new(),
             matmuls: BTreeMap::new(),
             submissions: 0,
+            memory: Vec::new(),
             shaders: None,
         }
     }
@@ -278,6 +295,7 @@ pub fn stop() -> Counts {
             )
             .collect(),
         submissions: s.submissions,
+        memory: s.memory.clone(),
     }
 }
 
@@ -389,4 +407,21 @@ pub(crate) fn matmul(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, 
         .or_default();
     e.0 += 1;
     e.1 += flops;
+}
+
+/// An allocation took the live bytes of its device from `before` to `after`.
+pub(crate) fn allocated(before: u64, after: u64) {
+    if !here() {
+        return;
+    }
+    let (phase, _) = profile::context();
+    let mut s = state();
+    match s.memory.iter_mut().find(|m| m.phase == phase) {
+        Some(m) => m.peak = m.peak.max(after),
+        None => s.memory.push(PhaseMemory {
+            phase,
+            live_at_start: before,
+            peak: after,
+        }),
+    }
 }

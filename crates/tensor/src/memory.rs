@@ -31,6 +31,7 @@ impl MemoryCounters {
     pub(crate) fn alloc(&self, bytes: u64) {
         let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(live, Ordering::Relaxed);
+        crate::counts::allocated(live - bytes, live);
     }
 
     pub(crate) fn free(&self, bytes: u64) {

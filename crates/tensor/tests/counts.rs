@@ -166,3 +166,32 @@ fn a_dry_run_counts_what_an_executed_run_counts_without_running_it() {
         ["elementwise"]
     );
 }
+
+/// Memory by phase: the live bytes when a phase first allocates, and its peak.
+#[test]
+fn each_phase_records_the_live_bytes_at_its_start_and_its_peak() {
+    let _s = serial();
+    let cpu = Device::cpu();
+    let before = cpu.memory().live;
+    let mut kept = Vec::new();
+    let c = counted(|| {
+        {
+            let _p = profile::phase("forward");
+            kept.push(Tensor::zeros(&[1000], &cpu).unwrap());
+        }
+        let _p = profile::phase("backward");
+        let temporary = Tensor::zeros(&[250], &cpu).unwrap();
+        drop(temporary);
+        kept.push(Tensor::zeros(&[500], &cpu).unwrap());
+    });
+    let phases: Vec<_> = c
+        .memory
+        .iter()
+        .map(|m| (m.phase, m.live_at_start - before, m.peak - before))
+        .collect();
+    assert_eq!(
+        phases,
+        [("forward", 0, 4000), ("backward", 4000, 4000 + 2000)],
+        "the temporary of 1000 bytes was freed before the 2000 were allocated"
+    );
+}
