@@ -364,25 +364,27 @@ impl Plan<'_> {
             t["submissions"],
             t["blocking_waits"]
         );
-        println!(
-            "  bound {} GB (writable {} GB), matmul {} GFLOP, host {} µs per dispatch to \
-             record, step {} ms wall ({} µs per dispatch or op)",
-            gb(c.bytes_bound()),
-            gb(c.bytes_writable()),
-            f(c.matmul_flops() as f64 / 1e9, 1),
-            f(
-                t["host_us_per_dispatch_recording"].as_f64().unwrap_or(0.0),
-                1
-            ),
-            f(self.wall * 1e3, 1),
-            f(t["step_wall_us_per_dispatch"].as_f64().unwrap_or(0.0), 1)
-        );
+        let flops = f(c.matmul_flops() as f64 / 1e9, 3);
+        let per = f(t["step_wall_us_per_dispatch"].as_f64().unwrap_or(0.0), 1);
+        let wall = f(self.wall * 1e3, 1);
+        if c.dispatches.is_empty() {
+            println!("  matmul {flops} GFLOP, step {wall} ms wall ({per} µs per op)");
+        } else {
+            let host = t["host_us_per_dispatch_recording"].as_f64().unwrap_or(0.0);
+            println!(
+                "  bound {} GB (writable {} GB), matmul {flops} GFLOP, host {} µs per dispatch \
+                 to record, step {wall} ms wall ({per} µs per dispatch)",
+                gb(c.bytes_bound()),
+                gb(c.bytes_writable()),
+                f(host, 1),
+            );
+        }
         if !c.dispatches.is_empty() {
             let r = Report::new(
                 false,
                 "dispatches by kernel",
                 &[
-                    ("kernel", 34),
+                    ("kernel", 42),
                     ("calls", 6),
                     ("workgroups", 11),
                     ("invocations", 13),
