@@ -5,7 +5,7 @@
 //! [`start`] turns counting on for the calling thread; [`stop`] returns the [`Counts`] since.
 //! Everything is filed under the profiler's phase (forward, backward, optimizer …) and the
 //! outermost scope family open at the time (`attention`, `matmul` …; see
-//! [`profile`](crate::profile)), which counting tracks like profiling does:
+//! [`profile`]), which counting tracks like profiling does:
 //!
 //! - **ops**: every innermost profiler scope closed, by its family: one public op call on
 //!   either backend (the CPU's "dispatches");
@@ -24,7 +24,7 @@
 //!   so masked or redundant work (a causal product computed whole) shows by shape;
 //! - **memory by phase**: the device's live tensor bytes when each phase made its first
 //!   allocation, and the most live bytes during the phase (the counters of
-//!   [`memory`](crate::memory), which every allocation of either backend updates). The bytes
+//!   [`memory`](mod@crate::memory), which every allocation of either backend updates). The bytes
 //!   the forward leaves for the backward are the saved activations, exactly.
 //!
 //! Off, each hook costs one relaxed atomic load. Only the thread that called [`start`] is

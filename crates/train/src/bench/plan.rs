@@ -482,7 +482,7 @@ impl Plan<'_> {
             ],
         );
         let mut mm: Vec<_> = c.matmuls.iter().collect();
-        mm.sort_by(|a, b| b.flops.cmp(&a.flops));
+        mm.sort_by_key(|m| std::cmp::Reverse(m.flops));
         for m in mm {
             let tr = match (m.trans_a, m.trans_b) {
                 (false, false) => "-",
