@@ -245,9 +245,16 @@ pub fn here() -> bool {
 pub fn start() {
     {
         let mut s = STATE.lock().unwrap_or_else(|p| p.into_inner());
-        let shaders = s.shaders.take();
+        // Read the registered shaders now, not at their first counted dispatch (where it would
+        // add to the time of the work counted).
+        let shaders = s.shaders.take().unwrap_or_else(|| {
+            crate::shaders::ALL
+                .iter()
+                .map(|&(name, source)| (name, ShaderFacts::of(source)))
+                .collect()
+        });
         *s = State::new();
-        s.shaders = shaders;
+        s.shaders = Some(shaders);
     }
     COUNTING.with(|c| c.set(true));
     ENABLED.store(true, Ordering::Relaxed);
@@ -423,5 +430,32 @@ pub(crate) fn allocated(before: u64, after: u64) {
             live_at_start: before,
             peak: after,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShaderFacts;
+
+    /// Every registered shader parses for counting (the fallback of an unparsable one, all
+    /// read-only with workgroups of 1, is never what the engine's kernels get), writes
+    /// somewhere, and each entry point has its workgroup size.
+    #[test]
+    fn every_registered_shader_has_writable_bindings_and_workgroup_sizes() {
+        for (name, source) in crate::shaders::ALL {
+            let facts = ShaderFacts::of(source);
+            assert!(!facts.writable.is_empty(), "{name}: no read_write binding");
+            assert!(!facts.workgroup_size.is_empty(), "{name}: no entry point");
+            for (entry, size) in &facts.workgroup_size {
+                assert!(*size > 1, "{name}::{entry}: workgroup size {size}");
+            }
+        }
+        let matmul = ShaderFacts::of(crate::shaders::MATMUL);
+        assert_eq!(
+            matmul.writable,
+            [3],
+            "matmul.wgsl writes c at binding 3 only"
+        );
+        assert_eq!(matmul.workgroup_size["matmul"], 16 * 16);
     }
 }
