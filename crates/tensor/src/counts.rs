@@ -25,7 +25,9 @@
 //! - **memory by phase**: the device's live tensor bytes when each phase made its first
 //!   allocation, and the most live bytes during the phase (the counters of
 //!   [`memory`](mod@crate::memory), which every allocation of either backend updates). The bytes
-//!   the forward leaves for the backward are the saved activations, exactly.
+//!   the forward leaves for the backward are the saved activations, exactly; and the most
+//!   bytes the device held at once counting the GPU pool's cached buffers (`held_peak`: what
+//!   the driver had allocated, which a tensor's peak alone understates).
 //!
 //! Off, each hook costs one relaxed atomic load. Only the thread that called [`start`] is
 //! counted, as with the profiler; counting and profiling can run together.
@@ -125,6 +127,8 @@ pub struct Counts {
     pub matmuls: Vec<MatmulCount>,
     pub submissions: u64,
     pub memory: Vec<PhaseMemory>,
+    /// The most bytes of live tensors plus pooled buffers seen at once.
+    pub held_peak: u64,
 }
 
 impl Counts {
@@ -175,6 +179,7 @@ struct State {
     matmuls: BTreeMap<MatmulKey, (u64, u64)>,
     submissions: u64,
     memory: Vec<PhaseMemory>,
+    held_peak: u64,
     /// Per shader: the bindings declared `read_write`, and each entry point's workgroup size.
     shaders: Option<HashMap<&'static str, ShaderFacts>>,
 }
@@ -189,6 +194,7 @@ impl State {
             matmuls: BTreeMap::new(),
             submissions: 0,
             memory: Vec::new(),
+            held_peak: 0,
             shaders: None,
         }
     }
@@ -303,6 +309,7 @@ pub fn stop() -> Counts {
             .collect(),
         submissions: s.submissions,
         memory: s.memory.clone(),
+        held_peak: s.held_peak,
     }
 }
 
@@ -416,13 +423,24 @@ pub(crate) fn matmul(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, 
     e.1 += flops;
 }
 
-/// An allocation took the live bytes of its device from `before` to `after`.
-pub(crate) fn allocated(before: u64, after: u64) {
+/// The device holds `bytes` (live tensors and pooled buffers) now.
+pub(crate) fn held(bytes: u64) {
+    if !here() {
+        return;
+    }
+    let mut s = state();
+    s.held_peak = s.held_peak.max(bytes);
+}
+
+/// An allocation took the live bytes of its device from `before` to `after`, with `pooled`
+/// bytes cached besides.
+pub(crate) fn allocated(before: u64, after: u64, pooled: u64) {
     if !here() {
         return;
     }
     let (phase, _) = profile::context();
     let mut s = state();
+    s.held_peak = s.held_peak.max(after + pooled);
     match s.memory.iter_mut().find(|m| m.phase == phase) {
         Some(m) => m.peak = m.peak.max(after),
         None => s.memory.push(PhaseMemory {

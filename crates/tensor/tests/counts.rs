@@ -195,3 +195,23 @@ fn each_phase_records_the_live_bytes_at_its_start_and_its_peak() {
         "the temporary of 1000 bytes was freed before the 2000 were allocated"
     );
 }
+
+/// The held peak counts the GPU pool's cached buffers with the live tensors: a freed buffer of
+/// another size stays held while the next tensor is allocated.
+#[test]
+fn the_held_peak_counts_buffers_the_pool_keeps() {
+    let _s = serial();
+    let Some(gpu) = own_gpu(true) else {
+        return;
+    };
+    let (small, large) = (1usize << 18, 1usize << 19); // floats: 1 MiB, 2 MiB
+    let c = counted(|| {
+        let a = Tensor::zeros(&[small], &gpu).unwrap();
+        drop(a);
+        let _b = Tensor::zeros(&[large], &gpu).unwrap();
+    });
+    assert_eq!(c.held_peak, 4 * (small + large) as u64);
+    // Both are cached now (b was dropped at the end of the closure): held, no longer live.
+    assert_eq!(gpu.memory().pooled, 4 * (small + large) as u64);
+    assert_eq!(gpu.memory().live, 0);
+}

@@ -24,7 +24,8 @@
 //! `other` is the device's peak of live tensor bytes minus the bytes live when the step began
 //! and the activations and gradients: the temporaries at the peak, approximate because the
 //! gradients may peak after some activations were freed. The live bytes at the start and the
-//! peak of each phase are printed as measured.
+//! peak of each phase are printed as measured, and so is the held peak: live tensors plus the
+//! buffers the GPU pool keeps cached for reuse, i.e. what the driver had allocated at most.
 
 use std::collections::BTreeMap;
 
@@ -132,6 +133,8 @@ struct Memory {
     /// Live bytes when the step's forward began (parameters, optimizer state, leftovers).
     baseline: u64,
     device_peak: u64,
+    /// Live tensors plus the pool's cached buffers, at most, during the counted step.
+    held_peak: u64,
     pooled: u64,
 }
 
@@ -145,7 +148,7 @@ impl Memory {
         json!({"frozen_parameters": self.frozen, "trainable_parameters": self.trainable,
             "optimizer_state": self.optimizer, "saved_activations": self.activations,
             "gradients": self.gradients, "other": self.other(), "live_at_step_start": self.baseline,
-            "device_peak": self.device_peak,
+            "device_peak": self.device_peak, "held_peak": self.held_peak,
             "pool_cached": self.pooled})
     }
 }
@@ -193,6 +196,7 @@ pub fn run(args: &PlanArgs, choice: DeviceChoice) -> crate::Result<()> {
         gradients: stats.grad_bytes,
         baseline,
         device_peak: dm.peak,
+        held_peak: c.held_peak,
         pooled: dm.pooled,
     };
     let mode_name = match &mode {
@@ -531,7 +535,8 @@ impl Plan<'_> {
             ("gradients", m.gradients),
             ("other (temporaries)", m.other()),
             ("device peak", m.device_peak),
-            ("pool cached", m.pooled),
+            ("held peak (+ pool)", m.held_peak),
+            ("pool cached at end", m.pooled),
         ] {
             r.row(Value::Null, &[name.into(), mib3(bytes)]);
         }
