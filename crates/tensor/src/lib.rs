@@ -31,6 +31,7 @@
 //! assert_eq!(add(&a, &b).unwrap().to_vec().unwrap(), vec![11.0, 22.0, 33.0]);
 //! ```
 
+pub mod counts;
 pub mod cpu;
 pub mod device;
 mod error;

@@ -31,6 +31,7 @@ impl MemoryCounters {
     pub(crate) fn alloc(&self, bytes: u64) {
         let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(live, Ordering::Relaxed);
+        crate::counts::allocated(live - bytes, live, self.pooled.load(Ordering::Relaxed));
     }
 
     pub(crate) fn free(&self, bytes: u64) {
@@ -43,6 +44,7 @@ impl MemoryCounters {
 
     pub(crate) fn set_pooled(&self, bytes: u64) {
         self.pooled.store(bytes, Ordering::Relaxed);
+        crate::counts::held(self.live.load(Ordering::Relaxed) + bytes);
     }
 
     /// Read all counters.

@@ -24,6 +24,11 @@
 //!
 //! Only the thread that called [`start`] is profiled: its scope stack is thread-local, and ops
 //! that other threads run meanwhile (other tests, other work of the program) are not counted.
+//!
+//! The step accounting of [`counts`](crate::counts) uses the same scopes and phases (without
+//! timing anything): while it counts on a thread, the scopes of that thread are tracked as
+//! when profiling, each innermost scope is counted as one op of its family, and what the GPU
+//! backend records is filed under the phase and outermost family open at the time.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -123,6 +128,8 @@ thread_local! {
     static PHASE: Cell<&'static str> = const { Cell::new(NO_PHASE) };
     /// Set on the thread that called [`start`], until [`stop`].
     static PROFILED: Cell<bool> = const { Cell::new(false) };
+    /// No scope was opened inside the innermost open one (yet): it is a leaf, one op.
+    static LEAF: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Is the profiler on? (One relaxed load: what a disabled scope costs.)
@@ -133,8 +140,14 @@ pub fn enabled() -> bool {
 
 /// Is this thread's work being profiled? (The profiler is on and this thread started it.)
 #[inline]
-fn here() -> bool {
+fn profiling() -> bool {
     enabled() && PROFILED.with(Cell::get)
+}
+
+/// Are this thread's scopes tracked: profiled, or counted by [`counts`](crate::counts)?
+#[inline]
+fn here() -> bool {
+    profiling() || crate::counts::here()
 }
 
 fn method() -> Method {
@@ -213,13 +226,17 @@ fn sync_device() {
 #[must_use = "a scope measures until it is dropped"]
 pub struct Scope {
     active: bool,
+    family: &'static str,
 }
 
 /// Open a scope of `family` (see the module doc); near-free when the profiler is off.
 #[inline]
 pub fn scope(family: &'static str) -> Scope {
     if !here() {
-        return Scope { active: false };
+        return Scope {
+            active: false,
+            family,
+        };
     }
     open(family)
 }
@@ -231,18 +248,25 @@ fn open(family: &'static str) -> Scope {
         d.get()
     });
     if depth == 1 {
-        if method() == Method::HostSync {
+        if profiling() && method() == Method::HostSync {
             sync_device();
         }
         OUTER.with(|o| o.set(Some((family, Instant::now()))));
     }
-    Scope { active: true }
+    LEAF.with(|l| l.set(true));
+    Scope {
+        active: true,
+        family,
+    }
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
         if !self.active {
             return;
+        }
+        if LEAF.with(|l| l.replace(false)) && crate::counts::here() {
+            crate::counts::op(self.family);
         }
         let depth = DEPTH.with(|d| {
             d.set(d.get().saturating_sub(1));
@@ -254,6 +278,9 @@ impl Drop for Scope {
         let Some((family, start)) = OUTER.with(|o| o.take()) else {
             return;
         };
+        if !profiling() {
+            return;
+        }
         let phase = PHASE.with(Cell::get);
         match method() {
             // The GPU's timestamps carry the time; count the scope only.
@@ -301,9 +328,16 @@ impl Drop for Phase {
     }
 }
 
+/// The phase and the outermost family open on this thread now ([`NO_PHASE`] and [`OTHER`]
+/// outside any), while its scopes are tracked.
+pub(crate) fn context() -> (&'static str, &'static str) {
+    let family = OUTER.with(|o| o.get()).map_or(OTHER, |(f, _)| f);
+    (PHASE.with(Cell::get), family)
+}
+
 /// The (phase, family) a GPU dispatch recorded now belongs to, when timestamps are being taken.
 pub(crate) fn gpu_tag() -> Option<(&'static str, &'static str)> {
-    if !here() || method() != Method::GpuTimestamps {
+    if !profiling() || method() != Method::GpuTimestamps {
         return None;
     }
     let family = OUTER.with(|o| o.get()).map_or(OTHER, |(f, _)| f);

@@ -65,6 +65,9 @@ enum BenchCommand {
     Step(train::bench::StepArgs),
     /// Time of a training step by op family and phase (profiler).
     Ops(train::bench::OpsArgs),
+    /// Count one training step: dispatches by kernel, submissions, blocking waits, bytes bound,
+    /// matmul FLOPs by shape, memory by purpose (a dry run on a GPU: runs anywhere, in seconds).
+    Plan(train::bench::PlanArgs),
     /// Inference with the KV cache: base, unmerged, merged and mixed-adapter batches.
     Infer(train::bench::InferArgs),
     /// Step time and memory against B, T and model size.
@@ -119,6 +122,7 @@ fn subcommand(command: Command, choice: DeviceChoice) -> train::Result<()> {
             BenchCommand::Ops(args) => {
                 device(cli_device).and_then(|d| train::bench::ops::run(&args, &d))
             }
+            BenchCommand::Plan(args) => train::bench::plan::run(&args, cli_device),
             BenchCommand::Infer(args) => {
                 device(cli_device).and_then(|d| train::bench::infer::run(&args, &d))
             }

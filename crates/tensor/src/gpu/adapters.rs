@@ -20,6 +20,13 @@ pub struct GpuOptions {
     pub max_buffer_bytes: Option<u64>,
     /// Features the device must have.
     pub features: wgpu::Features,
+    /// Record without running: dispatches and copies are validated and encoded but never
+    /// submitted, uploads are dropped, a readback returns 1.0 for every element without waiting
+    /// and `sync` returns at once. Buffers are still created (and counted) but never written,
+    /// so the driver need not back them. For the step accounting of
+    /// [`counts`](crate::counts): a GPT-2 step on a software adapter in seconds. Every number
+    /// a dry-run context computes is meaningless; only what it was asked to do is real.
+    pub dry_run: bool,
 }
 
 /// What a GPU context was made from, printable for the user.

@@ -10,6 +10,10 @@
 //!    open compute pass of the batch. Nothing runs yet;
 //! 5. the batch is submitted when it is full, when data is read back (`Tensor::to_vec`) or when
 //!    `sync` is called. wgpu inserts the barriers between dependent dispatches.
+//!
+//! Each of those steps reports to the step accounting of [`counts`](crate::counts) when it is
+//! on (dispatches, copies, uploads, submissions, blocking waits). A context made with
+//! [`GpuOptions::dry_run`] does steps 1 to 4 and stops there: nothing is submitted.
 
 mod adapters;
 pub(crate) mod bind;
@@ -74,6 +78,7 @@ pub struct GpuContext {
     pool: Mutex<BufferPool>,
     pub(crate) memory: MemoryCounters,
     poison: AtomicBool,
+    dry_run: bool,
     dispatches: AtomicU64,
     health: Arc<Health>,
     timestamps: Option<Timestamps>,
@@ -187,9 +192,8 @@ impl GpuContext {
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
             max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
         };
-        let timestamps = device
-            .features()
-            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        let timestamps = (device.features().contains(wgpu::Features::TIMESTAMP_QUERY)
+            && !options.dry_run)
             .then(|| Timestamps::new(&device, &queue));
         Ok(Arc::new(Self {
             device,
@@ -211,6 +215,7 @@ impl GpuContext {
             pool: Mutex::default(),
             memory: MemoryCounters::default(),
             poison: AtomicBool::new(false),
+            dry_run: options.dry_run,
             dispatches: AtomicU64::new(0),
             health,
             timestamps,
@@ -235,6 +240,11 @@ impl GpuContext {
     /// Live and peak bytes of tensor storage, and what the pool caches.
     pub fn memory(&self) -> MemoryStats {
         self.memory.snapshot()
+    }
+
+    /// Does this context record without running ([`GpuOptions::dry_run`])?
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run
     }
 
     /// Number of kernel dispatches recorded since the context was made.
@@ -365,6 +375,10 @@ impl GpuContext {
     /// the write (applied at the next submission) cannot overtake a command recorded earlier.
     pub(crate) fn write(&self, buffer: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
         self.flush()?;
+        crate::counts::transfer("upload", data.len() as u64);
+        if self.dry_run {
+            return Ok(());
+        }
         let ((), error) = capture(&self.device, || {
             self.queue.write_buffer(buffer, offset, data)
         });
@@ -451,6 +465,7 @@ impl GpuContext {
         if groups.contains(&0) {
             return Ok(());
         }
+        let counting = crate::counts::here().then(std::time::Instant::now);
         let pipeline = self.pipeline(kernel)?;
         let tag = match self.timestamps {
             Some(_) => crate::profile::gpu_tag(),
@@ -467,7 +482,9 @@ impl GpuContext {
             batch.pass = None;
         }
         let slot = batch.dispatches * PARAM_SLOT;
-        self.queue.write_buffer(&self.params, slot, params);
+        if !self.dry_run {
+            self.queue.write_buffer(&self.params, slot, params);
+        }
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -529,6 +546,22 @@ impl GpuContext {
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         batch.dispatches += 1;
         self.dispatches.fetch_add(1, Ordering::Relaxed);
+        drop(batch);
+        if let Some(start) = counting {
+            let bound: Vec<(u32, u64)> = bindings
+                .iter()
+                .map(|(i, b)| (*i, b.size.div_ceil(4) * 4))
+                .collect();
+            let host_ns = start.elapsed().as_nanos() as u64;
+            crate::counts::dispatch(
+                kernel.shader,
+                kernel.source,
+                kernel.entry,
+                groups,
+                &bound,
+                host_ns,
+            );
+        }
         Ok(())
     }
 
@@ -548,6 +581,8 @@ impl GpuContext {
             .get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
         encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
         batch.dispatches += 1;
+        drop(batch);
+        crate::counts::transfer("copy", bytes);
     }
 
     /// Submit the batch. Errors wgpu found while recording it (reported when its pass ends and
@@ -568,6 +603,10 @@ impl GpuContext {
             // Ending the pass and finishing the encoder report what was wrong inside them.
             batch.pass = None;
             if let Some(mut encoder) = batch.encoder.take() {
+                crate::counts::submission();
+                if self.dry_run {
+                    return; // recorded, validated, never run
+                }
                 if let Some(t) = self.timestamps.as_ref().filter(|_| !tags.is_empty()) {
                     t.resolve(&mut encoder, tags.len());
                     timed = Some(t);
@@ -624,6 +663,10 @@ impl GpuContext {
     /// Submit what has been recorded and wait until the GPU has finished it.
     pub fn sync(&self) -> Result<()> {
         self.flush()?;
+        crate::counts::wait("sync", 0);
+        if self.dry_run {
+            return self.health.check();
+        }
         self.wait()
     }
 }

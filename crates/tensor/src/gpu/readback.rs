@@ -1,5 +1,8 @@
 //! Reading GPU memory back to the host: copy into a MAP_READ staging buffer, submit, and wait
-//! (with a deadline, never a blocking receive) until wgpu has mapped it.
+//! (with a deadline, never a blocking receive) until wgpu has mapped it. A dry-run context
+//! ([`GpuOptions::dry_run`](super::GpuOptions::dry_run)) waits for nothing and reads 1.0 for
+//! every element: finite, and non-zero, so that data-dependent branches (gradient clipping)
+//! take the path that does more work.
 
 use super::GpuContext;
 use super::errors::{self, capture};
@@ -82,6 +85,11 @@ impl GpuContext {
         }
         self.copy(buffer, offset, &staging, 0, size);
         self.flush()?;
+        crate::counts::wait("readback", bytes);
+        if self.dry_run {
+            let one = 1.0f32.to_le_bytes();
+            return Ok((0..bytes as usize).map(|i| one[i % 4]).collect());
+        }
         self.map_for_reading(&staging, size, "readback")?;
         let data = staging
             .get_mapped_range(..)

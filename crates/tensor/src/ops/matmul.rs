@@ -225,6 +225,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, opts: MatmulOpts) -
     let mut all = vec![a, b];
     all.extend(bias);
     let device = same_device("matmul", &all)?;
+    crate::counts::matmul(d.batch, d.m, d.n, d.k, opts.trans_a, opts.trans_b);
     if let Device::Cpu(ctx) = &device {
         // C is written whole by sgemm (β = 0, or β = 1 over the bias rows written first), so
         // it is not zero-filled first: that memset was a twentieth of a small model's step.
@@ -274,6 +275,7 @@ pub fn matmul_accumulate(c: &Tensor, a: &Tensor, b: &Tensor, opts: MatmulOpts) -
         ));
     }
     let device = same_device("matmul_accumulate", &[c, a, b])?;
+    crate::counts::matmul(d.batch, d.m, d.n, d.k, opts.trans_a, opts.trans_b);
     run(&device, c, a, b, None, &d, opts, true)
 }
 

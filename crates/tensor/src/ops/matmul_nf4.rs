@@ -109,6 +109,7 @@ pub fn matmul_nf4(x: &Tensor, w: &Nf4Tensor, trans_w: bool) -> Result<Tensor> {
             x.shape(),
         );
     }
+    crate::counts::matmul(1, m, n, k, false, trans_w);
     match same_device("matmul_nf4", &[x, &w.words, &w.scales])? {
         Device::Cpu(ctx) => {
             let out = cpu(&x.cpu_data()?, w, m, k, n, trans_w)?;

@@ -7,6 +7,9 @@
 //! - [`step`]: one training step (forward, loss, backward, clipping, AdamW) of a GPT-2 shape with
 //!   random weights, LoRA and full fine-tuning: ms/step, tokens/s, memory by purpose;
 //! - [`ops`]: where a step's time goes, by op family (the profiler of [`tensor::profile`]);
+//! - [`plan`]: what a step asks of the device, counted rather than timed (dispatches by kernel,
+//!   submissions, blocking waits, bytes bound, matmul FLOPs by shape, memory by purpose), as a
+//!   dry run on a GPU, so it runs anywhere;
 //! - [`infer`]: prompt throughput and time per generated token with the KV cache, for the base
 //!   model, an unmerged and a merged adapter, and a batch mixing adapters (SGMV);
 //! - [`scaling`]: step time and memory against B, T and the model's size;
@@ -26,6 +29,7 @@
 pub mod infer;
 pub mod matmul;
 pub mod ops;
+pub mod plan;
 pub mod scaling;
 pub mod serve;
 pub mod step;
@@ -45,6 +49,7 @@ use crate::trainer::{self, OptimConfig, StepStats};
 pub use infer::InferArgs;
 pub use matmul::{MatmulArgs, bench_matmul};
 pub use ops::OpsArgs;
+pub use plan::PlanArgs;
 pub use scaling::ScalingArgs;
 pub use serve::ServeBenchArgs;
 pub use step::StepArgs;
