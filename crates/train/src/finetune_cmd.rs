@@ -364,7 +364,7 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
     if args.adalora.adalora {
         let saved_to = adalora_run::run(args, &base, device, plan)?;
         println!(
-            "{total} steps; saved {} in {:.1} s (and metrics.jsonl in {})",
+            "{total} steps; saved {} in {:.1} s (and metrics.jsonl, loss.svg in {})",
             saved_to.display(),
             started.elapsed().as_secs_f64(),
             args.out.display()
