@@ -26,7 +26,7 @@
 //! (dS is the softmax backward, dP ∘ P − P·Σ_j P·dP, with D in place of the row sum.) The three
 //! gradients are written into one (B, T, 3C) tensor, in the column ranges of q, k and v.
 //!
-//! CPU ([`attention_cpu`](super::attention_cpu)): one task per (b, h) spread over the cores,
+//! CPU (`ops/attention_cpu.rs`): one task per (b, h) spread over the cores,
 //! query and key tiles of 32 rows kept in cache, f32 arithmetic. Kernel: `shaders/attention.wgsl`,
 //! one workgroup of 16 × 16 invocations per (query or key tile of 16, b·h, 64-column chunk of
 //! hs), tiles of the operands in workgroup memory; the backward runs one pass per key tile (dk,
@@ -81,7 +81,7 @@ fn kernel(entry: &'static str) -> Kernel {
 /// (B, T, C, NH, hs) of qkv (B, T, 3C) with NH heads, or an error naming `op`.
 fn dims(op: &'static str, qkv: &Tensor, nh: usize) -> Result<Dims> {
     let s = qkv.shape();
-    if s.len() != 3 || s[2] % 3 != 0 || nh == 0 || (s[2] / 3) % nh != 0 {
+    if s.len() != 3 || !s[2].is_multiple_of(3) || nh == 0 || !(s[2] / 3).is_multiple_of(nh) {
         return shape_err(
             op,
             format!("qkv of shape (B, T, 3C) with C divisible by NH = {nh}"),
