@@ -26,8 +26,9 @@
 //! (dS is the softmax backward, dP ∘ P − P·Σ_j P·dP, with D in place of the row sum.) The three
 //! gradients are written into one (B, T, 3C) tensor, in the column ranges of q, k and v.
 //!
-//! CPU (`ops/attention_cpu.rs`): one task per (b, h) spread over the cores,
-//! query and key tiles of 32 rows kept in cache, f32 arithmetic. Kernel: `shaders/attention.wgsl`,
+//! CPU (`ops/attention_cpu.rs`): one task per (b, h) spread over the cores, query and key
+//! tiles of 64 rows, each pair of tiles a few small sgemm products on strided views, f32
+//! arithmetic. Kernel: `shaders/attention.wgsl`,
 //! one workgroup of 16 × 16 invocations per (query or key tile of 16, b·h, 64-column chunk of
 //! hs), tiles of the operands in workgroup memory; the backward runs one pass per key tile (dk,
 //! dv) and one per query tile (dq), so no two workgroups write the same element and no float
