@@ -74,6 +74,7 @@ proptest! {
         let (t2, w2) = (targets.clone(), weights.clone());
         same_on_gpu("cross_entropy", &[vec![t, c]], &move |tp, v| tp.cross_entropy(&v[0], &targets, &weights), seed);
         same_on_gpu("linear_cross_entropy", &[vec![t, 5], vec![c, 5]], &move |tp, v| tp.linear_cross_entropy(&v[0], &v[1], &t2, &w2), seed);
+        same_on_gpu("causal_attention", &[vec![b, t, 3 * 2 * 3]], &|tp, v| tp.causal_attention(&v[0], 2, 0.6), seed);
         same_on_gpu("split_heads", &[vec![b, t, 6]], &|tp, v| tp.split_heads(&v[0], 2, 2, 4), seed);
         same_on_gpu("merge_heads", &[vec![b, 2, t, 3]], &|tp, v| tp.merge_heads(&v[0]), seed);
         same_on_gpu("dropout", &[vec![t, c]], &|tp, v| tp.dropout(&v[0], 0.25, 9), seed);

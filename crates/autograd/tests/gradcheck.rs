@@ -175,6 +175,15 @@ proptest! {
     }
 
     #[test]
+    fn causal_attention_backward_matches_finite_differences(b in 1usize..3, t in 1usize..7, nh in 1usize..3, hs in 1usize..5, seed in 0u64..1000) {
+        // T and hs off any tile size; the scale of GPT-2, 1/√hs.
+        let scale = (hs as f32).powf(-0.5);
+        check("causal_attention", &[vec![b, t, 3 * nh * hs]],
+            &move |tp, v| tp.causal_attention(&v[0], nh, scale),
+            &move |x| reference::attention(&x[0], b, t, nh, scale as f64).0, seed).unwrap();
+    }
+
+    #[test]
     fn head_permutes_backward_match_finite_differences(b in 1usize..3, t in dims(), nh in 1usize..3, hs in 1usize..4, seed in 0u64..1000) {
         let c = nh * hs;
         let w = 3 * c;

@@ -89,3 +89,32 @@ pub fn for_row_pairs(
         }
     });
 }
+
+/// `f(0), f(1), …, f(n − 1)` in order, computed on several threads when the `n` units of about
+/// `work_per_unit` operations each are enough work: thread k takes units k, k + threads, …, so
+/// units whose cost grows with their index still share out evenly.
+pub fn map_units<R: Send>(n: usize, work_per_unit: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    let t = threads().min(n);
+    if t <= 1 || n.saturating_mul(work_per_unit) < PARALLEL_MIN {
+        return (0..n).map(f).collect();
+    }
+    let mut parts: Vec<Vec<(usize, R)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..t)
+            .map(|k| {
+                let f = &f;
+                s.spawn(move || (k..n).step_by(t).map(|u| (u, f(u))).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a CPU worker thread panicked"))
+            .collect()
+    });
+    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+    for (u, r) in parts.iter_mut().flat_map(std::mem::take) {
+        out[u] = Some(r);
+    }
+    out.into_iter()
+        .map(|r| r.expect("every unit was computed"))
+        .collect()
+}

@@ -276,6 +276,88 @@ pub fn sgmv(
     y
 }
 
+/// Unfused causal attention of `nh` heads over qkv (B, T, 3C) (q, k, v in column thirds, head
+/// h at h·hs of each): per (b, h) the full score rows S_ij = scale·q_i·k_j, j ≤ i, their
+/// softmax P and y_i = Σ_j P_ij·v_j. Returns y (B, T, C) and lse_i = log Σ_j exp(S_ij)
+/// (B, NH, T).
+pub fn attention(qkv: &[f64], b: usize, t: usize, nh: usize, scale: f64) -> (Vec<f64>, Vec<f64>) {
+    let c = qkv.len() / (b * t * 3).max(1);
+    let hs = c / nh;
+    let at = |bi: usize, i: usize, part: usize, h: usize| (bi * t + i) * 3 * c + part * c + h * hs;
+    let mut y = vec![0.0; b * t * c];
+    let mut lse = vec![0.0; b * nh * t];
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let (q, k) = (at(bi, i, 0, h), at(bi, j, 1, h));
+                        scale * (0..hs).map(|d| qkv[q + d] * qkv[k + d]).sum::<f64>()
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                lse[(bi * nh + h) * t + i] = m + z.ln();
+                for (j, sj) in s.iter().enumerate() {
+                    let pij = (sj - m).exp() / z;
+                    let v = at(bi, j, 2, h);
+                    for d in 0..hs {
+                        y[(bi * t + i) * c + h * hs + d] += pij * qkv[v + d];
+                    }
+                }
+            }
+        }
+    }
+    (y, lse)
+}
+
+/// The gradient of qkv of [`attention`] for dy = ∂L/∂y (B, T, C), through the full P of each
+/// row: dv_j = Σ_i P_ij·dy_i, dP_ij = dy_i·v_j, dS_ij = P_ij·(dP_ij − Σ_k P_ik·dP_ik),
+/// dq_i = scale·Σ_j dS_ij·k_j, dk_j = scale·Σ_i dS_ij·q_i.
+pub fn attention_backward(
+    qkv: &[f64],
+    dy: &[f64],
+    b: usize,
+    t: usize,
+    nh: usize,
+    scale: f64,
+) -> Vec<f64> {
+    let c = qkv.len() / (b * t * 3).max(1);
+    let hs = c / nh;
+    let at = |bi: usize, i: usize, part: usize, h: usize| (bi * t + i) * 3 * c + part * c + h * hs;
+    let dot = |x: usize, xs: &[f64], y: usize, ys: &[f64]| {
+        (0..hs).map(|d| xs[x + d] * ys[y + d]).sum::<f64>()
+    };
+    let mut g = vec![0.0; qkv.len()];
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                let (q, dyi) = (at(bi, i, 0, h), (bi * t + i) * c + h * hs);
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| scale * dot(q, qkv, at(bi, j, 1, h), qkv))
+                    .collect();
+                let m = s.iter().copied().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                let pr: Vec<f64> = s.iter().map(|v| (v - m).exp() / z).collect();
+                let dp: Vec<f64> = (0..=i)
+                    .map(|j| dot(dyi, dy, at(bi, j, 2, h), qkv))
+                    .collect();
+                let row: f64 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for j in 0..=i {
+                    let ds = pr[j] * (dp[j] - row);
+                    let (k, v) = (at(bi, j, 1, h), at(bi, j, 2, h));
+                    for d in 0..hs {
+                        g[v + d] += pr[j] * dy[dyi + d];
+                        g[q + d] += scale * ds * qkv[k + d];
+                        g[k + d] += scale * ds * qkv[q + d];
+                    }
+                }
+            }
+        }
+    }
+    g
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,8 @@ pub const MATMUL_NF4: &str = shader!("matmul_nf4");
 pub const GELU: &str = shader!("gelu");
 /// `shaders/activation.wgsl`, launched from `ops/activation.rs`.
 pub const ACTIVATION: &str = shader!("activation");
+/// `shaders/attention.wgsl`, launched from `ops/attention.rs`.
+pub const ATTENTION: &str = shader!("attention");
 /// `shaders/softmax.wgsl`, launched from `ops/softmax.rs`.
 pub const SOFTMAX: &str = shader!("softmax");
 /// `shaders/layernorm.wgsl`, launched from `ops/layernorm.rs`.
@@ -71,6 +73,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("gelu", GELU),
     ("activation", ACTIVATION),
     ("softmax", SOFTMAX),
+    ("attention", ATTENTION),
     ("layernorm", LAYERNORM),
     ("embedding", EMBEDDING),
     ("cross_entropy", CROSS_ENTROPY),

@@ -68,6 +68,7 @@
 //! # Ok::<(), transformer::Error>(())
 //! ```
 
+pub mod attention;
 pub mod beam;
 mod bpe;
 pub mod checkpoint;

@@ -6,9 +6,9 @@
 //! x = wte[ids] + wpe[0..T]                                  (B,T,C)
 //! for each block:
 //!     qkv = ln_1(x)·c_attn.W + c_attn.b                     (B,T,3C)
-//!     q, k, v = heads of columns [0,C), [C,2C), [2C,3C)     (B,NH,T,hs) each
-//!     att = softmax_causal(q·kᵀ · s_i)                      (B,NH,T,T)
-//!     x = x + merge_heads(att·v)·c_proj.W + c_proj.b        (B,T,C)
+//!     q, k, v = heads of columns [0,C), [C,2C), [2C,3C)     (hs = C/NH wide)
+//!     y = softmax_causal(q·kᵀ · s_i)·v, heads merged        (B,T,C), fused (crate::attention)
+//!     x = x + y·c_proj.W + c_proj.b                         (B,T,C)
 //!     x = x + act(ln_2(x)·c_fc.W + c_fc.b)·mlp.c_proj.W + mlp.c_proj.b   (via (B,T,F))
 //! logits = ln_f(x)·wteᵀ                                     (B·T,V)
 //! ```
@@ -18,9 +18,10 @@
 use autograd::{Param, Tape, Var};
 use tensor::ops::activation::Activation as Kind;
 use tensor::ops::matmul::MatmulOpts;
-use tensor::ops::slice::{slice_axis, write_axis};
 use tensor::{Device, Tensor};
 
+pub use crate::attention::attend;
+use crate::attention::self_attention;
 use crate::checkpoint::{Checkpoint, LM_HEAD, parameter_shapes};
 use crate::config::GptConfig;
 use crate::error::{Error, Result};
@@ -103,25 +104,6 @@ impl KvCache {
     }
 }
 
-/// Append this step's k, v (B,NH,T,hs) at position `pos` of a layer's cache and return the
-/// keys and values of positions 0..pos+T.
-fn cached_kv(
-    k: &Var,
-    v: &Var,
-    ck: &Tensor,
-    cv: &Tensor,
-    pos: usize,
-    tape: &Tape,
-) -> Result<(Var, Var)> {
-    write_axis(ck, 2, pos, &k.value, false)?;
-    write_axis(cv, 2, pos, &v.value, false)?;
-    let t = pos + k.shape()[2];
-    Ok((
-        tape.constant(slice_axis(ck, 2, 0, t)?),
-        tape.constant(slice_axis(cv, 2, 0, t)?),
-    ))
-}
-
 impl Block {
     /// x: (B,T,C) → (B,T,C).
     pub fn forward(&self, tape: &Tape, x: &Var, cfg: &GptConfig) -> Result<Var> {
@@ -137,18 +119,8 @@ impl Block {
         cfg: &GptConfig,
         cache: Option<(&Tensor, &Tensor, usize)>,
     ) -> Result<Var> {
-        let (c, nh) = (cfg.n_embd, cfg.n_head);
         self.forward_with(tape, x, cfg, |qkv, scale| {
-            let q = tape.split_heads(qkv, nh, 0, c)?; // (B,NH,T,hs)
-            let k = tape.split_heads(qkv, nh, c, c)?;
-            let v = tape.split_heads(qkv, nh, 2 * c, c)?;
-            // With a cache, keys and values cover positions 0..pos+T and the causal mask lets
-            // row t see columns up to pos + t (softmax masks c > r + (columns − rows)).
-            let (k, v) = match cache {
-                Some((ck, cv, pos)) => cached_kv(&k, &v, ck, cv, pos, tape)?,
-                None => (k, v),
-            };
-            attend(tape, &q, &k, &v, scale)
+            self_attention(tape, qkv, cfg.n_head, scale, cache)
         })
     }
 
@@ -186,24 +158,6 @@ impl Block {
         let h = self.mlp_c_proj.forward(tape, &h)?;
         Ok(tape.add(&x, &h)?)
     }
-}
-
-/// merge_heads(softmax_causal(q·kᵀ·scale)·v): q (B,NH,T,hs), k and v (B,NH,T',hs) with T' ≥ T
-/// (the last T of T' positions are q's) → (B,T,C).
-pub fn attend(tape: &Tape, q: &Var, k: &Var, v: &Var, scale: f32) -> Result<Var> {
-    let scores = tape.matmul(
-        q,
-        k,
-        None,
-        MatmulOpts {
-            trans_a: false,
-            trans_b: true,
-        },
-    )?; // (B,NH,T,T')
-    let scores = tape.scale(&scores, scale)?;
-    let att = tape.softmax(&scores, true)?;
-    let y = tape.matmul(&att, v, None, MatmulOpts::default())?; // (B,NH,T,hs)
-    Ok(tape.merge_heads(&y)?) // (B,T,C)
 }
 
 impl Gpt2 {

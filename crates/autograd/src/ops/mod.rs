@@ -7,6 +7,7 @@
 //! | add, mul, scale, add_bias, reshape | [`elementwise`] |
 //! | gelu, dropout | [`activation`] |
 //! | softmax | [`softmax`] |
+//! | fused causal attention | [`attention`] |
 //! | layer norm | [`layernorm`] |
 //! | embedding, row gather | [`embedding`] |
 //! | cross-entropy | [`cross_entropy`] |
@@ -15,6 +16,7 @@
 //! | axis slices | [`slice`](mod@slice) |
 
 pub mod activation;
+pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;

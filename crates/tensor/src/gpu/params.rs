@@ -56,6 +56,7 @@ mod tests {
         vec![
             ("activation", ops::activation::params_layout()),
             ("adamw", ops::adamw::params_layout()),
+            ("attention", ops::attention::params_layout()),
             ("cross_entropy", ops::cross_entropy::params_layout()),
             (
                 "cross_entropy_fused",

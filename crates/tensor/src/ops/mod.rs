@@ -4,6 +4,8 @@
 
 pub mod activation;
 pub mod adamw;
+pub mod attention;
+mod attention_cpu;
 pub mod cross_entropy;
 pub mod cross_entropy_fused;
 pub mod dropout;
