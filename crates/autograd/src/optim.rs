@@ -8,11 +8,12 @@
 
 use std::collections::HashMap;
 
-use tensor::ops::adamw::{AdamWParams, adamw_step};
+use tensor::ops::adamw::{AdamWParams, adamw_step, adamw_step_clipped};
 use tensor::ops::elementwise::{axpy, mul, scale};
 use tensor::ops::reduce::sum_all;
 use tensor::{Error, Result, Tensor};
 
+use crate::clip::GradClip;
 use crate::grads::Grads;
 use crate::memory::Counter;
 use crate::param::{ParamId, Trainable};
@@ -65,6 +66,17 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient, at learning rate `lr`.
     pub fn step(&mut self, grads: &Grads, lr: f32) -> Result<()> {
+        self.update(grads, lr, None)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by the clip factor of `clip` as the
+    /// update reads it, on the device (no readback, no scaled copies of the gradients): the
+    /// same numbers as [`clip_grad_norm`] followed by [`AdamW::step`].
+    pub fn step_clipped(&mut self, grads: &Grads, lr: f32, clip: &GradClip) -> Result<()> {
+        self.update(grads, lr, clip.tensor())
+    }
+
+    fn update(&mut self, grads: &Grads, lr: f32, clip: Option<&Tensor>) -> Result<()> {
         let _profile = tensor::profile::scope("optimizer");
         self.step += 1;
         for group in &self.groups {
@@ -89,7 +101,10 @@ impl AdamW {
                     weight_decay: group.weight_decay,
                     step: self.step,
                 };
-                adamw_step(&p.value, g, &m, &v, &hp)?;
+                match clip {
+                    Some(c) => adamw_step_clipped(&p.value, g, &m, &v, &hp, c)?,
+                    None => adamw_step(&p.value, g, &m, &v, &hp)?,
+                }
             }
         }
         Ok(())
@@ -169,7 +184,10 @@ impl Sgd {
 }
 
 /// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping. Reads one number back from the device.
+/// clipping. Reads one number back from the device per gradient tensor, and writes scaled
+/// copies of the gradients: [`crate::grad_norm_clip`] with [`AdamW::step_clipped`] does the
+/// same on the device without either (this stays as their test oracle and for callers that
+/// need clipped gradients).
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f32) -> Result<f32> {
     let _profile = tensor::profile::scope("optimizer");
     // In id order (creation order), not the map's: the same sum, to the bit, in every process.
