@@ -1,12 +1,17 @@
 //! Gradient clipping on the device: the global L2 norm of every gradient and the factor that
 //! brings it to a limit, computed where the gradients are and applied by
 //! [`AdamW::step_clipped`](crate::AdamW::step_clipped) as it reads each gradient, so a step
-//! needs no readback until someone asks for the norm ([`GradClip::norm`]).
+//! needs no readback until someone asks for the norm ([`GradClip::read`]).
 //!
 //! ```text
 //! norm = √(Σ_p Σ g_p²)        over the parameters with a gradient, in id (creation) order
 //! clip = max_norm / (norm + 1e-6)   if norm > max_norm and norm is finite, else 1
+//! skip = the norm or a checked value (the loss) is not finite
 //! ```
+//!
+//! A skipped step is decided on the device: `step_clipped` then writes no parameter or moment,
+//! and the host, once it has read the result, takes the step back with
+//! [`AdamW::take_back`](crate::AdamW::take_back).
 //!
 //! The same formula as [`clip_grad_norm`](crate::clip_grad_norm), which reads each tensor's
 //! Σ g² back and scales the gradients in place: on the CPU the two give the same bits; on the
@@ -19,42 +24,81 @@ use tensor::{Result, Tensor};
 use crate::grads::Grads;
 use crate::param::ParamId;
 
-/// The global gradient norm and clip factor of one step, on the gradients' device.
+/// The global gradient norm, clip factor and finite check of one step, on the gradients'
+/// device.
 #[derive(Clone)]
 pub struct GradClip {
-    /// `[norm, clip]`; `None` when there was no gradient (norm 0, nothing to clip).
+    /// `[norm, clip, skip, checked…]`; `None` when there was no gradient (norm 0, nothing to
+    /// clip), and then `checked` holds the checked values themselves.
     value: Option<Tensor>,
+    checked: Vec<Tensor>,
+}
+
+/// What a [`GradClip`] measured, read back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipReport {
+    /// The global norm before clipping.
+    pub norm: f32,
+    /// The norm or a checked value was not finite: the step was skipped.
+    pub skipped: bool,
+    /// The checked values (the loss), in the order given.
+    pub checked: Vec<f32>,
 }
 
 impl GradClip {
-    /// The norm before clipping. Reads one number back from the device (a wait for the work
-    /// recorded so far).
-    pub fn norm(&self) -> Result<f32> {
+    /// The norm, the skip decision and the checked values: one readback from the device (a
+    /// wait for the work recorded so far, so read it after the update is recorded).
+    pub fn read(&self) -> Result<ClipReport> {
         match &self.value {
-            Some(t) => Ok(t.to_vec()?[0]),
-            None => Ok(0.0),
+            Some(t) => {
+                let v = t.to_vec()?;
+                Ok(ClipReport {
+                    norm: v[0],
+                    skipped: v[2] != 0.0,
+                    checked: v[3..].to_vec(),
+                })
+            }
+            None => {
+                let checked = self
+                    .checked
+                    .iter()
+                    .map(|c| Ok(c.to_vec()?[0]))
+                    .collect::<Result<Vec<f32>>>()?;
+                let skipped = !checked.iter().all(|c| c.is_finite());
+                Ok(ClipReport {
+                    norm: 0.0,
+                    skipped,
+                    checked,
+                })
+            }
         }
     }
 
-    /// The `[norm, clip factor]` tensor, if any parameter had a gradient.
+    /// The `[norm, clip factor, skip, checked…]` tensor, if any parameter had a gradient.
     pub fn tensor(&self) -> Option<&Tensor> {
         self.value.as_ref()
     }
 }
 
-/// The global norm of `grads` and the factor that clips it to `max_norm` (`f32::INFINITY`:
-/// measure only), on the device; the gradients themselves are left as they are.
-pub fn grad_norm_clip(grads: &Grads, max_norm: f32) -> Result<GradClip> {
+/// The global norm of `grads`, the factor that clips it to `max_norm` (`f32::INFINITY`:
+/// measure only) and whether the step must be skipped (the norm or one of the one-element
+/// `checked` tensors, such as the loss, is not finite), on the device; the gradients themselves
+/// are left as they are.
+pub fn grad_norm_clip(grads: &Grads, max_norm: f32, checked: &[&Tensor]) -> Result<GradClip> {
     let _profile = tensor::profile::scope("optimizer");
     // In id order (creation order), not the map's: the same sum, to the bit, in every process.
     let mut ids: Vec<ParamId> = grads.ids().collect();
     ids.sort_unstable();
     if ids.is_empty() {
-        return Ok(GradClip { value: None });
+        return Ok(GradClip {
+            value: None,
+            checked: checked.iter().map(|&c| c.clone()).collect(),
+        });
     }
     let tensors: Vec<&Tensor> = ids.iter().map(|&id| grads.get(id).unwrap()).collect();
     Ok(GradClip {
-        value: Some(device_norm_clip(&tensors, max_norm)?),
+        value: Some(device_norm_clip(&tensors, max_norm, checked)?),
+        checked: Vec::new(),
     })
 }
 
@@ -89,9 +133,9 @@ mod tests {
                 grads.accumulate(p.id, g).unwrap();
             }
             if fused {
-                let clip = grad_norm_clip(&grads, limit).unwrap();
+                let clip = grad_norm_clip(&grads, limit, &[]).unwrap();
                 opt.step_clipped(&grads, 1e-2, &clip).unwrap();
-                norms.push(clip.norm().unwrap());
+                norms.push(clip.read().unwrap().norm);
             } else {
                 norms.push(clip_grad_norm(&mut grads, limit).unwrap());
                 opt.step(&grads, 1e-2).unwrap();
@@ -133,8 +177,50 @@ mod tests {
 
     #[test]
     fn no_gradients_give_norm_0() {
-        let clip = grad_norm_clip(&Grads::new(), 1.0).unwrap();
-        assert_eq!(clip.norm().unwrap(), 0.0);
+        let cpu = Device::cpu();
+        let loss = Tensor::from_vec(vec![f32::NAN], &[1], &cpu).unwrap();
+        let clip = grad_norm_clip(&Grads::new(), 1.0, &[&loss]).unwrap();
         assert!(clip.tensor().is_none());
+        let r = clip.read().unwrap();
+        assert!(r.norm == 0.0 && r.skipped && r.checked[0].is_nan(), "{r:?}");
+    }
+
+    /// A step skipped on the device (a non-finite loss), taken back on the host, leaves the
+    /// optimizer as if it had not been tried: the next step equals a first step.
+    #[test]
+    fn a_skipped_step_taken_back_leaves_the_optimizer_untouched() {
+        let mut devices = vec![Device::cpu()];
+        devices.extend(gpu());
+        for d in &devices {
+            let make = || {
+                let p = Param::trainable("p", random(&[5, 3], 9, d));
+                let p = p.as_trainable().unwrap().clone();
+                let opt = AdamW::new(vec![ParamGroup::new(vec![p.clone()], 0.1)]);
+                (p, opt)
+            };
+            let (p, mut opt) = make();
+            let mut grads = Grads::new();
+            grads.accumulate(p.id, random(&[5, 3], 10, d)).unwrap();
+            let (before, bytes) = (p.value.to_vec().unwrap(), opt.memory().live);
+            let inf = Tensor::from_vec(vec![f32::INFINITY], &[1], d).unwrap();
+            let clip = grad_norm_clip(&grads, 1.0, &[&inf]).unwrap();
+            opt.step_clipped(&grads, 0.1, &clip).unwrap();
+            let report = clip.read().unwrap();
+            assert!(report.skipped && report.norm > 1.0, "{report:?}");
+            opt.take_back();
+            assert_eq!(p.value.to_vec().unwrap(), before);
+            assert!(opt.step == 0 && opt.state(p.id).is_none() && opt.memory().live == bytes);
+
+            let clip = grad_norm_clip(&grads, 1.0, &[]).unwrap();
+            opt.step_clipped(&grads, 0.1, &clip).unwrap();
+            let (q, mut fresh) = make();
+            let mut g2 = Grads::new();
+            g2.accumulate(q.id, grads.get(p.id).unwrap().clone())
+                .unwrap();
+            let clip = grad_norm_clip(&g2, 1.0, &[]).unwrap();
+            fresh.step_clipped(&g2, 0.1, &clip).unwrap();
+            assert_eq!(p.value.to_vec().unwrap(), q.value.to_vec().unwrap());
+            assert_eq!(opt.step, 1);
+        }
     }
 }

@@ -35,7 +35,7 @@ pub mod optim;
 pub mod param;
 pub mod tape;
 
-pub use clip::{GradClip, grad_norm_clip};
+pub use clip::{ClipReport, GradClip, grad_norm_clip};
 pub use grads::Grads;
 pub use memory::{Counter, MemoryReport};
 pub use optim::{AdamW, ParamGroup, Schedule, Sgd, clip_grad_norm};

@@ -47,6 +47,8 @@ pub struct AdamW {
     /// Steps taken (the t of the bias correction).
     pub step: u32,
     state: HashMap<ParamId, (Tensor, Tensor)>,
+    /// Parameters whose state the last step created (what [`AdamW::take_back`] removes).
+    created: Vec<ParamId>,
     bytes: Counter,
 }
 
@@ -60,6 +62,7 @@ impl AdamW {
             eps: 1e-8,
             step: 0,
             state: HashMap::new(),
+            created: Vec::new(),
             bytes: Counter::default(),
         }
     }
@@ -71,14 +74,30 @@ impl AdamW {
 
     /// [`AdamW::step`] with every gradient multiplied by the clip factor of `clip` as the
     /// update reads it, on the device (no readback, no scaled copies of the gradients): the
-    /// same numbers as [`clip_grad_norm`] followed by [`AdamW::step`].
+    /// same numbers as [`clip_grad_norm`] followed by [`AdamW::step`]. When `clip` says skip
+    /// (a non-finite norm or loss, known on the device only), no parameter or moment is
+    /// written; the caller learns it from [`GradClip::read`] and then calls
+    /// [`AdamW::take_back`].
     pub fn step_clipped(&mut self, grads: &Grads, lr: f32, clip: &GradClip) -> Result<()> {
         self.update(grads, lr, clip.tensor())
+    }
+
+    /// Undo the bookkeeping of the last step, which the device skipped ([`AdamW::step_clipped`]
+    /// with a skip): the step count goes back and the moments that step created (zeros, never
+    /// written) are dropped, so the optimizer is as it was before that step.
+    pub fn take_back(&mut self) {
+        self.step = self.step.saturating_sub(1);
+        for id in std::mem::take(&mut self.created) {
+            if let Some((m, v)) = self.state.remove(&id) {
+                self.bytes.sub(m.bytes() + v.bytes());
+            }
+        }
     }
 
     fn update(&mut self, grads: &Grads, lr: f32, clip: Option<&Tensor>) -> Result<()> {
         let _profile = tensor::profile::scope("optimizer");
         self.step += 1;
+        self.created.clear();
         for group in &self.groups {
             for p in &group.params {
                 let Some(g) = grads.get(p.id) else { continue };
@@ -90,6 +109,7 @@ impl AdamW {
                         let v = Tensor::zeros(p.value.shape(), &device)?;
                         self.bytes.add(m.bytes() + v.bytes());
                         self.state.insert(p.id, (m.clone(), v.clone()));
+                        self.created.push(p.id);
                         (m, v)
                     }
                 };
@@ -163,6 +183,7 @@ impl AdamW {
             }
         }
         self.step = step;
+        self.created.clear();
         Ok(())
     }
 }

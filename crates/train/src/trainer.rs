@@ -4,21 +4,30 @@
 //!
 //! A step: forward on a recording tape → mean cross-entropy over the counted tokens →
 //! backward into [`Grads`] (trainable parameters only; each micro-batch adds into the same
-//! `Grads`) → clip the global norm → AdamW at the scheduled learning rate. The profiler
-//! ([`tensor::profile`]) sees three phases: `forward`, `backward` and `optimizer`.
+//! `Grads`) → the global gradient norm on the device → AdamW at the scheduled learning rate,
+//! clipping each gradient as it reads it. The profiler ([`tensor::profile`]) sees three phases:
+//! `forward`, `backward` and `optimizer`.
+//!
+//! **One readback per step.** The loss stays on the device; the norm, the clip factor and the
+//! finite check are computed there ([`autograd::grad_norm_clip`]) and the update reads them
+//! ([`AdamW::step_clipped`]), so the host waits once, after the whole step is recorded, for the
+//! loss, the norm and whether the step was skipped.
 //!
 //! **Non-finite steps.** A loss or gradient norm that is NaN or infinite is caught before the
-//! optimizer can write it into the weights or its moments: the step then leaves parameters and
-//! optimizer untouched and returns [`NonFinite`], which a caller either skips
-//! (`train finetune --skip-nonfinite`) or turns into the error that stops the run
-//! ([`NonFinite::stop`]).
+//! optimizer can write it into the weights or its moments: the update kernels see it on the
+//! device and write nothing; the host then takes back the optimizer's step count
+//! ([`AdamW::take_back`]), so parameters and optimizer are as they were, and returns
+//! [`NonFinite`], which a caller either skips (`train finetune --skip-nonfinite`) or turns into
+//! the error that stops the run ([`NonFinite::stop`]).
 //!
 //! (Metrics are written by [`crate::metrics`]; checkpoints a run resumes from exactly by
 //! [`crate::checkpoint`].)
 
 use std::time::Instant;
 
-use autograd::{AdamW, Grads, Schedule, Tape, clip_grad_norm};
+use autograd::{AdamW, Grads, Schedule, Tape, grad_norm_clip};
+use tensor::Tensor;
+use tensor::ops::elementwise::add;
 use tensor::profile;
 use transformer::Gpt2;
 
@@ -107,16 +116,20 @@ pub fn step(
     } else {
         f32::INFINITY
     };
-    let grad_norm = clip_grad_norm(&mut grads, limit)?;
-    if !loss.is_finite() || !grad_norm.is_finite() {
+    let clip = grad_norm_clip(&grads, limit, &[&loss])?;
+    let lr = cfg.schedule.lr(cfg.lr, step_index);
+    opt.step_clipped(&grads, lr, &clip)?;
+    // The step's one wait: everything above is recorded before it.
+    let report = clip.read()?;
+    let (loss, grad_norm) = (report.checked[0], report.norm);
+    if report.skipped {
+        opt.take_back();
         return Ok(Err(NonFinite {
             step: step_index + 1,
             loss,
             grad_norm,
         }));
     }
-    let lr = cfg.schedule.lr(cfg.lr, step_index);
-    opt.step(&grads, lr)?;
     Ok(Ok(StepStats {
         loss,
         grad_norm,
@@ -128,15 +141,20 @@ pub fn step(
 }
 
 /// The forward and backward halves of [`step`]: each micro-batch in turn, its gradients added
-/// into `grads`; returns the loss of the micro-batches taken together and the most bytes one
-/// tape held for backward.
-fn forward_backward(model: &Gpt2, micro: &[Batch], grads: &mut Grads) -> crate::Result<(f32, u64)> {
+/// into `grads`; returns the loss of the micro-batches taken together (a one-element tensor on
+/// the model's device, the shares added in order in f32) and the most bytes one tape held for
+/// backward.
+fn forward_backward(
+    model: &Gpt2,
+    micro: &[Batch],
+    grads: &mut Grads,
+) -> crate::Result<(Tensor, u64)> {
     let counted = |b: &Batch| b.weights.iter().sum::<f32>();
     let total: f32 = micro.iter().map(counted).sum();
     if total <= 0.0 {
         return Err("a training step without a single counted token".into());
     }
-    let (mut loss_sum, mut saved_peak) = (0.0f32, 0u64);
+    let (mut loss_sum, mut saved_peak): (Option<Tensor>, u64) = (None, 0);
     for batch in micro {
         let tape = Tape::new();
         let loss = {
@@ -161,8 +179,12 @@ fn forward_backward(model: &Gpt2, micro: &[Batch], grads: &mut Grads) -> crate::
             let _phase = profile::phase("backward");
             tape.backward(&loss, grads)?;
         }
-        loss_sum += loss.value.to_vec()?[0];
+        loss_sum = Some(match loss_sum {
+            None => loss.value.clone(),
+            Some(sum) => add(&sum, &loss.value)?,
+        });
     }
+    let loss_sum = loss_sum.ok_or("a training step without a micro-batch")?;
     Ok((loss_sum, saved_peak))
 }
 
@@ -253,6 +275,10 @@ mod tests {
         let (loss_apart, _) = forward_backward(&model, &micro, &mut apart).unwrap();
         let (loss_together, _) =
             forward_backward(&model, &[batch(&refs, 0)], &mut together).unwrap();
+        let (loss_apart, loss_together) = (
+            loss_apart.to_vec().unwrap()[0],
+            loss_together.to_vec().unwrap()[0],
+        );
         assert!(
             (loss_apart - loss_together).abs() < 1e-5,
             "{loss_apart} vs {loss_together}"

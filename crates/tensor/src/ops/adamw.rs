@@ -16,7 +16,8 @@
 //! [`adamw_step_clipped`] first multiplies each gradient element by the clip factor `c` of a
 //! `[norm, c]` tensor from [`grad_norm_clip`](crate::ops::grad_norm::grad_norm_clip)
 //! (g ← c·g, gradient clipping) as it reads it, on the device: the same numbers as scaling the
-//! gradient by `c` first and then calling [`adamw_step`] (c = 1 multiplies exactly).
+//! gradient by `c` first and then calling [`adamw_step`] (c = 1 multiplies exactly). When that
+//! tensor's skip flag is set (a non-finite norm or loss), it writes nothing.
 //!
 //! Kernel: `shaders/adamw.wgsl`, one invocation per element; tensors larger than one binding are
 //! updated in several dispatches over ranges of elements.
@@ -192,8 +193,9 @@ pub fn adamw_step(
 }
 
 /// [`adamw_step`] with the gradient clipped on the device: `grad` is multiplied by `clip[1]`,
-/// where `clip` is the `[norm, clip factor]` tensor of
-/// [`grad_norm_clip`](crate::ops::grad_norm::grad_norm_clip), on the same device.
+/// where `clip` is the `[norm, clip factor, skip, …]` tensor of
+/// [`grad_norm_clip`](crate::ops::grad_norm::grad_norm_clip), on the same device; when
+/// `clip[2]` (skip) is not 0, nothing is written.
 pub fn adamw_step_clipped(
     param: &Tensor,
     grad: &Tensor,
@@ -202,10 +204,10 @@ pub fn adamw_step_clipped(
     hp: &AdamWParams,
     clip: &Tensor,
 ) -> Result<()> {
-    if clip.shape() != [2] {
+    if clip.shape().len() != 1 || clip.numel() < 3 {
         return shape_err(
             "adamw_step_clipped",
-            "a [norm, clip factor] tensor of shape [2]",
+            "a [norm, clip factor, skip, …] tensor of shape [3 + checked values]",
             clip.shape(),
         );
     }
@@ -246,7 +248,13 @@ fn adamw(
     match same_device("adamw_step", &operands)? {
         Device::Cpu(_) => {
             let c = match clip {
-                Some(c) => c.cpu_data()?[1],
+                Some(c) => {
+                    let c = c.cpu_data()?;
+                    if c[2] != 0.0 {
+                        return Ok(());
+                    }
+                    c[1]
+                }
                 None => 1.0,
             };
             adamw_cpu(param, grad, (m, v), &k, c)

@@ -1,15 +1,19 @@
-//! The global gradient norm and the clip factor, computed on the gradients' device with no
-//! readback, for [`adamw_step_clipped`](crate::ops::adamw::adamw_step_clipped):
+//! The global gradient norm, the clip factor and the step's finite check, computed on the
+//! gradients' device with no readback, for
+//! [`adamw_step_clipped`](crate::ops::adamw::adamw_step_clipped):
 //!
 //! ```text
 //! sq_k = Σ g_k²                          (per gradient tensor: mul, then sum_all)
 //! norm = √(Σ_k sq_k)                     (the tensors in the order given)
 //! clip = max_norm / (norm + 1e-6)   if norm > max_norm and norm is finite, else 1
+//! skip = 1 if norm or any checked value c_j is not finite, else 0
 //! ```
 //!
-//! The result is the two-element tensor `[norm, clip]`. This is `torch.nn.utils.clip_grad_norm_`
-//! (foreach, eps 1e-6) with the scaling left to the optimizer, which multiplies each gradient by
-//! `clip` as it reads it.
+//! The result is the tensor `[norm, clip, skip, c_0, …]` (the checked one-element tensors,
+//! e.g. the loss, copied after the three, so one readback brings back all a step reports).
+//! This is `torch.nn.utils.clip_grad_norm_` (foreach, eps 1e-6) with the scaling left to the
+//! optimizer, which multiplies each gradient by `clip` as it reads it, and leaves everything
+//! as it was when `skip` is set.
 //!
 //! Each `sq_k` is computed by the same ops as before (so the same bits); then the CPU path adds
 //! the `sq_k` in f64 and takes the square root in f64, rounding once, while the GPU kernel
@@ -17,8 +21,9 @@
 //! the two norms differ by at most about n/2 f32 ulps (a few hundred tensors: < 1e-5 relative),
 //! and the GPU's division may differ from the host's by 2.5 ulp.
 //!
-//! Kernel: per tensor `mul` + `sum_all` (`reduce.wgsl`) writing its sum into slot k of an
-//! n-element buffer (`write_axis`), then one `grad_norm_clip` dispatch.
+//! Kernel: per tensor `mul` + `sum_all` (`reduce.wgsl`), its sum written into slot k of an
+//! (n + checked)-element buffer (`write_axis`, the checked values after the sums), then one
+//! `grad_norm_clip` dispatch.
 
 use std::sync::Arc;
 
@@ -27,15 +32,19 @@ use crate::ops::elementwise::mul;
 use crate::ops::reduce::sum_all;
 use crate::ops::slice::write_axis;
 use crate::tensor::same_device;
-use crate::{Device, Error, Result, Tensor, shaders};
+use crate::{Device, Error, Result, Tensor, shaders, shape_err};
 
 kernel_params! {
     /// The `Params` struct of `grad_norm.wgsl`.
     struct Params {
         n: u32,
+        n_checked: u32,
         off_sq: u32,
         off_out: u32,
         max_norm: f32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
     }
 }
 
@@ -49,14 +58,19 @@ pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
     }
 }
 
-fn finish_gpu(ctx: &Arc<GpuContext>, sq: &Tensor, max_norm: f32) -> Result<Tensor> {
-    let out = Tensor::gpu_uninit(ctx, &[2])?;
+fn finish_gpu(ctx: &Arc<GpuContext>, sq: &Tensor, n: usize, max_norm: f32) -> Result<Tensor> {
+    let checked = sq.numel() - n;
+    let out = Tensor::gpu_uninit(ctx, &[3 + checked])?;
     let (sv, ov) = (ctx.view_all(sq)?, ctx.view_all(&out)?);
     let params = Params {
-        n: sq.numel() as u32,
+        n: n as u32,
+        n_checked: checked as u32,
         off_sq: sv.offset,
         off_out: ov.offset,
         max_norm,
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
     };
     let kernel = Kernel {
         shader: "grad_norm",
@@ -68,9 +82,10 @@ fn finish_gpu(ctx: &Arc<GpuContext>, sq: &Tensor, max_norm: f32) -> Result<Tenso
     Ok(out)
 }
 
-/// `[norm, clip]` of the gradients `grads` (at least one, all on one device) under `max_norm`
-/// (`f32::INFINITY`: never clip), as a tensor on their device; nothing is read back.
-pub fn grad_norm_clip(grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
+/// `[norm, clip, skip, checked…]` of the gradients `grads` (at least one, all on one device)
+/// under `max_norm` (`f32::INFINITY`: never clip), with `checked` one-element tensors (the loss)
+/// in the finite check, as a tensor on their device; nothing is read back.
+pub fn grad_norm_clip(grads: &[&Tensor], max_norm: f32, checked: &[&Tensor]) -> Result<Tensor> {
     let _profile = crate::profile::scope("optimizer");
     if grads.is_empty() {
         return Err(Error::Invalid(
@@ -82,20 +97,35 @@ pub fn grad_norm_clip(grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
             "grad_norm_clip: expected a positive limit (or +inf), found {max_norm}"
         )));
     }
-    let sums = grads
+    if let Some(c) = checked.iter().find(|c| c.numel() != 1) {
+        return shape_err("grad_norm_clip", "one-element checked values", c.shape());
+    }
+    let mut sums = grads
         .iter()
         .map(|g| sum_all(&mul(g, g)?))
         .collect::<Result<Vec<Tensor>>>()?;
+    let n = sums.len();
+    for c in checked {
+        sums.push(c.reshape(&[1])?);
+    }
     let refs: Vec<&Tensor> = sums.iter().collect();
     match same_device("grad_norm_clip", &refs)? {
         Device::Cpu(ctx) => {
             let mut total = 0.0f64;
-            for s in &sums {
+            for s in &sums[..n] {
                 total += s.cpu_data()?[0] as f64;
             }
             let norm = total.sqrt() as f32;
             let clip = clip_factor(norm, max_norm);
-            Ok(Tensor::cpu_from(&ctx, vec![norm, clip], &[2]))
+            let values = sums[n..]
+                .iter()
+                .map(|c| Ok(c.cpu_data()?[0]))
+                .collect::<Result<Vec<f32>>>()?;
+            let ok = norm.is_finite() && values.iter().all(|v| v.is_finite());
+            let mut out = vec![norm, clip, if ok { 0.0 } else { 1.0 }];
+            out.extend(values);
+            let len = out.len();
+            Ok(Tensor::cpu_from(&ctx, out, &[len]))
         }
         Device::Gpu(ctx) => {
             if sums.len() > u32::MAX as usize {
@@ -109,7 +139,7 @@ pub fn grad_norm_clip(grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
             for (k, s) in sums.iter().enumerate() {
                 write_axis(&sq, 0, k, s, false)?;
             }
-            finish_gpu(&ctx, &sq, max_norm)
+            finish_gpu(&ctx, &sq, n, max_norm)
         }
     }
 }
@@ -153,16 +183,19 @@ mod tests {
         let refs: Vec<&Tensor> = g.iter().collect();
         let want = norm_by_readback(&g);
         assert!((want as f64 - norm_f64(&g)).abs() < 1e-6 * norm_f64(&g));
-        let out = grad_norm_clip(&refs, f32::INFINITY)
+        let out = grad_norm_clip(&refs, f32::INFINITY, &[])
             .unwrap()
             .to_vec()
             .unwrap();
-        assert_eq!(out, vec![want, 1.0]);
-        let out = grad_norm_clip(&refs, want / 4.0).unwrap().to_vec().unwrap();
-        assert_eq!(out, vec![want, (want / 4.0) / (want + 1e-6)]);
+        assert_eq!(out, vec![want, 1.0, 0.0]);
+        let out = grad_norm_clip(&refs, want / 4.0, &[])
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        assert_eq!(out, vec![want, (want / 4.0) / (want + 1e-6), 0.0]);
         // At the limit exactly: no clipping (the old `norm > max_norm`).
-        let out = grad_norm_clip(&refs, want).unwrap().to_vec().unwrap();
-        assert_eq!(out, vec![want, 1.0]);
+        let out = grad_norm_clip(&refs, want, &[]).unwrap().to_vec().unwrap();
+        assert_eq!(out, vec![want, 1.0, 0.0]);
     }
 
     #[test]
@@ -174,10 +207,29 @@ mod tests {
         devices.extend(gpu());
         for d in &devices {
             let (nan, inf) = (nan.to_device(d).unwrap(), inf.to_device(d).unwrap());
-            let out = grad_norm_clip(&[&nan], 1.0).unwrap().to_vec().unwrap();
-            assert!(out[0].is_nan() && out[1] == 1.0, "{out:?}");
-            let out = grad_norm_clip(&[&inf], 1.0).unwrap().to_vec().unwrap();
-            assert_eq!(out, vec![f32::INFINITY, 1.0]);
+            let out = grad_norm_clip(&[&nan], 1.0, &[]).unwrap().to_vec().unwrap();
+            assert!(out[0].is_nan() && out[1..] == [1.0, 1.0], "{out:?}");
+            let out = grad_norm_clip(&[&inf], 1.0, &[]).unwrap().to_vec().unwrap();
+            assert_eq!(out, vec![f32::INFINITY, 1.0, 1.0]);
+            // A finite norm with a non-finite checked value (the loss): skip, and the values
+            // come back after the three.
+            let g = Tensor::from_vec(vec![3.0, 4.0], &[2], d).unwrap();
+            let ok = Tensor::from_vec(vec![2.5], &[1], d).unwrap();
+            let bad = Tensor::from_vec(vec![f32::INFINITY], &[1], d).unwrap();
+            let out = grad_norm_clip(&[&g], 1.0, &[&ok])
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            assert_eq!(out[2..], [0.0, 2.5], "{out:?}");
+            assert!(
+                (out[0] - 5.0).abs() < 1e-6 && (out[1] - 0.2).abs() < 1e-6,
+                "{out:?}"
+            );
+            let out = grad_norm_clip(&[&g], 1.0, &[&ok, &bad])
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            assert_eq!(out[2..], [1.0, 2.5, f32::INFINITY], "{out:?}");
         }
         assert_eq!(clip_factor(f32::NAN, 1.0), 1.0);
         assert_eq!(clip_factor(2.0, 1.0), 1.0 / (2.0 + 1e-6));
@@ -192,8 +244,8 @@ mod tests {
             let (w, g): (Vec<&Tensor>, Vec<&Tensor>) =
                 (want.iter().collect(), got.iter().collect());
             let limit = norm_by_readback(&want) / 3.0;
-            let w = grad_norm_clip(&w, limit).unwrap().to_vec().unwrap();
-            let g = grad_norm_clip(&g, limit).unwrap().to_vec().unwrap();
+            let w = grad_norm_clip(&w, limit, &[]).unwrap().to_vec().unwrap();
+            let g = grad_norm_clip(&g, limit, &[]).unwrap().to_vec().unwrap();
             // 5 slots added in f32 (≤ 2.5 ulp), the GPU reductions (~1e-6), the division.
             for (name, a, b) in [("norm", g[0], w[0]), ("clip", g[1], w[1])] {
                 assert!((a - b).abs() <= 4e-6 * b.abs(), "{name}: {a} vs {b}");
@@ -204,10 +256,15 @@ mod tests {
 
     #[test]
     fn errors_name_what_was_expected() {
-        let e = grad_norm_clip(&[], 1.0).unwrap_err().to_string();
+        let e = grad_norm_clip(&[], 1.0, &[]).unwrap_err().to_string();
         assert!(e.contains("at least one gradient"), "{e}");
         let x = Tensor::zeros(&[2], &Device::cpu()).unwrap();
-        let e = grad_norm_clip(&[&x], 0.0).unwrap_err().to_string();
+        let e = grad_norm_clip(&[&x], 1.0, &[&x]).unwrap_err().to_string();
+        assert!(
+            e.contains("one-element checked") && e.contains("[2]"),
+            "{e}"
+        );
+        let e = grad_norm_clip(&[&x], 0.0, &[]).unwrap_err().to_string();
         assert!(e.contains("positive limit") && e.contains('0'), "{e}");
     }
 
@@ -242,7 +299,7 @@ mod tests {
                 .collect();
             let refs: Vec<&Tensor> = g.iter().collect();
             if fused {
-                let clip = grad_norm_clip(&refs, limit).unwrap();
+                let clip = grad_norm_clip(&refs, limit, &[]).unwrap();
                 for ([p, m, v], g) in state.iter().zip(&g) {
                     adamw_step_clipped(p, g, m, v, &hp, &clip).unwrap();
                 }
@@ -293,6 +350,38 @@ mod tests {
                 crate::testing::assert_close_slices("fused vs cpu", g, w, 1e-6, 1e-5);
                 crate::testing::assert_close_slices("fused vs old gpu", g, o, 1e-6, 1e-5);
             }
+        }
+    }
+
+    /// A skipped step (non-finite norm or checked value) changes no param, m or v.
+    #[test]
+    fn a_skipped_step_writes_nothing() {
+        use crate::ops::adamw::{AdamWParams, adamw_step_clipped};
+        let mut devices = vec![Device::cpu()];
+        devices.extend(gpu());
+        for d in &devices {
+            let hp = AdamWParams {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step: 1,
+            };
+            let (p, m, v) = (
+                random(&[40], 1, d),
+                random(&[40], 2, d),
+                random(&[40], 3, d),
+            );
+            let before = [&p, &m, &v].map(|t| t.to_vec().unwrap());
+            let g = random(&[40], 4, d);
+            let nan = Tensor::from_vec(vec![f32::NAN], &[1], d).unwrap();
+            let clip = grad_norm_clip(&[&g], 1.0, &[&nan]).unwrap();
+            adamw_step_clipped(&p, &g, &m, &v, &hp, &clip).unwrap();
+            assert_eq!([&p, &m, &v].map(|t| t.to_vec().unwrap()), before);
+            let clip = grad_norm_clip(&[&g], 1.0, &[]).unwrap();
+            adamw_step_clipped(&p, &g, &m, &v, &hp, &clip).unwrap();
+            assert_ne!(p.to_vec().unwrap(), before[0]);
         }
     }
 }
