@@ -11,12 +11,12 @@
 // and passed as f32 (as torch does): this equals p − lr · m̂ / (√v̂ + eps), m̂ = m/bc1, v̂ = v/bc2.
 //
 // `adamw_step_clipped` first multiplies g by clip[1], the clip factor of the global gradient
-// norm that `grad_norm.wgsl` wrote as [norm, clip, skip, …] (1 when nothing is clipped):
+// norm that `grad_norm.wgsl` wrote as [norm, clip, ok, …] (1 when nothing is clipped):
 // gradient clipping folded into the update, with no readback and no scaled copy of the
-// gradients. When skip (clip[2]) is not 0 (a non-finite norm or loss) it writes nothing.
+// gradients. Unless ok (clip[2]) is 1 (it is 0 for a non-finite norm or loss) it writes nothing.
 //
 // Bindings: 0 params; 1 grad (n, read); 2 param (n); 3 m (n); 4 v (n) — 2..4 updated in place;
-// 5 clip ([norm, clip, skip, …], read; `adamw_step_clipped` only).
+// 5 clip ([norm, clip, ok, …], read; `adamw_step_clipped` only).
 // Each array is a bound *range* of a larger buffer; `off_*` is where the data starts inside it.
 // Workgroup: 256 invocations, one element each, on a 2-D grid (one dimension holds at most
 // 65,535 workgroups): i = (wg.y · num_workgroups.x + wg.x) · 256 + local; invocation i
@@ -36,7 +36,7 @@ struct Params {
     decay: f32,      // 1 − lr·wd
     step_size: f32,  // lr / (1 − β1^t)
     bc2_sqrt: f32,   // √(1 − β2^t)
-    off_c: u32,      // where [norm, clip, skip] sits inside binding 5
+    off_c: u32,      // where [norm, clip, ok] sits inside binding 5
     _pad1: u32,
     _pad2: u32,
 }
@@ -71,6 +71,6 @@ fn adamw_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
 fn adamw_step_clipped(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) li: u32) {
     let i = flat_index(wg, nwg, li);
-    if (i >= p.n || clip[p.off_c + 2u] != 0.0) { return; }
+    if (i >= p.n || clip[p.off_c + 2u] != 1.0) { return; }
     update(i, grad[p.off_g + i] * clip[p.off_c + 1u]);
 }

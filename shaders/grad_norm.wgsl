@@ -5,14 +5,15 @@
 //
 //   norm = √(Σ_{k<n} sq[k])                  sq[k] = Σ g_k², one slot per gradient tensor
 //   clip = max_norm / (norm + 1e-6)  if norm > max_norm and norm is finite, else 1
-//   skip = 1 if norm or any checked value sq[n .. n + n_checked] is not finite, else 0
-//   out  = [norm, clip, skip, sq[n], …, sq[n + n_checked − 1]]
+//   ok   = 1 if norm and every checked value sq[n .. n + n_checked] are finite, else 0
+//   out  = [norm, clip, ok, sq[n], …, sq[n + n_checked − 1]]
 //
 // The slots are added in order by one invocation (a few hundred at most: one per trainable
 // tensor), so the result is deterministic. The checked values (the step's loss) are copied to
 // the output so that one readback brings back all a step reports. The AdamW kernel
 // (`adamw.wgsl`, `adamw_step_clipped`) multiplies each gradient by out[1] as it reads it and
-// changes nothing when out[2] is not 0.
+// changes nothing unless out[2] is exactly 1 (an "ok" flag rather than a "skip" flag: a value
+// never written, such as a NaN-poisoned buffer, then skips the update instead of taking it).
 //
 // Bindings: 0 params; 1 sq (n + n_checked, read); 2 out (3 + n_checked, written).
 // Workgroup: 1 invocation, 1 workgroup.
@@ -58,5 +59,5 @@ fn grad_norm_clip() {
     }
     out[p.off_out] = norm;
     out[p.off_out + 1u] = clip;
-    out[p.off_out + 2u] = select(1.0, 0.0, ok);
+    out[p.off_out + 2u] = select(0.0, 1.0, ok);
 }

@@ -28,7 +28,7 @@ use crate::param::ParamId;
 /// device.
 #[derive(Clone)]
 pub struct GradClip {
-    /// `[norm, clip, skip, checked…]`; `None` when there was no gradient (norm 0, nothing to
+    /// `[norm, clip, ok, checked…]`; `None` when there was no gradient (norm 0, nothing to
     /// clip), and then `checked` holds the checked values themselves.
     value: Option<Tensor>,
     checked: Vec<Tensor>,
@@ -54,7 +54,7 @@ impl GradClip {
                 let v = t.to_vec()?;
                 Ok(ClipReport {
                     norm: v[0],
-                    skipped: v[2] != 0.0,
+                    skipped: v[2] != 1.0,
                     checked: v[3..].to_vec(),
                 })
             }
@@ -74,7 +74,7 @@ impl GradClip {
         }
     }
 
-    /// The `[norm, clip factor, skip, checked…]` tensor, if any parameter had a gradient.
+    /// The `[norm, clip factor, ok, checked…]` tensor, if any parameter had a gradient.
     pub fn tensor(&self) -> Option<&Tensor> {
         self.value.as_ref()
     }

@@ -17,7 +17,7 @@
 //! `[norm, c]` tensor from [`grad_norm_clip`](crate::ops::grad_norm::grad_norm_clip)
 //! (g ← c·g, gradient clipping) as it reads it, on the device: the same numbers as scaling the
 //! gradient by `c` first and then calling [`adamw_step`] (c = 1 multiplies exactly). When that
-//! tensor's skip flag is set (a non-finite norm or loss), it writes nothing.
+//! tensor's ok flag is not 1 (a non-finite norm or loss), it writes nothing.
 //!
 //! Kernel: `shaders/adamw.wgsl`, one invocation per element; tensors larger than one binding are
 //! updated in several dispatches over ranges of elements.
@@ -193,9 +193,9 @@ pub fn adamw_step(
 }
 
 /// [`adamw_step`] with the gradient clipped on the device: `grad` is multiplied by `clip[1]`,
-/// where `clip` is the `[norm, clip factor, skip, …]` tensor of
-/// [`grad_norm_clip`](crate::ops::grad_norm::grad_norm_clip), on the same device; when
-/// `clip[2]` (skip) is not 0, nothing is written.
+/// where `clip` is the `[norm, clip factor, ok, …]` tensor of
+/// [`grad_norm_clip`](crate::ops::grad_norm::grad_norm_clip), on the same device; unless
+/// `clip[2]` (ok) is 1, nothing is written.
 pub fn adamw_step_clipped(
     param: &Tensor,
     grad: &Tensor,
@@ -207,7 +207,7 @@ pub fn adamw_step_clipped(
     if clip.shape().len() != 1 || clip.numel() < 3 {
         return shape_err(
             "adamw_step_clipped",
-            "a [norm, clip factor, skip, …] tensor of shape [3 + checked values]",
+            "a [norm, clip factor, ok, …] tensor of shape [3 + checked values]",
             clip.shape(),
         );
     }
@@ -250,7 +250,7 @@ fn adamw(
             let c = match clip {
                 Some(c) => {
                     let c = c.cpu_data()?;
-                    if c[2] != 0.0 {
+                    if c[2] != 1.0 {
                         return Ok(());
                     }
                     c[1]

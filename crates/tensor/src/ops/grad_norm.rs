@@ -6,14 +6,14 @@
 //! sq_k = Σ g_k²                          (per gradient tensor: mul, then sum_all)
 //! norm = √(Σ_k sq_k)                     (the tensors in the order given)
 //! clip = max_norm / (norm + 1e-6)   if norm > max_norm and norm is finite, else 1
-//! skip = 1 if norm or any checked value c_j is not finite, else 0
+//! ok   = 1 if norm and every checked value c_j are finite, else 0 (the step is skipped)
 //! ```
 //!
-//! The result is the tensor `[norm, clip, skip, c_0, …]` (the checked one-element tensors,
+//! The result is the tensor `[norm, clip, ok, c_0, …]` (the checked one-element tensors,
 //! e.g. the loss, copied after the three, so one readback brings back all a step reports).
 //! This is `torch.nn.utils.clip_grad_norm_` (foreach, eps 1e-6) with the scaling left to the
 //! optimizer, which multiplies each gradient by `clip` as it reads it, and leaves everything
-//! as it was when `skip` is set.
+//! as it was unless `ok` is 1.
 //!
 //! Each `sq_k` is computed by the same ops as before (so the same bits); then the CPU path adds
 //! the `sq_k` in f64 and takes the square root in f64, rounding once, while the GPU kernel
@@ -82,7 +82,7 @@ fn finish_gpu(ctx: &Arc<GpuContext>, sq: &Tensor, n: usize, max_norm: f32) -> Re
     Ok(out)
 }
 
-/// `[norm, clip, skip, checked…]` of the gradients `grads` (at least one, all on one device)
+/// `[norm, clip, ok, checked…]` of the gradients `grads` (at least one, all on one device)
 /// under `max_norm` (`f32::INFINITY`: never clip), with `checked` one-element tensors (the loss)
 /// in the finite check, as a tensor on their device; nothing is read back.
 pub fn grad_norm_clip(grads: &[&Tensor], max_norm: f32, checked: &[&Tensor]) -> Result<Tensor> {
@@ -122,7 +122,7 @@ pub fn grad_norm_clip(grads: &[&Tensor], max_norm: f32, checked: &[&Tensor]) -> 
                 .map(|c| Ok(c.cpu_data()?[0]))
                 .collect::<Result<Vec<f32>>>()?;
             let ok = norm.is_finite() && values.iter().all(|v| v.is_finite());
-            let mut out = vec![norm, clip, if ok { 0.0 } else { 1.0 }];
+            let mut out = vec![norm, clip, if ok { 1.0 } else { 0.0 }];
             out.extend(values);
             let len = out.len();
             Ok(Tensor::cpu_from(&ctx, out, &[len]))
@@ -187,15 +187,15 @@ mod tests {
             .unwrap()
             .to_vec()
             .unwrap();
-        assert_eq!(out, vec![want, 1.0, 0.0]);
+        assert_eq!(out, vec![want, 1.0, 1.0]);
         let out = grad_norm_clip(&refs, want / 4.0, &[])
             .unwrap()
             .to_vec()
             .unwrap();
-        assert_eq!(out, vec![want, (want / 4.0) / (want + 1e-6), 0.0]);
+        assert_eq!(out, vec![want, (want / 4.0) / (want + 1e-6), 1.0]);
         // At the limit exactly: no clipping (the old `norm > max_norm`).
         let out = grad_norm_clip(&refs, want, &[]).unwrap().to_vec().unwrap();
-        assert_eq!(out, vec![want, 1.0, 0.0]);
+        assert_eq!(out, vec![want, 1.0, 1.0]);
     }
 
     #[test]
@@ -208,9 +208,9 @@ mod tests {
         for d in &devices {
             let (nan, inf) = (nan.to_device(d).unwrap(), inf.to_device(d).unwrap());
             let out = grad_norm_clip(&[&nan], 1.0, &[]).unwrap().to_vec().unwrap();
-            assert!(out[0].is_nan() && out[1..] == [1.0, 1.0], "{out:?}");
+            assert!(out[0].is_nan() && out[1..] == [1.0, 0.0], "{out:?}");
             let out = grad_norm_clip(&[&inf], 1.0, &[]).unwrap().to_vec().unwrap();
-            assert_eq!(out, vec![f32::INFINITY, 1.0, 1.0]);
+            assert_eq!(out, vec![f32::INFINITY, 1.0, 0.0]);
             // A finite norm with a non-finite checked value (the loss): skip, and the values
             // come back after the three.
             let g = Tensor::from_vec(vec![3.0, 4.0], &[2], d).unwrap();
@@ -220,7 +220,7 @@ mod tests {
                 .unwrap()
                 .to_vec()
                 .unwrap();
-            assert_eq!(out[2..], [0.0, 2.5], "{out:?}");
+            assert_eq!(out[2..], [1.0, 2.5], "{out:?}");
             assert!(
                 (out[0] - 5.0).abs() < 1e-6 && (out[1] - 0.2).abs() < 1e-6,
                 "{out:?}"
@@ -229,7 +229,7 @@ mod tests {
                 .unwrap()
                 .to_vec()
                 .unwrap();
-            assert_eq!(out[2..], [1.0, 2.5, f32::INFINITY], "{out:?}");
+            assert_eq!(out[2..], [0.0, 2.5, f32::INFINITY], "{out:?}");
         }
         assert_eq!(clip_factor(f32::NAN, 1.0), 1.0);
         assert_eq!(clip_factor(2.0, 1.0), 1.0 / (2.0 + 1e-6));
