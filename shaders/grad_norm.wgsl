@@ -16,7 +16,8 @@
 // never written, such as a NaN-poisoned buffer, then skips the update instead of taking it).
 //
 // Bindings: 0 params; 1 sq (n + n_checked, read); 2 out (3 + n_checked, written).
-// Workgroup: 1 invocation, 1 workgroup.
+// Workgroup: one of 64 invocations, of which invocation 0 does the work (a few hundred adds in
+// order) and the others return at once.
 
 struct Params {
     n: u32,          // gradient slots
@@ -39,8 +40,9 @@ fn is_finite(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
 }
 
-@compute @workgroup_size(1)
-fn grad_norm_clip() {
+@compute @workgroup_size(64)
+fn grad_norm_clip(@builtin(local_invocation_index) li: u32) {
+    if (li != 0u) { return; }
     var total = 0.0;
     for (var k = 0u; k < p.n; k = k + 1u) {
         total = total + sq[p.off_sq + k];

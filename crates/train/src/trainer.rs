@@ -248,6 +248,72 @@ mod tests {
         }
     }
 
+    /// A NaN weight makes the loss and the norm NaN: on the CPU and on the GPU (where the skip
+    /// is decided by the update kernels and learned by the host afterwards) the step reports
+    /// [`NonFinite`] and leaves every parameter and the optimizer (step count, moments) as
+    /// they were; the next step with good weights is then a first step.
+    #[test]
+    fn a_non_finite_step_changes_nothing_on_the_cpu_and_the_gpu() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/gpt2-tiny"
+        );
+        let ckpt = Checkpoint::load(dir).unwrap();
+        let rows = [Example {
+            ids: b"over the lazy dog".iter().map(|&b| u32::from(b)).collect(),
+            completion_start: 0,
+        }];
+        let refs: Vec<&Example> = rows.iter().collect();
+        let micro = [batch(&refs, 0)];
+        let cfg = OptimConfig {
+            lr: 1e-2,
+            schedule: Schedule::Constant,
+            clip: 1.0,
+        };
+        let mut devices = vec![tensor::Device::cpu()];
+        devices.extend(tensor::testing::gpu());
+        for device in &devices {
+            let model = Gpt2::from_checkpoint(&ckpt, device, true).unwrap();
+            let params: Vec<_> = model
+                .named_params()
+                .into_iter()
+                .filter_map(|p| p.as_trainable().cloned())
+                .collect();
+            let mut opt = AdamW::new(vec![autograd::ParamGroup::new(params.clone(), 0.0)]);
+            let last = params.last().unwrap();
+            let good = last.value.to_vec().unwrap();
+            let nan = vec![f32::NAN; good.len()];
+            let set = |v: &[f32]| {
+                let t = tensor::Tensor::from_vec(v.to_vec(), last.value.shape(), device).unwrap();
+                tensor::ops::slice::write_axis(&last.value, 0, 0, &t, false).unwrap();
+            };
+            set(&nan);
+            let before: Vec<Vec<f32>> = params.iter().map(|p| p.value.to_vec().unwrap()).collect();
+            let bad = step(&model, &mut opt, &micro, &cfg, 0)
+                .unwrap()
+                .unwrap_err();
+            assert!(bad.loss.is_nan() && bad.grad_norm.is_nan(), "{bad}");
+            let after: Vec<Vec<f32>> = params.iter().map(|p| p.value.to_vec().unwrap()).collect();
+            // NaN != NaN: compare bits.
+            let bits = |v: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+                v.iter()
+                    .map(|x| x.iter().map(|f| f.to_bits()).collect())
+                    .collect()
+            };
+            assert_eq!(
+                bits(&after),
+                bits(&before),
+                "a skipped step changed a weight"
+            );
+            assert_eq!(opt.step, 0);
+            assert!(opt.state_tensors().is_empty() && opt.memory().live == 0);
+            set(&good);
+            let stats = step(&model, &mut opt, &micro, &cfg, 0).unwrap().unwrap();
+            assert!(stats.loss.is_finite() && stats.grad_norm > 0.0);
+            assert_eq!((opt.step, opt.state_tensors().len()), (1, params.len()));
+        }
+    }
+
     /// Two micro-batches of 2 give the loss and gradients of one batch of 4: examples of
     /// different lengths and prompt lengths, so the micro-batches count different numbers of
     /// tokens and are padded differently.
