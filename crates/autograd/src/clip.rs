@@ -149,7 +149,7 @@ mod tests {
         (norms, out)
     }
 
-    /// The gradients' norm is about √362 · 0.58 ≈ 11: a limit of 3 clips every step, 1e9 none.
+    /// The gradients' norm is about √374 · 0.58 ≈ 11: a limit of 3 clips every step, 1e9 none.
     #[test]
     fn device_clipping_is_the_old_composition_to_the_bit_on_the_cpu() {
         let cpu = Device::cpu();
