@@ -15,6 +15,10 @@
 // changes nothing unless out[2] is exactly 1 (an "ok" flag rather than a "skip" flag: a value
 // never written, such as a NaN-poisoned buffer, then skips the update instead of taking it).
 //
+// `sum_squares` (one workgroup of 256) fills one slot beforehand: sq[k] = Σ g², invocation l
+// adding g[l]², g[l + 256]², … in order, then a tree over the invocations (`workgroup_sum`);
+// for it binding 1 is the gradient (n elements from off_sq) and binding 2 the slot (off_out).
+//
 // Bindings: 0 params; 1 sq (n + n_checked, read); 2 out (3 + n_checked, written).
 // Workgroup: one of 64 invocations, of which invocation 0 does the work (a few hundred adds in
 // order) and the others return at once.
@@ -38,6 +42,19 @@ struct Params {
 // may be folded away by a compiler).
 fn is_finite(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+@compute @workgroup_size(256)
+fn sum_squares(@builtin(local_invocation_index) li: u32) {
+    var acc = 0.0;
+    for (var i = li; i < p.n; i = i + WG) {
+        let x = sq[p.off_sq + i];
+        acc = acc + x * x;
+    }
+    let total = workgroup_sum(li, acc);
+    if (li == 0u) {
+        out[p.off_out] = total;
+    }
 }
 
 @compute @workgroup_size(64)
