@@ -27,6 +27,7 @@
 //! assert_eq!(grads.get(id).unwrap().to_vec().unwrap(), vec![6.0]);
 //! ```
 
+pub mod clip;
 pub mod grads;
 pub mod memory;
 pub mod ops;
@@ -34,6 +35,7 @@ pub mod optim;
 pub mod param;
 pub mod tape;
 
+pub use clip::{ClipReport, GradClip, grad_norm_clip};
 pub use grads::Grads;
 pub use memory::{Counter, MemoryReport};
 pub use optim::{AdamW, ParamGroup, Schedule, Sgd, clip_grad_norm};

@@ -8,11 +8,12 @@
 
 use std::collections::HashMap;
 
-use tensor::ops::adamw::{AdamWParams, adamw_step};
+use tensor::ops::adamw::{AdamWParams, adamw_step, adamw_step_clipped};
 use tensor::ops::elementwise::{axpy, mul, scale};
 use tensor::ops::reduce::sum_all;
 use tensor::{Error, Result, Tensor};
 
+use crate::clip::GradClip;
 use crate::grads::Grads;
 use crate::memory::Counter;
 use crate::param::{ParamId, Trainable};
@@ -46,6 +47,8 @@ pub struct AdamW {
     /// Steps taken (the t of the bias correction).
     pub step: u32,
     state: HashMap<ParamId, (Tensor, Tensor)>,
+    /// Parameters whose state the last step created (what [`AdamW::take_back`] removes).
+    created: Vec<ParamId>,
     bytes: Counter,
 }
 
@@ -59,14 +62,42 @@ impl AdamW {
             eps: 1e-8,
             step: 0,
             state: HashMap::new(),
+            created: Vec::new(),
             bytes: Counter::default(),
         }
     }
 
     /// One update of every parameter that has a gradient, at learning rate `lr`.
     pub fn step(&mut self, grads: &Grads, lr: f32) -> Result<()> {
+        self.update(grads, lr, None)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by the clip factor of `clip` as the
+    /// update reads it, on the device (no readback, no scaled copies of the gradients): the
+    /// same numbers as [`clip_grad_norm`] followed by [`AdamW::step`]. When `clip` says skip
+    /// (a non-finite norm or loss, known on the device only), no parameter or moment is
+    /// written; the caller learns it from [`GradClip::read`] and then calls
+    /// [`AdamW::take_back`].
+    pub fn step_clipped(&mut self, grads: &Grads, lr: f32, clip: &GradClip) -> Result<()> {
+        self.update(grads, lr, clip.tensor())
+    }
+
+    /// Undo the bookkeeping of the last step, which the device skipped ([`AdamW::step_clipped`]
+    /// with a skip): the step count goes back and the moments that step created (zeros, never
+    /// written) are dropped, so the optimizer is as it was before that step.
+    pub fn take_back(&mut self) {
+        self.step = self.step.saturating_sub(1);
+        for id in std::mem::take(&mut self.created) {
+            if let Some((m, v)) = self.state.remove(&id) {
+                self.bytes.sub(m.bytes() + v.bytes());
+            }
+        }
+    }
+
+    fn update(&mut self, grads: &Grads, lr: f32, clip: Option<&Tensor>) -> Result<()> {
         let _profile = tensor::profile::scope("optimizer");
         self.step += 1;
+        self.created.clear();
         for group in &self.groups {
             for p in &group.params {
                 let Some(g) = grads.get(p.id) else { continue };
@@ -78,6 +109,7 @@ impl AdamW {
                         let v = Tensor::zeros(p.value.shape(), &device)?;
                         self.bytes.add(m.bytes() + v.bytes());
                         self.state.insert(p.id, (m.clone(), v.clone()));
+                        self.created.push(p.id);
                         (m, v)
                     }
                 };
@@ -89,7 +121,10 @@ impl AdamW {
                     weight_decay: group.weight_decay,
                     step: self.step,
                 };
-                adamw_step(&p.value, g, &m, &v, &hp)?;
+                match clip {
+                    Some(c) => adamw_step_clipped(&p.value, g, &m, &v, &hp, c)?,
+                    None => adamw_step(&p.value, g, &m, &v, &hp)?,
+                }
             }
         }
         Ok(())
@@ -148,6 +183,7 @@ impl AdamW {
             }
         }
         self.step = step;
+        self.created.clear();
         Ok(())
     }
 }
@@ -169,7 +205,10 @@ impl Sgd {
 }
 
 /// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping. Reads one number back from the device.
+/// clipping. Reads one number back from the device per gradient tensor, and writes scaled
+/// copies of the gradients: [`crate::grad_norm_clip`] with [`AdamW::step_clipped`] does the
+/// same on the device without either (this stays as their test oracle and for callers that
+/// need clipped gradients).
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f32) -> Result<f32> {
     let _profile = tensor::profile::scope("optimizer");
     // In id order (creation order), not the map's: the same sum, to the bit, in every process.

@@ -57,6 +57,8 @@ pub const REDUCE: &str = shader!("reduce");
 pub const PERMUTE: &str = shader!("permute");
 /// `shaders/adamw.wgsl`, launched from `ops/adamw.rs`.
 pub const ADAMW: &str = shader!("adamw");
+/// `shaders/grad_norm.wgsl`, launched from `ops/grad_norm.rs`.
+pub const GRAD_NORM: &str = shader!("grad_norm");
 /// `shaders/dropout.wgsl`, launched from `ops/dropout.rs`.
 pub const DROPOUT: &str = shader!("dropout");
 
@@ -81,6 +83,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("reduce", REDUCE),
     ("permute", PERMUTE),
     ("adamw", ADAMW),
+    ("grad_norm", GRAD_NORM),
     ("dropout", DROPOUT),
     ("slice", SLICE),
     ("sgmv", SGMV),

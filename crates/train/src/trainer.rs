@@ -4,21 +4,30 @@
 //!
 //! A step: forward on a recording tape → mean cross-entropy over the counted tokens →
 //! backward into [`Grads`] (trainable parameters only; each micro-batch adds into the same
-//! `Grads`) → clip the global norm → AdamW at the scheduled learning rate. The profiler
-//! ([`tensor::profile`]) sees three phases: `forward`, `backward` and `optimizer`.
+//! `Grads`) → the global gradient norm on the device → AdamW at the scheduled learning rate,
+//! clipping each gradient as it reads it. The profiler ([`tensor::profile`]) sees three phases:
+//! `forward`, `backward` and `optimizer`.
+//!
+//! **One readback per step.** The loss stays on the device; the norm, the clip factor and the
+//! finite check are computed there ([`autograd::grad_norm_clip`]) and the update reads them
+//! ([`AdamW::step_clipped`]), so the host waits once, after the whole step is recorded, for the
+//! loss, the norm and whether the step was skipped.
 //!
 //! **Non-finite steps.** A loss or gradient norm that is NaN or infinite is caught before the
-//! optimizer can write it into the weights or its moments: the step then leaves parameters and
-//! optimizer untouched and returns [`NonFinite`], which a caller either skips
-//! (`train finetune --skip-nonfinite`) or turns into the error that stops the run
-//! ([`NonFinite::stop`]).
+//! optimizer can write it into the weights or its moments: the update kernels see it on the
+//! device and write nothing; the host then takes back the optimizer's step count
+//! ([`AdamW::take_back`]), so parameters and optimizer are as they were, and returns
+//! [`NonFinite`], which a caller either skips (`train finetune --skip-nonfinite`) or turns into
+//! the error that stops the run ([`NonFinite::stop`]).
 //!
 //! (Metrics are written by [`crate::metrics`]; checkpoints a run resumes from exactly by
 //! [`crate::checkpoint`].)
 
 use std::time::Instant;
 
-use autograd::{AdamW, Grads, Schedule, Tape, clip_grad_norm};
+use autograd::{AdamW, Grads, Schedule, Tape, grad_norm_clip};
+use tensor::Tensor;
+use tensor::ops::elementwise::add;
 use tensor::profile;
 use transformer::Gpt2;
 
@@ -107,16 +116,20 @@ pub fn step(
     } else {
         f32::INFINITY
     };
-    let grad_norm = clip_grad_norm(&mut grads, limit)?;
-    if !loss.is_finite() || !grad_norm.is_finite() {
+    let clip = grad_norm_clip(&grads, limit, &[&loss])?;
+    let lr = cfg.schedule.lr(cfg.lr, step_index);
+    opt.step_clipped(&grads, lr, &clip)?;
+    // The step's one wait: everything above is recorded before it.
+    let report = clip.read()?;
+    let (loss, grad_norm) = (report.checked[0], report.norm);
+    if report.skipped {
+        opt.take_back();
         return Ok(Err(NonFinite {
             step: step_index + 1,
             loss,
             grad_norm,
         }));
     }
-    let lr = cfg.schedule.lr(cfg.lr, step_index);
-    opt.step(&grads, lr)?;
     Ok(Ok(StepStats {
         loss,
         grad_norm,
@@ -128,15 +141,20 @@ pub fn step(
 }
 
 /// The forward and backward halves of [`step`]: each micro-batch in turn, its gradients added
-/// into `grads`; returns the loss of the micro-batches taken together and the most bytes one
-/// tape held for backward.
-fn forward_backward(model: &Gpt2, micro: &[Batch], grads: &mut Grads) -> crate::Result<(f32, u64)> {
+/// into `grads`; returns the loss of the micro-batches taken together (a one-element tensor on
+/// the model's device, the shares added in order in f32) and the most bytes one tape held for
+/// backward.
+fn forward_backward(
+    model: &Gpt2,
+    micro: &[Batch],
+    grads: &mut Grads,
+) -> crate::Result<(Tensor, u64)> {
     let counted = |b: &Batch| b.weights.iter().sum::<f32>();
     let total: f32 = micro.iter().map(counted).sum();
     if total <= 0.0 {
         return Err("a training step without a single counted token".into());
     }
-    let (mut loss_sum, mut saved_peak) = (0.0f32, 0u64);
+    let (mut loss_sum, mut saved_peak): (Option<Tensor>, u64) = (None, 0);
     for batch in micro {
         let tape = Tape::new();
         let loss = {
@@ -161,8 +179,12 @@ fn forward_backward(model: &Gpt2, micro: &[Batch], grads: &mut Grads) -> crate::
             let _phase = profile::phase("backward");
             tape.backward(&loss, grads)?;
         }
-        loss_sum += loss.value.to_vec()?[0];
+        loss_sum = Some(match loss_sum {
+            None => loss.value.clone(),
+            Some(sum) => add(&sum, &loss.value)?,
+        });
     }
+    let loss_sum = loss_sum.ok_or("a training step without a micro-batch")?;
     Ok((loss_sum, saved_peak))
 }
 
@@ -226,6 +248,72 @@ mod tests {
         }
     }
 
+    /// A NaN weight makes the loss and the norm NaN: on the CPU and on the GPU (where the skip
+    /// is decided by the update kernels and learned by the host afterwards) the step reports
+    /// [`NonFinite`] and leaves every parameter and the optimizer (step count, moments) as
+    /// they were; the next step with good weights is then a first step.
+    #[test]
+    fn a_non_finite_step_changes_nothing_on_the_cpu_and_the_gpu() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/gpt2-tiny"
+        );
+        let ckpt = Checkpoint::load(dir).unwrap();
+        let rows = [Example {
+            ids: b"over the lazy dog".iter().map(|&b| u32::from(b)).collect(),
+            completion_start: 0,
+        }];
+        let refs: Vec<&Example> = rows.iter().collect();
+        let micro = [batch(&refs, 0)];
+        let cfg = OptimConfig {
+            lr: 1e-2,
+            schedule: Schedule::Constant,
+            clip: 1.0,
+        };
+        let mut devices = vec![tensor::Device::cpu()];
+        devices.extend(tensor::testing::gpu());
+        for device in &devices {
+            let model = Gpt2::from_checkpoint(&ckpt, device, true).unwrap();
+            let params: Vec<_> = model
+                .named_params()
+                .into_iter()
+                .filter_map(|p| p.as_trainable().cloned())
+                .collect();
+            let mut opt = AdamW::new(vec![autograd::ParamGroup::new(params.clone(), 0.0)]);
+            let last = params.last().unwrap();
+            let good = last.value.to_vec().unwrap();
+            let nan = vec![f32::NAN; good.len()];
+            let set = |v: &[f32]| {
+                let t = tensor::Tensor::from_vec(v.to_vec(), last.value.shape(), device).unwrap();
+                tensor::ops::slice::write_axis(&last.value, 0, 0, &t, false).unwrap();
+            };
+            set(&nan);
+            let before: Vec<Vec<f32>> = params.iter().map(|p| p.value.to_vec().unwrap()).collect();
+            let bad = step(&model, &mut opt, &micro, &cfg, 0)
+                .unwrap()
+                .unwrap_err();
+            assert!(bad.loss.is_nan() && bad.grad_norm.is_nan(), "{bad}");
+            let after: Vec<Vec<f32>> = params.iter().map(|p| p.value.to_vec().unwrap()).collect();
+            // NaN != NaN: compare bits.
+            let bits = |v: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+                v.iter()
+                    .map(|x| x.iter().map(|f| f.to_bits()).collect())
+                    .collect()
+            };
+            assert_eq!(
+                bits(&after),
+                bits(&before),
+                "a skipped step changed a weight"
+            );
+            assert_eq!(opt.step, 0);
+            assert!(opt.state_tensors().is_empty() && opt.memory().live == 0);
+            set(&good);
+            let stats = step(&model, &mut opt, &micro, &cfg, 0).unwrap().unwrap();
+            assert!(stats.loss.is_finite() && stats.grad_norm > 0.0);
+            assert_eq!((opt.step, opt.state_tensors().len()), (1, params.len()));
+        }
+    }
+
     /// Two micro-batches of 2 give the loss and gradients of one batch of 4: examples of
     /// different lengths and prompt lengths, so the micro-batches count different numbers of
     /// tokens and are padded differently.
@@ -253,6 +341,10 @@ mod tests {
         let (loss_apart, _) = forward_backward(&model, &micro, &mut apart).unwrap();
         let (loss_together, _) =
             forward_backward(&model, &[batch(&refs, 0)], &mut together).unwrap();
+        let (loss_apart, loss_together) = (
+            loss_apart.to_vec().unwrap()[0],
+            loss_together.to_vec().unwrap()[0],
+        );
         assert!(
             (loss_apart - loss_together).abs() < 1e-5,
             "{loss_apart} vs {loss_together}"

@@ -66,6 +66,7 @@ mod tests {
             ("elementwise", ops::elementwise::params_layout()),
             ("embedding", ops::embedding::params_layout()),
             ("gelu", ops::gelu::params_layout()),
+            ("grad_norm", ops::grad_norm::params_layout()),
             ("layernorm", ops::layernorm::params_layout()),
             ("matmul", ops::matmul::params_layout()),
             ("matmul_nf4", ops::matmul_nf4::params_layout()),

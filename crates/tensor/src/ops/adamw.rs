@@ -13,6 +13,12 @@
 //! evaluated as `p − step_size · (m / (√v / √bc2 + eps))` with `step_size = lr / bc1`,
 //! `bc1 = 1 − β1^t`, `bc2 = 1 − β2^t`. There is no backward: this is the update itself.
 //!
+//! [`adamw_step_clipped`] first multiplies each gradient element by the clip factor `c` of a
+//! `[norm, c]` tensor from [`grad_norm_clip`](crate::ops::grad_norm::grad_norm_clip)
+//! (g ← c·g, gradient clipping) as it reads it, on the device: the same numbers as scaling the
+//! gradient by `c` first and then calling [`adamw_step`] (c = 1 multiplies exactly). When that
+//! tensor's ok flag is not 1 (a non-finite norm or loss), it writes nothing.
+//!
 //! Kernel: `shaders/adamw.wgsl`, one invocation per element; tensors larger than one binding are
 //! updated in several dispatches over ranges of elements.
 
@@ -52,7 +58,7 @@ kernel_params! {
         decay: f32,
         step_size: f32,
         bc2_sqrt: f32,
-        _pad0: u32,
+        off_c: u32,
         _pad1: u32,
         _pad2: u32,
     }
@@ -88,7 +94,14 @@ impl Params {
     }
 }
 
-fn adamw_cpu(param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor, k: &Params) -> Result<()> {
+/// `c`: the clip factor every gradient element is multiplied by (1: exactly the gradient).
+fn adamw_cpu(
+    param: &Tensor,
+    grad: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    k: &Params,
+    c: f32,
+) -> Result<()> {
     let g = grad.cpu_data()?;
     let (mut p, mut m, mut v) = (param.cpu_data_mut()?, m.cpu_data_mut()?, v.cpu_data_mut()?);
     let n = p.len();
@@ -99,7 +112,7 @@ fn adamw_cpu(param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor, k: &Params) 
     };
     let run = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
         for i in 0..p.len() {
-            k.update(&mut p[i], g[i], &mut m[i], &mut v[i]);
+            k.update(&mut p[i], g[i] * c, &mut m[i], &mut v[i]);
         }
     };
     if chunk >= n {
@@ -123,14 +136,18 @@ fn adamw_gpu(
     ctx: &Arc<GpuContext>,
     param: &Tensor,
     grad: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
+    (m, v): (&Tensor, &Tensor),
     k: &Params,
+    clip: Option<&Tensor>,
 ) -> Result<()> {
     let kernel = Kernel {
         shader: "adamw",
         source: shaders::ADAMW,
-        entry: "adamw_step",
+        entry: if clip.is_some() {
+            "adamw_step_clipped"
+        } else {
+            "adamw_step"
+        },
     };
     for (start, len) in ctx.row_chunks(param.numel(), &[1])? {
         if len == 0 {
@@ -138,20 +155,25 @@ fn adamw_gpu(
         }
         let (gv, pv) = (ctx.view(grad, start, len)?, ctx.view(param, start, len)?);
         let (mv, vv) = (ctx.view(m, start, len)?, ctx.view(v, start, len)?);
+        let cv = clip.map(|c| ctx.view_all(c)).transpose()?;
         let params = Params {
             n: len as u32,
             off_g: gv.offset,
             off_p: pv.offset,
             off_m: mv.offset,
             off_v: vv.offset,
+            off_c: cv.as_ref().map_or(0, |c| c.offset),
             ..*k
         };
-        let bindings = [
+        let mut bindings = vec![
             (1, gv.binding),
             (2, pv.binding),
             (3, mv.binding),
             (4, vv.binding),
         ];
+        if let Some(c) = cv {
+            bindings.push((5, c.binding));
+        }
         let groups = grid_2d(len, 256, ctx.limits.max_compute_workgroups_per_dimension);
         ctx.dispatch(kernel, bytemuck::bytes_of(&params), &bindings, groups)?;
     }
@@ -166,6 +188,38 @@ pub fn adamw_step(
     m: &Tensor,
     v: &Tensor,
     hp: &AdamWParams,
+) -> Result<()> {
+    adamw(param, grad, (m, v), hp, None)
+}
+
+/// [`adamw_step`] with the gradient clipped on the device: `grad` is multiplied by `clip[1]`,
+/// where `clip` is the `[norm, clip factor, ok, …]` tensor of
+/// [`grad_norm_clip`](crate::ops::grad_norm::grad_norm_clip), on the same device; unless
+/// `clip[2]` (ok) is 1, nothing is written.
+pub fn adamw_step_clipped(
+    param: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    hp: &AdamWParams,
+    clip: &Tensor,
+) -> Result<()> {
+    if clip.shape().len() != 1 || clip.numel() < 3 {
+        return shape_err(
+            "adamw_step_clipped",
+            "a [norm, clip factor, ok, …] tensor of shape [3 + checked values]",
+            clip.shape(),
+        );
+    }
+    adamw(param, grad, (m, v), hp, Some(clip))
+}
+
+fn adamw(
+    param: &Tensor,
+    grad: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    hp: &AdamWParams,
+    clip: Option<&Tensor>,
 ) -> Result<()> {
     let _profile = crate::profile::scope("optimizer");
     for (name, t) in [("grad", grad), ("m", m), ("v", v)] {
@@ -189,9 +243,23 @@ pub fn adamw_step(
         ));
     }
     let k = Params::new(hp);
-    match same_device("adamw_step", &all)? {
-        Device::Cpu(_) => adamw_cpu(param, grad, m, v, &k),
-        Device::Gpu(ctx) => adamw_gpu(&ctx, param, grad, m, v, &k),
+    let mut operands = all.to_vec();
+    operands.extend(clip);
+    match same_device("adamw_step", &operands)? {
+        Device::Cpu(_) => {
+            let c = match clip {
+                Some(c) => {
+                    let c = c.cpu_data()?;
+                    if c[2] != 1.0 {
+                        return Ok(());
+                    }
+                    c[1]
+                }
+                None => 1.0,
+            };
+            adamw_cpu(param, grad, (m, v), &k, c)
+        }
+        Device::Gpu(ctx) => adamw_gpu(&ctx, param, grad, (m, v), &k, clip),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod gelu;
+pub mod grad_norm;
 pub mod layernorm;
 pub mod matmul;
 pub mod matmul_nf4;

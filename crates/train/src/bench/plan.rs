@@ -6,13 +6,13 @@
 //! random weights, take `--warmup` steps (pipelines compiled, AdamW's state allocated), then
 //! count one step with [`tensor::counts`]: ops by family, GPU dispatches by kernel with the
 //! workgroups, invocations and bytes they bind (and of those, the bytes the kernel may write),
-//! buffer copies, uploads, command submissions, blocking host waits (where and why: the loss
-//! readback, one readback per gradient in `clip_grad_norm`, the final sync), matmul FLOPs by
+//! buffer copies, uploads, command submissions, blocking host waits (where and why: the step's
+//! one readback of loss, gradient norm and skip flag, the final sync), matmul FLOPs by
 //! shape, the host time spent recording each dispatch, and the device memory by purpose.
 //!
 //! On a GPU the step is a **dry run** by default ([`tensor::GpuOptions::dry_run`]): every
 //! dispatch is validated and encoded but nothing is submitted, readbacks return 1.0 without
-//! waiting (so gradient clipping takes its scaling branch, the path with more work), and
+//! waiting (clipping is applied on the device either way, so the work is that of any step), and
 //! buffers are created but never written, so GPT-2 124M at 8×1024 (and medium) is counted on
 //! a software adapter in seconds. The counts are those of an executed step (a test compares
 //! them on a small model); `--execute` runs the kernels instead.
