@@ -409,11 +409,32 @@ pub(crate) fn submission() {
 /// A product `op(A)·op(B)` of `batch` entries of M×K by K×N (the flags as in
 /// [`MatmulOpts`](crate::ops::matmul::MatmulOpts)).
 pub(crate) fn matmul(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) {
+    product(
+        batch,
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        2 * (batch * m * n * k) as u64,
+    );
+}
+
+/// A product of shape `batch × (m×n×k)` that does `flops` floating-point operations: fewer than
+/// 2·batch·m·n·k when it skips work (the fused causal attention skips the masked half).
+pub(crate) fn product(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    flops: u64,
+) {
     if !here() {
         return;
     }
     let at = context();
-    let flops = 2 * (batch * m * n * k) as u64;
     let mut s = state();
     let e = s
         .matmuls

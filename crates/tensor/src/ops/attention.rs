@@ -97,11 +97,25 @@ fn dims(op: &'static str, qkv: &Tensor, nh: usize) -> Result<Dims> {
     })
 }
 
+/// Records attention's products for the step accounting ([`crate::counts`]): each a
+/// (B·NH) × T×T×hs (`square`: a T×T result) or T×hs×T product, of which only the causal
+/// pairs (T(T+1)/2 of T²) are computed.
+fn count_products(d: Dims, square: &[bool]) {
+    let (batch, t, hs) = (d.b * d.nh, d.t, d.hs);
+    let flops = (batch * hs * t * (t + 1)) as u64; // 2 · hs · T(T+1)/2 per head
+    for &square in square {
+        let (m, n, k) = if square { (t, t, hs) } else { (t, hs, t) };
+        crate::counts::product(batch, m, n, k, false, square, flops);
+    }
+}
+
 /// Causal attention of `nh` heads over qkv (B, T, 3C) with scores scaled by `scale`:
 /// returns y (B, T, C) (heads merged) and lse (B, NH, T). See the module doc.
 pub fn causal_attention(qkv: &Tensor, nh: usize, scale: f32) -> Result<(Tensor, Tensor)> {
     let _profile = crate::profile::scope("attention");
     let d = dims("causal_attention", qkv, nh)?;
+    // S = s·Q·Kᵀ and Y = P·V, over the causal half only.
+    count_products(d, &[true, false]);
     let device = qkv.device();
     let (y_shape, lse_shape) = ([d.b, d.t, d.c()], [d.b, nh, d.t]);
     if qkv.numel() == 0 {
@@ -157,6 +171,9 @@ pub fn causal_attention_backward(
         }
     }
     let device = same_device(op, &[qkv, y, lse, dy])?;
+    // S recomputed, dV = Pᵀ·dY, dP = dY·Vᵀ, dQ = dS·K, dK = dSᵀ·Q, over the causal half only
+    // (the GPU kernel recomputes S and dP in its dQ pass too; counted once, as the math needs).
+    count_products(d, &[true, false, true, false, false]);
     if qkv.numel() == 0 {
         return Tensor::zeros(qkv.shape(), &device);
     }
