@@ -106,6 +106,27 @@ impl E2eData {
             .filter(|r| seen.insert(*r))
             .collect()
     }
+
+    /// The same distinct references grouped by their MR (groups in order of the MR's first
+    /// appearance, references in file order within a group). Text in which several sentences in a
+    /// row describe one restaurant: a model pretrained on it learns to repeat the name and the
+    /// food it read a sentence earlier, the copying that fine-tuning then points at the MR.
+    pub fn train_references_by_mr(&self) -> Vec<Vec<&str>> {
+        let mut seen = HashSet::new();
+        let mut group: HashMap<&str, usize> = HashMap::new();
+        let mut groups: Vec<Vec<&str>> = Vec::new();
+        for (mr, r) in &self.train {
+            if !seen.insert(r.as_str()) {
+                continue;
+            }
+            let g = *group.entry(mr.as_str()).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(r.as_str());
+        }
+        groups
+    }
 }
 
 /// The (MR, reference) pairs of one file, both trimmed; blank lines are skipped.
@@ -188,6 +209,14 @@ mod tests {
         assert_eq!(data.heldout()[0].1.len(), 3);
         assert_eq!(data.train_pairs().len(), 28 - 5);
         assert_eq!(data.train_references().len(), 22); // "about m11" twice
+    }
+
+    #[test]
+    fn references_group_by_their_mr() {
+        let p = |m: &str, r: &str| (m.to_string(), r.to_string());
+        // "h" is MR 0, held out; "a" has two distinct references, one of them twice.
+        let data = E2eData::split(vec![p("h", "0"), p("a", "x"), p("b", "y"), p("a", "z"), p("a", "x")]);
+        assert_eq!(data.train_references_by_mr(), [vec!["x", "z"], vec!["y"]]);
     }
 
     #[test]

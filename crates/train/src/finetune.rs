@@ -8,12 +8,13 @@
 use std::time::Instant;
 
 use autograd::{AdamW, MemoryReport, ParamGroup, Schedule, Trainable, memory::parameter_bytes};
-use transformer::{GenerateConfig, Gpt2, Tokenizer, generate};
+use transformer::{BeamConfig, GenerateConfig, Gpt2, Tokenizer, beam_search, generate};
 
 use crate::batch::{Batches, batch};
 use crate::bleu::{Bleu, corpus_bleu};
 use crate::e2e::{E2eData, end_of_text, examples};
 use crate::metrics::progress;
+use crate::slots::SlotAccuracy;
 use crate::trainer::{NonFinite, OptimConfig, step};
 
 /// Settings of one fine-tuning run.
@@ -121,27 +122,69 @@ pub fn train_e2e(
     })
 }
 
-/// Greedy outputs for every held-out MR and their corpus BLEU.
-pub fn bleu_heldout(
+/// How the held-out outputs are decoded: greedy (`beams` 1), or beam search as the LoRA paper
+/// decodes E2E (length penalty 0.8, no 4-gram repeated; [`BeamConfig::default`]).
+pub fn decoding(beams: usize) -> String {
+    if beams <= 1 {
+        "greedy decoding".into()
+    } else {
+        format!("beam search of {beams} beams, length penalty 0.8, no repeated 4-gram")
+    }
+}
+
+/// The held-out MRs scored: corpus BLEU, slot accuracy, and the outputs.
+pub struct Heldout {
+    pub bleu: Bleu,
+    pub slots: SlotAccuracy,
+    pub outputs: Vec<String>,
+}
+
+/// Outputs for every held-out MR ([`decoding`]`(beams)`, stopped at end-of-text or a newline),
+/// their corpus BLEU and slot accuracy.
+pub fn score_heldout(
     model: &Gpt2,
     tok: &Tokenizer,
     data: &E2eData,
-) -> crate::Result<(Bleu, Vec<String>)> {
-    let cfg = GenerateConfig {
-        max_new_tokens: 64,
-        temperature: 0.0,
-        stop_at_eot: true,
-        stop_strings: vec!["\n".into()],
-        ..GenerateConfig::default()
-    };
-    let mut hyps = Vec::new();
-    for chunk in data.heldout().chunks(32) {
-        let prompts: Vec<String> = chunk.iter().map(|(mr, _)| format!("{mr} ||")).collect();
-        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        for g in generate(model, tok, &refs, &cfg)? {
-            hyps.push(g.text.trim().to_string());
+    beams: usize,
+) -> crate::Result<Heldout> {
+    let mut outputs = Vec::new();
+    if beams > 1 {
+        let cfg = BeamConfig {
+            beams,
+            eot: Some(end_of_text(tok)),
+            ..BeamConfig::default()
+        };
+        for (mr, _) in data.heldout() {
+            let prompt = tok.encode(&format!("{mr} ||"));
+            let mut ids = beam_search(model, &prompt, &cfg)?;
+            if ids.last() == cfg.eot.as_ref() {
+                ids.pop();
+            }
+            let text = tok.decode(&ids);
+            let line = text.split('\n').next().unwrap_or_default();
+            outputs.push(line.trim().to_string());
+        }
+    } else {
+        let cfg = GenerateConfig {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            stop_at_eot: true,
+            stop_strings: vec!["\n".into()],
+            ..GenerateConfig::default()
+        };
+        for chunk in data.heldout().chunks(32) {
+            let prompts: Vec<String> = chunk.iter().map(|(mr, _)| format!("{mr} ||")).collect();
+            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+            for g in generate(model, tok, &refs, &cfg)? {
+                outputs.push(g.text.trim().to_string());
+            }
         }
     }
     let refs: Vec<&[String]> = data.heldout().iter().map(|(_, r)| r.as_slice()).collect();
-    Ok((corpus_bleu(&hyps, &refs), hyps))
+    let mrs = data.heldout().iter().map(|(mr, _)| mr.as_str());
+    Ok(Heldout {
+        bleu: corpus_bleu(&outputs, &refs),
+        slots: SlotAccuracy::score(mrs, &outputs),
+        outputs,
+    })
 }

@@ -8,7 +8,7 @@
 //!   that resumes them exactly.
 //! - Data: [`e2e`] (the E2E NLG split and examples) or [`finetune_data`] (text, JSONL, E2E
 //!   files), made into [`batch`]es drawn in a seeded order ([`batch::Batches`]).
-//! - The default run: [`finetune::train_e2e`] and [`finetune::bleu_heldout`] (with [`bleu`]),
+//! - The default run: [`finetune::train_e2e`] and [`finetune::score_heldout`] (with [`bleu`] and [`slots`]),
 //!   [`latency`] (the merged-adapter check), [`report`] (table and run directory) and
 //!   [`loss_plot`] (`loss.svg`).
 //! - [`runtime_dir`]: the environment Mesa's Vulkan layer wants, set up before wgpu starts.
@@ -40,6 +40,7 @@ pub mod quantize;
 pub mod report;
 pub mod runtime_dir;
 pub mod serve;
+pub mod slots;
 pub mod trainer;
 
 use std::path::Path;

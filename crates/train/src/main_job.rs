@@ -4,9 +4,11 @@
 //! 1. load the shipped base model (`models/base`, pretrained by `train pretrain`);
 //! 2. score it on the 118 held-out E2E meaning representations (BLEU, greedy decoding);
 //! 3. LoRA-fine-tune it (r 8, alpha 32 on every linear layer) and score again;
-//! 4. fully fine-tune a fresh copy with the same budget, for comparison;
-//! 5. merge the adapter, check merged = unmerged, time the three inference modes;
-//! 6. print the table and save the run in `runs/<name>/`.
+//! 4. merge the adapter, check merged = unmerged, time the three inference modes;
+//! 5. the paper's own setting (r 4 on q and v) on a fresh copy of the base, same budget;
+//! 6. fully fine-tune a fresh copy with the same budget, for comparison;
+//! 7. print the table (BLEU and slot accuracy) with samples, and save the run in
+//!    `runs/<name>/`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,11 +18,12 @@ use lora::{LoraConfig, LoraModel, Target};
 use tensor::Device;
 use transformer::{Checkpoint, Gpt2};
 
-use crate::bleu::{Bleu, corpus_bleu};
+use crate::bleu::corpus_bleu;
 use crate::e2e::E2eData;
-use crate::finetune::{RunConfig, bleu_heldout, train_e2e};
+use crate::finetune::{Heldout, RunConfig, score_heldout, train_e2e};
 use crate::latency::inference_latency;
 use crate::report::{self, Row};
+use crate::slots::SlotAccuracy;
 
 /// Options of the default run (all have defaults; `train run --help` lists them).
 #[derive(Args, Debug, Clone)]
@@ -37,7 +40,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "e2e-lora")]
     pub name: String,
     /// Optimizer steps of each fine-tuning run.
-    #[arg(long, default_value_t = 292)]
+    #[arg(long, default_value_t = 450)]
     pub steps: u32,
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -55,11 +58,18 @@ pub struct RunArgs {
     /// Skip the full fine-tuning comparison.
     #[arg(long)]
     pub no_full: bool,
+    /// Skip the paper's setting (LoRA r 4, alpha 32 on q and v; Hu et al., 2021, Table 11).
+    #[arg(long)]
+    pub no_paper: bool,
     /// Held-out MRs to score (all 118 by default; fewer for a quick run).
     #[arg(long)]
     pub eval_limit: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Decoding of the held-out MRs: 1 is greedy; more is beam search with that many beams
+    /// (length penalty 0.8, no repeated 4-gram, as the LoRA paper decodes E2E).
+    #[arg(long, default_value_t = 1)]
+    pub beams: usize,
     /// QLoRA: the base (its score and the LoRA run) with its Linear weights in NF4; full
     /// fine-tuning keeps the f32 base. Merging needs f32 weights, so the merge check and the
     /// latency table are skipped.
@@ -74,6 +84,7 @@ impl RunArgs {
             "model": self.model, "data": self.data, "steps": self.steps, "batch": self.batch,
             "r": self.r, "alpha": self.alpha, "targets": self.targets, "lora_lr": self.lora_lr,
             "full_lr": self.full_lr, "seed": self.seed, "full": !self.no_full,
+            "paper": !self.no_paper, "beams": self.beams,
             "quantize": self.quant.identity(),
         })
     }
@@ -81,7 +92,7 @@ impl RunArgs {
 
 /// The first reference of the training MR with the most references (the first MR to reach
 /// that count, as the PyTorch recipe picks it), output for every held-out MR.
-fn constant_baseline(data: &E2eData, heldout: usize) -> crate::Result<Bleu> {
+fn constant_baseline(data: &E2eData, heldout: usize) -> crate::Result<Heldout> {
     let mut counts = std::collections::HashMap::new();
     let mut most = ("", 0);
     for (mr, _) in data.train_pairs() {
@@ -97,12 +108,28 @@ fn constant_baseline(data: &E2eData, heldout: usize) -> crate::Result<Bleu> {
         .find(|(m, _)| m == most.0)
         .ok_or("no training pairs")?
         .1;
-    let hyps = vec![constant.clone(); heldout];
+    let outputs = vec![constant.clone(); heldout];
     let refs: Vec<&[String]> = data.heldout()[..heldout]
         .iter()
         .map(|(_, r)| r.as_slice())
         .collect();
-    Ok(corpus_bleu(&hyps, &refs))
+    let mrs = data.heldout()[..heldout].iter().map(|(mr, _)| mr.as_str());
+    Ok(Heldout {
+        bleu: corpus_bleu(&outputs, &refs),
+        slots: SlotAccuracy::score(mrs, &outputs),
+        outputs,
+    })
+}
+
+/// A table row from a run's scores.
+fn row(name: String, scores: &Heldout, report: Option<crate::finetune::RunReport>, total: usize) -> Row {
+    Row {
+        name,
+        bleu: scores.bleu.clone(),
+        slots: scores.slots.clone(),
+        report,
+        total_params: total,
+    }
 }
 
 fn targets(names: &[String]) -> crate::Result<Vec<Target>> {
@@ -144,23 +171,41 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     let mut frozen = ckpt.clone();
     args.quant.apply(&mut frozen)?;
     let mut model = Gpt2::from_checkpoint(&frozen, device, false)?;
-    drop(frozen);
     let total = model.num_params();
-    let (base_bleu, _) = bleu_heldout(&model, &tok, &data)?;
-    println!("base model: BLEU {:.1}", base_bleu.score);
+    let base = score_heldout(&model, &tok, &data, args.beams)?;
+    println!("base model: BLEU {:.1}, {}", base.bleu.score, base.slots);
     let constant = constant_baseline(&data, data.heldout().len())?;
+    let nf4 = match args.quant.nf4()? {
+        None => "",
+        Some(_) => ", NF4 base",
+    };
 
     // LoRA.
     let lcfg = LoraConfig::new(args.r, args.alpha, &targets(&args.targets)?);
     let lora = LoraModel::inject(&mut model, &lcfg, args.seed)?;
     println!("{}", lora.param_count(&model));
     let lora_report = train_e2e(&model, lora.trainable_params(), &tok, &data, &cfg)?;
-    let (lora_bleu, predictions) = bleu_heldout(&model, &tok, &data)?;
+    let lora_scores = score_heldout(&model, &tok, &data, args.beams)?;
     println!(
-        "LoRA: BLEU {:.1} after {:.1} s",
-        lora_bleu.score, lora_report.seconds
+        "LoRA: BLEU {:.1}, {} after {:.1} s",
+        lora_scores.bleu.score, lora_scores.slots, lora_report.seconds
     );
     lora.save_peft(out.join("adapter"))?;
+    let mut rows = vec![
+        row("constant output".into(), &constant, None, total),
+        row("base model".into(), &base, None, total),
+        row(
+            format!(
+                "LoRA r {} alpha {} ({}){nf4}",
+                args.r,
+                args.alpha,
+                args.targets.join(",")
+            ),
+            &lora_scores,
+            Some(lora_report),
+            total,
+        ),
+    ];
 
     // Merge, check, time.
     let latency = if args.quant.nf4()?.is_some() {
@@ -170,11 +215,30 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     } else {
         inference_latency(&model, &lora, &tok, &data)?
     };
+    drop((lora, model));
+
+    // The paper's setting on a fresh copy of the frozen base: r 4, alpha 32 on q and v.
+    if !args.no_paper {
+        let mut paper = Gpt2::from_checkpoint(&frozen, device, false)?;
+        let pcfg = LoraConfig::new(4, 32.0, &[Target::Q, Target::V]);
+        let plora = LoraModel::inject(&mut paper, &pcfg, args.seed)?;
+        let rep = train_e2e(&paper, plora.trainable_params(), &tok, &data, &cfg)?;
+        let scores = score_heldout(&paper, &tok, &data, args.beams)?;
+        println!(
+            "LoRA r 4 on q,v (the paper's setting): BLEU {:.1}, {} after {:.1} s",
+            scores.bleu.score, scores.slots, rep.seconds
+        );
+        rows.push(row(
+            format!("LoRA r 4 alpha 32 (q,v; the paper's){nf4}"),
+            &scores,
+            Some(rep),
+            total,
+        ));
+    }
+    drop(frozen);
 
     // Full fine-tuning of a fresh copy with the same budget.
-    let full = if args.no_full {
-        None
-    } else {
+    if !args.no_full {
         let full_model = Gpt2::from_checkpoint(&ckpt, device, true)?;
         let params = full_model
             .named_params()
@@ -191,56 +255,28 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
                 ..cfg.clone()
             },
         )?;
-        let (bleu, _) = bleu_heldout(&full_model, &tok, &data)?;
+        let scores = score_heldout(&full_model, &tok, &data, args.beams)?;
         println!(
-            "full fine-tuning: BLEU {:.1} after {:.1} s",
-            bleu.score, rep.seconds
+            "full fine-tuning: BLEU {:.1}, {} after {:.1} s",
+            scores.bleu.score, scores.slots, rep.seconds
         );
-        Some(Row {
-            name: "full fine-tuning".into(),
-            bleu,
-            report: Some(rep),
-            total_params: total,
-        })
-    };
+        rows.push(row("full fine-tuning".into(), &scores, Some(rep), total));
+    }
 
-    let rows = vec![
-        Row {
-            name: "constant output".into(),
-            bleu: constant,
-            report: None,
-            total_params: total,
-        },
-        Row {
-            name: "base model".into(),
-            bleu: base_bleu,
-            report: None,
-            total_params: total,
-        },
-        Row {
-            name: format!(
-                "LoRA r {} alpha {} ({}){}",
-                args.r,
-                args.alpha,
-                args.targets.join(","),
-                match args.quant.nf4()? {
-                    None => "",
-                    Some(_) => ", NF4 base",
-                }
-            ),
-            bleu: lora_bleu,
-            report: Some(lora_report),
-            total_params: total,
-        },
-    ]
-    .into_iter()
-    .chain(full)
-    .collect::<Vec<_>>();
     let table = report::table(&rows);
-    println!("\n{table}");
-    report::samples(&data, &predictions, 3);
-    println!("\n{latency}");
-    report::save_run(&out, &args.to_json(), &rows, &predictions, &table, &latency)?;
+    let samples = report::samples(&data, &lora_scores.outputs, 4);
+    println!("\n{table}\nname/food/area/near: share of held-out outputs stating the MR's value\n");
+    println!("{samples}{latency}");
+    report::save_run(
+        &out,
+        &args.to_json(),
+        &rows,
+        &lora_scores.outputs,
+        &table,
+        &samples,
+        &latency,
+        &crate::finetune::decoding(args.beams),
+    )?;
     println!(
         "saved the run in {} (adapter in PEFT layout: {}); total time {:.0} s",
         out.display(),

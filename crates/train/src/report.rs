@@ -10,11 +10,14 @@ use crate::bleu::Bleu;
 use crate::e2e::E2eData;
 use crate::finetune::RunReport;
 use crate::loss_plot::{Curve, plot_losses};
+use crate::slots::SlotAccuracy;
 
 /// One row of the comparison.
 pub struct Row {
     pub name: String,
     pub bleu: Bleu,
+    /// Share of held-out outputs that state the MR's name, food, area, near.
+    pub slots: SlotAccuracy,
     pub report: Option<RunReport>,
     pub total_params: usize,
 }
@@ -23,10 +26,19 @@ fn mib(b: u64) -> String {
     format!("{:.1}", b as f64 / (1 << 20) as f64)
 }
 
+/// `92/90/97/88`: the slot accuracies in percent, in [`crate::slots::SLOTS`]' order.
+fn slot_cell(s: &SlotAccuracy) -> String {
+    crate::slots::SLOTS
+        .iter()
+        .map(|n| s.percent(n).map_or("–".into(), |p| format!("{p:.0}")))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// The comparison as a Markdown table.
 pub fn table(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| run | trainable / total params | BLEU | final loss | tokens/s | train s | weights MiB | grads MiB | optimizer MiB | activations MiB |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| run | trainable / total params | BLEU | name/food/area/near % | final loss | tokens/s | train s | weights MiB | grads MiB | optimizer MiB | activations MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         match &r.report {
@@ -34,11 +46,12 @@ pub fn table(rows: &[Row]) -> String {
                 let m = &rep.memory;
                 let _ = writeln!(
                     t,
-                    "| {} | {} / {} | {:.1} | {:.3} | {:.0} | {:.1} | {} | {} | {} | {} |",
+                    "| {} | {} / {} | {:.1} | {} | {:.3} | {:.0} | {:.1} | {} | {} | {} | {} |",
                     r.name,
                     rep.trainable,
                     r.total_params,
                     r.bleu.score,
+                    slot_cell(&r.slots),
                     rep.final_loss,
                     rep.tokens_per_s,
                     rep.seconds,
@@ -51,8 +64,11 @@ pub fn table(rows: &[Row]) -> String {
             None => {
                 let _ = writeln!(
                     t,
-                    "| {} | 0 / {} | {:.1} | – | – | – | – | – | – | – |",
-                    r.name, r.total_params, r.bleu.score
+                    "| {} | 0 / {} | {:.1} | {} | – | – | – | – | – | – | – |",
+                    r.name,
+                    r.total_params,
+                    r.bleu.score,
+                    slot_cell(&r.slots)
                 );
             }
         }
@@ -60,14 +76,25 @@ pub fn table(rows: &[Row]) -> String {
     t
 }
 
-/// Print `n` held-out MRs with our output and their first reference.
-pub fn samples(data: &E2eData, predictions: &[String], n: usize) {
-    for ((mr, refs), pred) in data.heldout().iter().zip(predictions).take(n) {
-        println!(
-            "\nMR:        {mr}\ngenerated: {pred}\nreference: {}",
+/// `n` held-out MRs spread over the set (every `len / n`-th), each with our output and its
+/// first reference.
+pub fn samples(data: &E2eData, predictions: &[String], n: usize) -> String {
+    let stride = (predictions.len() / n.max(1)).max(1);
+    let mut s = String::new();
+    for ((mr, refs), pred) in data
+        .heldout()
+        .iter()
+        .zip(predictions)
+        .step_by(stride)
+        .take(n)
+    {
+        let _ = writeln!(
+            s,
+            "MR:        {mr}\ngenerated: {pred}\nreference: {}\n",
             refs[0]
         );
     }
+    s
 }
 
 /// Write the run directory's files; `config` is the run's options, saved as `config.json`.
@@ -77,7 +104,9 @@ pub fn save_run(
     rows: &[Row],
     predictions: &[String],
     table: &str,
+    samples: &str,
     latency: &str,
+    decoding: &str,
 ) -> crate::Result<()> {
     let write = |name: &str, text: String| -> crate::Result<()> {
         let path = out.join(name);
@@ -98,14 +127,15 @@ pub fn save_run(
         let _ = writeln!(
             metrics,
             "{}",
-            serde_json::json!({"run": r.name, "eval": "bleu_heldout", "bleu": r.bleu.score})
+            serde_json::json!({"run": r.name, "eval": "bleu_heldout", "bleu": r.bleu.score, "slots": r.slots.to_json()})
         );
     }
     write("metrics.jsonl", metrics)?;
     let results: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
-            let mut v = serde_json::json!({"run": r.name, "bleu": r.bleu.score, "total_params": r.total_params});
+            let mut v = serde_json::json!({"run": r.name, "bleu": r.bleu.score,
+                "slot_accuracy_percent": r.slots.to_json(), "total_params": r.total_params});
             if let Some(rep) = &r.report {
                 let m = &rep.memory;
                 v["trainable_params"] = rep.trainable.into();
@@ -139,8 +169,12 @@ pub fn save_run(
     write(
         "summary.md",
         format!(
-            "# E2E NLG fine-tuning run\n\nBLEU-4 on {} held-out MRs (greedy decoding, sacrebleu-compatible, tokenize='none').\n\n{table}\n{latency}\n",
-            predictions.len()
+            "# E2E NLG fine-tuning run\n\nBLEU-4 on {} held-out MRs ({}, sacrebleu-compatible, \
+             tokenize='none'); name/food/area/near: the share of outputs that contain the MR's \
+             value for that slot (ignoring case).\n\n{table}\nSamples of the first LoRA \
+             run:\n\n```text\n{samples}```\n\n{latency}\n",
+            predictions.len(),
+            decoding
         ),
     )?;
     Ok(())

@@ -221,8 +221,9 @@ impl GptConfig {
             "tie_word_embeddings": self.variant.tie_word_embeddings,
             "tokenizer": self.tokenizer.name(),
         });
-        if self.tokenizer == TokenizerKind::Gpt2 {
-            // <|endoftext|> opens and closes every GPT-2 document.
+        if self.tokenizer == TokenizerKind::Gpt2 && self.vocab_size > 50256 {
+            // <|endoftext|> opens and closes every GPT-2 document. (A smaller vocabulary is a
+            // BPE of the model's own, whose files say which id ends a document.)
             config["bos_token_id"] = json!(50256);
             config["eos_token_id"] = json!(50256);
         }

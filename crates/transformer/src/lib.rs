@@ -71,6 +71,7 @@
 pub mod attention;
 pub mod beam;
 mod bpe;
+pub mod bpe_train;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -89,6 +90,7 @@ mod weight_files;
 
 pub use beam::{BeamConfig, beam_search};
 pub use bpe::bytes_to_unicode;
+pub use bpe_train::train_bpe;
 pub use checkpoint::{Checkpoint, num_parameters, parameter_shapes};
 pub use config::{GptConfig, TokenizerKind};
 pub use error::{Error, Result};
