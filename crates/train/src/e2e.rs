@@ -86,6 +86,28 @@ impl E2eData {
         &self.train
     }
 
+    /// Drop the training pairs whose reference leaves out a slot value the MR gives and a
+    /// sentence states word for word: the name, the food, the `near` landmark (matched ignoring
+    /// case, as [`crate::slots`] scores outputs). Returns how many were dropped.
+    ///
+    /// The E2E references were crowd-sourced and about one in seven omits the food or the
+    /// landmark; a model trained on them learns to omit it as often, and greedy decoding then
+    /// leaves the food out of about one output in ten. Training only on the references that
+    /// state these values is the E2E authors' own remedy (Dušek, Howcroft and Rieser, "Semantic
+    /// Noise Matters for Neural Natural Language Generation", INLG 2019, cleaned the set the
+    /// same way). Held-out MRs keep every reference.
+    pub fn keep_faithful(&mut self) -> usize {
+        const CHECKED: [&str; 3] = ["name", "food", "near"];
+        let before = self.train.len();
+        self.train.retain(|(mr, r)| {
+            let r = r.to_lowercase();
+            crate::slots::slots(mr)
+                .filter(|(k, _)| CHECKED.contains(k))
+                .all(|(_, v)| r.contains(&v.to_lowercase()))
+        });
+        before - self.train.len()
+    }
+
     /// The held-out MRs, each with all its references, in order of first appearance.
     /// Keep only the first `n` held-out MRs (a quicker evaluation; the split is unchanged).
     pub fn limit_heldout(&mut self, n: usize) {
@@ -209,6 +231,20 @@ mod tests {
         assert_eq!(data.heldout()[0].1.len(), 3);
         assert_eq!(data.train_pairs().len(), 28 - 5);
         assert_eq!(data.train_references().len(), 22); // "about m11" twice
+    }
+
+    #[test]
+    fn keep_faithful_drops_references_that_omit_a_value() {
+        let p = |m: &str, r: &str| (m.to_string(), r.to_string());
+        let mut data = E2eData::split(vec![
+            p("name : H", "held out"),
+            p("name : A | food : Fast food", "A serves fast food ."),
+            p("name : A | food : Fast food", "A is cheap ."),
+            p("name : B | near : C | area : riverside", "B is near C ."),
+        ]);
+        assert_eq!(data.keep_faithful(), 1);
+        assert_eq!(data.train_pairs().len(), 2);
+        assert_eq!(data.heldout().len(), 1);
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub struct RunArgs {
     pub eval_limit: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Train on every reference, also those that leave out the MR's name, food or `near`
+    /// (by default they are dropped: [`E2eData::keep_faithful`]).
+    #[arg(long)]
+    pub all_references: bool,
     /// Decoding of the held-out MRs: 1 is greedy; more is beam search with that many beams
     /// (length penalty 0.8, no repeated 4-gram, as the LoRA paper decodes E2E).
     #[arg(long, default_value_t = 1)]
@@ -85,6 +89,7 @@ impl RunArgs {
             "r": self.r, "alpha": self.alpha, "targets": self.targets, "lora_lr": self.lora_lr,
             "full_lr": self.full_lr, "seed": self.seed, "full": !self.no_full,
             "paper": !self.no_paper, "beams": self.beams,
+            "all_references": self.all_references,
             "quantize": self.quant.identity(),
         })
     }
@@ -150,6 +155,11 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     if let Some(n) = args.eval_limit {
         data.limit_heldout(n);
     }
+    let dropped = if args.all_references {
+        0
+    } else {
+        data.keep_faithful()
+    };
     let out = args.runs.join(&args.name);
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let cfg = RunConfig {
@@ -160,7 +170,8 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
         progress: true,
     };
     println!(
-        "E2E NLG: {} training pairs, {} held-out MRs; {} steps of batch {}",
+        "E2E NLG: {} training pairs ({dropped} whose reference omits the MR's name, food or \
+         near left out), {} held-out MRs; {} steps of batch {}",
         data.train_pairs().len(),
         data.heldout().len(),
         cfg.steps,

@@ -154,6 +154,16 @@ fn pretrain_writes_a_loadable_model() {
         "2",
     ]);
     assert!(out.join("config.json").exists() && out.join("model.safetensors").exists());
+    // The vocabulary learned on the text ships beside the model; this text has too few
+    // distinct pairs to reach the default 4,096 tokens, and the config says so.
+    assert!(out.join("vocab.json").exists() && out.join("merges.txt").exists());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let vocab: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("vocab.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], vocab.as_object().unwrap().len());
+    assert!(config["vocab_size"].as_u64().unwrap() < 4096, "{config}");
+    assert_eq!(config["eos_token_id"], vocab["<|endoftext|>"], "{config}");
     std::fs::write(dir.join("t.txt"), "the lazy dog jumps").unwrap();
     train(&[
         "eval",
