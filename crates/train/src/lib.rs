@@ -1,7 +1,7 @@
 //! # train: the program people run
 //!
 //! The top layer: the default run ([`main_job`]: LoRA against full fine-tuning on E2E NLG, with
-//! BLEU) and the subcommands [`pretrain`], `finetune` ([`finetune_cmd`]), [`generate`],
+//! BLEU and slot accuracy) and the subcommands [`pretrain`], `finetune` ([`finetune_cmd`]), [`generate`],
 //! [`merge`], [`eval`], [`analyze`], [`serve`](mod@serve), [`bench`](mod@bench) and [`devices`].
 //!
 //! - A training step is [`trainer::step`]; runs record [`metrics`] and save a [`checkpoint`]

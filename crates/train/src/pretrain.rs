@@ -257,9 +257,7 @@ pub fn run(args: &PretrainArgs, device: &Device) -> crate::Result<()> {
             SaveDtype::F32
         },
     )?;
-    if let (true, Some(eot)) = (args.vocab > 0, tok.eot()) {
-        set_document_token(&args.out, eot)?;
-    }
+    finish_config(&args.out, (args.vocab > 0).then(|| tok.eot()).flatten())?;
     println!(
         "{} steps in {secs:.1} s ({:.0} tokens/s); final training loss {last:.3}, validation loss {val:.3}; saved {}",
         args.steps,
@@ -269,14 +267,22 @@ pub fn run(args: &PretrainArgs, device: &Device) -> crate::Result<()> {
     Ok(())
 }
 
-/// Record the learned vocabulary's `<|endoftext|>` id as `bos_token_id` and `eos_token_id` in
-/// `dir/config.json`, where `transformers`' `generate` looks for the token that ends a text.
-fn set_document_token(dir: &std::path::Path, eot: u32) -> crate::Result<()> {
+/// Say in `dir/config.json` what `transformers` would otherwise assume wrongly of this model:
+/// it was trained without dropout (`transformers` defaults `resid_pdrop`, `embd_pdrop` and
+/// `attn_pdrop` to 0.1, so fine-tuning it there would silently add dropout), and, for a learned
+/// vocabulary, its `<|endoftext|>` id as `bos_token_id` and `eos_token_id`, the token
+/// `generate` stops at.
+fn finish_config(dir: &std::path::Path, eot: Option<u32>) -> crate::Result<()> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut config: serde_json::Value = serde_json::from_str(&text)?;
-    config["bos_token_id"] = eot.into();
-    config["eos_token_id"] = eot.into();
+    for key in ["resid_pdrop", "embd_pdrop", "attn_pdrop"] {
+        config[key] = 0.0.into();
+    }
+    if let Some(eot) = eot {
+        config["bos_token_id"] = eot.into();
+        config["eos_token_id"] = eot.into();
+    }
     let text = serde_json::to_string_pretty(&config)? + "\n";
     transformer::tensor_file::write_file_atomically(&path, text.as_bytes())?;
     Ok(())
