@@ -251,7 +251,13 @@ mod tests {
     fn references_group_by_their_mr() {
         let p = |m: &str, r: &str| (m.to_string(), r.to_string());
         // "h" is MR 0, held out; "a" has two distinct references, one of them twice.
-        let data = E2eData::split(vec![p("h", "0"), p("a", "x"), p("b", "y"), p("a", "z"), p("a", "x")]);
+        let data = E2eData::split(vec![
+            p("h", "0"),
+            p("a", "x"),
+            p("b", "y"),
+            p("a", "z"),
+            p("a", "x"),
+        ]);
         assert_eq!(data.train_references_by_mr(), [vec!["x", "z"], vec!["y"]]);
     }
 

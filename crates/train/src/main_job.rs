@@ -127,7 +127,12 @@ fn constant_baseline(data: &E2eData, heldout: usize) -> crate::Result<Heldout> {
 }
 
 /// A table row from a run's scores.
-fn row(name: String, scores: &Heldout, report: Option<crate::finetune::RunReport>, total: usize) -> Row {
+fn row(
+    name: String,
+    scores: &Heldout,
+    report: Option<crate::finetune::RunReport>,
+    total: usize,
+) -> Row {
     Row {
         name,
         bleu: scores.bleu.clone(),
@@ -278,16 +283,14 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     let samples = report::samples(&data, &lora_scores.outputs, 4);
     println!("\n{table}\nname/food/area/near: share of held-out outputs stating the MR's value\n");
     println!("{samples}{latency}");
-    report::save_run(
-        &out,
-        &args.to_json(),
-        &rows,
-        &lora_scores.outputs,
-        &table,
-        &samples,
-        &latency,
-        &crate::finetune::decoding(args.beams),
-    )?;
+    let decoding = crate::finetune::decoding(args.beams);
+    let summary = report::Summary {
+        table: &table,
+        samples: &samples,
+        latency: &latency,
+        decoding: &decoding,
+    };
+    report::save_run(&out, &args.to_json(), &rows, &lora_scores.outputs, &summary)?;
     println!(
         "saved the run in {} (adapter in PEFT layout: {}); total time {:.0} s",
         out.display(),

@@ -146,7 +146,10 @@ fn tokenizer(args: &PretrainArgs) -> crate::Result<Tokenizer> {
     }
     let text = read_text(args)?;
     // The general text's training part, cut at the same byte share as the token streams.
-    let cut = text.floor_char_boundary(text.len() * 9 / 10);
+    let mut cut = text.len() * 9 / 10;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
     let mut texts = vec![text[..cut].to_string()];
     if !args.e2e.is_empty() {
         let data = crate::e2e::E2eData::load(&args.e2e)?;

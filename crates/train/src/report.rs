@@ -97,16 +97,24 @@ pub fn samples(data: &E2eData, predictions: &[String], n: usize) -> String {
     s
 }
 
+/// The texts of a run's `summary.md`.
+pub struct Summary<'a> {
+    pub table: &'a str,
+    /// Held-out MRs with outputs ([`samples`]).
+    pub samples: &'a str,
+    /// The merge check and latency, or why they were skipped.
+    pub latency: &'a str,
+    /// How the outputs were decoded ([`crate::finetune::decoding`]).
+    pub decoding: &'a str,
+}
+
 /// Write the run directory's files; `config` is the run's options, saved as `config.json`.
 pub fn save_run(
     out: &Path,
     config: &serde_json::Value,
     rows: &[Row],
     predictions: &[String],
-    table: &str,
-    samples: &str,
-    latency: &str,
-    decoding: &str,
+    summary: &Summary,
 ) -> crate::Result<()> {
     let write = |name: &str, text: String| -> crate::Result<()> {
         let path = out.join(name);
@@ -171,10 +179,13 @@ pub fn save_run(
         format!(
             "# E2E NLG fine-tuning run\n\nBLEU-4 on {} held-out MRs ({}, sacrebleu-compatible, \
              tokenize='none'); name/food/area/near: the share of outputs that contain the MR's \
-             value for that slot (ignoring case).\n\n{table}\nSamples of the first LoRA \
-             run:\n\n```text\n{samples}```\n\n{latency}\n",
+             value for that slot (ignoring case).\n\n{}\nSamples of the first LoRA \
+             run:\n\n```text\n{}```\n\n{}\n",
             predictions.len(),
-            decoding
+            summary.decoding,
+            summary.table,
+            summary.samples,
+            summary.latency
         ),
     )?;
     Ok(())

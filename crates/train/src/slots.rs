@@ -96,7 +96,10 @@ mod tests {
         let acc = SlotAccuracy::score(mrs, &outs);
         assert_eq!(acc.counts, [(2, 3), (1, 2), (1, 1), (1, 1)]);
         assert_eq!(acc.percent("food"), Some(50.0));
-        assert_eq!(acc.to_string(), "name 67 % · food 50 % · area 100 % · near 100 %");
+        assert_eq!(
+            acc.to_string(),
+            "name 67 % · food 50 % · area 100 % · near 100 %"
+        );
         assert_eq!(acc.to_json()["name"], serde_json::json!(200.0 / 3.0));
     }
 
@@ -105,6 +108,9 @@ mod tests {
         let acc = SlotAccuracy::score(["name : A"], &["A .".to_string()]);
         assert_eq!(acc.percent("near"), None);
         assert_eq!(acc.to_string(), "name 100 %");
-        assert_eq!(slots("a : 1 | junk | b : x : y").collect::<Vec<_>>(), [("a", "1"), ("b", "x : y")]);
+        assert_eq!(
+            slots("a : 1 | junk | b : x : y").collect::<Vec<_>>(),
+            [("a", "1"), ("b", "x : y")]
+        );
     }
 }

@@ -164,7 +164,10 @@ fn pretrain_writes_a_loadable_model() {
     assert_eq!(config["vocab_size"], vocab.as_object().unwrap().len());
     assert!(config["vocab_size"].as_u64().unwrap() < 4096, "{config}");
     assert_eq!(config["eos_token_id"], vocab["<|endoftext|>"], "{config}");
-    assert_eq!(config["resid_pdrop"], 0.0, "trained without dropout: {config}");
+    assert_eq!(
+        config["resid_pdrop"], 0.0,
+        "trained without dropout: {config}"
+    );
     std::fs::write(dir.join("t.txt"), "the lazy dog jumps").unwrap();
     train(&[
         "eval",

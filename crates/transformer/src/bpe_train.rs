@@ -43,7 +43,9 @@ pub fn train_bpe<S: AsRef<str> + Send>(
     if vocab_size < 257 {
         return Err(Error::tokenizer(
             Some(dir),
-            format!("a byte-level BPE needs at least 257 tokens (256 bytes + {ENDOFTEXT}); asked for {vocab_size}"),
+            format!(
+                "a byte-level BPE needs at least 257 tokens (256 bytes + {ENDOFTEXT}); asked for {vocab_size}"
+            ),
         ));
     }
     let fail = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
@@ -57,12 +59,18 @@ pub fn train_bpe<S: AsRef<str> + Send>(
         .show_progress(false)
         .build();
     let byte_level = ByteLevel::default().add_prefix_space(false);
-    let mut tk = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(byte_level))
-        .with_decoder(Some(byte_level))
-        .build()
-        .map_err(|e| fail("building the BPE trainer", e))?;
+    let mut tk = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        ByteLevel,
+        PostProcessorWrapper,
+        ByteLevel,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(byte_level))
+    .with_decoder(Some(byte_level))
+    .build()
+    .map_err(|e| fail("building the BPE trainer", e))?;
     tk.train(&mut trainer, texts)
         .map_err(|e| fail("training the BPE", e))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::tokenizer(Some(dir), e.to_string()))?;
