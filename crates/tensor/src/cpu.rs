@@ -2,12 +2,17 @@
 //!
 //! The ops' CPU paths work row by row (each row vectorised with [`fastmath`](crate::fastmath)
 //! where it pays); [`for_rows`] runs such a per-row function on all cores when the work is large
-//! enough to pay for starting threads (a few µs each). The plain loops the CPU path is checked
-//! against are in [`reference`](crate::reference).
+//! enough to pay for handing it to another thread. The threads are rayon's pool, started once and
+//! shared with the CPU product ([`sgemm`](crate::sgemm)), so an op costs a wake-up (a few µs),
+//! not a thread start, and the product and the ops never compete with a second pool. The plain
+//! loops the CPU path is checked against are in [`reference`](crate::reference).
 
 use std::sync::OnceLock;
 
-/// Threads the CPU backend uses (`std::thread::available_parallelism`).
+use rayon::prelude::*;
+
+/// Threads the CPU backend uses (`std::thread::available_parallelism`; rayon's pool has as many
+/// unless `RAYON_NUM_THREADS` says otherwise).
 pub fn threads() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -31,10 +36,10 @@ pub fn for_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) +
         return;
     }
     let per = rows.div_ceil(t);
-    std::thread::scope(|s| {
+    rayon::in_place_scope(|s| {
         for (c, chunk) in out.chunks_mut(per * row_len).enumerate() {
             let f = &f;
-            s.spawn(move || {
+            s.spawn(move |_| {
                 for (i, row) in chunk.chunks_mut(row_len).enumerate() {
                     f(c * per + i, row);
                 }
@@ -82,10 +87,10 @@ pub fn for_row_pairs(
         chunks.enumerate().for_each(|(c, ab)| run(c, ab));
         return;
     }
-    std::thread::scope(|s| {
+    rayon::in_place_scope(|s| {
         for (c, ab) in chunks.enumerate() {
             let run = &run;
-            s.spawn(move || run(c, ab));
+            s.spawn(move |_| run(c, ab));
         }
     });
 }
@@ -98,18 +103,10 @@ pub fn map_units<R: Send>(n: usize, work_per_unit: usize, f: impl Fn(usize) -> R
     if t <= 1 || n.saturating_mul(work_per_unit) < PARALLEL_MIN {
         return (0..n).map(f).collect();
     }
-    let mut parts: Vec<Vec<(usize, R)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..t)
-            .map(|k| {
-                let f = &f;
-                s.spawn(move || (k..n).step_by(t).map(|u| (u, f(u))).collect::<Vec<_>>())
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a CPU worker thread panicked"))
-            .collect()
-    });
+    let mut parts: Vec<Vec<(usize, R)>> = (0..t)
+        .into_par_iter()
+        .map(|k| (k..n).step_by(t).map(|u| (u, f(u))).collect::<Vec<_>>())
+        .collect();
     let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
     for (u, r) in parts.iter_mut().flat_map(std::mem::take) {
         out[u] = Some(r);

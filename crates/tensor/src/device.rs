@@ -111,8 +111,9 @@ impl Device {
     pub fn describe(&self) -> String {
         match self {
             Device::Cpu(_) => format!(
-                "CPU reference backend ({} threads; matmul by the matrixmultiply crate)",
-                crate::cpu::threads()
+                "CPU reference backend ({} threads; matmul by the {} crate)",
+                crate::cpu::threads(),
+                crate::sgemm::cpu_gemm().name()
             ),
             Device::Gpu(ctx) => format!("GPU: {}", ctx.info()),
         }

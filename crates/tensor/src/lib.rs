@@ -11,7 +11,8 @@
 //! 2. [`device`]: choosing a device;
 //! 3. [`ops::elementwise`]: the smallest op, showing the pattern every op follows: math in the
 //!    doc comment, CPU path, GPU launcher, tests that compare both with [`reference`](mod@reference);
-//! 4. [`ops::matmul`]: the tiled, register-blocked matrix product;
+//! 4. [`ops::matmul`]: the tiled, register-blocked matrix product, and [`sgemm`]: which
+//!    library computes it on the CPU, chosen by measurement;
 //! 5. [`gpu`]: how a launch becomes a dispatch in a batched command encoder, buffer pooling,
 //!    splitting tensors larger than one storage binding;
 //! 6. [`shaders`]: the registry of `shaders/*.wgsl` at the repository root, one file per kernel
@@ -42,6 +43,7 @@ pub mod ops;
 pub mod profile;
 pub mod quant;
 pub mod reference;
+pub mod sgemm;
 pub mod shaders;
 pub mod tensor;
 #[cfg(any(test, feature = "testing"))]

@@ -20,6 +20,11 @@ struct Cli {
     /// software ones included).
     #[arg(long, global = true, default_value = "auto", value_parser = parse_device)]
     device: DeviceChoice,
+    /// The CPU backend's matrix product: auto (the gemm crate where the CPU has AVX-512, the
+    /// matrixmultiply crate elsewhere, as measured in docs/benchmarks.md), gemm, or
+    /// matrixmultiply.
+    #[arg(long, global = true, default_value = "auto", env = "TENSOR_CPU_GEMM", value_parser = tensor::sgemm::CpuGemm::parse)]
+    cpu_gemm: tensor::sgemm::CpuGemm,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -83,10 +88,12 @@ fn main() {
     keep_freed_memory();
     give_mesa_a_runtime_dir();
     let cli = Cli::parse();
-    let result = match cli.command {
-        None => device(cli.device).and_then(|d| train::main_job::run(&cli.run, &d)),
-        Some(c) => subcommand(c, cli.device),
-    };
+    let result = tensor::sgemm::set_cpu_gemm(cli.cpu_gemm)
+        .map_err(train::Error::from)
+        .and_then(|()| match cli.command {
+            None => device(cli.device).and_then(|d| train::main_job::run(&cli.run, &d)),
+            Some(c) => subcommand(c, cli.device),
+        });
     if let Err(e) = result {
         // A run stopped by Ctrl-C/SIGTERM saved its checkpoint: not a failure, but a distinct
         // status, as shells give a process a signal ended.

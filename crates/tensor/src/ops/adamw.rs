@@ -119,14 +119,14 @@ fn adamw_cpu(
         run(&mut p, &g, &mut m, &mut v);
         return Ok(());
     }
-    std::thread::scope(|s| {
+    rayon::in_place_scope(|s| {
         let parts = p
             .chunks_mut(chunk)
             .zip(g.chunks(chunk))
             .zip(m.chunks_mut(chunk))
             .zip(v.chunks_mut(chunk));
         for (((p, g), m), v) in parts {
-            s.spawn(move || run(p, g, m, v));
+            s.spawn(move |_| run(p, g, m, v));
         }
     });
     Ok(())

@@ -1,11 +1,12 @@
 //! The CPU path of [`attention`](super::attention) (the math is in its module doc): one task
 //! per (sequence, head), spread over the cores by [`crate::cpu::map_units`]; inside a task,
 //! query tiles of [`TILE`] rows walk the key tiles up to the diagonal, and the work of each
-//! pair of tiles is a few small products (`matrixmultiply::sgemm`, single-threaded at this size)
+//! pair of tiles is a few small products ([`sgemm`](crate::sgemm), on the task's own thread)
 //! on strided views straight into qkv, y and dy, so no head is ever copied out. Each task
 //! returns its head's rows, which are then written into the merged layout.
 
 use crate::fastmath;
+use crate::sgemm::{Mat, sgemm};
 
 /// Rows of a query or key tile: the products of a tile pair are 64 × 64 × hs at most, small
 /// enough that sgemm keeps to one thread and its operands stay in cache.
@@ -78,7 +79,7 @@ pub(crate) fn forward(qkv: &[f32], d: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) 
 type View<'a> = (&'a [f32], usize, usize);
 
 /// C ← α·A·B + β·C, A (m×k), B (k×n), C (m×n, row stride `rsc`) as strided views
-/// (`matrixmultiply::sgemm`). Panics when a view does not cover its matrix.
+/// ([`sgemm`], on the calling thread). Panics when a view does not cover its matrix.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     m: usize,
@@ -107,21 +108,28 @@ fn gemm(
     // SAFETY: the assert above keeps every element sgemm reads or writes inside its slice, and
     // c, a &mut, aliases neither input.
     unsafe {
-        matrixmultiply::sgemm(
+        sgemm(
             m,
             k,
             n,
             alpha,
-            a.0.as_ptr(),
-            a.1 as isize,
-            a.2 as isize,
-            b.0.as_ptr(),
-            b.1 as isize,
-            b.2 as isize,
+            Mat {
+                ptr: a.0.as_ptr(),
+                rs: a.1,
+                cs: a.2,
+            },
+            Mat {
+                ptr: b.0.as_ptr(),
+                rs: b.1,
+                cs: b.2,
+            },
             beta,
-            c.as_mut_ptr(),
-            rsc as isize,
-            1,
+            Mat {
+                ptr: c.as_mut_ptr(),
+                rs: rsc,
+                cs: 1,
+            },
+            false,
         );
     }
 }
@@ -168,18 +176,13 @@ fn forward_head(qkv: &[f32], d: Dims, scale: f32, b: usize, h: usize) -> (Vec<f3
             for r in 0..nq {
                 let row = &mut s[r * TILE..r * TILE + nk];
                 let keep = (i0 + r + 1 - j0).min(nk);
-                let tile_max = row[..keep].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let m_new = m[r].max(tile_max);
+                // Keys past the query's own position are masked: probability 0. The kept
+                // ones go through the vectorised row kernels.
+                let (kept, masked) = row.split_at_mut(keep);
+                let m_new = m[r].max(fastmath::max(kept));
                 let alpha = fastmath::exp(m[r] - m_new);
-                let mut sum = 0.0f32;
-                for (c, v) in row.iter_mut().enumerate() {
-                    *v = if c < keep {
-                        fastmath::exp(*v - m_new)
-                    } else {
-                        0.0
-                    };
-                    sum += *v;
-                }
+                let sum = fastmath::exp_sub_sum(kept, m_new) as f32;
+                masked.fill(0.0);
                 l[r] = alpha * l[r] + sum;
                 m[r] = m_new;
                 if alpha != 1.0 {
@@ -240,6 +243,35 @@ pub(crate) fn backward(
     dqkv
 }
 
+fastmath::multiversion! {
+    /// One query row of a tile pair's backward, in place: the scores `p` become the
+    /// probabilities P = exp(S − lse) (0 past the `keep` unmasked keys), and `ds`, which holds
+    /// dP = dY·Vᵀ, becomes dS = s·P∘(dP − D).
+    probs_and_dscores => probs_and_dscores_generic(
+        p: &mut [f32], ds: &mut [f32], keep: usize, lse: f32, dsum: f32, scale: f32
+    ) -> ()
+}
+
+#[inline(always)]
+fn probs_and_dscores_generic(
+    p: &mut [f32],
+    ds: &mut [f32],
+    keep: usize,
+    lse: f32,
+    dsum: f32,
+    scale: f32,
+) {
+    let (pk, pm) = p.split_at_mut(keep);
+    let (dk, dm) = ds.split_at_mut(keep);
+    for (pv, dv) in pk.iter_mut().zip(dk.iter_mut()) {
+        let prob = fastmath::exp(*pv - lse);
+        *pv = prob;
+        *dv = scale * prob * (*dv - dsum);
+    }
+    pm.fill(0.0);
+    dm.fill(0.0);
+}
+
 /// [dq, dk, dv], each (T, hs), of head h of sequence b. Key tiles in the outer loop, every later
 /// query tile inside; each (query, key) tile pair is five products: S = s·Q·Kᵀ, dV += Pᵀ·dY,
 /// dP = dY·Vᵀ, dQ += dS·K and dK += dSᵀ·Q (with dS = s·P∘(dP − D)).
@@ -291,19 +323,14 @@ fn backward_head(
             for r in 0..nq {
                 let i = i0 + r;
                 let keep = (i + 1 - j0).min(nk);
-                let (pr, dr) = (
+                probs_and_dscores(
                     &mut p[r * TILE..r * TILE + nk],
                     &mut ds[r * TILE..r * TILE + nk],
+                    keep,
+                    lse[i],
+                    dsum[i],
+                    scale,
                 );
-                for (col, (pv, dv)) in pr.iter_mut().zip(dr.iter_mut()).enumerate() {
-                    let prob = if col < keep {
-                        fastmath::exp(*pv - lse[i])
-                    } else {
-                        0.0
-                    };
-                    *pv = prob;
-                    *dv = scale * prob * (*dv - dsum[i]);
-                }
             }
             gemm(
                 nk,

@@ -116,10 +116,10 @@ fn par_rows(out: &mut [f32], row_len: usize, cost: usize, f: impl Fn(usize, &mut
         return;
     }
     let per = rows.div_ceil(t);
-    std::thread::scope(|s| {
+    rayon::in_place_scope(|s| {
         for (c, chunk) in out.chunks_mut(per * row_len).enumerate() {
             let f = &f;
-            s.spawn(move || {
+            s.spawn(move |_| {
                 chunk
                     .chunks_mut(row_len)
                     .enumerate()

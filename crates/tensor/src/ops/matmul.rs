@@ -34,7 +34,8 @@
 //! the kernel's accumulating mode, which the K-chunk split below relies on, offered as an op.)
 //!
 //! # Backends
-//! CPU: `matrixmultiply::sgemm` (threaded, arbitrary strides); the oracle both backends are
+//! CPU: [`sgemm`](crate::sgemm) (the `gemm` or the `matrixmultiply` crate, threaded, arbitrary
+//! strides); the oracle both backends are
 //! tested against is [`reference::matmul`](crate::reference::matmul), a plain triple loop in
 //! f64. GPU: `shaders/matmul.wgsl`, 64×64 output tiles staged in
 //! workgroup memory, 4×4 outputs per invocation. A 2-D problem whose operands exceed one storage
@@ -48,6 +49,7 @@ use bytemuck::Zeroable;
 
 use crate::gpu::bind::View;
 use crate::gpu::{Binding, GpuContext, Kernel, kernel_params};
+use crate::sgemm::{Mat, sgemm};
 use crate::tensor::same_device;
 use crate::{Device, Error, Result, Tensor, shaders, shape_err};
 
@@ -350,55 +352,62 @@ fn sgemm_cpu(
     } else {
         0.0
     };
-    // One batch entry into its slice of C.
-    let one = |z: usize, cz: &mut [MaybeUninit<f32>]| {
+    // One batch entry into its slice of C; `parallel`: the library may use every thread.
+    let one = |z: usize, cz: &mut [MaybeUninit<f32>], parallel: bool| {
         // SAFETY: the shapes were checked, so a[z·pa..] and b[z·pb..] hold one full batch
         // entry at these strides, and cz is that entry's m·n block of C, borrowed mutably.
         unsafe {
-            matrixmultiply::sgemm(
+            sgemm(
                 m,
                 k,
                 n,
                 1.0,
-                a.as_ptr().add(z * pa),
-                rsa as isize,
-                csa as isize,
-                b.as_ptr().add(z * pb),
-                rsb as isize,
-                csb as isize,
+                Mat {
+                    ptr: a.as_ptr().add(z * pa),
+                    rs: rsa,
+                    cs: csa,
+                },
+                Mat {
+                    ptr: b.as_ptr().add(z * pb),
+                    rs: rsb,
+                    cs: csb,
+                },
                 beta,
-                cz.as_mut_ptr().cast::<f32>(),
-                n as isize,
-                1,
+                Mat {
+                    ptr: cz.as_mut_ptr().cast::<f32>(),
+                    rs: n,
+                    cs: 1,
+                },
+                parallel,
             );
         }
     };
-    // matrixmultiply runs a product this small on one thread (its own size heuristic), so a
-    // batch of them (attention's per-head products) is spread over the threads here instead.
+    // The libraries run a product this small on one thread (their own size heuristics), so a
+    // batch of them (per-head products) is spread over the threads here instead.
     let small = m * k + k * n < SMALL_GEMM;
     let threads = crate::cpu::threads();
     if d.batch >= 2 && threads > 1 && small {
         let per = d.batch.div_ceil(threads);
-        std::thread::scope(|s| {
+        rayon::in_place_scope(|s| {
             for (i, chunk) in c.chunks_mut(per * pc).enumerate() {
                 let one = &one;
-                s.spawn(move || {
+                s.spawn(move |_| {
                     for (j, cz) in chunk.chunks_mut(pc).enumerate() {
-                        one(i * per + j, cz);
+                        one(i * per + j, cz, false);
                     }
                 });
             }
         });
     } else {
         for (z, cz) in c.chunks_mut(pc).enumerate().take(d.batch) {
-            one(z, cz);
+            one(z, cz, true);
         }
     }
 }
 
 /// Below this `m·k + k·n`, matrixmultiply keeps a product on one thread (its heuristic on x86:
-/// one thread per 2¹⁴ of `m·k + k·n`); batches of such products are split over threads by
-/// batch entry.
+/// one thread per 2¹⁴ of `m·k + k·n`; gemm's is one below m·k·n = 48·48·256); batches of such
+/// products are split over threads by batch entry.
 const SMALL_GEMM: usize = 1 << 15;
 
 /// The product `matmul(a, b, bias, opts)` asks for, checked as [`matmul`] checks it:

@@ -14,7 +14,7 @@
 //!
 //! # Backends
 //! CPU: W is dequantized one panel of stored rows at a time (about 256 KB, cache-sized), each
-//! panel multiplied by `matrixmultiply::sgemm`. GPU: `shaders/matmul_nf4.wgsl`, the tiled product
+//! panel multiplied by [`sgemm`](crate::sgemm). GPU: `shaders/matmul_nf4.wgsl`, the tiled product
 //! of `matmul.wgsl` with W's tile dequantized while it is staged in workgroup memory. Both are
 //! tested against the f32 product with the dequantized weight.
 
@@ -24,6 +24,7 @@ use bytemuck::Zeroable;
 
 use crate::gpu::{GpuContext, Kernel, kernel_params};
 use crate::quant::{NF4_LEVELS, Nf4Weight};
+use crate::sgemm::{Mat, sgemm};
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
@@ -153,39 +154,53 @@ fn cpu(x: &[f32], w: &Nf4Tensor, m: usize, k: usize, n: usize, trans_w: bool) ->
         unsafe {
             if trans_w {
                 // Panel = W[r0..r1, :] (N rows of length K): Y[:, r0..r1] = X · panelᵀ.
-                matrixmultiply::sgemm(
+                sgemm(
                     m,
                     k,
                     rows,
                     1.0,
-                    x.as_ptr(),
-                    k as isize,
-                    1,
-                    panel.as_ptr(),
-                    1,
-                    cols as isize,
+                    Mat {
+                        ptr: x.as_ptr(),
+                        rs: k,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: panel.as_ptr(),
+                        rs: 1,
+                        cs: cols,
+                    },
                     0.0,
-                    y.as_mut_ptr().add(r0),
-                    n as isize,
-                    1,
+                    Mat {
+                        ptr: y.as_mut_ptr().add(r0),
+                        rs: n,
+                        cs: 1,
+                    },
+                    true,
                 );
             } else {
                 // Panel = W[r0..r1, :] (K rows of length N): Y += X[:, r0..r1] · panel.
-                matrixmultiply::sgemm(
+                sgemm(
                     m,
                     rows,
                     n,
                     1.0,
-                    x.as_ptr().add(r0),
-                    k as isize,
-                    1,
-                    panel.as_ptr(),
-                    cols as isize,
-                    1,
+                    Mat {
+                        ptr: x.as_ptr().add(r0),
+                        rs: k,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: panel.as_ptr(),
+                        rs: cols,
+                        cs: 1,
+                    },
                     if r0 == 0 { 0.0 } else { 1.0 },
-                    y.as_mut_ptr(),
-                    n as isize,
-                    1,
+                    Mat {
+                        ptr: y.as_mut_ptr(),
+                        rs: n,
+                        cs: 1,
+                    },
+                    true,
                 );
             }
         }

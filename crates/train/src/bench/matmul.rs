@@ -1,12 +1,13 @@
 //! `train bench matmul` measures C = A·B in f32 for square sizes and for the matmuls of a GPT-2 124M
 //! training step at B·T = 8192 rows (768→2304 for c_attn, 768→768 for attn.c_proj, 768→3072 for
 //! mlp.c_fc, 3072→768 for mlp.c_proj, 768→50257 for the tied lm_head, x·wteᵀ), on every device
-//! present: each GPU adapter, the CPU backend (matrixmultiply), and the CPU's naive oracle loop.
+//! present: each GPU adapter, the CPU backend (`tensor::sgemm`: gemm or matrixmultiply, `--cpu-gemm`),
+//! and the CPU's naive oracle loop.
 //!
 //! **Fraction of peak.** Each case also reports its share of the device's *measured* peak: the
 //! best GFLOP/s of any case of this run on that device (usually the largest square size that
 //! fit the budget). It is not the hardware's datasheet peak, which f32 matmul in WGSL or in
-//! matrixmultiply does not reach; it says how far a shape (a thin lm_head, a small square) falls
+//! the CPU libraries does not reach; it says how far a shape (a thin lm_head, a small square) falls
 //! short of what this implementation can do on this device. Rows of a device are printed once
 //! all its cases have run, since the peak is known only then.
 
