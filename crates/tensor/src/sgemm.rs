@@ -8,10 +8,10 @@
 //! - [`CpuGemm::Matrixmultiply`], the `matrixmultiply` crate: a BLIS-style loop nest, its own
 //!   thread pool.
 //!
-//! The choice is a measurement, not a belief (`docs/benchmarks.md`, "The CPU product"): on a
-//! 2-core Xeon with AVX-512, `gemm` computes the training step's products 1.1–1.6× faster, and
-//! the thin LoRA ones up to 5×; built for AVX2 alone, on the same cores, it is 0.7–0.85× of
-//! `matrixmultiply` on most of them. So [`CpuGemm::auto`] takes `gemm` where the CPU has
+//! The choice is a measurement, not a belief (`docs/benchmarks.md`, "The CPU product and the
+//! CPU's threads on an AVX-512 machine"): on a 2-core Xeon with AVX-512, `gemm` computes the
+//! training step's products 1.1–1.9× faster, and the thin LoRA ones up to 5×; built for AVX2
+//! alone, on the same cores, it is 0.65–0.92× of `matrixmultiply` on the wide ones. So [`CpuGemm::auto`] takes `gemm` where the CPU has
 //! AVX-512F and `matrixmultiply` elsewhere. `TENSOR_CPU_GEMM=gemm|matrixmultiply` in the
 //! environment, or [`set_cpu_gemm`] (the `train` binary's `--cpu-gemm`) before the first
 //! product, forces one. Both are checked against the f64 loop of
