@@ -7,6 +7,7 @@
 //! not a thread start, and the product and the ops never compete with a second pool. The plain
 //! loops the CPU path is checked against are in [`reference`](crate::reference).
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -21,9 +22,9 @@ pub fn threads() -> usize {
 /// Below this many output elements an op runs on one thread.
 const PARALLEL_MIN: usize = 1 << 15;
 
-/// Call `f(row_index, row)` for each `row_len`-element row of `out`, on several threads when
-/// `out` is large.
-pub fn for_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+/// Call `f(row_index, row)` for each `row_len`-element row of `out` (the last one shorter when
+/// `row_len` does not divide its length), on several threads when `out` is large.
+pub fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     if row_len == 0 {
         return;
     }
@@ -46,6 +47,31 @@ pub fn for_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) +
             });
         }
     });
+}
+
+/// A new vector of `n` values written row by row by `f(row_index, row)` as [`for_rows`] calls
+/// it, without the zero-fill a `vec![0.0; n]` costs (a pass over memory the op then overwrites).
+///
+/// # Safety
+/// `f` must write every element of each row it is given (the kernels here write their row
+/// through one `zip` with inputs at least as long, `row.write(..)` element for element).
+pub(crate) unsafe fn collect_rows(
+    n: usize,
+    row_len: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    for_rows(&mut v.spare_capacity_mut()[..n], row_len.max(1), f);
+    // SAFETY: for_rows handed every element of the first n to f, which wrote each (the
+    // caller's promise).
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Rows of about 1/threads of `n` elements each: the row length [`collect_rows`] and
+/// [`for_rows`] take for an elementwise op, so each thread gets one contiguous slice.
+pub fn even_rows(n: usize) -> usize {
+    n.div_ceil(threads()).max(1)
 }
 
 /// Call `f(index, &mut x)` for every element of `out`, on several threads when it is large.

@@ -130,8 +130,16 @@ fn check_same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
 /// CPU path of a binary elementwise op.
 fn binary_cpu(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
     let (x, y) = (a.cpu_data()?, b.cpu_data()?);
-    let mut out = vec![0.0; x.len()];
-    crate::cpu::for_each(&mut out, |i, o| *o = f(x[i], y[i]));
+    let row = crate::cpu::even_rows(x.len());
+    // SAFETY: each row is zipped with x's and y's rows, as long as it, and written whole.
+    let out = unsafe {
+        crate::cpu::collect_rows(x.len(), row, |r, o| {
+            let at = r * row..r * row + o.len();
+            for ((o, &p), &q) in o.iter_mut().zip(&x[at.clone()]).zip(&y[at]) {
+                o.write(f(p, q));
+            }
+        })
+    };
     Ok(Tensor::cpu_from(&cpu_ctx(a), out, a.shape()))
 }
 
@@ -172,8 +180,16 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     match a.device() {
         Device::Cpu(ctx) => {
             let x = a.cpu_data()?;
-            let mut out = vec![0.0; x.len()];
-            crate::cpu::for_each(&mut out, |i, o| *o = s * x[i]);
+            let row = crate::cpu::even_rows(x.len());
+            // SAFETY: each row is zipped with x's row, as long as it, and written whole.
+            let out = unsafe {
+                crate::cpu::collect_rows(x.len(), row, |r, out| {
+                    let xr = &x[r * row..r * row + out.len()];
+                    for (o, &v) in out.iter_mut().zip(xr) {
+                        o.write(s * v);
+                    }
+                })
+            };
             Ok(Tensor::cpu_from(&ctx, out, a.shape()))
         }
         Device::Gpu(ctx) => {
@@ -233,12 +249,16 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     match same_device("add_bias", &[x, b])? {
         Device::Cpu(ctx) => {
             let (xd, bd) = (x.cpu_data()?, b.cpu_data()?);
-            let mut out = vec![0.0; xd.len()];
-            crate::cpu::for_rows(&mut out, c, |r, row| {
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = xd[r * c + j] + bd[j];
-                }
-            });
+            // SAFETY: each row (C elements) is zipped with x's row and b, as long as it, and
+            // written whole.
+            let out = unsafe {
+                crate::cpu::collect_rows(xd.len(), c, |r, row| {
+                    let xr = &xd[r * c..r * c + row.len()];
+                    for ((o, &v), &bj) in row.iter_mut().zip(xr).zip(bd.iter()) {
+                        o.write(v + bj);
+                    }
+                })
+            };
             Ok(Tensor::cpu_from(&ctx, out, x.shape()))
         }
         Device::Gpu(ctx) => {

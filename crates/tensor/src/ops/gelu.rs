@@ -19,6 +19,7 @@
 //!
 //! Kernel: `shaders/gelu.wgsl`, one invocation per element.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use bytemuck::Zeroable;
@@ -92,25 +93,25 @@ pub(crate) fn gelu_grad_scalar(x: f32) -> f32 {
 
 crate::fastmath::multiversion! {
     /// `out[i] = gelu(x[i])` over equal-length slices (vectorised; module doc).
-    gelu_slice => gelu_slice_generic(x: &[f32], out: &mut [f32]) -> ()
+    gelu_slice => gelu_slice_generic(x: &[f32], out: &mut [MaybeUninit<f32>]) -> ()
 }
 
 #[inline(always)]
-fn gelu_slice_generic(x: &[f32], out: &mut [f32]) {
+fn gelu_slice_generic(x: &[f32], out: &mut [MaybeUninit<f32>]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = gelu_scalar(v);
+        o.write(gelu_scalar(v));
     }
 }
 
 crate::fastmath::multiversion! {
     /// `out[i] = dy[i]·gelu'(x[i])` over equal-length slices (vectorised).
-    gelu_backward_slice => gelu_backward_slice_generic(x: &[f32], dy: &[f32], out: &mut [f32]) -> ()
+    gelu_backward_slice => gelu_backward_slice_generic(x: &[f32], dy: &[f32], out: &mut [MaybeUninit<f32>]) -> ()
 }
 
 #[inline(always)]
-fn gelu_backward_slice_generic(x: &[f32], dy: &[f32], out: &mut [f32]) {
+fn gelu_backward_slice_generic(x: &[f32], dy: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, &v), &d) in out.iter_mut().zip(x).zip(dy) {
-        *o = d * gelu_grad_scalar(v);
+        o.write(d * gelu_grad_scalar(v));
     }
 }
 
@@ -156,11 +157,13 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     match x.device() {
         Device::Cpu(ctx) => {
             let xd = x.cpu_data()?;
-            let mut out = vec![0.0; xd.len()];
-            let chunk = xd.len().div_ceil(crate::cpu::threads()).max(1);
-            crate::cpu::for_rows(&mut out, chunk.min(xd.len().max(1)), |c, o| {
-                gelu_slice(&xd[c * chunk..c * chunk + o.len()], o)
-            });
+            let chunk = crate::cpu::even_rows(xd.len());
+            // SAFETY: gelu_slice writes every element of o (zipped with x's row, as long).
+            let out = unsafe {
+                crate::cpu::collect_rows(xd.len(), chunk, |c, o| {
+                    gelu_slice(&xd[c * chunk..c * chunk + o.len()], o)
+                })
+            };
             Ok(Tensor::cpu_from(&ctx, out, x.shape()))
         }
         Device::Gpu(ctx) => {
@@ -184,12 +187,15 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     match same_device("gelu_backward", &[x, dy])? {
         Device::Cpu(ctx) => {
             let (xd, dyd) = (x.cpu_data()?, dy.cpu_data()?);
-            let mut out = vec![0.0; xd.len()];
-            let chunk = xd.len().div_ceil(crate::cpu::threads()).max(1);
-            crate::cpu::for_rows(&mut out, chunk.min(xd.len().max(1)), |c, o| {
-                let at = c * chunk..c * chunk + o.len();
-                gelu_backward_slice(&xd[at.clone()], &dyd[at], o)
-            });
+            let chunk = crate::cpu::even_rows(xd.len());
+            // SAFETY: gelu_backward_slice writes every element of o (zipped with x's and dy's
+            // rows, as long).
+            let out = unsafe {
+                crate::cpu::collect_rows(xd.len(), chunk, |c, o| {
+                    let at = c * chunk..c * chunk + o.len();
+                    gelu_backward_slice(&xd[at.clone()], &dyd[at], o)
+                })
+            };
             Ok(Tensor::cpu_from(&ctx, out, x.shape()))
         }
         Device::Gpu(ctx) => {
