@@ -70,7 +70,7 @@ pub(crate) unsafe fn collect_rows(
 
 /// Rows of about 1/threads of `n` elements each: the row length [`collect_rows`] and
 /// [`for_rows`] take for an elementwise op, so each thread gets one contiguous slice.
-pub fn even_rows(n: usize) -> usize {
+pub(crate) fn even_rows(n: usize) -> usize {
     n.div_ceil(threads()).max(1)
 }
 
