@@ -76,8 +76,8 @@ pub(crate) fn even_rows(n: usize) -> usize {
 
 /// Call `f(index, &mut x)` for every element of `out`, on several threads when it is large.
 pub fn for_each(out: &mut [f32], f: impl Fn(usize, &mut f32) + Sync) {
-    let chunk = out.len().div_ceil(threads()).max(1);
-    for_rows(out, chunk.min(out.len().max(1)), |r, row| {
+    let chunk = even_rows(out.len());
+    for_rows(out, chunk, |r, row| {
         for (j, x) in row.iter_mut().enumerate() {
             f(r * chunk + j, x);
         }

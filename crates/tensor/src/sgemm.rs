@@ -99,9 +99,11 @@ pub(crate) struct Mat<T> {
 }
 
 /// `C ← α·A·B + β·C`, A m×k, B k×n, C m×n. With `β = 0`, C is written without being read (it
-/// may be uninitialised). `parallel` lets the library use every thread on a product large
-/// enough to pay for it; without it the product runs on the calling thread (callers that
-/// already split work over the cores).
+/// may be uninitialised). `parallel` lets gemm use every thread on a product large enough to
+/// pay for it; without it gemm runs the product on the calling thread (callers that already
+/// split work over the cores). matrixmultiply takes no such flag: its own size heuristic keeps
+/// the products these callers pass without it (attention tiles, per-head batches below
+/// `SMALL_GEMM`) on one thread.
 ///
 /// # Safety
 /// Each view must cover its matrix inside one allocation, and C must alias neither A nor B.
