@@ -150,7 +150,14 @@ fn cpu_ctx(t: &Tensor) -> Arc<crate::device::CpuContext> {
     }
 }
 
-fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: fn(f32, f32) -> f32) -> Result<Tensor> {
+/// `f` is generic (each op's closure its own instantiation), not a `fn` pointer: a pointer would
+/// be called once per element and keep the CPU loop from vectorising.
+fn binary(
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<Tensor> {
     check_same_shape(op, a, b)?;
     match same_device(op, &[a, b])? {
         Device::Cpu(_) => binary_cpu(a, b, f),

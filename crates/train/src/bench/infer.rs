@@ -28,7 +28,7 @@ use super::{Budget, forward_flops, median, random_ids, shape};
 /// Options of `train bench infer`.
 #[derive(Parser, Debug, Clone)]
 pub struct InferArgs {
-    /// Model shape: e2e, tiny, 124m, medium [default: 124m on a GPU, e2e on the CPU].
+    /// Model shape: e2e, tiny, 124m, medium or a config.json path [default: 124m on a GPU, e2e on the CPU].
     #[arg(long)]
     pub model: Option<String>,
     /// Batch sizes (sequences decoded together).

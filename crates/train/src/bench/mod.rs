@@ -21,9 +21,10 @@
 //! case and the rate the device achieved so far, starting from a short matmul probe).
 //!
 //! The model shapes ([`shape`]): `e2e` (the shipped base model: 4 layers, 4 heads, 128 wide,
-//! GPT-2's vocabulary of 50257, 128 positions), `tiny` (4 layers, 4 heads, 256 wide, a byte
+//! its 4,096-token vocabulary, 128 positions; results recorded before 2026-12-07 used GPT-2's
+//! vocabulary of 50,257, as the base then did), `tiny` (4 layers, 4 heads, 256 wide, a byte
 //! vocabulary of 256, 256 positions: the model of the PyTorch CPU comparison), `124m` (GPT-2
-//! small) and `medium` (GPT-2 medium, 355M). Weights are random (GPT-2's init): speed does not depend on
+//! small) and `medium` (GPT-2 medium, 355M); or the path of a Hugging Face `config.json`. Weights are random (GPT-2's init): speed does not depend on
 //! their values.
 
 pub mod infer;
@@ -104,6 +105,7 @@ pub fn shape(name: &str) -> crate::Result<GptConfig> {
             n_head: 4,
             n_embd: 128,
             n_positions: 128,
+            vocab_size: 4096,
             ..small
         },
         "tiny" => GptConfig {
@@ -117,9 +119,12 @@ pub fn shape(name: &str) -> crate::Result<GptConfig> {
         },
         "124m" => small,
         "medium" => GptConfig::gpt2_medium(),
+        other if std::path::Path::new(other).is_file() => {
+            GptConfig::from_file(std::path::Path::new(other))?
+        }
         other => {
             return Err(format!(
-                "unknown model shape `{other}`: expected one of {}",
+                "unknown model shape `{other}`: expected one of {}, or the path of a config.json",
                 SHAPES.join(", ")
             )
             .into());

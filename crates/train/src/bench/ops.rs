@@ -23,7 +23,7 @@ use super::{Budget, Mode, median, parse_bt, shape, step_flops, token_batch, trai
 /// Options of `train bench ops`.
 #[derive(Parser, Debug, Clone)]
 pub struct OpsArgs {
-    /// Model shape: e2e, tiny, 124m, medium [default: 124m on a GPU, tiny on the CPU].
+    /// Model shape: e2e, tiny, 124m, medium or a config.json path [default: 124m on a GPU, tiny on the CPU].
     #[arg(long)]
     pub model: Option<String>,
     /// Batch shape B×T [default: 8x1024 on a GPU, 8x128 on the CPU].

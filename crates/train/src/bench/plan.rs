@@ -87,19 +87,7 @@ pub fn plan_shape(name: &str) -> crate::Result<GptConfig> {
         "gpt2-medium" => return super::shape("medium"),
         _ => {}
     }
-    if super::SHAPES.contains(&name) {
-        return super::shape(name);
-    }
-    let path = std::path::Path::new(name);
-    if path.exists() {
-        return Ok(GptConfig::from_file(path)?);
-    }
-    Err(format!(
-        "unknown model shape `{name}`: expected gpt2, gpt2-medium, one of {}, or the path of a \
-         config.json (no such file)",
-        super::SHAPES.join(", ")
-    )
-    .into())
+    super::shape(name)
 }
 
 /// The device of a plan: the CPU, or a dry-run (or, with `execute`, ordinary) GPU context on

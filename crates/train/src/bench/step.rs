@@ -18,7 +18,7 @@ use super::{Budget, Mode, median, parse_bt, peak_rss, shape, step_flops, token_b
 /// Options of `train bench step`.
 #[derive(Parser, Debug, Clone)]
 pub struct StepArgs {
-    /// Model shapes: e2e, tiny, 124m, medium [default: 124m on a GPU, e2e,tiny on the CPU].
+    /// Model shapes: e2e, tiny, 124m, medium or config.json paths [default: 124m on a GPU, e2e,tiny on the CPU].
     #[arg(long, value_delimiter = ',')]
     pub models: Vec<String>,
     /// Batch shapes B×T [default: 8x1024,4x1024,8x256 on a GPU, 8x128,1x128 on the CPU];
