@@ -65,8 +65,9 @@ pub fn exp(x: f32) -> f32 {
     if x.is_nan() { x } else { y }
 }
 
-/// Defines `pub fn $name` that runs `$generic` compiled for AVX2 + FMA when the CPU has them
-/// (checked at run time; std caches the answer), else as plain code. `$generic` is
+/// Defines `pub fn $name` that runs `$generic` compiled for AVX-512F when the CPU has it, else
+/// for AVX2 + FMA when it has those (checked at run time; std caches the answer), else as plain
+/// code. `$generic` is
 /// `#[inline(always)]`, so both copies come from the same source.
 macro_rules! multiversion {
     ($(#[$doc:meta])* $vis:vis $name:ident => $generic:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
@@ -74,6 +75,18 @@ macro_rules! multiversion {
         $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) -> $ret {
+                    $generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F, and with it AVX2 and FMA (checked here).
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        return unsafe { avx512($($arg),*) };
+                    }
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) -> $ret {
                     $generic($($arg),*)
