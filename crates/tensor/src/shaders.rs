@@ -33,6 +33,8 @@ pub const COMMON: &str = wgsl_file!("common");
 pub const ELEMENTWISE: &str = shader!("elementwise");
 /// `shaders/matmul.wgsl`, launched from `ops/matmul.rs`.
 pub const MATMUL: &str = shader!("matmul");
+/// `shaders/matmul_tiled.wgsl`, launched from `ops/matmul.rs` (chosen in `ops/matmul_tiled.rs`).
+pub const MATMUL_TILED: &str = shader!("matmul_tiled");
 /// `shaders/matmul_nf4.wgsl`, launched from `ops/matmul_nf4.rs`.
 pub const MATMUL_NF4: &str = shader!("matmul_nf4");
 /// `shaders/gelu.wgsl`, launched from `ops/gelu.rs`.
@@ -67,10 +69,24 @@ pub const SLICE: &str = shader!("slice");
 /// `shaders/sgmv.wgsl`, launched from `ops/sgmv.rs`.
 pub const SGMV: &str = shader!("sgmv");
 
+/// Pipeline-overridable constants of `matmul_tiled.wgsl`, one table per pipeline the engine
+/// makes (its transpose cases NN, NT, TN, TT; 1.0 = true).
+pub const MATMUL_TILED_VARIANTS: [&[(&str, f64)]; 4] = [
+    &[("TRANS_A", 0.0), ("TRANS_B", 0.0)],
+    &[("TRANS_A", 0.0), ("TRANS_B", 1.0)],
+    &[("TRANS_A", 1.0), ("TRANS_B", 0.0)],
+    &[("TRANS_A", 1.0), ("TRANS_B", 1.0)],
+];
+
+/// Every set of override constants a pipeline is made with, by shader file stem (a shader not
+/// listed is made with its defaults only): what `tests/shader_portability.rs` translates.
+pub const OVERRIDES: &[(&str, &[&[(&str, f64)]])] = &[("matmul_tiled", &MATMUL_TILED_VARIANTS)];
+
 /// Every shader: (file stem, source).
 pub const ALL: &[(&str, &str)] = &[
     ("elementwise", ELEMENTWISE),
     ("matmul", MATMUL),
+    ("matmul_tiled", MATMUL_TILED),
     ("matmul_nf4", MATMUL_NF4),
     ("gelu", GELU),
     ("activation", ACTIVATION),

@@ -5,9 +5,10 @@
 //! only Vulkan accepts then fails here, on any CI machine, instead of on a user's Mac or
 //! Windows machine.
 //!
-//! Variants: the engine creates its pipelines with `compilation_options: Default`, so no
-//! pipeline-overridable constant is ever set: every `override` must have a default, and it is
-//! the default that is translated (an `override` without one fails here by name). `enable`
+//! Variants: a shader is translated once with its `override` defaults (an `override` without one
+//! fails here by name), and once more for each table of pipeline-overridable constants the
+//! engine makes a pipeline with ([`tensor::shaders::OVERRIDES`]: `matmul_tiled.wgsl`'s four
+//! transpose cases), since each of them is a different program for the driver. `enable`
 //! directives turn on the naga capabilities (and the MSL and HLSL language levels) those
 //! extensions need; a shader without any is checked at the baseline: no capabilities, MSL 2.0
 //! (the oldest Metal wgpu runs on) and HLSL shader model 5.1 (FXC, what DX12 falls back to
@@ -64,8 +65,14 @@ fn higher(a: hlsl::ShaderModel, b: hlsl::ShaderModel) -> hlsl::ShaderModel {
     if b > a { b } else { a }
 }
 
-/// Parse, validate and resolve overrides to their defaults (what the engine's pipelines get).
-fn prepare(name: &str, source: &str, caps: Capabilities) -> (Module, ModuleInfo) {
+/// Parse, validate and resolve overrides to `constants` (the defaults where a constant is not
+/// in the table).
+fn prepare(
+    name: &str,
+    source: &str,
+    caps: Capabilities,
+    constants: &[(&str, f64)],
+) -> (Module, ModuleInfo) {
     let module = naga::front::wgsl::parse_str(source)
         .unwrap_or_else(|e| panic!("{name}.wgsl does not parse:\n{}", e.emit_to_string(source)));
     let info = Validator::new(ValidationFlags::all(), caps)
@@ -74,18 +81,18 @@ fn prepare(name: &str, source: &str, caps: Capabilities) -> (Module, ModuleInfo)
     for (_, o) in module.overrides.iter() {
         assert!(
             o.init.is_some(),
-            "{name}.wgsl: override `{}` has no default, and the engine sets no pipeline \
-             constants (compilation_options: Default)",
+            "{name}.wgsl: override `{}` has no default (a pipeline made without a table of \
+             constants would not compile)",
             o.name.as_deref().unwrap_or("?")
         );
     }
-    let (module, info) = naga::back::pipeline_constants::process_overrides(
-        &module,
-        &info,
-        None,
-        &naga::back::PipelineConstants::default(),
-    )
-    .unwrap_or_else(|e| panic!("{name}.wgsl: resolving overrides to their defaults: {e}"));
+    let mut table = naga::back::PipelineConstants::default();
+    for &(key, value) in constants {
+        table.insert(key.to_string(), value);
+    }
+    let (module, info) =
+        naga::back::pipeline_constants::process_overrides(&module, &info, None, &table)
+            .unwrap_or_else(|e| panic!("{name}.wgsl: resolving overrides {constants:?}: {e}"));
     (module.into_owned(), info.into_owned())
 }
 
@@ -234,26 +241,43 @@ fn dx12(name: &str, entry: &str, module: &Module, info: &ModuleInfo, model: hlsl
 #[test]
 fn every_shader_translates_to_spirv_msl_and_hlsl() {
     let mut checked = Vec::new();
+    let mut variants = 0;
     for (name, source) in tensor::shaders::ALL {
         let t = target(name, source);
-        let (module, info) = prepare(name, source, t.capabilities);
-        assert!(
-            !module.entry_points.is_empty(),
-            "{name}.wgsl has no entry point"
-        );
-        for ep in &module.entry_points {
-            assert_eq!(
-                ep.stage,
-                ShaderStage::Compute,
-                "{name}::{}: the engine only makes compute pipelines",
-                ep.name
+        let mut tables: Vec<&[(&str, f64)]> = vec![&[]];
+        for (shader, sets) in tensor::shaders::OVERRIDES {
+            if shader == name {
+                tables.extend(sets.iter().copied());
+            }
+        }
+        for constants in tables {
+            let (module, info) = prepare(name, source, t.capabilities, constants);
+            assert!(
+                !module.entry_points.is_empty(),
+                "{name}.wgsl has no entry point"
             );
-            spirv(name, &ep.name, &module, &info);
-            metal(name, &ep.name, &module, &info, t.msl);
-            dx12(name, &ep.name, &module, &info, t.hlsl);
-            checked.push(format!("{name}::{}", ep.name));
+            for ep in &module.entry_points {
+                assert_eq!(
+                    ep.stage,
+                    ShaderStage::Compute,
+                    "{name}::{}: the engine only makes compute pipelines",
+                    ep.name
+                );
+                let label = format!("{name} {constants:?}");
+                spirv(&label, &ep.name, &module, &info);
+                metal(&label, &ep.name, &module, &info, t.msl);
+                dx12(&label, &ep.name, &module, &info, t.hlsl);
+                checked.push(format!("{name}::{}", ep.name));
+            }
+            variants += usize::from(!constants.is_empty());
         }
     }
+    // Every table of constants was translated.
+    let tables: usize = tensor::shaders::OVERRIDES
+        .iter()
+        .map(|(_, t)| t.len())
+        .sum();
+    assert_eq!(variants, tables);
     // Every registered shader was looked at (the registry is not empty or cut short).
     assert_eq!(
         checked

@@ -25,6 +25,11 @@ struct Cli {
     /// matrixmultiply.
     #[arg(long, global = true, default_value = "auto", env = "TENSOR_CPU_GEMM", value_parser = tensor::sgemm::CpuGemm::parse)]
     cpu_gemm: tensor::sgemm::CpuGemm,
+    /// The GPU's matrix-product kernel: auto (the 128×128-tile kernel where a product's operands
+    /// are whole vec4s and its output holds at least one tile, the 64×64 one elsewhere), tile64
+    /// (always the first kernel), or tile128 (wherever it fits).
+    #[arg(long, global = true, default_value = "auto", value_parser = tensor::ops::matmul::GpuMatmul::parse)]
+    matmul_kernel: tensor::ops::matmul::GpuMatmul,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -88,6 +93,7 @@ fn main() {
     keep_freed_memory();
     give_mesa_a_runtime_dir();
     let cli = Cli::parse();
+    tensor::ops::matmul::set_gpu_matmul(cli.matmul_kernel);
     let result = tensor::sgemm::set_cpu_gemm(cli.cpu_gemm)
         .map_err(train::Error::from)
         .and_then(|()| match cli.command {

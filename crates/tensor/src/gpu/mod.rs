@@ -72,7 +72,8 @@ pub struct GpuContext {
     is_software: bool,
     max_binding: u64,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<(&'static str, &'static str), wgpu::ComputePipeline>>,
+    /// Compiled pipelines by (shader, entry point, address of the override constants' table).
+    pipelines: Mutex<HashMap<(&'static str, &'static str, usize), wgpu::ComputePipeline>>,
     batch: Mutex<Batch>,
     params: wgpu::Buffer,
     pool: Mutex<BufferPool>,
@@ -394,13 +395,16 @@ impl GpuContext {
         }
     }
 
-    fn pipeline(&self, kernel: Kernel) -> Result<wgpu::ComputePipeline> {
-        if let Some(p) = self
-            .pipelines
-            .lock()
-            .unwrap()
-            .get(&(kernel.shader, kernel.entry))
-        {
+    /// The pipeline of `kernel` with its pipeline-overridable constants set to `constants`
+    /// (WGSL `override` declarations: a value fixed when the pipeline is made, so branches on it
+    /// fold away; each distinct table is its own pipeline).
+    fn pipeline(
+        &self,
+        kernel: Kernel,
+        constants: &'static [(&'static str, f64)],
+    ) -> Result<wgpu::ComputePipeline> {
+        let key = (kernel.shader, kernel.entry, constants.as_ptr() as usize);
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
         let (pipeline, error) = capture(&self.device, || {
@@ -423,7 +427,10 @@ impl GpuContext {
                     layout: None,
                     module: &module,
                     entry_point: Some(kernel.entry),
-                    compilation_options: Default::default(),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants,
+                        ..Default::default()
+                    },
                     cache: None,
                 })
         });
@@ -435,10 +442,7 @@ impl GpuContext {
                 e,
             ));
         }
-        self.pipelines
-            .lock()
-            .unwrap()
-            .insert((kernel.shader, kernel.entry), pipeline.clone());
+        self.pipelines.lock().unwrap().insert(key, pipeline.clone());
         Ok(pipeline)
     }
 
@@ -448,6 +452,19 @@ impl GpuContext {
     pub(crate) fn dispatch(
         &self,
         kernel: Kernel,
+        params: &[u8],
+        bindings: &[(u32, Binding<'_>)],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        self.dispatch_with(kernel, &[], params, bindings, groups)
+    }
+
+    /// [`dispatch`](Self::dispatch) of the pipeline of `kernel` made with the override
+    /// `constants` (see [`pipeline`](Self::pipeline)).
+    pub(crate) fn dispatch_with(
+        &self,
+        kernel: Kernel,
+        constants: &'static [(&'static str, f64)],
         params: &[u8],
         bindings: &[(u32, Binding<'_>)],
         groups: [u32; 3],
@@ -466,7 +483,7 @@ impl GpuContext {
             return Ok(());
         }
         let counting = crate::counts::here().then(std::time::Instant::now);
-        let pipeline = self.pipeline(kernel)?;
+        let pipeline = self.pipeline(kernel, constants)?;
         let tag = match self.timestamps {
             Some(_) => crate::profile::gpu_tag(),
             None => None,

@@ -49,6 +49,8 @@ use bytemuck::Zeroable;
 
 use crate::gpu::bind::View;
 use crate::gpu::{Binding, GpuContext, Kernel, kernel_params};
+use crate::ops::matmul_tiled;
+pub use crate::ops::matmul_tiled::{GpuMatmul, gpu_matmul, set_gpu_matmul};
 use crate::sgemm::{Mat, sgemm};
 use crate::tensor::same_device;
 use crate::{Device, Error, Result, Tensor, shaders, shape_err};
@@ -112,7 +114,9 @@ impl Params {
 /// Output tile of one workgroup (`TM = TN` in the shader).
 const TILE: usize = 64;
 
-const KERNEL: Kernel = Kernel {
+/// `shaders/matmul.wgsl`, the first kernel (the choice between it and `matmul_tiled.wgsl` is
+/// [`matmul_tiled::pick`]'s).
+pub(crate) const TILE64: Kernel = Kernel {
     shader: "matmul",
     source: shaders::MATMUL,
     entry: "matmul",
@@ -519,6 +523,13 @@ fn launch_2d(
             chunk[col] = chunk[col].min(room);
         }
     }
+    // Chunks in multiples of 4 where they can be, so that sub-blocks of operands the tiled
+    // kernel reads as vec4s stay readable that way (`matmul_tiled::tiled_fits`).
+    for c in &mut chunk {
+        if *c >= 4 {
+            *c -= *c % 4;
+        }
+    }
     let starts = |len: usize, step: usize| {
         (0..len.max(1))
             .step_by(step.max(1))
@@ -586,12 +597,20 @@ fn record(
         |v| v.binding,
     );
     let bindings = [(1, a.binding), (2, b.binding), (3, c.binding), (4, bias)];
-    let groups = [
-        p.n.div_ceil(TILE as u32),
-        p.m.div_ceil(TILE as u32),
-        nz as u32,
-    ];
-    ctx.dispatch(KERNEL, bytemuck::bytes_of(&p), &bindings, groups)
+    let shape = matmul_tiled::Dispatch {
+        m: p.m,
+        n: p.n,
+        k: p.k,
+        trans_a: p.trans_a != 0,
+        trans_b: p.trans_b != 0,
+        ld: [p.lda, p.ldb, p.ldc],
+        off: [p.off_a, p.off_b, p.off_c],
+        stride: [p.stride_a, p.stride_b, p.stride_c],
+        off_bias: (p.has_bias != 0).then_some(p.off_bias),
+    };
+    let (kernel, constants, tile) = matmul_tiled::pick(matmul_tiled::gpu_matmul(), &shape);
+    let groups = [p.n.div_ceil(tile), p.m.div_ceil(tile), nz as u32];
+    ctx.dispatch_with(kernel, constants, bytemuck::bytes_of(&p), &bindings, groups)
 }
 
 #[cfg(test)]

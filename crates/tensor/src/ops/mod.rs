@@ -16,6 +16,7 @@ pub mod grad_norm;
 pub mod layernorm;
 pub mod matmul;
 pub mod matmul_nf4;
+pub mod matmul_tiled;
 pub mod permute;
 pub mod reduce;
 pub mod sgmv;

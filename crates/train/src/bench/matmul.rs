@@ -1,7 +1,8 @@
 //! `train bench matmul` measures C = A·B in f32 for square sizes and for the matmuls of a GPT-2 124M
 //! training step at B·T = 8192 rows (768→2304 for c_attn, 768→768 for attn.c_proj, 768→3072 for
 //! mlp.c_fc, 3072→768 for mlp.c_proj, 768→50257 for the tied lm_head, x·wteᵀ), on every device
-//! present: each GPU adapter, the CPU backend (`tensor::sgemm`: gemm or matrixmultiply, `--cpu-gemm`),
+//! present: the GPU once per matrix-product kernel (`tile64`, `tile128`; only the one
+//! `--matmul-kernel` names when it names one), the CPU backend (`tensor::sgemm`: gemm or matrixmultiply, `--cpu-gemm`),
 //! and the CPU's naive oracle loop.
 //!
 //! **Fraction of peak.** Each case also reports its share of the device's *measured* peak: the
@@ -14,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use tensor::ops::matmul::{MatmulOpts, matmul};
+use tensor::ops::matmul::{GpuMatmul, MatmulOpts, gpu_matmul, matmul, set_gpu_matmul};
 use tensor::reference::matmul_tensors;
 use tensor::{Device, Tensor};
 
@@ -79,15 +80,15 @@ fn cases(args: &MatmulArgs) -> Vec<Case> {
     cases
 }
 
-/// A device under test: how to run one product on it.
+/// A device under test: how to run one product on it (on a GPU, with which kernel).
 enum Runner {
-    Device(Device),
+    Device(Device, Option<GpuMatmul>),
     Naive,
 }
 
 fn run_once(runner: &Runner, a: &Tensor, b: &Tensor, opts: MatmulOpts) -> crate::Result<()> {
     match runner {
-        Runner::Device(d) => {
+        Runner::Device(d, _) => {
             let c = matmul(a, b, None, opts)?;
             d.sync()?;
             drop(c);
@@ -116,11 +117,24 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
     let mut runners: Vec<(String, Runner)> = Vec::new();
     for d in &args.devices {
         match d.as_str() {
+            // Each kernel variant, unless `--matmul-kernel` forced one.
             "gpu" => match Device::gpu() {
-                Ok(g) => runners.push((g.describe(), Runner::Device(g))),
+                Ok(g) => {
+                    let kernels = match gpu_matmul() {
+                        GpuMatmul::Auto => vec![GpuMatmul::Tile64, GpuMatmul::Tile128],
+                        forced => vec![forced],
+                    };
+                    for k in kernels {
+                        let label = format!("{}, kernel {}", g.describe(), k.name());
+                        runners.push((label, Runner::Device(g.clone(), Some(k))));
+                    }
+                }
                 Err(e) => eprintln!("no GPU measured: {e}"),
             },
-            "cpu" => runners.push((Device::cpu().describe(), Runner::Device(Device::cpu()))),
+            "cpu" => runners.push((
+                Device::cpu().describe(),
+                Runner::Device(Device::cpu(), None),
+            )),
             "naive" => runners.push((
                 "CPU naive loop (test oracle, 1 thread)".into(),
                 Runner::Naive,
@@ -131,11 +145,15 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
         }
     }
     let cases = cases(args);
+    let chosen = gpu_matmul();
     for (label, runner) in &runners {
+        if let Runner::Device(_, Some(kernel)) = runner {
+            set_gpu_matmul(*kernel);
+        }
         // (case, seconds) or (case, estimated seconds of a skipped case).
         let mut rows: Vec<(&Case, Result<f64, f64>)> = Vec::new();
         let device = match runner {
-            Runner::Device(d) => d.clone(),
+            Runner::Device(d, _) => d.clone(),
             Runner::Naive => Device::cpu(),
         };
         // Rate so far, to skip cases that would take longer than the budget.
@@ -168,6 +186,7 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
         }
         print_device(args.json, label, &rows);
     }
+    set_gpu_matmul(chosen);
     Ok(())
 }
 

@@ -1,0 +1,236 @@
+//! The second-generation GPU matrix product (`shaders/matmul_tiled.wgsl`), and which kernel
+//! computes a product: the variants, the rule that picks one per dispatch, and the switch that
+//! forces one (`train --matmul-kernel`, or [`set_gpu_matmul`]). The launcher is
+//! [`matmul`](crate::ops::matmul)'s: both kernels share its `Params`, bindings and splits.
+//!
+//! - [`GpuMatmul::Tile64`] — `shaders/matmul.wgsl`, the first kernel: 64×64 output tiles, 4×4
+//!   outputs per invocation, scalar loads, K slices of 16 staged once with two barriers per slice,
+//!   the transposes read from `Params` in the inner loop. It takes every shape, offset and
+//!   stride, so it is also the fallback.
+//! - [`GpuMatmul::Tile128`] — `shaders/matmul_tiled.wgsl`, the second generation: 128×128 tiles,
+//!   8×8 outputs per invocation (64 multiply-adds per four vec4 reads of workgroup memory),
+//!   vec4 global loads, K slices of 8 double-buffered with one barrier per slice, and one
+//!   pipeline per transpose case (WGSL `override` constants, so the branches fold away when the
+//!   pipeline is made). It needs every operand readable as whole vec4s ([`tiled_fits`]).
+//!
+//! [`GpuMatmul::Auto`] (the default) takes `Tile128` for a product it fits whose M and N are both
+//! at least 128 (one full tile: smaller outputs would leave most of its invocations idle), and
+//! `Tile64` otherwise: LoRA's thin products (M or N = r) and odd shapes such as the output layer's
+//! `dlogits·W` with K = 50,257.
+//!
+//! Design estimate (no hardware GPU was at hand to time them): per K step of one invocation,
+//! `Tile64` does 16 multiply-adds for 5 workgroup-memory reads and `Tile128` 64 for 4 vec4
+//! reads; on GPUs whose fp32 SGEMMs reach 70–90 % of peak with 8×8 register blocks (the CUDA
+//! SGEMM literature's usual figure), `Tile64`'s 4×4 blocks are bounded by workgroup-memory
+//! bandwidth at roughly a third to a half of peak.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::gpu::Kernel;
+use crate::shaders;
+
+/// A GPU matrix-product kernel (module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuMatmul {
+    /// `Tile128` where it fits and the output has at least one full tile, else `Tile64`.
+    Auto,
+    /// `shaders/matmul.wgsl`: every shape.
+    Tile64,
+    /// `shaders/matmul_tiled.wgsl` where it fits ([`tiled_fits`]); `Tile64` elsewhere.
+    Tile128,
+}
+
+impl GpuMatmul {
+    /// Every choice, in `--help` order.
+    pub const ALL: [GpuMatmul; 3] = [GpuMatmul::Auto, GpuMatmul::Tile64, GpuMatmul::Tile128];
+
+    /// The name `parse` reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuMatmul::Auto => "auto",
+            GpuMatmul::Tile64 => "tile64",
+            GpuMatmul::Tile128 => "tile128",
+        }
+    }
+
+    /// `auto`, `tile64` or `tile128`.
+    pub fn parse(s: &str) -> Result<GpuMatmul, String> {
+        GpuMatmul::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = GpuMatmul::ALL.iter().map(|k| k.name()).collect();
+                format!(
+                    "unknown GPU matmul kernel `{s}`: expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+static CHOICE: AtomicU8 = AtomicU8::new(0);
+
+/// Force a kernel for the products recorded from now on (default [`GpuMatmul::Auto`]).
+pub fn set_gpu_matmul(kernel: GpuMatmul) {
+    let i = GpuMatmul::ALL
+        .iter()
+        .position(|&k| k == kernel)
+        .unwrap_or(0);
+    CHOICE.store(i as u8, Ordering::Relaxed);
+}
+
+/// The kernel choice in force.
+pub fn gpu_matmul() -> GpuMatmul {
+    #[cfg(test)]
+    if let Some(k) = tests::FORCED.with(|f| f.get()) {
+        return k;
+    }
+    GpuMatmul::ALL[CHOICE.load(Ordering::Relaxed) as usize % GpuMatmul::ALL.len()]
+}
+
+/// One dispatch's product as the launcher binds it: sizes, transposes, and every offset,
+/// leading dimension and batch stride in f32 elements (bias offset `None` without a bias).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dispatch {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub ld: [u32; 3],
+    pub off: [u32; 3],
+    pub stride: [u32; 3],
+    pub off_bias: Option<u32>,
+}
+
+/// Whether `matmul_tiled.wgsl` can read every operand of `d` as whole vec4s: each offset, leading
+/// dimension and batch stride a multiple of 4, and so the extent of each operand's contiguous
+/// axis (A: K, or M when transposed; B: N, or K when transposed; C and bias: N). Then a vec4
+/// lies wholly inside its matrix or wholly outside, and no bound range ends inside a vec4.
+/// And K ≥ 1: with K = 0 the launcher binds one element of A and B, less than a vec4.
+pub(crate) fn tiled_fits(d: &Dispatch) -> bool {
+    let a_run = if d.trans_a { d.m } else { d.k };
+    let b_run = if d.trans_b { d.k } else { d.n };
+    let words =
+        d.ld.iter()
+            .chain(&d.off)
+            .chain(&d.stride)
+            .chain(&d.off_bias)
+            .chain([&a_run, &b_run, &d.n]);
+    // K = 0 binds a single element of A and B (never read): less than one vec4.
+    d.k > 0 && words.into_iter().all(|w| w % 4 == 0)
+}
+
+/// The kernel `choice` gives `d`: the kernel, its override constants, and its output tile side.
+pub(crate) fn pick(
+    choice: GpuMatmul,
+    d: &Dispatch,
+) -> (Kernel, &'static [(&'static str, f64)], u32) {
+    let tiled = match choice {
+        GpuMatmul::Tile64 => false,
+        GpuMatmul::Tile128 => tiled_fits(d),
+        GpuMatmul::Auto => tiled_fits(d) && d.m >= 128 && d.n >= 128,
+    };
+    #[cfg(test)]
+    tests::TILED.with(|t| t.set(t.get() + u64::from(tiled)));
+    if !tiled {
+        return (super::matmul::TILE64, &[], 64);
+    }
+    let constants = match (d.trans_a, d.trans_b) {
+        (false, false) => NN,
+        (false, true) => NT,
+        (true, false) => TN,
+        (true, true) => TT,
+    };
+    (TILE128, constants, 128)
+}
+
+/// `shaders/matmul_tiled.wgsl`.
+const TILE128: Kernel = Kernel {
+    shader: "matmul_tiled",
+    source: shaders::MATMUL_TILED,
+    entry: "matmul_tiled",
+};
+
+/// The override constants of `matmul_tiled.wgsl`'s four pipelines (1.0 = true).
+const NN: &[(&str, f64)] = shaders::MATMUL_TILED_VARIANTS[0];
+const NT: &[(&str, f64)] = shaders::MATMUL_TILED_VARIANTS[1];
+const TN: &[(&str, f64)] = shaders::MATMUL_TILED_VARIANTS[2];
+const TT: &[(&str, f64)] = shaders::MATMUL_TILED_VARIANTS[3];
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// A kernel forced on this test thread only (the global choice is shared by every test).
+        pub(crate) static FORCED: Cell<Option<GpuMatmul>> = const { Cell::new(None) };
+        /// Dispatches this thread gave `matmul_tiled.wgsl`.
+        pub(crate) static TILED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Run `f` with `kernel` forced on this thread; also returns how many of its dispatches took
+    /// the tiled kernel.
+    pub(crate) fn forced<R>(kernel: GpuMatmul, f: impl FnOnce() -> R) -> (R, u64) {
+        let before = TILED.with(Cell::get);
+        FORCED.with(|c| c.set(Some(kernel)));
+        let r = f();
+        FORCED.with(|c| c.set(None));
+        (r, TILED.with(Cell::get) - before)
+    }
+
+    fn square(n: u32) -> Dispatch {
+        Dispatch {
+            m: n,
+            n,
+            k: n,
+            trans_a: false,
+            trans_b: false,
+            ld: [n; 3],
+            off: [0; 3],
+            stride: [0; 3],
+            off_bias: None,
+        }
+    }
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_refused() {
+        for k in GpuMatmul::ALL {
+            assert_eq!(GpuMatmul::parse(k.name()), Ok(k));
+        }
+        let e = GpuMatmul::parse("tile256").unwrap_err();
+        assert!(
+            e.contains("tile256") && e.contains("tile64, tile128"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn auto_takes_the_tiled_kernel_only_for_whole_vec4s_and_a_full_tile() {
+        assert_eq!(pick(GpuMatmul::Auto, &square(256)).0.shader, "matmul_tiled");
+        assert_eq!(pick(GpuMatmul::Auto, &square(64)).0.shader, "matmul");
+        // The output layer's dx: K = 50,257 runs along A's rows.
+        let odd = Dispatch {
+            k: 50_257,
+            ld: [50_257, 768, 768],
+            ..square(768)
+        };
+        assert!(!tiled_fits(&odd));
+        assert_eq!(pick(GpuMatmul::Tile128, &odd).0.shader, "matmul");
+        // Transposed, the same K is B's row count, not a contiguous run: it fits.
+        let t = Dispatch {
+            trans_a: true,
+            ld: [768, 768, 768],
+            ..odd
+        };
+        assert!(tiled_fits(&t));
+        assert_eq!(pick(GpuMatmul::Auto, &t).1, TN);
+        let shifted = Dispatch {
+            off: [0, 2, 0],
+            ..square(256)
+        };
+        assert!(!tiled_fits(&shifted));
+        assert_eq!(pick(GpuMatmul::Tile64, &square(256)).2, 64);
+    }
+}
