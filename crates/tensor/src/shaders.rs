@@ -82,6 +82,13 @@ pub const MATMUL_TILED_VARIANTS: [&[(&str, f64)]; 4] = [
 /// listed is made with its defaults only): what `tests/shader_portability.rs` translates.
 pub const OVERRIDES: &[(&str, &[&[(&str, f64)]])] = &[("matmul_tiled", &MATMUL_TILED_VARIANTS)];
 
+/// Shaders whose modules are made without wgpu's runtime bounds clamps on storage indices
+/// (`ShaderRuntimeChecks::bounds_checks` off; every other check stays). Each reads and writes
+/// only inside the ranges its launcher binds, which the launcher guarantees before dispatching:
+/// `matmul_tiled.wgsl` tests every row and vec4 against M, N, K, and `ops/matmul_tiled.rs`
+/// takes it only when each bound range ends on a whole vec4 of its operand.
+pub const UNCHECKED: &[&str] = &["matmul_tiled"];
+
 /// Every shader: (file stem, source).
 pub const ALL: &[(&str, &str)] = &[
     ("elementwise", ELEMENTWISE),

@@ -413,11 +413,22 @@ impl GpuContext {
                 modules
                     .entry(kernel.shader)
                     .or_insert_with(|| {
-                        self.device
-                            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                                label: Some(kernel.shader),
-                                source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
-                            })
+                        let desc = wgpu::ShaderModuleDescriptor {
+                            label: Some(kernel.shader),
+                            source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
+                        };
+                        if !crate::shaders::UNCHECKED.contains(&kernel.shader) {
+                            return self.device.create_shader_module(desc);
+                        }
+                        let checks = wgpu::ShaderRuntimeChecks {
+                            bounds_checks: false,
+                            ..wgpu::ShaderRuntimeChecks::checked()
+                        };
+                        // SAFETY: the shaders listed in `UNCHECKED` index their bindings only
+                        // inside the ranges their launcher binds (each says why in its header
+                        // and its launcher checks it before dispatching); only the bounds
+                        // clamps are left out, every other runtime check stays.
+                        unsafe { self.device.create_shader_module_trusted(desc, checks) }
                     })
                     .clone()
             };
