@@ -587,12 +587,13 @@ fn record(
     (p.off_a, p.off_b, p.off_c) = (a.offset, b.offset, c.offset);
     p.has_bias = bias.is_some().into();
     p.off_bias = bias.as_ref().map_or(0, |v| v.offset);
-    // Without a bias, binding 4 gets A's range again: never read (has_bias = 0).
+    // Without a bias, binding 4 gets the first vec4 of A's range: never read (has_bias = 0),
+    // and not A's whole range again, which the step accounting would count as bound twice.
     let bias = bias.map_or(
         Binding {
             buffer: a.binding.buffer,
             offset: a.binding.offset,
-            size: a.binding.size,
+            size: a.binding.size.min(16),
         },
         |v| v.binding,
     );
