@@ -25,9 +25,11 @@ struct Cli {
     /// matrixmultiply.
     #[arg(long, global = true, default_value = "auto", env = "TENSOR_CPU_GEMM", value_parser = tensor::sgemm::CpuGemm::parse)]
     cpu_gemm: tensor::sgemm::CpuGemm,
-    /// The GPU's matrix-product kernel: auto (the 128×128-tile kernel where a product's operands
-    /// are whole vec4s and its output holds at least one tile, the 64×64 one elsewhere), tile64
-    /// (always the first kernel), or tile128 (wherever it fits).
+    /// The GPU's matrix-product kernel: auto (on a hardware GPU, the kernel measured fastest for
+    /// each class of shapes, once, remembered in ~/.cache/lora-gpu/matmul-tune.tsv; on a software
+    /// adapter the 128×128-tile kernel where a product's operands are whole vec4s and its output
+    /// holds a tile, the 64×64 one elsewhere), tune (measure on any adapter), tile64 (always the
+    /// first kernel), or tile128 (wherever it fits).
     #[arg(long, global = true, default_value = "auto", value_parser = tensor::ops::matmul::GpuMatmul::parse)]
     matmul_kernel: tensor::ops::matmul::GpuMatmul,
     #[command(subcommand)]

@@ -10,6 +10,7 @@ use super::GpuContext;
 use crate::{Error, Result, Tensor};
 
 /// A byte range of a buffer bound to one `@binding` of a kernel.
+#[derive(Clone, Copy)]
 pub(crate) struct Binding<'a> {
     pub buffer: &'a wgpu::Buffer,
     pub offset: u64,

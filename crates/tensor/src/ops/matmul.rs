@@ -49,8 +49,8 @@ use bytemuck::Zeroable;
 
 use crate::gpu::bind::View;
 use crate::gpu::{Binding, GpuContext, Kernel, kernel_params};
-use crate::ops::matmul_tiled;
 pub use crate::ops::matmul_tiled::{GpuMatmul, gpu_matmul, set_gpu_matmul};
+use crate::ops::{matmul_tiled, matmul_tune};
 use crate::sgemm::{Mat, sgemm};
 use crate::tensor::same_device;
 use crate::{Device, Error, Result, Tensor, shaders, shape_err};
@@ -609,9 +609,52 @@ fn record(
         stride: [p.stride_a, p.stride_b, p.stride_c],
         off_bias: (p.has_bias != 0).then_some(p.off_bias),
     };
-    let (kernel, constants, tile) = matmul_tiled::pick(matmul_tiled::gpu_matmul(), &shape);
+    let executes = !ctx.is_dry_run();
+    let choice = match matmul_tiled::gpu_matmul() {
+        GpuMatmul::Auto if executes && !ctx.is_software() => tune(ctx, &p, &shape, &bindings, nz)?,
+        GpuMatmul::Tune if executes => tune(ctx, &p, &shape, &bindings, nz)?,
+        choice => choice,
+    };
+    record_with(ctx, choice, &p, &shape, &bindings, nz)
+}
+
+/// Record the product of `p` with the kernel `choice` gives it.
+fn record_with(
+    ctx: &GpuContext,
+    choice: GpuMatmul,
+    p: &Params,
+    shape: &matmul_tiled::Dispatch,
+    bindings: &[(u32, Binding<'_>); 4],
+    nz: usize,
+) -> Result<()> {
+    let (kernel, constants, tile) = matmul_tiled::pick(choice, shape);
     let groups = [p.n.div_ceil(tile), p.m.div_ceil(tile), nz as u32];
-    ctx.dispatch_with(kernel, constants, bytemuck::bytes_of(&p), &bindings, groups)
+    ctx.dispatch_with(kernel, constants, bytemuck::bytes_of(p), bindings, groups)
+}
+
+/// The measured kernel for this product's class ([`matmul_tune`]): both kernels run it into a
+/// scratch copy of C's bound range, so C itself is written once, by the caller.
+fn tune(
+    ctx: &GpuContext,
+    p: &Params,
+    shape: &matmul_tiled::Dispatch,
+    bindings: &[(u32, Binding<'_>); 4],
+    nz: usize,
+) -> Result<GpuMatmul> {
+    let c = &bindings[2].1;
+    let scratch = ctx.alloc(c.size.div_ceil(16) * 16)?;
+    let [a, b, _, bias] = bindings;
+    let scratch_c = Binding {
+        buffer: &scratch,
+        offset: 0,
+        size: c.size,
+    };
+    let with_scratch = [*a, *b, (3, scratch_c), *bias];
+    let chosen = matmul_tune::tuned(ctx, shape, |k| {
+        record_with(ctx, k, p, shape, &with_scratch, nz)
+    });
+    ctx.release(scratch);
+    chosen
 }
 
 #[cfg(test)]

@@ -407,3 +407,44 @@ fn tiled_kernel_matches_cpu_on_edges_and_split_bindings() {
     });
     assert_eq!(tiled, 0);
 }
+
+#[test]
+fn tuning_measures_a_class_once_and_remembers_it_on_disk() {
+    use std::sync::atomic::Ordering;
+    let Some(g) = gpu() else { return };
+    let Device::Gpu(ctx) = &g else { unreachable!() };
+    let dir = std::env::temp_dir().join(format!("matmul-tune-test-{}", std::process::id()));
+    let file = dir.join("tune.tsv");
+    let _ = std::fs::remove_dir_all(&dir);
+    matmul_tune::tests::PATH.with(|p| *p.borrow_mut() = Some(file.clone()));
+    matmul_tune::forget();
+    let tune = |case: Case, seed: u64| {
+        matmul_tiled::tests::forced(GpuMatmul::Tune, || check_gpu(&g, &case, seed))
+    };
+    // The first product of its class is measured (its accumulating twin, same class, is not),
+    // and the result is still the product.
+    let before = matmul_tune::MEASURED.load(Ordering::Relaxed);
+    tune(
+        Case {
+            bias: true,
+            ..Case::new(256, 200, 132, opts(false, true))
+        },
+        1,
+    );
+    assert_eq!(matmul_tune::MEASURED.load(Ordering::Relaxed) - before, 1);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let adapter = matmul_tune::adapter_key(ctx);
+    let line = format!("{adapter}\tNT m8 n8 k8\t");
+    assert!(text.starts_with(&line), "{text}");
+    let kernel = text.trim_end().rsplit('\t').next().unwrap();
+    assert!(["tile64", "tile128"].contains(&kernel), "{text}");
+    // A new process (forgotten state) reads the answer instead of measuring, past a line it
+    // cannot read; a shape only the first kernel takes is never measured.
+    std::fs::write(&file, format!("garbage line\n{text}")).unwrap();
+    matmul_tune::forget();
+    tune(Case::new(252, 132, 140, opts(false, true)), 2);
+    tune(Case::new(256, 63, 256, opts(false, false)), 3);
+    assert_eq!(matmul_tune::MEASURED.load(Ordering::Relaxed) - before, 1);
+    matmul_tune::tests::PATH.with(|p| *p.borrow_mut() = None);
+    let _ = std::fs::remove_dir_all(&dir);
+}

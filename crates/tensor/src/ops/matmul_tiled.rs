@@ -13,10 +13,12 @@
 //!   pipeline per transpose case (WGSL `override` constants, so the branches fold away when the
 //!   pipeline is made). It needs every operand readable as whole vec4s ([`tiled_fits`]).
 //!
-//! [`GpuMatmul::Auto`] (the default) takes `Tile128` for a product it fits whose M and N are both
-//! at least 128 (one full tile: smaller outputs would leave most of its invocations idle), and
-//! `Tile64` otherwise: LoRA's thin products (M or N = r) and odd shapes such as the output layer's
-//! `dlogits·W` with K = 50,257.
+//! [`GpuMatmul::Auto`] (the default) measures which kernel is faster for each class of shapes on a
+//! hardware adapter, once, and remembers it on disk ([`matmul_tune`](super::matmul_tune)). On a
+//! software adapter, in a dry run, and for the shapes only `Tile64` takes, a rule decides: `Tile128`
+//! for a product it fits whose M and N are both at least 128 (one full tile: smaller outputs
+//! would leave most of its invocations idle), `Tile64` otherwise: LoRA's thin products (M or N =
+//! r) and odd shapes such as the output layer's `dlogits·W` with K = 50,257.
 //!
 //! Design estimate (no hardware GPU was at hand to time them): per K step of one invocation,
 //! `Tile64` does 16 multiply-adds for 5 workgroup-memory reads and `Tile128` 64 for 4 vec4
@@ -32,8 +34,12 @@ use crate::shaders;
 /// A GPU matrix-product kernel (module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GpuMatmul {
-    /// `Tile128` where it fits and the output has at least one full tile, else `Tile64`.
+    /// On a hardware adapter, the kernel measured fastest for the product's class
+    /// ([`matmul_tune`](super::matmul_tune)); on a software one or in a dry run, `Tile128` where
+    /// it fits and the output has at least one full tile, else `Tile64`.
     Auto,
+    /// The measured kernel on any adapter (software ones included); the rule in a dry run.
+    Tune,
     /// `shaders/matmul.wgsl`: every shape.
     Tile64,
     /// `shaders/matmul_tiled.wgsl` where it fits ([`tiled_fits`]); `Tile64` elsewhere.
@@ -42,18 +48,24 @@ pub enum GpuMatmul {
 
 impl GpuMatmul {
     /// Every choice, in `--help` order.
-    pub const ALL: [GpuMatmul; 3] = [GpuMatmul::Auto, GpuMatmul::Tile64, GpuMatmul::Tile128];
+    pub const ALL: [GpuMatmul; 4] = [
+        GpuMatmul::Auto,
+        GpuMatmul::Tune,
+        GpuMatmul::Tile64,
+        GpuMatmul::Tile128,
+    ];
 
     /// The name `parse` reads.
     pub fn name(self) -> &'static str {
         match self {
             GpuMatmul::Auto => "auto",
+            GpuMatmul::Tune => "tune",
             GpuMatmul::Tile64 => "tile64",
             GpuMatmul::Tile128 => "tile128",
         }
     }
 
-    /// `auto`, `tile64` or `tile128`.
+    /// `auto`, `tune`, `tile64` or `tile128`.
     pub fn parse(s: &str) -> Result<GpuMatmul, String> {
         GpuMatmul::ALL
             .into_iter()
@@ -129,7 +141,7 @@ pub(crate) fn pick(
     let tiled = match choice {
         GpuMatmul::Tile64 => false,
         GpuMatmul::Tile128 => tiled_fits(d),
-        GpuMatmul::Auto => tiled_fits(d) && d.m >= 128 && d.n >= 128,
+        GpuMatmul::Auto | GpuMatmul::Tune => tiled_fits(d) && d.m >= 128 && d.n >= 128,
     };
     #[cfg(test)]
     tests::TILED.with(|t| t.set(t.get() + u64::from(tiled)));

@@ -17,6 +17,7 @@ pub mod layernorm;
 pub mod matmul;
 pub mod matmul_nf4;
 pub mod matmul_tiled;
+pub mod matmul_tune;
 pub mod permute;
 pub mod reduce;
 pub mod sgmv;
