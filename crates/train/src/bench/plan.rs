@@ -7,7 +7,7 @@
 //! count one step with [`tensor::counts`]: ops by family, GPU dispatches by kernel with the
 //! workgroups, invocations and bytes they bind (and of those, the bytes the kernel may write),
 //! buffer copies, uploads, command submissions, blocking host waits (where and why: the step's
-//! one readback of loss, gradient norm and skip flag, the final sync), matmul FLOPs by
+//! one readback of loss, gradient norm and skip flag, which is also where the step ends), matmul FLOPs by
 //! shape, the host time spent recording each dispatch, and the device memory by purpose.
 //!
 //! On a GPU the step is a **dry run** by default ([`tensor::GpuOptions::dry_run`]): every
