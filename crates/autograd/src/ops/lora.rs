@@ -122,7 +122,7 @@ impl Tape {
                 trans_a: true,
                 trans_b: false,
             };
-            let mut bump = || counter.set(counter.get() + 1);
+            let bump = || counter.set(counter.get() + 1);
             let db = match &h_saved {
                 Some(h) => {
                     bump();
@@ -158,5 +158,42 @@ impl Tape {
             };
             Ok(vec![ny.then(|| d.clone()), dx, da, db])
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tensor::{Device, Tensor};
+
+    use crate::Tape;
+
+    #[test]
+    fn a_shared_y_is_copied_not_written() {
+        let cpu = Device::cpu();
+        let tape = Tape::new();
+        let t = |v: Vec<f32>, s: &[usize]| tape.constant(Tensor::from_vec(v, s, &cpu).unwrap());
+        let y0 = t(vec![1.0; 6], &[2, 3]);
+        let (x, a, b) = (
+            t(vec![1.0, 2.0], &[2, 1]),
+            t(vec![3.0], &[1, 1]),
+            t(vec![0.5], &[1, 1]),
+        );
+        // y0 is still held here, so the op must work on a copy: out[i, 1] = 1 + 2·(3·x_i)·0.5.
+        let out = tape.lora_into(y0.clone(), &x, &a, &b, 2.0, 1).unwrap();
+        assert_eq!(y0.value.to_vec().unwrap(), vec![1.0; 6]);
+        assert_eq!(out.value.to_vec().unwrap(), [1.0, 4.0, 1.0, 1.0, 7.0, 1.0]);
+        // A y nothing else holds is written in place: the same numbers.
+        let fresh = t(vec![1.0; 6], &[2, 3]);
+        let out = tape.lora_into(fresh, &x, &a, &b, 2.0, 1).unwrap();
+        assert_eq!(out.value.to_vec().unwrap(), [1.0, 4.0, 1.0, 1.0, 7.0, 1.0]);
+        // Columns past y's width are an error naming them.
+        let e = tape
+            .lora_into(y0, &x, &a, &b, 2.0, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("col0 + w = 3 + 1") && e.contains("[2, 3]"),
+            "{e}"
+        );
     }
 }
