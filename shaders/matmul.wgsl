@@ -1,15 +1,17 @@
-// matmul.wgsl — tiled, register-blocked matrix product with optional transposes, batch, fused
-// bias and accumulation.
+// matmul.wgsl — tiled, register-blocked matrix product with optional transposes, batch, a scale
+// α, fused bias and accumulation.
 //
 // Launcher: crates/tensor/src/ops/matmul.rs (CPU path beside it; the f64 oracle is crates/tensor/src/reference.rs).
 //
 // Math, for every batch index z (workgroup_id.z) and 0 <= i < M, 0 <= j < N:
 //   C[z, i, j] = (accumulate ? C[z, i, j] : 0) + (has_bias ? bias[j] : 0)
-//              + Σ_{0 <= p < K} opA[z, i, p] · opB[z, p, j]
+//              + alpha · Σ_{0 <= p < K} opA[z, i, p] · opB[z, p, j]
 // where opA[i, p] = A[i, p] (A stored (M, K), row length lda) or A[p, i] if trans_a (stored (K, M));
 //       opB[p, j] = B[p, j] (B stored (K, N), row length ldb) or B[j, p] if trans_b (stored (N, K)).
 // The leading dimensions lda, ldb, ldc (elements from one stored row to the next) let the
-// launcher run a sub-block of a larger product when a tensor does not fit in one binding.
+// launcher run a sub-block of a larger product when a tensor does not fit in one binding, and
+// read or write a column block of a wider tensor (LoRA's update into q's or v's columns of
+// c_attn's (N, 3C) output: ldc = 3C, off_c at the block's first column).
 //
 // Bindings (each a bound *range* of a buffer; `off_*` is where the data starts inside it):
 //   0 params (uniform Params)
@@ -47,7 +49,7 @@ struct Params {
     stride_c: u32,
     has_bias: u32,
     accumulate: u32, // 1: C += product; 0: C = product
-    _pad0: u32,
+    alpha: f32,      // scale of the product (not of the bias or of C's old value)
     _pad1: u32,
     _pad2: u32,
 }
@@ -130,7 +132,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
         for (var s = 0u; s < 4u; s++) {
             let j = n0 + tx + s * SIDE;
             if (j >= p.n) { continue; }
-            var v = acc[r][s];
+            var v = p.alpha * acc[r][s];
             if (p.has_bias != 0u) { v += bias[p.off_bias + j]; }
             let idx = c_base + i * p.ldc + j;
             if (p.accumulate != 0u) { v += c[idx]; }

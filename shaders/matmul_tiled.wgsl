@@ -8,7 +8,7 @@
 //
 // Math, for every batch index z (workgroup_id.z) and 0 <= i < M, 0 <= j < N:
 //   C[z, i, j] = (accumulate ? C[z, i, j] : 0) + (has_bias ? bias[j] : 0)
-//              + Σ_{0 <= p < K} opA[z, i, p] · opB[z, p, j]
+//              + alpha · Σ_{0 <= p < K} opA[z, i, p] · opB[z, p, j]
 // with opA = A or Aᵀ (TRANS_A), opB = B or Bᵀ (TRANS_B), as in matmul.wgsl.
 //
 // What the launcher guarantees (ops/matmul.rs `tiled_fits`), so that every operand can be read
@@ -51,7 +51,7 @@ struct Params {
     stride_c: u32,
     has_bias: u32,
     accumulate: u32,
-    _pad0: u32,
+    alpha: f32,      // scale of the product (not of the bias or of C's old value)
     _pad1: u32,
     _pad2: u32,
 }
@@ -184,7 +184,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         for (var h = 0u; h < 2u; h++) {
             let j = n0 + 4u * tx + 64u * h;
             if (j >= p.n) { continue; }
-            var v = acc[2u * r + h];
+            var v = p.alpha * acc[2u * r + h];
             if (p.has_bias != 0u) { v += bias[(p.off_bias + j) / 4u]; }
             let idx = c_base + (i * p.ldc + j) / 4u;
             if (p.accumulate != 0u) { v += c[idx]; }

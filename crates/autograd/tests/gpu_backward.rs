@@ -80,6 +80,11 @@ proptest! {
         same_on_gpu("dropout", &[vec![t, c]], &|tp, v| tp.dropout(&v[0], 0.25, 9), seed);
         same_on_gpu("slice_axis", &[vec![b, t, c + 2]], &move |tp, v| tp.slice_axis(&v[0], 2, 1, c), seed);
         same_on_gpu("add_into_axis", &[vec![t, c + 3], vec![t, c]], &move |tp, v| tp.add_into_axis(&v[0], 1, 2, &v[1]), seed);
+        // In place (y a fresh output) and copied (y shared with its parameter), x 3-D.
+        same_on_gpu("lora_into", &[vec![b, t, c + 3], vec![b, t, 5], vec![2, 5], vec![c, 2]],
+            &|tp, v| tp.lora_into(tp.scale(&v[0], 1.5)?, &v[1], &v[2], &v[3], 0.7, 2), seed);
+        same_on_gpu("lora_into shared y", &[vec![t, c], vec![t, 5], vec![3, 5], vec![c, 3]],
+            &|tp, v| tp.lora_into(v[0].clone(), &v[1], &v[2], &v[3], 2.0, 0), seed);
         same_on_gpu("mean_all", &[vec![t, c]], &|tp, v| tp.mean_all(&v[0]), seed);
     }
 }

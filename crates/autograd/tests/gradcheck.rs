@@ -225,6 +225,52 @@ proptest! {
     }
 }
 
+/// f64 reference of `lora_into`: y (rows, wide) with s·(x·Aᵀ)·Bᵀ added at columns col0..col0+w;
+/// x (rows, n_in), A (r, n_in), B (w, r).
+fn lora_into64(
+    y: &[f64],
+    x: &[f64],
+    a: &[f64],
+    b: &[f64],
+    [n_in, r, w, wide, col0]: [usize; 5],
+    s: f64,
+) -> Vec<f64> {
+    let mut out = y.to_vec();
+    for (i, xr) in x.chunks(n_in).enumerate() {
+        let h: Vec<f64> = a
+            .chunks(n_in)
+            .map(|ar| s * xr.iter().zip(ar).map(|(p, q)| p * q).sum::<f64>())
+            .collect();
+        for j in 0..w {
+            out[i * wide + col0 + j] += (0..r).map(|q| h[q] * b[j * r + q]).sum::<f64>();
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    #[test]
+    fn lora_into_backward_matches_finite_differences(t in 1usize..4, n_in in 1usize..5, r in 1usize..3,
+                                                     w in 1usize..4, extra in 0usize..4, seed in 0u64..1000) {
+        // x: (2, t, in); y = 1.5·y0 (a fresh tensor: written in place) or y0 itself (shared with
+        // its parameter: copied first), the update in columns [col0, col0 + w) of (2, t, wide).
+        let (wide, col0, s) = (w + extra, extra / 2, 0.7);
+        let shapes = [vec![2, t, wide], vec![2, t, n_in], vec![r, n_in], vec![w, r]];
+        let dims = [n_in, r, w, wide, col0];
+        check("lora_into", &shapes,
+            &move |tp, v| tp.lora_into(tp.scale(&v[0], 1.5)?, &v[1], &v[2], &v[3], s, col0),
+            &move |x| {
+                let y: Vec<f64> = x[0].iter().map(|v| 1.5 * v).collect();
+                lora_into64(&y, &x[1], &x[2], &x[3], dims, s as f64)
+            }, seed).unwrap();
+        check("lora_into shared y", &shapes,
+            &move |tp, v| tp.lora_into(v[0].clone(), &v[1], &v[2], &v[3], s, col0),
+            &move |x| lora_into64(&x[0], &x[1], &x[2], &x[3], dims, s as f64), seed).unwrap();
+    }
+}
+
 #[test]
 fn dropout_backward_matches_finite_differences() {
     // The mask is a function of (seed, index): read it off by dropping out a tensor of ones.

@@ -8,6 +8,11 @@
 //! out = y + Δy               when the update covers all of W's columns
 //! out = y with Δy added into columns col0..col0+width   (q, k or v of c_attn)
 //! ```
+//! Without DoRA or `lora_bias`, [`Tape::lora_into`] runs this in two products and no copy: h is
+//! scaled in the first product's epilogue, and Δy is accumulated straight into y's columns (the
+//! q or v block of c_attn's output) by the second; its backward reads dy's block in place.
+//! DoRA and `lora_bias` take the op-by-op path ([`LoraUpdate::delta`] and an add).
+//!
 //! Backward (the tape's matmul rule; g = s·h is the scaled (N, r) intermediate):
 //! ```text
 //! dB = dΔyᵀ·g  (width, r)      dg = dΔy·B  (N, r)      dh = s·dg
@@ -162,13 +167,18 @@ impl LoraUpdate {
         self.merged.load(Ordering::Relaxed)
     }
 
+    /// dropout(x), or x itself when the adapter has no dropout.
+    fn dropped(&self, tape: &Tape, x: &Var) -> tensor::Result<Var> {
+        if self.dropout > 0.0 {
+            tape.dropout(x, self.dropout, self.seeds.next())
+        } else {
+            Ok(x.clone())
+        }
+    }
+
     /// Δy = s·(dropout(x)·Aᵀ)·Bᵀ (+ s·b_B with `lora_bias`): (…, in) → (…, width).
     pub fn delta(&self, tape: &Tape, x: &Var) -> tensor::Result<Var> {
-        let x = if self.dropout > 0.0 {
-            tape.dropout(x, self.dropout, self.seeds.next())?
-        } else {
-            x.clone()
-        };
+        let x = self.dropped(tape, x)?;
         let h = tape.matmul(&x, &tape.param(&self.a), None, TRANS_B)?; // (…, r)
         let h = tape.scale(&h, self.scale)?;
         let bias = match &self.lora_bias {
@@ -195,6 +205,12 @@ impl Adapter for LoraUpdate {
     fn apply(&self, tape: &Tape, x: &Var, y: Var) -> transformer::Result<Var> {
         if self.is_merged() {
             return Ok(y);
+        }
+        if self.dora.is_none() && self.lora_bias.is_none() {
+            // The fused path: two products, the second accumulating into y's columns.
+            let x = self.dropped(tape, x)?;
+            let (a, b) = (tape.param(&self.a), tape.param(&self.b));
+            return Ok(tape.lora_into(y, &x, &a, &b, self.scale, self.col0)?);
         }
         let delta = self.delta(tape, x)?;
         if let Some(dora) = &self.dora {

@@ -3,6 +3,7 @@
 //! Saved for backward: x, γ, and the per-row μ and rstd ((rows), small); x̂ is recomputed
 //! rather than saved, trading a few flops for (rows, C) floats of memory.
 //! Backward (g = dy·γ): dx = rstd·(g − mean(g) − x̂·mean(g·x̂)); dγ = Σ_rows dy·x̂; dβ = Σ_rows dy.
+//! dγ and dβ are computed only when γ or β requires a gradient (not for LoRA's frozen norms).
 
 use tensor::Result;
 use tensor::ops::layernorm::{layernorm, layernorm_backward};
@@ -17,11 +18,11 @@ impl Tape {
         let (nx, ng, nb) = (x.requires_grad, gamma.requires_grad, beta.requires_grad);
         let saved = bytes_of([Some(&xs), Some(&gs), Some(&mean), Some(&rstd)]);
         self.record("layernorm", out.y, &[x, gamma, beta], saved, move |dy| {
-            let g = layernorm_backward(&xs, &gs, &mean, &rstd, dy)?;
+            let g = layernorm_backward(&xs, &gs, &mean, &rstd, dy, ng || nb)?;
             Ok(vec![
                 nx.then_some(g.dx),
-                ng.then_some(g.dgamma),
-                nb.then_some(g.dbeta),
+                g.dgamma.filter(|_| ng),
+                g.dbeta.filter(|_| nb),
             ])
         })
     }

@@ -9,6 +9,7 @@
 //! | softmax | [`softmax`] |
 //! | fused causal attention | [`attention`] |
 //! | layer norm | [`layernorm`] |
+//! | LoRA update into a column block | [`lora`] |
 //! | embedding, row gather | [`embedding`] |
 //! | cross-entropy | [`cross_entropy`] |
 //! | head split / merge | [`heads`] |
@@ -22,6 +23,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod heads;
 pub mod layernorm;
+pub mod lora;
 pub mod matmul;
 pub mod matmul_nf4;
 pub mod reduce;

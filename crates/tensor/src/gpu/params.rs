@@ -70,6 +70,8 @@ mod tests {
             ("layernorm", ops::layernorm::params_layout()),
             ("matmul", ops::matmul::params_layout()),
             ("matmul_nf4", ops::matmul_nf4::params_layout()),
+            // The tiled kernel shares matmul.wgsl's launcher and Params.
+            ("matmul_tiled", ops::matmul::params_layout()),
             ("permute", ops::permute::params_layout()),
             ("reduce", ops::reduce::params_layout()),
             ("sgmv", ops::sgmv::params_layout()),

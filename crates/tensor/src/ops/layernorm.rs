@@ -13,6 +13,8 @@
 //!   dx = rstd·(g − mean(g) − x̂·mean(g·x̂))
 //! (x̂ depends on x directly and through μ and rstd: ∂x̂_k/∂x_c = rstd·(δ_ck − 1/C − x̂_k·x̂_c/C)),
 //!   dγ = Σ_rows dy ⊙ x̂,   dβ = Σ_rows dy.
+//! dγ and dβ are computed only when asked (`params`): with γ and β frozen (LoRA) the backward is
+//! dx alone, one kernel on the GPU instead of three.
 //!
 //! The CPU path computes the row statistics and the sums of the backward in f64 and the
 //! elementwise parts in f32 (as the kernels do). The kernels
@@ -76,10 +78,10 @@ pub struct LayerNormOut {
 pub struct LayerNormGrads {
     /// The shape of x.
     pub dx: Tensor,
-    /// (C).
-    pub dgamma: Tensor,
-    /// (C).
-    pub dbeta: Tensor,
+    /// (C); `None` unless the backward was asked for the parameters' gradients.
+    pub dgamma: Option<Tensor>,
+    /// (C); as `dgamma`.
+    pub dbeta: Option<Tensor>,
 }
 
 fn check_param(op: &'static str, what: &str, t: &Tensor, c: usize) -> Result<()> {
@@ -203,13 +205,14 @@ fn forward_gpu(
 }
 
 /// Gradients of layer norm from the forward's input x, γ, its saved `mean` and `rstd`, and dy
-/// (the shape of x); see the module doc.
+/// (the shape of x); see the module doc. dγ and dβ are computed only when `params` is set.
 pub fn layernorm_backward(
     x: &Tensor,
     gamma: &Tensor,
     mean: &Tensor,
     rstd: &Tensor,
     dy: &Tensor,
+    params: bool,
 ) -> Result<LayerNormGrads> {
     let _profile = crate::profile::scope("layernorm");
     let op = "layernorm_backward";
@@ -256,6 +259,14 @@ pub fn layernorm_backward(
                     *o = rs * (d * ga - mg - xhat(x) * mgx);
                 }
             });
+            let dx = Tensor::cpu_from(&ctx, dx, x.shape());
+            if !params {
+                return Ok(LayerNormGrads {
+                    dx,
+                    dgamma: None,
+                    dbeta: None,
+                });
+            }
             let (mut dg, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
             for r in 0..rows {
                 let (xs, dys) = (&xd[r * c..(r + 1) * c], &dyd[r * c..(r + 1) * c]);
@@ -267,19 +278,20 @@ pub fn layernorm_backward(
             }
             let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
             Ok(LayerNormGrads {
-                dx: Tensor::cpu_from(&ctx, dx, x.shape()),
-                dgamma: Tensor::cpu_from(&ctx, f32s(dg), &[c]),
-                dbeta: Tensor::cpu_from(&ctx, f32s(db), &[c]),
+                dx,
+                dgamma: Some(Tensor::cpu_from(&ctx, f32s(dg), &[c])),
+                dbeta: Some(Tensor::cpu_from(&ctx, f32s(db), &[c])),
             })
         }
         Device::Gpu(ctx) => {
             let max = ctx.limits.max_compute_workgroups_per_dimension;
-            backward_gpu(&ctx, x, gamma, mean, rstd, dy, max)
+            backward_gpu(&ctx, x, gamma, mean, rstd, dy, params, max)
         }
     }
 }
 
-/// The GPU backward, on grids of at most `max` workgroups per dimension.
+/// The GPU backward, on grids of at most `max` workgroups per dimension: per row chunk, the dx
+/// kernel, then (with `with_params`) the partial sums of dγ, dβ and their per-column totals.
 #[allow(clippy::too_many_arguments)]
 fn backward_gpu(
     ctx: &Arc<GpuContext>,
@@ -288,22 +300,25 @@ fn backward_gpu(
     mean: &Tensor,
     rstd: &Tensor,
     dy: &Tensor,
+    with_params: bool,
     max: u32,
 ) -> Result<LayerNormGrads> {
     let c = x.last_dim();
     let rows = x.numel() / c;
+    let device = Device::Gpu(ctx.clone());
     if rows == 0 {
-        let device = Device::Gpu(ctx.clone());
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, &device);
         return Ok(LayerNormGrads {
-            dx: Tensor::zeros(x.shape(), &device)?,
-            dgamma: Tensor::zeros(&[c], &device)?,
-            dbeta: Tensor::zeros(&[c], &device)?,
+            dx: zeros(x.shape())?,
+            dgamma: with_params.then(|| zeros(&[c])).transpose()?,
+            dbeta: with_params.then(|| zeros(&[c])).transpose()?,
         });
     }
+    let uninit = |shape: &[usize]| Tensor::gpu_uninit(ctx, shape);
     let grads = LayerNormGrads {
-        dx: Tensor::gpu_uninit(ctx, x.shape())?,
-        dgamma: Tensor::gpu_uninit(ctx, &[c])?,
-        dbeta: Tensor::gpu_uninit(ctx, &[c])?,
+        dx: uninit(x.shape())?,
+        dgamma: with_params.then(|| uninit(&[c])).transpose()?,
+        dbeta: with_params.then(|| uninit(&[c])).transpose()?,
     };
     let chunks = ctx.row_chunks(rows, &[c])?;
     // Partial sums, one per (block of BLOCK_ROWS rows, column) of a chunk; no larger than the
@@ -314,16 +329,16 @@ fn backward_gpu(
         .max()
         .unwrap_or(1)
         * c;
-    let (part_g, part_b) = (
-        Tensor::gpu_uninit(ctx, &[most])?,
-        Tensor::gpu_uninit(ctx, &[most])?,
-    );
+    let parts = match (&grads.dgamma, &grads.dbeta) {
+        (Some(dg), Some(db)) => Some((uninit(&[most])?, uninit(&[most])?, dg, db)),
+        _ => None,
+    };
     for (k, &(start, len)) in chunks.iter().enumerate() {
         // Views cannot be copied, so each dispatch takes fresh ones (same ranges, same offsets).
         let wide = |t| ctx.view(t, start * c, len * c);
         let narrow = |t| ctx.view(t, start, len);
         let nblocks = len.div_ceil(BLOCK_ROWS);
-        let parts = |t| ctx.view(t, 0, nblocks * c);
+        let blocks = |t| ctx.view(t, 0, nblocks * c);
         let (xv, dyv, dxv) = (wide(x)?, wide(dy)?, wide(&grads.dx)?);
         let (mv, rv, gv) = (narrow(mean)?, narrow(rstd)?, ctx.view_all(gamma)?);
         let params = Params {
@@ -356,6 +371,9 @@ fn backward_gpu(
             &bindings,
             grid_2d(len, 1, max),
         )?;
+        let Some((part_g, part_b, dgamma, dbeta)) = &parts else {
+            continue;
+        };
         let (xb, dyb, mb, rb) = (
             wide(x)?.binding,
             wide(dy)?.binding,
@@ -367,8 +385,8 @@ fn backward_gpu(
             (4, dyb),
             (5, mb),
             (6, rb),
-            (8, parts(&part_g)?.binding),
-            (9, parts(&part_b)?.binding),
+            (8, blocks(part_g)?.binding),
+            (9, blocks(part_b)?.binding),
         ];
         let groups = grid_2d(nblocks * c, 256, max);
         ctx.dispatch(
@@ -377,13 +395,10 @@ fn backward_gpu(
             &bindings,
             groups,
         )?;
-        let (dgb, dbb) = (
-            ctx.view_all(&grads.dgamma)?.binding,
-            ctx.view_all(&grads.dbeta)?.binding,
-        );
+        let (dgb, dbb) = (ctx.view_all(dgamma)?.binding, ctx.view_all(dbeta)?.binding);
         let bindings = [
-            (8, parts(&part_g)?.binding),
-            (9, parts(&part_b)?.binding),
+            (8, blocks(part_g)?.binding),
+            (9, blocks(part_b)?.binding),
             (10, dgb),
             (11, dbb),
         ];
@@ -427,23 +442,36 @@ mod tests {
         assert_close(&format!("{what} y"), &got.y, &fwd.y, 1e-5, 0.0);
         assert_close(&format!("{what} mean"), &got.mean, &fwd.mean, 1e-6, 1e-6);
         assert_close(&format!("{what} rstd"), &got.rstd, &fwd.rstd, 0.0, 1e-5);
-        let want = layernorm_backward(x, &gamma, &fwd.mean, &fwd.rstd, &dy).unwrap();
+        let want = layernorm_backward(x, &gamma, &fwd.mean, &fwd.rstd, &dy, true).unwrap();
         let (m, r) = (up(&fwd.mean), up(&fwd.rstd));
-        let got = layernorm_backward(&up(x), &up(&gamma), &m, &r, &up(&dy)).unwrap();
+        let got = layernorm_backward(&up(x), &up(&gamma), &m, &r, &up(&dy), true).unwrap();
         assert_close(&format!("{what} dx"), &got.dx, &want.dx, 1e-5, 1e-5);
         assert_close(
             &format!("{what} dgamma"),
-            &got.dgamma,
-            &want.dgamma,
+            got.dgamma.as_ref().unwrap(),
+            want.dgamma.as_ref().unwrap(),
             1e-4,
             1e-5,
         );
         assert_close(
             &format!("{what} dbeta"),
-            &got.dbeta,
-            &want.dbeta,
+            got.dbeta.as_ref().unwrap(),
+            want.dbeta.as_ref().unwrap(),
             1e-4,
             1e-5,
+        );
+        // Without the parameters' gradients: the same dx, no dγ or dβ.
+        let dx_only = layernorm_backward(&up(x), &up(&gamma), &m, &r, &up(&dy), false).unwrap();
+        assert!(dx_only.dgamma.is_none() && dx_only.dbeta.is_none());
+        assert_close(&format!("{what} dx only"), &dx_only.dx, &got.dx, 0.0, 0.0);
+        let cpu_dx = layernorm_backward(x, &gamma, &fwd.mean, &fwd.rstd, &dy, false).unwrap();
+        assert!(cpu_dx.dgamma.is_none() && cpu_dx.dbeta.is_none());
+        assert_close(
+            &format!("{what} cpu dx only"),
+            &cpu_dx.dx,
+            &want.dx,
+            0.0,
+            0.0,
         );
     }
 
@@ -508,7 +536,8 @@ mod tests {
         let (x, gamma, beta) = (t(&xs, &[rows, c]), t(&gs, &[c]), t(&bs, &[c]));
         let out = layernorm(&x, &gamma, &beta, EPS).unwrap();
         let dy = Tensor::from_vec(w.clone(), &[rows, c], &cpu).unwrap();
-        let grads = layernorm_backward(&x, &gamma, &out.mean, &out.rstd, &dy).unwrap();
+        let grads = layernorm_backward(&x, &gamma, &out.mean, &out.rstd, &dy, true).unwrap();
+        let (dgamma, dbeta) = (grads.dgamma.unwrap(), grads.dbeta.unwrap());
         // f32 inputs and saved statistics against f64 differences: 1e-5 absolute.
         assert_close_slices(
             "dx vs finite differences",
@@ -519,14 +548,14 @@ mod tests {
         );
         assert_close_slices(
             "dgamma vs finite differences",
-            &grads.dgamma.to_vec().unwrap(),
+            &dgamma.to_vec().unwrap(),
             &fd_g,
             1e-5,
             0.0,
         );
         assert_close_slices(
             "dbeta vs finite differences",
-            &grads.dbeta.to_vec().unwrap(),
+            &dbeta.to_vec().unwrap(),
             &fd_b,
             1e-5,
             0.0,
@@ -570,11 +599,13 @@ mod tests {
         assert_close("2-D grid y", &got.y, &want.y, 1e-5, 0.0);
         assert_close("2-D grid rstd", &got.rstd, &want.rstd, 0.0, 1e-5);
         let (m, r) = (up(&want.mean), up(&want.rstd));
-        let want = layernorm_backward(&x, &gamma, &want.mean, &want.rstd, &dy).unwrap();
-        let got = backward_gpu(ctx, &up(&x), &up(&gamma), &m, &r, &up(&dy), 4).unwrap();
+        let want = layernorm_backward(&x, &gamma, &want.mean, &want.rstd, &dy, true).unwrap();
+        let got = backward_gpu(ctx, &up(&x), &up(&gamma), &m, &r, &up(&dy), true, 4).unwrap();
         assert_close("2-D grid dx", &got.dx, &want.dx, 1e-5, 1e-5);
-        assert_close("2-D grid dgamma", &got.dgamma, &want.dgamma, 1e-4, 1e-5);
-        assert_close("2-D grid dbeta", &got.dbeta, &want.dbeta, 1e-4, 1e-5);
+        let (gg, wg) = (got.dgamma.unwrap(), want.dgamma.unwrap());
+        assert_close("2-D grid dgamma", &gg, &wg, 1e-4, 1e-5);
+        let (gb, wb) = (got.dbeta.unwrap(), want.dbeta.unwrap());
+        assert_close("2-D grid dbeta", &gb, &wb, 1e-4, 1e-5);
     }
 
     #[test]
@@ -583,6 +614,31 @@ mod tests {
         let Some(_) = gpu() else { return };
         let g = crate::testing::gpu_with_binding_limit(4096);
         check("split", &random(&[1000, 7], 51, &Device::cpu()), &g);
+    }
+
+    #[test]
+    fn layernorm_backward_without_params_runs_only_the_dx_kernel() {
+        // Frozen γ, β (LoRA): one dispatch per row chunk instead of three. A context of its
+        // own, so that no other test's dispatches are counted.
+        let Some(_) = gpu() else { return };
+        let g = crate::testing::gpu_with_binding_limit(u64::MAX);
+        let Device::Gpu(ctx) = &g else { unreachable!() };
+        // Count kernels only (poisoning fills each fresh output with one more dispatch).
+        ctx.set_poison_outputs(false);
+        let cpu = Device::cpu();
+        let x = random(&[40, 33], 61, &cpu);
+        let (gamma, beta) = params(33, 62, &cpu);
+        let fwd = layernorm(&x, &gamma, &beta, EPS).unwrap();
+        let up = |t: &Tensor| t.to_device(&g).unwrap();
+        let dy = random(x.shape(), 63, &cpu);
+        let gpu_in = [up(&x), up(&gamma), up(&fwd.mean), up(&fwd.rstd), up(&dy)];
+        let [gx, gg, gm, gr, gdy] = &gpu_in;
+        for (with, dispatches) in [(false, 1), (true, 3)] {
+            let before = ctx.dispatch_count();
+            let got = layernorm_backward(gx, gg, gm, gr, gdy, with).unwrap();
+            assert_eq!(ctx.dispatch_count() - before, dispatches, "params {with}");
+            assert_eq!(got.dgamma.is_some() && got.dbeta.is_some(), with);
+        }
     }
 
     #[test]
@@ -598,13 +654,13 @@ mod tests {
             e.contains("layernorm") && e.contains("gamma of shape [3]") && e.contains("[2]"),
             "{e}"
         );
-        let e = layernorm_backward(&x, &g3, &g3, &g2, &x)
+        let e = layernorm_backward(&x, &g3, &g3, &g2, &x, true)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("mean of shape [2]") && e.contains("[3]"), "{e}");
         let dy = Tensor::zeros(&[3, 2], &cpu).unwrap();
-        let e = layernorm_backward(&x, &g3, &g2, &g2, &dy)
+        let e = layernorm_backward(&x, &g3, &g2, &g2, &dy, true)
             .err()
             .unwrap()
             .to_string();

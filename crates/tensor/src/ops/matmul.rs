@@ -41,6 +41,12 @@
 //! workgroup memory, 4×4 outputs per invocation. A 2-D problem whose operands exceed one storage
 //! binding is cut into sub-blocks along each operand's stored-row dimension (M, N and K chunks;
 //! K chunks after the first accumulate into C), using leading dimensions to address sub-blocks.
+//!
+//! # Scale and views
+//! [`matmul_scaled`] computes `C = α·op(A)·op(B) [+ bias]` in the same pass (the kernel's
+//! epilogue multiplies the sum by α), and [`MatView`] with [`matmul_view`] / [`matmul_into`]
+//! reads A and B from, and writes or accumulates C into, column blocks of wider tensors through
+//! the same leading dimensions and offsets (`matmul_view.rs`).
 
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -82,7 +88,7 @@ kernel_params! {
         stride_c: u32,
         has_bias: u32,
         accumulate: u32,
-        _pad0: u32,
+        alpha: f32,
         _pad1: u32,
         _pad2: u32,
     }
@@ -92,7 +98,7 @@ impl Params {
     /// The fields every dispatch of one product shares; [`record`] fills in the views' offsets
     /// and the bias, and a split problem overrides the sizes of its sub-block.
     fn new(d: &Dims, o: MatmulOpts, accumulate: bool) -> Params {
-        let ([lda, ldb, ldc], [pa, pb, pc]) = (d.lds(o), d.per_batch());
+        let ([lda, ldb, ldc], [pa, pb, pc]) = (d.ld, d.per_batch());
         Params {
             m: d.m as u32,
             n: d.n as u32,
@@ -106,6 +112,7 @@ impl Params {
             stride_b: pb as u32,
             stride_c: pc as u32,
             accumulate: accumulate.into(),
+            alpha: d.alpha,
             ..Zeroable::zeroed()
         }
     }
@@ -122,7 +129,8 @@ pub(crate) const TILE64: Kernel = Kernel {
     entry: "matmul",
 };
 
-/// The sizes of one (possibly batched) product after the shapes were checked.
+/// The sizes of one (possibly batched) product after the shapes were checked, where its
+/// operands lie in their tensors, and the scale α of the product.
 #[derive(Clone, Debug)]
 struct Dims {
     batch: usize,
@@ -132,6 +140,13 @@ struct Dims {
     /// B is 2-D and used by every batch entry.
     b_shared: bool,
     out_shape: Vec<usize>,
+    /// Elements between stored rows of A, B and C ([`Dims::lds`] for whole tensors; the width
+    /// of the wider tensor for a [`MatView`] column block).
+    ld: [usize; 3],
+    /// Element of A, B and C where the (first batch entry's) matrix starts.
+    off: [usize; 3],
+    /// C = α·op(A)·op(B) (+ bias) (+ C).
+    alpha: f32,
 }
 
 impl Dims {
@@ -140,7 +155,7 @@ impl Dims {
         let b = if self.b_shared { 0 } else { self.k * self.n };
         [self.m * self.k, b, self.m * self.n]
     }
-    /// Elements between stored rows of A, B and C.
+    /// Elements between stored rows of A, B and C when each is a whole tensor.
     fn lds(&self, o: MatmulOpts) -> [usize; 3] {
         [
             if o.trans_a { self.m } else { self.k },
@@ -204,12 +219,16 @@ fn dims(op: &'static str, a: &Tensor, b: &Tensor, o: MatmulOpts) -> Result<Dims>
         n,
         b_shared,
         out_shape,
+        ld: [0; 3],
+        off: [0; 3],
+        alpha: 1.0,
     };
     if b_shared && !o.trans_a {
         // A (batch, M, K) is one (batch·M, K) matrix: one 2-D product instead of `batch` of them.
         d.m *= d.batch;
         d.batch = 1;
     }
+    d.ld = d.lds(o);
     Ok(d)
 }
 
@@ -225,8 +244,21 @@ fn check_bias(op: &'static str, bias: Option<&Tensor>, n: usize) -> Result<()> {
 /// Leading (batch) dims of A and B equal, or B 2-D. Returns `(…, M, N)`. The backward rules
 /// (dA, dB through the transpose flags) are in the module documentation.
 pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, opts: MatmulOpts) -> Result<Tensor> {
+    matmul_scaled(a, b, bias, opts, 1.0)
+}
+
+/// `C = α·op(A)·op(B) [+ bias]`: [`matmul`] with the product scaled by α in the same pass (the
+/// bias is not scaled). The gradients are α times those of [`matmul`]'s table.
+pub fn matmul_scaled(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    opts: MatmulOpts,
+    alpha: f32,
+) -> Result<Tensor> {
     let _profile = crate::profile::scope("matmul");
-    let d = dims("matmul", a, b, opts)?;
+    let mut d = dims("matmul", a, b, opts)?;
+    d.alpha = alpha;
     check_bias("matmul", bias, d.n)?;
     let mut all = vec![a, b];
     all.extend(bias);
@@ -341,10 +373,12 @@ fn sgemm_cpu(
         return;
     }
     let [pa, pb, pc] = d.per_batch();
-    let [lda, ldb, _] = d.lds(o);
+    let [lda, ldb, ldc] = d.ld;
+    let [oa, ob, oc] = d.off;
     let (rsa, csa) = if o.trans_a { (1, lda) } else { (lda, 1) };
     let (rsb, csb) = if o.trans_b { (1, ldb) } else { (ldb, 1) };
     if let Some(bias) = bias {
+        debug_assert!(ldc == n && oc == 0, "a bias needs C whole");
         for row in c.chunks_mut(n) {
             for (o, &b) in row.iter_mut().zip(bias) {
                 o.write(b);
@@ -358,28 +392,29 @@ fn sgemm_cpu(
     };
     // One batch entry into its slice of C; `parallel`: the library may use every thread.
     let one = |z: usize, cz: &mut [MaybeUninit<f32>], parallel: bool| {
-        // SAFETY: the shapes were checked, so a[z·pa..] and b[z·pb..] hold one full batch
-        // entry at these strides, and cz is that entry's m·n block of C, borrowed mutably.
+        // SAFETY: the shapes (and a view's columns) were checked, so a[oa + z·pa..] and
+        // b[ob + z·pb..] hold one full batch entry at these strides, and cz is that entry's
+        // block of C (m rows of ldc, n columns used), borrowed mutably.
         unsafe {
             sgemm(
                 m,
                 k,
                 n,
-                1.0,
+                d.alpha,
                 Mat {
-                    ptr: a.as_ptr().add(z * pa),
+                    ptr: a.as_ptr().add(oa + z * pa),
                     rs: rsa,
                     cs: csa,
                 },
                 Mat {
-                    ptr: b.as_ptr().add(z * pb),
+                    ptr: b.as_ptr().add(ob + z * pb),
                     rs: rsb,
                     cs: csb,
                 },
                 beta,
                 Mat {
                     ptr: cz.as_mut_ptr().cast::<f32>(),
-                    rs: n,
+                    rs: ldc,
                     cs: 1,
                 },
                 parallel,
@@ -402,6 +437,9 @@ fn sgemm_cpu(
                 });
             }
         });
+    } else if d.batch == 1 {
+        // The only case with a C view: C's block starts `oc` elements in.
+        one(0, &mut c[oc..], true);
     } else {
         for (z, cz) in c.chunks_mut(pc).enumerate().take(d.batch) {
             one(z, cz, true);
@@ -456,12 +494,13 @@ fn launch(
     let shared_fits = !d.b_shared || b.bytes() + align <= ctx.max_binding_bytes();
     let chunks = ctx.row_chunks(d.batch, &[pa, pb, pc]);
     let (Ok(chunks), true, true, true) = (chunks, d.batch > 1, grid_fits, shared_fits) else {
+        let [oa, ob, oc] = d.off;
         for z in 0..d.batch {
             launch_2d(
                 ctx,
                 [c, a, b],
                 bias,
-                [z * pa, z * pb, z * pc],
+                [oa + z * pa, ob + z * pb, oc + z * pc],
                 d,
                 o,
                 accumulate,
@@ -509,7 +548,7 @@ fn launch_2d(
     const N: usize = 2;
     let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
     let room = (ctx.max_binding_bytes().saturating_sub(align) / 4).max(1) as usize;
-    let [lda, ldb, ldc] = d.lds(o);
+    let [lda, ldb, ldc] = d.ld;
     // (stored-row dimension, stored-column dimension, ld) of A, B, C.
     let a_dims = if o.trans_a { (K, M, lda) } else { (M, K, lda) };
     let b_dims = if o.trans_b { (N, K, ldb) } else { (K, N, ldb) };
@@ -656,6 +695,10 @@ fn tune(
     ctx.release(scratch);
     chosen
 }
+
+#[path = "matmul_view.rs"]
+mod view;
+pub use view::{MatView, matmul_into, matmul_view};
 
 #[cfg(test)]
 #[path = "matmul_tests.rs"]

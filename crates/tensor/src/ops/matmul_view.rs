@@ -1,0 +1,156 @@
+//! Matrix products over column blocks of wider tensors: [`MatView`], [`matmul_view`] and
+//! [`matmul_into`].
+//!
+//! A [`MatView`] is a 2-D matrix stored row-major inside a tensor: the tensor seen as
+//! `(rows, ld)`, `ld` its last dim and `rows` the product of the others, restricted to the
+//! columns `col0..col0 + cols`. Element `(i, j)` of the view is element `i·ld + col0 + j` of the
+//! tensor, so the products read and write it in place through the kernel's leading dimensions
+//! and offsets (`lda/ldb/ldc`, `off_*`): no slice and no copy.
+//!
+//! ```text
+//! matmul_view(A, B, opts, α)            = α·op(A)·op(B)                  → a new (M, N) tensor
+//! matmul_into(C, A, B, opts, α, false):   C[:, cols] = α·op(A)·op(B)
+//! matmul_into(C, A, B, opts, α, true):    C[:, cols] += α·op(A)·op(B)
+//! ```
+//! with `op` and the shapes as in [`matmul`](super::matmul): op(A) is (M, K), op(B) is (K, N),
+//! the C view is (M, N). LoRA uses them to add `h·Bᵀ` into q's or v's columns of c_attn's
+//! `(N, 3C)` output, and in backward to read `dy`'s column block for dB and dh.
+//!
+//! Views are 2-D (no batch). Backward rules are [`matmul`](super::matmul)'s table, scaled by α.
+
+use super::{Dims, MatmulOpts, run};
+use crate::tensor::same_device;
+use crate::{Error, Result, Tensor, shape_err};
+
+/// The columns `col0..col0 + cols` of `tensor` seen as a `(rows, ld)` matrix (see the module doc).
+#[derive(Clone, Copy, Debug)]
+pub struct MatView<'a> {
+    pub tensor: &'a Tensor,
+    pub col0: usize,
+    pub cols: usize,
+}
+
+impl<'a> MatView<'a> {
+    /// All of `t`'s columns.
+    pub fn all(t: &'a Tensor) -> MatView<'a> {
+        MatView {
+            tensor: t,
+            col0: 0,
+            cols: t.shape().last().copied().unwrap_or(1),
+        }
+    }
+
+    /// The columns `col0..col0 + cols` of `t`.
+    pub fn cols(t: &'a Tensor, col0: usize, cols: usize) -> MatView<'a> {
+        MatView {
+            tensor: t,
+            col0,
+            cols,
+        }
+    }
+
+    /// `(rows, cols, ld)` of the view, or an error naming `what` when its columns do not fit.
+    fn layout(&self, op: &'static str, what: &str) -> Result<(usize, usize, usize)> {
+        let shape = self.tensor.shape();
+        if shape.is_empty() {
+            return shape_err(op, format!("{what} of at least 1 dim"), shape);
+        }
+        let ld = self.tensor.last_dim();
+        if self.col0 + self.cols > ld {
+            return shape_err(
+                op,
+                format!(
+                    "{what} with at least col0 + cols = {} + {} columns",
+                    self.col0, self.cols
+                ),
+                shape,
+            );
+        }
+        let rows = self.tensor.numel().checked_div(ld).unwrap_or(0);
+        Ok((rows, self.cols, ld))
+    }
+}
+
+/// The product `c = α·op(a)·op(b)` of views, checked: the sizes, the leading dimensions and
+/// the element offsets of the three operands.
+fn view_dims(
+    op: &'static str,
+    c: &MatView,
+    a: &MatView,
+    b: &MatView,
+    o: MatmulOpts,
+    alpha: f32,
+) -> Result<Dims> {
+    let (ra, ca, lda) = a.layout(op, "A")?;
+    let (rb, cb, ldb) = b.layout(op, "B")?;
+    let (rc, cc, ldc) = c.layout(op, "C")?;
+    let (m, k) = if o.trans_a { (ca, ra) } else { (ra, ca) };
+    let (kb, n) = if o.trans_b { (cb, rb) } else { (rb, cb) };
+    if kb != k {
+        return Err(Error::Shape {
+            op,
+            expected: format!("op(B) with K = {k} rows to match op(A) ({m}, {k})"),
+            found: format!("op(B) ({kb}, {n})"),
+        });
+    }
+    if (rc, cc) != (m, n) {
+        return Err(Error::Shape {
+            op,
+            expected: format!("a C view of ({m}, {n}) rows and columns"),
+            found: format!("({rc}, {cc})"),
+        });
+    }
+    Ok(Dims {
+        batch: 1,
+        m,
+        k,
+        n,
+        b_shared: false,
+        out_shape: vec![m, n],
+        ld: [lda, ldb, ldc],
+        // With K = 0, A and B are never read: no offset past an empty tensor's end.
+        off: if k == 0 {
+            [0, 0, c.col0]
+        } else {
+            [a.col0, b.col0, c.col0]
+        },
+        alpha,
+    })
+}
+
+/// `α·op(A)·op(B)` of two views, as a new `(M, N)` tensor (see the module doc).
+pub fn matmul_view(a: MatView, b: MatView, opts: MatmulOpts, alpha: f32) -> Result<Tensor> {
+    let (ra, ca, _) = a.layout("matmul_view", "A")?;
+    let (rb, cb, _) = b.layout("matmul_view", "B")?;
+    let m = if opts.trans_a { ca } else { ra };
+    let n = if opts.trans_b { rb } else { cb };
+    let device = same_device("matmul_view", &[a.tensor, b.tensor])?;
+    let c = Tensor::uninit(&[m, n], &device)?;
+    matmul_into(MatView::all(&c), a, b, opts, alpha, false)?;
+    Ok(c)
+}
+
+/// In place: the C view `= α·op(A)·op(B)`, or `+=` with `accumulate` (see the module doc). The
+/// columns of C's tensor outside the view are not touched. C must not share storage with A or B.
+pub fn matmul_into(
+    c: MatView,
+    a: MatView,
+    b: MatView,
+    opts: MatmulOpts,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
+    let _profile = crate::profile::scope("matmul");
+    let op = "matmul_into";
+    let d = view_dims(op, &c, &a, &b, opts, alpha)?;
+    if c.tensor.same_storage(a.tensor) || c.tensor.same_storage(b.tensor) {
+        return Err(Error::Invalid(format!(
+            "{op}: C must not share storage with A or B"
+        )));
+    }
+    let device = same_device(op, &[c.tensor, a.tensor, b.tensor])?;
+    crate::counts::matmul(d.batch, d.m, d.n, d.k, opts.trans_a, opts.trans_b);
+    run(
+        &device, c.tensor, a.tensor, b.tensor, None, &d, opts, accumulate,
+    )
+}
