@@ -224,7 +224,7 @@ fn check_range(slot: &Slot, range: &Range, limits: BindLimits) -> Result<(), Str
             "binding {b}: expected a buffer with STORAGE usage, found one without"
         ));
     }
-    if offset % limits.offset_alignment != 0 {
+    if !offset.is_multiple_of(limits.offset_alignment) {
         return Err(format!(
             "binding {b}: expected an offset that is a multiple of {} bytes, found {offset}",
             limits.offset_alignment

@@ -3,17 +3,17 @@
 //!
 //! How an op runs on the GPU (each step is one WebGPU concept):
 //! 1. the op's launcher checks shapes, asks the pool for an output buffer and calls
-//!    [`GpuContext::dispatch`] with its `Params` bytes and storage ranges;
-//! 2. the cached `ComputePipeline` of its WGSL entry point is looked up ([`pipelines`]: compiled
+//!    `GpuContext::dispatch` with its `Params` bytes and storage ranges;
+//! 2. the cached `ComputePipeline` of its WGSL entry point is looked up (`pipelines.rs`: compiled
 //!    once per context, with an explicit pipeline layout whose binding 0, the `Params`
 //!    uniform, takes a *dynamic offset*);
-//! 3. the storage ranges are checked against the kernel's bindings ([`layout`]: each binding
+//! 3. the storage ranges are checked against the kernel's bindings (`layout.rs`: each binding
 //!    given once, aligned, inside its buffer, within the binding limit), so a bad dispatch is an
 //!    error of its own call without an error scope;
-//! 4. the `Params` bytes are appended to the batch's host arena ([`arena`]); their slot's byte
+//! 4. the `Params` bytes are appended to the batch's host arena (`arena.rs`); their slot's byte
 //!    offset is the dispatch's dynamic offset;
 //! 5. the `BindGroup` of the kernel's layout and storage ranges comes from the bind group cache
-//!    ([`bind_cache`]; the pool hands each step the buffers of the step before, so after the
+//!    (`bind_cache.rs`; the pool hands each step the buffers of the step before, so after the
 //!    first step it is nearly always there), and `dispatch_workgroups` is recorded into the open
 //!    compute pass of the batch. Nothing runs yet;
 //! 6. the batch is submitted when it is full, when data is read back (`Tensor::to_vec`) or when
@@ -23,7 +23,7 @@
 //!
 //! Each of those steps reports to the step accounting of [`counts`](crate::counts) when it is
 //! on (dispatches, copies, uploads, submissions, blocking waits). A context made with
-//! [`GpuOptions::dry_run`] does steps 1 to 4 and stops there: nothing is submitted.
+//! [`GpuOptions::dry_run`] does steps 1 to 5 and stops there: nothing is submitted.
 
 mod adapters;
 mod arena;
@@ -148,7 +148,7 @@ impl GpuContext {
         if let Some(bytes) = options.max_buffer_bytes {
             asked.max_buffer_size = bytes;
         }
-        if PARAM_SLOT % offered.min_uniform_buffer_offset_alignment as u64 != 0 {
+        if !PARAM_SLOT.is_multiple_of(offered.min_uniform_buffer_offset_alignment as u64) {
             return Err(Error::Limit {
                 limit: "min_uniform_buffer_offset_alignment (a divisor of the params slot)",
                 needed: PARAM_SLOT,
