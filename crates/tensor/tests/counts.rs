@@ -91,8 +91,9 @@ fn a_shared_weight_is_folded_into_rows_and_nothing_is_counted_when_off() {
     assert_eq!(empty, Counts::default());
 }
 
-/// One GPU matmul: one dispatch of 64×64 tiles, its bound ranges (A, B, C and A again in the
-/// bias slot, which an unbiased product fills with A) and C as the only writable one.
+/// One GPU matmul: one dispatch of 64×64 tiles, its bound ranges (A, B, C and, in the bias
+/// slot, which an unbiased product fills with the first vec4 of A, 16 bytes) and C as the only
+/// writable one.
 #[test]
 fn a_gpu_matmul_counts_one_dispatch_with_its_bytes_and_workgroups() {
     let _s = serial();
@@ -113,7 +114,7 @@ fn a_gpu_matmul_counts_one_dispatch_with_its_bytes_and_workgroups() {
     assert_eq!(d.workgroups, groups);
     assert_eq!(d.invocations, groups * 16 * 16);
     let (ab, bb, cb) = ((m * k * 4) as u64, (k * n * 4) as u64, (m * n * 4) as u64);
-    assert_eq!(d.bytes_bound, ab + bb + cb + ab);
+    assert_eq!(d.bytes_bound, ab + bb + cb + 16);
     assert_eq!(d.bytes_writable, cb);
     assert_eq!(c.matmul_flops(), 2 * (m * n * k) as u64);
     // Nothing was submitted or waited for yet; reading the product back is one of each.

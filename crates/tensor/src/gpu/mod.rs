@@ -2,28 +2,43 @@
 //! pipelines, the open command batch, the buffer pool and the memory counters.
 //!
 //! How an op runs on the GPU (each step is one WebGPU concept):
-//! 1. the op's launcher checks shapes and asks the pool for an output buffer;
-//! 2. it writes its `Params` struct into the uniform arena (a `queue.write_buffer`, applied at the
-//!    next submission, before any command of it);
-//! 3. it gets the cached `ComputePipeline` for its WGSL entry point (compiled once per context);
-//! 4. it makes a `BindGroup` of params + storage ranges and records `dispatch_workgroups` into the
-//!    open compute pass of the batch. Nothing runs yet;
-//! 5. the batch is submitted when it is full, when data is read back (`Tensor::to_vec`) or when
-//!    `sync` is called. wgpu inserts the barriers between dependent dispatches.
+//! 1. the op's launcher checks shapes, asks the pool for an output buffer and calls
+//!    `GpuContext::dispatch` with its `Params` bytes and storage ranges;
+//! 2. the cached `ComputePipeline` of its WGSL entry point is looked up (`pipelines.rs`: compiled
+//!    once per context, with an explicit pipeline layout whose binding 0, the `Params`
+//!    uniform, takes a *dynamic offset*);
+//! 3. the storage ranges are checked against the kernel's bindings (`layout.rs`: each binding
+//!    given once, aligned, inside its buffer, within the binding limit), so a bad dispatch is an
+//!    error of its own call without an error scope;
+//! 4. the `Params` bytes are appended to the batch's host arena (`arena.rs`); their slot's byte
+//!    offset is the dispatch's dynamic offset;
+//! 5. the `BindGroup` of the kernel's layout and storage ranges comes from the bind group cache
+//!    (`bind_cache.rs`; the pool hands each step the buffers of the step before, so after the
+//!    first step it is nearly always there), and `dispatch_workgroups` is recorded into the open
+//!    compute pass of the batch. Nothing runs yet;
+//! 6. the batch is submitted when it is full, when data is read back (`Tensor::to_vec`) or when
+//!    `sync` is called: one `write_buffer` uploads the arena, then the commands go to the queue,
+//!    inside one set of error scopes that turns anything wgpu rejects into an error of the
+//!    flush. wgpu inserts the barriers between dependent dispatches.
 //!
 //! Each of those steps reports to the step accounting of [`counts`](crate::counts) when it is
 //! on (dispatches, copies, uploads, submissions, blocking waits). A context made with
-//! [`GpuOptions::dry_run`] does steps 1 to 4 and stops there: nothing is submitted.
+//! [`GpuOptions::dry_run`] does steps 1 to 5 and stops there: nothing is submitted.
 
 mod adapters;
+mod arena;
 pub(crate) mod bind;
+mod bind_cache;
 mod errors;
+mod layout;
 pub(crate) mod params;
+mod pipelines;
 mod pool;
 mod readback;
+#[cfg(test)]
+mod record_tests;
 mod timestamps;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,15 +50,22 @@ use crate::memory::{MemoryCounters, MemoryStats};
 use crate::{Error, Result};
 pub use adapters::{GpuInfo, GpuOptions, adapters, adapters_on, default_backends};
 use adapters::{adapter_line, is_software, no_adapter_message};
+use arena::ParamArena;
 pub(crate) use bind::{Binding, grid_2d};
+use bind_cache::BindCache;
+use layout::BindLimits;
 pub(crate) use params::kernel_params;
+use pipelines::Pipelines;
 use pool::BufferPool;
 use timestamps::{MAX_TIMED_PASSES, Tag, Timestamps};
 
-/// Bytes reserved per dispatch in the uniform arena (the common minimum uniform offset alignment).
+/// Bytes reserved per dispatch in the uniform arena: the largest minimum uniform offset
+/// alignment WebGPU allows, so every slot's offset is a valid dynamic offset.
 const PARAM_SLOT: u64 = 256;
 /// Dispatches recorded before the batch is submitted on its own.
 const MAX_BATCH: u64 = 1024;
+/// Bind groups the cache holds at most (a GPT-2 step binds about a thousand distinct sets).
+const BIND_CACHE_CAPACITY: usize = 8192;
 
 /// A WGSL entry point: the shader file (by its registry name and source) and the function.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +80,8 @@ struct Batch {
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     dispatches: u64,
+    /// The `Params` of the batch's dispatches, uploaded when it is submitted.
+    params: ParamArena,
     /// The profiler's tag of the open pass, and of each timed pass of this batch in order.
     pass_tag: Option<Tag>,
     tags: Vec<Tag>,
@@ -71,11 +95,10 @@ pub struct GpuContext {
     info: GpuInfo,
     is_software: bool,
     max_binding: u64,
-    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
-    /// Compiled pipelines by (shader, entry point, address of the override constants' table).
-    pipelines: Mutex<HashMap<(&'static str, &'static str, usize), wgpu::ComputePipeline>>,
+    pipelines: Mutex<Pipelines>,
     batch: Mutex<Batch>,
     params: wgpu::Buffer,
+    bind_groups: Mutex<BindCache<wgpu::Buffer, wgpu::BindGroup>>,
     pool: Mutex<BufferPool>,
     pub(crate) memory: MemoryCounters,
     poison: AtomicBool,
@@ -124,6 +147,13 @@ impl GpuContext {
         let mut asked = options.limits.clone().unwrap_or_else(|| offered.clone());
         if let Some(bytes) = options.max_buffer_bytes {
             asked.max_buffer_size = bytes;
+        }
+        if !PARAM_SLOT.is_multiple_of(offered.min_uniform_buffer_offset_alignment as u64) {
+            return Err(Error::Limit {
+                limit: "min_uniform_buffer_offset_alignment (a divisor of the params slot)",
+                needed: PARAM_SLOT,
+                available: offered.min_uniform_buffer_offset_alignment as u64,
+            });
         }
         if asked.max_buffer_size < PARAM_SLOT * MAX_BATCH {
             return Err(Error::TooLarge {
@@ -203,16 +233,17 @@ impl GpuContext {
             info,
             is_software: is_software(&adapter_info),
             max_binding,
-            modules: Mutex::default(),
             pipelines: Mutex::default(),
             batch: Mutex::new(Batch {
                 encoder: None,
                 pass: None,
                 dispatches: 0,
+                params: ParamArena::default(),
                 pass_tag: None,
                 tags: Vec::new(),
             }),
             params,
+            bind_groups: Mutex::new(BindCache::new(BIND_CACHE_CAPACITY)),
             pool: Mutex::default(),
             memory: MemoryCounters::default(),
             poison: AtomicBool::new(false),
@@ -263,11 +294,24 @@ impl GpuContext {
         self.poison.load(Ordering::Relaxed)
     }
 
-    /// Release the buffers the pool keeps cached.
+    /// Release the buffers the pool keeps cached (and the cached bind groups, which would
+    /// keep them alive).
     pub fn trim_pool(&self) {
         let mut pool = self.pool.lock().unwrap();
+        self.bind_groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         pool.clear();
         self.memory.set_pooled(0);
+    }
+
+    /// Bind groups cached now, and the lookups answered from the cache and those that made a
+    /// bind group since the context was made.
+    pub fn bind_group_cache(&self) -> (usize, u64, u64) {
+        let cache = self.bind_groups.lock().unwrap_or_else(|p| p.into_inner());
+        let (hits, misses) = cache.hits_and_misses();
+        (cache.len(), hits, misses)
     }
 
     /// Why the device was lost (`"Destroyed"`, `"Unknown: <driver message>"`), if it was.
@@ -285,7 +329,12 @@ impl GpuContext {
             batch.pass = None;
             batch.encoder = None;
             batch.dispatches = 0;
+            batch.params.clear();
         }
+        self.bind_groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.device.destroy();
         // wgpu calls the device-lost callback from a poll once its queue is empty.
         let _ = self.wait();
@@ -395,68 +444,6 @@ impl GpuContext {
         }
     }
 
-    /// The pipeline of `kernel` with its pipeline-overridable constants set to `constants`
-    /// (WGSL `override` declarations: a value fixed when the pipeline is made, so branches on it
-    /// fold away; each distinct table is its own pipeline).
-    fn pipeline(
-        &self,
-        kernel: Kernel,
-        constants: &'static [(&'static str, f64)],
-    ) -> Result<wgpu::ComputePipeline> {
-        let key = (kernel.shader, kernel.entry, constants.as_ptr() as usize);
-        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
-            return Ok(p.clone());
-        }
-        let (pipeline, error) = capture(&self.device, || {
-            let module = {
-                let mut modules = self.modules.lock().unwrap();
-                modules
-                    .entry(kernel.shader)
-                    .or_insert_with(|| {
-                        let desc = wgpu::ShaderModuleDescriptor {
-                            label: Some(kernel.shader),
-                            source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
-                        };
-                        if !crate::shaders::UNCHECKED.contains(&kernel.shader) {
-                            return self.device.create_shader_module(desc);
-                        }
-                        let checks = wgpu::ShaderRuntimeChecks {
-                            bounds_checks: false,
-                            ..wgpu::ShaderRuntimeChecks::checked()
-                        };
-                        // SAFETY: the shaders listed in `UNCHECKED` index their bindings only
-                        // inside the ranges their launcher binds (each says why in its header
-                        // and its launcher checks it before dispatching); only the bounds
-                        // clamps are left out, every other runtime check stays.
-                        unsafe { self.device.create_shader_module_trusted(desc, checks) }
-                    })
-                    .clone()
-            };
-            self.device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(kernel.entry),
-                    layout: None,
-                    module: &module,
-                    entry_point: Some(kernel.entry),
-                    compilation_options: wgpu::PipelineCompilationOptions {
-                        constants,
-                        ..Default::default()
-                    },
-                    cache: None,
-                })
-        });
-        if let Some(e) = error {
-            // A module that failed to compile must not be reused by the next entry point.
-            self.modules.lock().unwrap().remove(kernel.shader);
-            return Err(self.gpu_error(
-                format_args!("compiling {}::{}", kernel.shader, kernel.entry),
-                e,
-            ));
-        }
-        self.pipelines.lock().unwrap().insert(key, pipeline.clone());
-        Ok(pipeline)
-    }
-
     /// Record one dispatch of `kernel` with `params` at binding 0 and each storage range at the
     /// binding number given with it. Limits and bindings are checked here, so a bad dispatch is
     /// an error of this call and never enters the batch.
@@ -480,7 +467,6 @@ impl GpuContext {
         bindings: &[(u32, Binding<'_>)],
         groups: [u32; 3],
     ) -> Result<()> {
-        debug_assert!(params.len() as u64 <= PARAM_SLOT);
         self.health.check()?;
         let max = self.limits.max_compute_workgroups_per_dimension;
         if let Some(&g) = groups.iter().find(|&&g| g > max) {
@@ -494,7 +480,28 @@ impl GpuContext {
             return Ok(());
         }
         let counting = crate::counts::here().then(std::time::Instant::now);
-        let pipeline = self.pipeline(kernel, constants)?;
+        let compiled = self.pipeline(kernel, constants)?;
+        let binding_error = |what: String| {
+            Error::Gpu(format!(
+                "binding the buffers of {}::{}: {what}",
+                kernel.shader, kernel.entry
+            ))
+        };
+        let params_len = params.len() as u64;
+        if params_len < compiled.layout.params_size || params_len > PARAM_SLOT {
+            return Err(binding_error(format!(
+                "expected {} to {PARAM_SLOT} bytes of Params, found {params_len}",
+                compiled.layout.params_size
+            )));
+        }
+        let limits = BindLimits {
+            offset_alignment: self.limits.min_storage_buffer_offset_alignment as u64,
+            max_binding: self.limits.max_storage_buffer_binding_size,
+        };
+        compiled
+            .layout
+            .check(bindings, limits)
+            .map_err(binding_error)?;
         let tag = match self.timestamps {
             Some(_) => crate::profile::gpu_tag(),
             None => None,
@@ -509,41 +516,8 @@ impl GpuContext {
         if tag.is_some() && batch.pass_tag != tag {
             batch.pass = None;
         }
-        let slot = batch.dispatches * PARAM_SLOT;
-        if !self.dry_run {
-            self.queue.write_buffer(&self.params, slot, params);
-        }
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &self.params,
-                offset: slot,
-                size: wgpu::BufferSize::new(params.len().max(16).div_ceil(16) as u64 * 16),
-            }),
-        }];
-        for (i, b) in bindings {
-            entries.push(wgpu::BindGroupEntry {
-                binding: *i,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: b.buffer,
-                    offset: b.offset,
-                    size: wgpu::BufferSize::new(b.size.div_ceil(4) * 4),
-                }),
-            });
-        }
-        let (bind_group, error) = capture(&self.device, || {
-            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(kernel.entry),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            })
-        });
-        if let Some(e) = error {
-            return Err(self.gpu_error(
-                format_args!("binding the buffers of {}::{}", kernel.shader, kernel.entry),
-                e,
-            ));
-        }
+        let bind_group = self.bind_group(&compiled, bindings);
+        let offset = batch.params.push(params);
         if batch.encoder.is_none() {
             batch.encoder = Some(self.device.create_command_encoder(&Default::default()));
         }
@@ -569,18 +543,18 @@ impl GpuContext {
             }
         }
         let pass = batch.pass.as_mut().expect("the pass was begun above");
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
+        pass.set_pipeline(&compiled.pipeline);
+        pass.set_bind_group(0, &bind_group, &[offset]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         batch.dispatches += 1;
-        self.dispatches.fetch_add(1, Ordering::Relaxed);
         drop(batch);
+        self.dispatches.fetch_add(1, Ordering::Relaxed);
         if let Some(start) = counting {
+            let host_ns = start.elapsed().as_nanos() as u64;
             let bound: Vec<(u32, u64)> = bindings
                 .iter()
                 .map(|(i, b)| (*i, b.size.div_ceil(4) * 4))
                 .collect();
-            let host_ns = start.elapsed().as_nanos() as u64;
             crate::counts::dispatch(
                 kernel.shader,
                 kernel.source,
@@ -591,6 +565,54 @@ impl GpuContext {
             );
         }
         Ok(())
+    }
+
+    /// The bind group of `compiled`'s layout over the params arena (at a dynamic offset) and
+    /// the storage ranges `bindings` (already checked), from the cache or made now.
+    fn bind_group(
+        &self,
+        compiled: &pipelines::Compiled,
+        bindings: &[(u32, Binding<'_>)],
+    ) -> wgpu::BindGroup {
+        let parts = bindings
+            .iter()
+            .map(|(i, b)| (*i, b.buffer, b.offset, b.size.div_ceil(4) * 4));
+        let make = || {
+            let params = std::iter::once(wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &self.params,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(PARAM_SLOT),
+                }),
+            });
+            let storage =
+                parts
+                    .clone()
+                    .map(|(binding, buffer, offset, size)| wgpu::BindGroupEntry {
+                        binding,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer,
+                            offset,
+                            size: wgpu::BufferSize::new(size),
+                        }),
+                    });
+            let entries: Vec<wgpu::BindGroupEntry<'_>> = params.chain(storage).collect();
+            // Checked by `KernelLayout::check`; should wgpu still object, its uncaptured error
+            // is reported by the next flush, and the batch is rejected whole.
+            Ok::<_, std::convert::Infallible>(self.device.create_bind_group(
+                &wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &compiled.group_layout,
+                    entries: &entries,
+                },
+            ))
+        };
+        let mut cache = self.bind_groups.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get_or_insert(compiled.group_layout_id, parts.clone(), make) {
+            Ok(group) => group,
+            Err(never) => match never {},
+        }
     }
 
     /// Record a buffer-to-buffer copy in the batch.
@@ -624,6 +646,7 @@ impl GpuContext {
         if let Err(e) = self.health.check() {
             batch.pass = None;
             batch.encoder = None;
+            batch.params.clear();
             return Err(e);
         }
         let mut timed = None;
@@ -639,9 +662,16 @@ impl GpuContext {
                     t.resolve(&mut encoder, tags.len());
                     timed = Some(t);
                 }
+                // One upload of every dispatch's Params, applied before the commands run.
+                if !batch.params.bytes().is_empty() {
+                    self.queue
+                        .write_buffer(&self.params, 0, batch.params.bytes());
+                }
                 self.queue.submit([encoder.finish()]);
             }
         });
+        // Uploaded, or dropped with a batch that did not run.
+        batch.params.clear();
         if let Some(e) = error {
             return Err(self.gpu_error(
                 format_args!(
