@@ -371,7 +371,7 @@ mod tests {
         for (p, q) in params.iter().zip(&copies) {
             assert_eq!(p.value.to_vec().unwrap(), q.value.to_vec().unwrap());
         }
-        let home = |p: &Trainable| p.value.arena().map(|(a, o)| (a, o));
+        let home = |p: &Trainable| p.value.arena();
         let (a, _) = home(&params[0]).unwrap();
         assert!(params.iter().all(|p| home(p).unwrap().0.same_storage(&a)));
     }
