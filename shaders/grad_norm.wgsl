@@ -15,13 +15,17 @@
 // changes nothing unless out[2] is exactly 1 (an "ok" flag rather than a "skip" flag: a value
 // never written, such as a NaN-poisoned buffer, then skips the update instead of taking it).
 //
-// `sum_squares` (one workgroup of 256) fills one slot beforehand: sq[k] = Σ g², invocation l
-// adding g[l]², g[l + 256]², … in order, then a tree over the invocations (`workgroup_sum`);
-// for it binding 1 is the gradient (n elements from off_sq) and binding 2 the slot (off_out).
+// `sum_squares` fills slots beforehand, one per workgroup: workgroup w writes
+//   sq[w] = Σ g[i]²   over i in [w·span, min((w + 1)·span, n)),
+// invocation l adding g[w·span + l]², g[w·span + l + 256]², … in order, then a tree over the
+// invocations (`workgroup_sum`). One workgroup with span = n gives a tensor's whole Σ g²; a
+// long gradient (a whole gradient arena) takes ⌈n / span⌉ workgroups in one dispatch, and
+// `grad_norm_clip` adds their slots. For it binding 1 is the gradient (n elements from off_sq)
+// and binding 2 the slots (off_out on).
 //
 // Bindings: 0 params; 1 sq (n + n_checked, read); 2 out (3 + n_checked, written).
-// Workgroup: one of 64 invocations, of which invocation 0 does the work (a few hundred adds in
-// order) and the others return at once.
+// Workgroup (`grad_norm_clip`): one of 64 invocations, of which invocation 0 does the work (a
+// few thousand adds in order at most) and the others return at once.
 
 struct Params {
     n: u32,          // gradient slots
@@ -29,7 +33,7 @@ struct Params {
     off_sq: u32,     // where slot 0 sits inside binding 1
     off_out: u32,    // where out[0] sits inside binding 2
     max_norm: f32,   // the clip limit (+inf: never clip)
-    _pad0: u32,
+    span: u32,       // `sum_squares`: elements per workgroup
     _pad1: u32,
     _pad2: u32,
 }
@@ -45,15 +49,17 @@ fn is_finite(x: f32) -> bool {
 }
 
 @compute @workgroup_size(256)
-fn sum_squares(@builtin(local_invocation_index) li: u32) {
+fn sum_squares(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let start = wg.x * p.span;
+    let end = min(start + p.span, p.n);
     var acc = 0.0;
-    for (var i = li; i < p.n; i = i + WG) {
+    for (var i = start + li; i < end; i = i + WG) {
         let x = sq[p.off_sq + i];
         acc = acc + x * x;
     }
     let total = workgroup_sum(li, acc);
     if (li == 0u) {
-        out[p.off_out] = total;
+        out[p.off_out + wg.x] = total;
     }
 }
 

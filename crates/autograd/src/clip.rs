@@ -9,6 +9,10 @@
 //! skip = the norm or a checked value (the loss) is not finite
 //! ```
 //!
+//! When the gradients are in the optimizer's gradient arena ([`crate::AdamW::grads`] on a GPU),
+//! the norm is taken over the arena as one tensor, in its (the groups') order: one
+//! `sum_squares` dispatch while the arena fits one binding.
+//!
 //! A skipped step is decided on the device: `step_clipped` then writes no parameter or moment,
 //! and the host, once it has read the result, takes the step back with
 //! [`AdamW::take_back`](crate::AdamW::take_back).
@@ -95,7 +99,11 @@ pub fn grad_norm_clip(grads: &Grads, max_norm: f32, checked: &[&Tensor]) -> Resu
             checked: checked.iter().map(|&c| c.clone()).collect(),
         });
     }
-    let tensors: Vec<&Tensor> = ids.iter().map(|&id| grads.get(id).unwrap()).collect();
+    // All the gradients in one arena: one tensor, one `sum_squares` dispatch (per binding).
+    let tensors: Vec<&Tensor> = match grads.arena() {
+        Some((flat, _)) => vec![flat],
+        None => ids.iter().map(|&id| grads.get(id).unwrap()).collect(),
+    };
     Ok(GradClip {
         value: Some(device_norm_clip(&tensors, max_norm, checked)?),
         checked: Vec::new(),

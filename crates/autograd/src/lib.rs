@@ -27,6 +27,7 @@
 //! assert_eq!(grads.get(id).unwrap().to_vec().unwrap(), vec![6.0]);
 //! ```
 
+pub mod arena;
 pub mod clip;
 pub mod grads;
 pub mod memory;

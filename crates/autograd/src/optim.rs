@@ -5,14 +5,21 @@
 //! gradient g:  p ← p − lr·wd·p;  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
 //! p ← p − lr·(m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + eps).
 //! SGD: p ← p − lr·g.
+//!
+//! On a GPU, AdamW keeps its parameters, their gradients and its moments in arenas (one buffer
+//! each, see [`crate::arena`]): with the gradients from [`AdamW::grads`], a step is one AdamW
+//! dispatch per parameter group (per 128 MiB binding), whatever the number of tensors. On the
+//! CPU, and whenever the arenas do not hold the whole step, it updates tensor by tensor.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tensor::ops::adamw::{AdamWParams, adamw_step, adamw_step_clipped};
 use tensor::ops::elementwise::{axpy, mul, scale};
 use tensor::ops::reduce::sum_all;
 use tensor::{Error, Result, Tensor};
 
+use crate::arena::Arenas;
 use crate::clip::GradClip;
 use crate::grads::Grads;
 use crate::memory::Counter;
@@ -50,6 +57,9 @@ pub struct AdamW {
     /// Parameters whose state the last step created (what [`AdamW::take_back`] removes).
     created: Vec<ParamId>,
     bytes: Counter,
+    /// The arenas, once packed (`None` also where there are none: CPU, mixed devices).
+    arenas: Option<Arenas>,
+    packed: bool,
 }
 
 impl AdamW {
@@ -64,7 +74,70 @@ impl AdamW {
             state: HashMap::new(),
             created: Vec::new(),
             bytes: Counter::default(),
+            arenas: None,
+            packed: false,
         }
+    }
+
+    /// An empty gradient store for a step of this optimizer: on a GPU its gradients go into the
+    /// optimizer's gradient arena, so that the norm and the update of the step each take one
+    /// dispatch (per group and binding) over all of them. The first call moves the parameters
+    /// into their arena. [`Grads::new`] works too, tensor by tensor.
+    pub fn grads(&mut self) -> Result<Grads> {
+        self.pack()?;
+        Ok(match &self.arenas {
+            Some(a) => Grads::in_arena(a.layout.clone()),
+            None => Grads::new(),
+        })
+    }
+
+    /// Make the arenas, once (see [`crate::arena`]).
+    fn pack(&mut self) -> Result<()> {
+        if !self.packed {
+            self.packed = true;
+            self.arenas = Arenas::pack(&self.groups)?;
+        }
+        Ok(())
+    }
+
+    /// m and v of `p`, made (zeros) if it has none yet: its slots of the moment arenas when
+    /// there are arenas, else new tensors.
+    fn moments(&mut self, p: &Trainable) -> Result<(Tensor, Tensor)> {
+        if let Some(s) = self.state.get(&p.id) {
+            return Ok(s.clone());
+        }
+        let slots = match &self.arenas {
+            Some(a) => a.moments(p.id)?,
+            None => None,
+        };
+        let (m, v) = match slots {
+            Some(mv) => mv,
+            None => {
+                let device = p.value.device();
+                let m = Tensor::zeros(p.value.shape(), &device)?;
+                (m, Tensor::zeros(p.value.shape(), &device)?)
+            }
+        };
+        self.bytes.add(m.bytes() + v.bytes());
+        self.state.insert(p.id, (m.clone(), v.clone()));
+        self.created.push(p.id);
+        Ok((m, v))
+    }
+
+    /// The gradient arena when this step can take the fused path: the gradients fill the
+    /// arena of this optimizer's layout, the groups are those it was made for, every parameter
+    /// still lives at its slot, and every existing m and v is its slot.
+    fn fused_gradients<'g>(&self, grads: &'g Grads) -> Option<&'g Tensor> {
+        let a = self.arenas.as_ref()?;
+        let (flat, layout) = grads.arena()?;
+        let params = self.groups.iter().flat_map(|g| &g.params);
+        let in_place = params.zip(&layout.slots).all(|(p, slot)| {
+            let moments = self.state.get(&p.id).is_none_or(|(m, v)| {
+                m.offset_in(&a.m) == Some(slot.offset) && v.offset_in(&a.v) == Some(slot.offset)
+            });
+            moments && p.value.offset_in(&a.params) == Some(slot.offset)
+        });
+        (Arc::ptr_eq(layout, &a.layout) && layout.matches(&self.groups) && in_place).then_some(flat)
     }
 
     /// One update of every parameter that has a gradient, at learning rate `lr`.
@@ -96,31 +169,47 @@ impl AdamW {
 
     fn update(&mut self, grads: &Grads, lr: f32, clip: Option<&Tensor>) -> Result<()> {
         let _profile = tensor::profile::scope("optimizer");
+        self.pack()?;
         self.step += 1;
         self.created.clear();
-        for group in &self.groups {
+        let (beta1, beta2, eps, step) = (self.beta1, self.beta2, self.eps, self.step);
+        let hp = |group: &ParamGroup| AdamWParams {
+            lr: lr * group.lr_scale,
+            beta1,
+            beta2,
+            eps,
+            weight_decay: group.weight_decay,
+            step,
+        };
+        let fused = self.fused_gradients(grads).cloned();
+        let groups = self.groups.clone();
+        if let Some(flat) = fused {
+            // Every parameter has a gradient: state for those without, then one update per
+            // group over its range of the four arenas.
+            for p in groups.iter().flat_map(|g| &g.params) {
+                self.moments(p)?;
+            }
+            let a = self.arenas.as_ref().expect("the fused path has arenas");
+            for (group, &(start, len)) in groups.iter().zip(&a.layout.groups) {
+                if len == 0 {
+                    continue;
+                }
+                let range = |t: &Tensor| t.view(start, &[len]);
+                let (p, g) = (range(&a.params)?, range(&flat)?);
+                let (m, v) = (range(&a.m)?, range(&a.v)?);
+                let hp = hp(group);
+                match clip {
+                    Some(c) => adamw_step_clipped(&p, &g, &m, &v, &hp, c)?,
+                    None => adamw_step(&p, &g, &m, &v, &hp)?,
+                }
+            }
+            return Ok(());
+        }
+        for group in &groups {
             for p in &group.params {
                 let Some(g) = grads.get(p.id) else { continue };
-                let (m, v) = match self.state.get(&p.id) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let device = p.value.device();
-                        let m = Tensor::zeros(p.value.shape(), &device)?;
-                        let v = Tensor::zeros(p.value.shape(), &device)?;
-                        self.bytes.add(m.bytes() + v.bytes());
-                        self.state.insert(p.id, (m.clone(), v.clone()));
-                        self.created.push(p.id);
-                        (m, v)
-                    }
-                };
-                let hp = AdamWParams {
-                    lr: lr * group.lr_scale,
-                    beta1: self.beta1,
-                    beta2: self.beta2,
-                    eps: self.eps,
-                    weight_decay: group.weight_decay,
-                    step: self.step,
-                };
+                let (m, v) = self.moments(p)?;
+                let hp = hp(group);
                 match clip {
                     Some(c) => adamw_step_clipped(&p.value, g, &m, &v, &hp, c)?,
                     None => adamw_step(&p.value, g, &m, &v, &hp)?,
@@ -157,6 +246,7 @@ impl AdamW {
         step: u32,
         state: impl IntoIterator<Item = (ParamId, Tensor, Tensor)>,
     ) -> Result<()> {
+        self.pack()?;
         for (id, m, v) in state {
             let param = self
                 .groups
@@ -177,6 +267,20 @@ impl AdamW {
                 );
                 return Err(Error::Invalid(message));
             }
+            // With arenas, the values are copied into the parameter's slots.
+            let slots = match &self.arenas {
+                Some(a) => a.moments(id)?,
+                None => None,
+            };
+            let (m, v) = match slots {
+                Some((sm, sv)) => {
+                    let device = sm.device();
+                    sm.copy_from(&m.to_device(&device)?)?;
+                    sv.copy_from(&v.to_device(&device)?)?;
+                    (sm, sv)
+                }
+                None => (m, v),
+            };
             self.bytes.add(m.bytes() + v.bytes());
             if let Some((old_m, old_v)) = self.state.insert(id, (m, v)) {
                 self.bytes.sub(old_m.bytes() + old_v.bytes());

@@ -4,8 +4,9 @@
 //!
 //! A step: forward on a recording tape → mean cross-entropy over the counted tokens →
 //! backward into [`Grads`] (trainable parameters only; each micro-batch adds into the same
-//! `Grads`) → the global gradient norm on the device → AdamW at the scheduled learning rate,
-//! clipping each gradient as it reads it. The profiler ([`tensor::profile`]) sees three phases:
+//! `Grads`, which on a GPU keeps them in the optimizer's gradient arena: [`AdamW::grads`]) →
+//! the global gradient norm on the device → AdamW at the scheduled learning rate, clipping each
+//! gradient as it reads it. The profiler ([`tensor::profile`]) sees three phases:
 //! `forward`, `backward` and `optimizer`.
 //!
 //! **One readback per step.** The loss stays on the device; the norm, the clip factor and the
@@ -105,7 +106,9 @@ pub fn step(
     step_index: u32,
 ) -> crate::Result<Result<StepStats, NonFinite>> {
     let start = Instant::now();
-    let mut grads = Grads::new();
+    // On a GPU the gradients land in the optimizer's gradient arena: the norm and the update
+    // below are then a few dispatches over all of them.
+    let mut grads = opt.grads()?;
     let (loss, saved_peak) = forward_backward(model, micro, &mut grads)?;
     let grad_bytes = grads.memory().peak;
     let _phase = profile::phase("optimizer");

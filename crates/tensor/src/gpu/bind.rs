@@ -31,11 +31,12 @@ impl GpuContext {
         self.max_binding
     }
 
-    /// Bind `len` elements of `t` starting at element `start`.
+    /// Bind `len` elements of `t` starting at element `start` (counted from `t`'s first
+    /// element, which is not the buffer's first when `t` lives in an arena).
     pub(crate) fn view<'a>(&self, t: &'a Tensor, start: usize, len: usize) -> Result<View<'a>> {
-        let buffer = t.gpu_buffer()?;
+        let (buffer, base) = t.gpu_location()?;
         let align = self.limits.min_storage_buffer_offset_alignment as u64;
-        let byte_start = start as u64 * 4;
+        let byte_start = (base + start) as u64 * 4;
         let aligned = byte_start - byte_start % align;
         let lead = byte_start - aligned;
         let size = (lead + len.max(1) as u64 * 4).min(buffer.size() - aligned);

@@ -17,22 +17,24 @@
 //!
 //! On the CPU each `sq_k` is computed by `mul` and `sum_all` (f64 accumulation), the `sq_k` are
 //! added in f64 and the square root taken in f64, rounding once: the bits of the old host
-//! composition. On the GPU the `sq_k` of small tensors are summed by one workgroup (strided
+//! composition. On the GPU each run of 65,536 elements is summed by one workgroup (strided
 //! f32 sums of ≤ 256 elements per invocation, then a tree) and the slots added in f32 in
 //! order: the norms agree with the CPU's to a few f32 ulps per addition level (< 1e-5
 //! relative in the tests), and the GPU's division may differ from the host's by 2.5 ulp.
 //!
-//! Kernels (`shaders/grad_norm.wgsl`): per gradient up to 65,536 elements one `sum_squares`
-//! dispatch writing Σg² into slot k of an (n + checked)-element buffer (larger ones: `mul` +
-//! `sum_all` of `reduce.wgsl` + `write_axis`), the checked values copied after the sums
-//! (`write_axis`), then one `grad_norm_clip` dispatch.
+//! Kernels (`shaders/grad_norm.wgsl`): per gradient one `sum_squares` dispatch (per
+//! binding-sized range of it) whose workgroups each write the Σg² of 65,536 consecutive
+//! elements into a slot of one buffer, the checked values copied after the slots (buffer
+//! copies, not dispatches), then one `grad_norm_clip` dispatch that adds the slots in order.
+//! The optimizer hands over its whole gradient arena (every trainable tensor's gradient in one
+//! buffer) as one gradient, so the norm of a step is two dispatches while the arena fits one
+//! binding.
 
 use std::sync::Arc;
 
 use crate::gpu::{GpuContext, Kernel, kernel_params};
 use crate::ops::elementwise::mul;
 use crate::ops::reduce::sum_all;
-use crate::ops::slice::write_axis;
 use crate::tensor::same_device;
 use crate::{Device, Error, Result, Tensor, shaders, shape_err};
 
@@ -44,7 +46,7 @@ kernel_params! {
         off_sq: u32,
         off_out: u32,
         max_norm: f32,
-        _pad0: u32,
+        span: u32,
         _pad1: u32,
         _pad2: u32,
     }
@@ -70,7 +72,7 @@ fn finish_gpu(ctx: &Arc<GpuContext>, sq: &Tensor, n: usize, max_norm: f32) -> Re
         off_sq: sv.offset,
         off_out: ov.offset,
         max_norm,
-        _pad0: 0,
+        span: 0,
         _pad1: 0,
         _pad2: 0,
     };
@@ -137,51 +139,61 @@ pub fn grad_norm_clip(grads: &[&Tensor], max_norm: f32, checked: &[&Tensor]) -> 
     }
 }
 
-/// The GPU path: each gradient's Σg² into its slot (one `sum_squares` dispatch up to
-/// [`SMALL`] elements, else `mul` + `sum_all` + `write_axis`), the checked values after them,
-/// then `grad_norm_clip`.
+/// The GPU path: each gradient's Σg² into slots of one buffer by `sum_squares` (one workgroup
+/// per [`SPAN`] elements, one dispatch per binding-sized range: a gradient arena of every
+/// trainable tensor is one dispatch while it fits one binding), the checked values copied
+/// after the slots (buffer copies, no dispatch), then `grad_norm_clip` adds the slots.
 fn grad_norm_gpu(
     ctx: &Arc<GpuContext>,
     grads: &[&Tensor],
     checked: &[&Tensor],
     max_norm: f32,
 ) -> Result<Tensor> {
-    let slots = grads.len() + checked.len();
-    if slots > u32::MAX as usize {
+    let mut ranges = Vec::new();
+    let mut slots = 0usize;
+    for g in grads {
+        for (start, len) in ctx.row_chunks(g.numel(), &[1])? {
+            let groups = len.div_ceil(SPAN).max(1);
+            ranges.push((*g, start, len, slots, groups));
+            slots += groups;
+        }
+    }
+    if slots + checked.len() > u32::MAX as usize {
         return Err(Error::Limit {
-            limit: "gradient tensors addressable by a u32 index",
-            needed: slots as u64,
+            limit: "gradient sums addressable by a u32 index",
+            needed: (slots + checked.len()) as u64,
             available: u32::MAX as u64,
         });
     }
-    let sq = Tensor::gpu_uninit(ctx, &[slots])?;
-    for (k, g) in grads.iter().enumerate() {
-        if g.numel() > 0 && g.numel() <= SMALL {
-            sum_squares_gpu(ctx, g, &sq, k)?;
-        } else {
-            write_axis(&sq, 0, k, &sum_all(&mul(g, g)?)?, false)?;
-        }
+    let sq = Tensor::gpu_uninit(ctx, &[slots + checked.len()])?;
+    for (g, start, len, slot, groups) in ranges {
+        sum_squares_gpu(ctx, (g, start, len), (&sq, slot, groups))?;
     }
     for (j, c) in checked.iter().enumerate() {
-        write_axis(&sq, 0, grads.len() + j, &c.reshape(&[1])?, false)?;
+        sq.view(slots + j, &[1])?.copy_from(c)?;
     }
-    finish_gpu(ctx, &sq, grads.len(), max_norm)
+    finish_gpu(ctx, &sq, slots, max_norm)
 }
 
-/// Gradients up to this many elements take one `sum_squares` dispatch (one workgroup, at most
-/// 256 elements per invocation); larger ones the multi-workgroup `mul` + `sum_all`.
-const SMALL: usize = 1 << 16;
+/// Elements one workgroup of `sum_squares` adds (256 per invocation): a gradient up to this
+/// size is one slot, as it always was; longer ones one slot per this many elements.
+const SPAN: usize = 1 << 16;
 
-/// `sq[k] ← Σ g²` by one workgroup of `grad_norm.wgsl`'s `sum_squares`.
-fn sum_squares_gpu(ctx: &Arc<GpuContext>, g: &Tensor, sq: &Tensor, k: usize) -> Result<()> {
-    let (gv, ov) = (ctx.view_all(g)?, ctx.view(sq, k, 1)?);
+/// `sq[slot + w] ← Σ g²` over elements `[start + w·SPAN, …)` of `g`'s range `start .. start +
+/// len`, for w < `groups`: one dispatch of `groups` workgroups of `sum_squares`.
+fn sum_squares_gpu(
+    ctx: &Arc<GpuContext>,
+    (g, start, len): (&Tensor, usize, usize),
+    (sq, slot, groups): (&Tensor, usize, usize),
+) -> Result<()> {
+    let (gv, ov) = (ctx.view(g, start, len)?, ctx.view(sq, slot, groups)?);
     let params = Params {
-        n: g.numel() as u32,
+        n: len as u32,
         n_checked: 0,
         off_sq: gv.offset,
         off_out: ov.offset,
         max_norm: 0.0,
-        _pad0: 0,
+        span: SPAN as u32,
         _pad1: 0,
         _pad2: 0,
     };
@@ -191,7 +203,12 @@ fn sum_squares_gpu(ctx: &Arc<GpuContext>, g: &Tensor, sq: &Tensor, k: usize) -> 
         entry: "sum_squares",
     };
     let bindings = [(1, gv.binding), (2, ov.binding)];
-    ctx.dispatch(kernel, bytemuck::bytes_of(&params), &bindings, [1, 1, 1])
+    ctx.dispatch(
+        kernel,
+        bytemuck::bytes_of(&params),
+        &bindings,
+        [groups as u32, 1, 1],
+    )
 }
 
 #[cfg(test)]
@@ -304,13 +321,16 @@ mod tests {
         }
     }
 
-    /// A gradient above `SMALL` elements takes the `mul` + `sum_all` path, the others one
-    /// `sum_squares` dispatch each; both land in their slots.
+    /// A gradient above `SPAN` elements is summed by several workgroups (3 slots for
+    /// 2·SPAN + 5), the others by one; all land in their slots, and each gradient is one
+    /// dispatch.
     #[test]
     fn gpu_norm_of_small_and_large_gradients_matches_the_cpu() {
-        let Some(gpu) = gpu() else { return };
+        let Some(_) = gpu() else { return };
+        // A device of its own, so that no other test's dispatches are counted.
+        let gpu = crate::testing::gpu_with_binding_limit(1 << 27);
         let cpu = Device::cpu();
-        let want: Vec<Tensor> = [SMALL + 5, 1, SMALL, 300]
+        let want: Vec<Tensor> = [2 * SPAN + 5, 1, SPAN, 300]
             .iter()
             .enumerate()
             .map(|(k, &n)| random(&[n], 9 + k as u64, &cpu))
@@ -318,10 +338,47 @@ mod tests {
         let got: Vec<Tensor> = want.iter().map(|g| g.to_device(&gpu).unwrap()).collect();
         let (w, g): (Vec<&Tensor>, Vec<&Tensor>) = (want.iter().collect(), got.iter().collect());
         let w = grad_norm_clip(&w, 1.0, &[]).unwrap().to_vec().unwrap();
-        let g = grad_norm_clip(&g, 1.0, &[]).unwrap().to_vec().unwrap();
+        let Device::Gpu(ctx) = &gpu else {
+            unreachable!()
+        };
+        ctx.set_poison_outputs(false); // poisoning would add a fill per new tensor
+        let before = ctx.dispatch_count();
+        let g = grad_norm_clip(&g, 1.0, &[]).unwrap();
+        assert_eq!(
+            ctx.dispatch_count() - before,
+            4 + 1,
+            "one per gradient, one to finish"
+        );
+        let g = g.to_vec().unwrap();
         assert!((g[0] - w[0]).abs() <= 4e-6 * w[0], "{g:?} vs {w:?}");
         assert!((g[1] - w[1]).abs() <= 4e-6 * w[1], "{g:?} vs {w:?}");
         assert_eq!(g[2], 1.0);
+    }
+
+    /// A gradient larger than one binding (4 KiB here: 960 elements a range) is summed range
+    /// by range, one dispatch each, and the checked value still lands after the slots.
+    #[test]
+    fn gpu_norm_of_a_gradient_over_several_bindings_matches_the_cpu() {
+        use crate::testing::gpu_with_binding_limit;
+        let Some(_) = gpu() else { return };
+        let small = gpu_with_binding_limit(4096);
+        let want = random(&[3001], 5, &Device::cpu());
+        let loss = Tensor::from_vec(vec![2.5], &[1], &Device::cpu()).unwrap();
+        let w = grad_norm_clip(&[&want], 1.0, &[&loss])
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let (got, loss) = (
+            want.to_device(&small).unwrap(),
+            loss.to_device(&small).unwrap(),
+        );
+        let g = grad_norm_clip(&[&got], 1.0, &[&loss])
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        assert!((g[0] - w[0]).abs() <= 4e-6 * w[0], "{g:?} vs {w:?}");
+        assert!((g[1] - w[1]).abs() <= 4e-6 * w[1], "{g:?} vs {w:?}");
+        assert_eq!(g[2..], [1.0, 2.5]);
     }
 
     #[test]
