@@ -195,10 +195,10 @@ pub fn edit_json(value: &mut Value, edit: &JsonEdit) {
             }
         }
         JsonEdit::SetField(k, f, v) => {
-            if let Some(entry) = key(*k).and_then(|key| obj.get_mut(&key)) {
-                if let Some(entry) = entry.as_object_mut() {
-                    entry.insert(f.to_string(), v.clone());
-                }
+            if let Some(entry) = key(*k).and_then(|key| obj.get_mut(&key))
+                && let Some(entry) = entry.as_object_mut()
+            {
+                entry.insert(f.to_string(), v.clone());
             }
         }
         JsonEdit::Remove(k) => {

@@ -126,10 +126,10 @@ impl Tape {
             value: p.value().clone(),
             requires_grad: self.recording && p.is_trainable(),
         };
-        if let Param::Trainable(t) = p {
-            if self.recording {
-                self.inner.borrow_mut().leaves.insert(var.id, t.id);
-            }
+        if let Param::Trainable(t) = p
+            && self.recording
+        {
+            self.inner.borrow_mut().leaves.insert(var.id, t.id);
         }
         var
     }

@@ -365,19 +365,19 @@ pub fn combine(inputs: &[CombineInput], how: Combination) -> Result<Combined> {
     if rank == 0 {
         return Err(Error::config("the combined rank is 0".to_string()));
     }
-    if let Combination::Ties { density, .. } = how {
-        if !(0.0..=1.0).contains(&density) {
-            return Err(Error::config(format!(
-                "ties density {density}: expected a fraction in [0, 1]"
-            )));
-        }
+    if let Combination::Ties { density, .. } = how
+        && !(0.0..=1.0).contains(&density)
+    {
+        return Err(Error::config(format!(
+            "ties density {density}: expected a fraction in [0, 1]"
+        )));
     }
-    if let Combination::Svd { clamp: Some(q), .. } = how {
-        if !(q > 0.0 && q <= 1.0) {
-            return Err(Error::config(format!(
-                "svd clamp {q}: expected a quantile in (0, 1]"
-            )));
-        }
+    if let Combination::Svd { clamp: Some(q), .. } = how
+        && !(q > 0.0 && q <= 1.0)
+    {
+        return Err(Error::config(format!(
+            "svd clamp {q}: expected a quantile in (0, 1]"
+        )));
     }
     // Every Linear any input adapts, with the parts of the inputs that adapt it.
     let mut linears: BTreeMap<(usize, Module), (usize, usize, Vec<Part>)> = BTreeMap::new();

@@ -207,13 +207,13 @@ impl LoraConfig {
             }
         }
         let slices = [Target::Q, Target::K, Target::V];
-        if self.targets.contains(&Target::CAttn) {
-            if let Some(s) = self.targets.iter().find(|t| slices.contains(t)) {
-                return err(format!(
-                    "targets `c_attn` and `{}` overlap: `c_attn` already covers q, k and v",
-                    s.name()
-                ));
-            }
+        if self.targets.contains(&Target::CAttn)
+            && let Some(s) = self.targets.iter().find(|t| slices.contains(t))
+        {
+            return err(format!(
+                "targets `c_attn` and `{}` overlap: `c_attn` already covers q, k and v",
+                s.name()
+            ));
         }
         for t in &self.targets {
             let (r, alpha) = (self.rank(*t), self.alpha_of(*t));

@@ -276,10 +276,10 @@ pub(crate) fn peft_targets(
     pc: &PeftConfig,
     name: &str,
 ) -> std::result::Result<Option<bool>, String> {
-    if let Some(ex) = &pc.exclude {
-        if ex.matches(name)? {
-            return Ok(Some(false));
-        }
+    if let Some(ex) = &pc.exclude
+        && ex.matches(name)?
+    {
+        return Ok(Some(false));
     }
     for m in &pc.modules_to_save {
         let re = fancy_regex::Regex::new(&format!(r"^(^|.*\.){m}($|\..*)")).map_err(|e| {
@@ -626,10 +626,10 @@ impl LoraModel {
             ));
         }
         let config = config_from(&pc, &weights);
-        if !weights.is_empty() {
-            if let Err(Error::Config { message, .. }) = config.validate() {
-                return Err(Error::config_in(&config_path, message));
-            }
+        if !weights.is_empty()
+            && let Err(Error::Config { message, .. }) = config.validate()
+        {
+            return Err(Error::config_in(&config_path, message));
         }
         let mut eval_only = Vec::new();
         for (on, what) in [

@@ -49,10 +49,11 @@ impl Roots {
             self.0.iter().map(|r| r.join(path)).collect()
         };
         for c in &candidates {
-            if let Ok(real) = c.canonicalize() {
-                if self.0.iter().any(|r| real.starts_with(r)) && real.is_dir() {
-                    return Ok(real);
-                }
+            if let Ok(real) = c.canonicalize()
+                && self.0.iter().any(|r| real.starts_with(r))
+                && real.is_dir()
+            {
+                return Ok(real);
             }
         }
         // Not found, or found outside. Only a path made of plain names below a root is

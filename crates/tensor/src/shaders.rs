@@ -71,7 +71,7 @@ pub const SGMV: &str = shader!("sgmv");
 
 /// Pipeline-overridable constants of `matmul_tiled.wgsl`, one table per pipeline the engine
 /// makes (its transpose cases NN, NT, TN, TT; 1.0 = true).
-pub const MATMUL_TILED_VARIANTS: [&[(&str, f64)]; 4] = [
+pub const MATMUL_TILED_VARIANTS: [Constants; 4] = [
     &[("TRANS_A", 0.0), ("TRANS_B", 0.0)],
     &[("TRANS_A", 0.0), ("TRANS_B", 1.0)],
     &[("TRANS_A", 1.0), ("TRANS_B", 0.0)],
@@ -80,7 +80,10 @@ pub const MATMUL_TILED_VARIANTS: [&[(&str, f64)]; 4] = [
 
 /// Every set of override constants a pipeline is made with, by shader file stem (a shader not
 /// listed is made with its defaults only): what `tests/shader_portability.rs` translates.
-pub const OVERRIDES: &[(&str, &[&[(&str, f64)]])] = &[("matmul_tiled", &MATMUL_TILED_VARIANTS)];
+pub const OVERRIDES: &[(&str, &[Constants])] = &[("matmul_tiled", &MATMUL_TILED_VARIANTS)];
+
+/// One table of pipeline-overridable constants: (WGSL `override` name, value).
+pub type Constants = &'static [(&'static str, f64)];
 
 /// Shaders whose modules are made without wgpu's runtime bounds clamps on storage indices
 /// (`ShaderRuntimeChecks::bounds_checks` off; every other check stays). Each reads and writes

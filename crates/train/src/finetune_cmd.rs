@@ -442,10 +442,10 @@ fn remove_torn_writes(dir: &std::path::Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(".tmp") || (name.starts_with('.') && name.contains(".tmp.")) {
-            if let Err(e) = std::fs::remove_file(entry.path()) {
-                eprintln!("warning: {}: {e}", entry.path().display());
-            }
+        if (name.starts_with(".tmp") || (name.starts_with('.') && name.contains(".tmp.")))
+            && let Err(e) = std::fs::remove_file(entry.path())
+        {
+            eprintln!("warning: {}: {e}", entry.path().display());
         }
     }
 }

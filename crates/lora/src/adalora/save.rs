@@ -39,14 +39,14 @@ impl AdaLora {
         rank_pattern: Option<&[Vec<bool>]>,
     ) -> Result<()> {
         let dir = dir.as_ref();
-        if let Some(p) = rank_pattern {
-            if p.len() != self.updates.len() {
-                return Err(Error::State(format!(
-                    "a rank pattern of {} modules for {} AdaLoRA updates",
-                    p.len(),
-                    self.updates.len()
-                )));
-            }
+        if let Some(p) = rank_pattern
+            && p.len() != self.updates.len()
+        {
+            return Err(Error::State(format!(
+                "a rank pattern of {} modules for {} AdaLoRA updates",
+                p.len(),
+                self.updates.len()
+            )));
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::Io {
             path: dir.to_path_buf(),

@@ -21,10 +21,10 @@ impl Shared {
                 x.shape()
             )));
         };
-        if let Some((shape, idx)) = &self.rows {
-            if *shape == (b, t) {
-                return Ok(idx.clone());
-            }
+        if let Some((shape, idx)) = &self.rows
+            && *shape == (b, t)
+        {
+            return Ok(idx.clone());
         }
         let index = |name: &Option<String>| match name {
             Some(n) => self

@@ -290,16 +290,16 @@ impl Engine {
 
     fn submit(&mut self, s: Submission) {
         let n = s.prompts.len();
-        if let Some(a) = &s.adapter {
-            if self.shared.resolve(a).is_none() {
-                self.shared.queued.fetch_sub(n, Ordering::Relaxed);
-                let names = self.shared.names().join(", ");
-                let _ = s.events.send(Event::Rejected {
-                    status: 404,
-                    message: format!("no model `{a}`: the models are {names}"),
-                });
-                return;
-            }
+        if let Some(a) = &s.adapter
+            && self.shared.resolve(a).is_none()
+        {
+            self.shared.queued.fetch_sub(n, Ordering::Relaxed);
+            let names = self.shared.names().join(", ");
+            let _ = s.events.send(Event::Rejected {
+                status: 404,
+                message: format!("no model `{a}`: the models are {names}"),
+            });
+            return;
         }
         let n_ctx = self.model.config.n_positions;
         let label = self.shared.metrics.model(&s.model);

@@ -11,7 +11,8 @@
 //!   8×8 outputs per invocation (64 multiply-adds per four vec4 reads of workgroup memory),
 //!   vec4 global loads, K slices of 8 double-buffered with one barrier per slice, and one
 //!   pipeline per transpose case (WGSL `override` constants, so the branches fold away when the
-//!   pipeline is made). It needs every operand readable as whole vec4s ([`tiled_fits`]).
+//!   pipeline is made). It needs every operand readable as whole vec4s (`tiled_fits`: every
+//!   offset, leading dimension, batch stride and contiguous extent a multiple of 4).
 //!
 //! [`GpuMatmul::Auto`] (the default) measures which kernel is faster for each class of shapes on a
 //! hardware adapter, once, and remembers it on disk ([`matmul_tune`](super::matmul_tune)). On a
@@ -42,7 +43,7 @@ pub enum GpuMatmul {
     Tune,
     /// `shaders/matmul.wgsl`: every shape.
     Tile64,
-    /// `shaders/matmul_tiled.wgsl` where it fits ([`tiled_fits`]); `Tile64` elsewhere.
+    /// `shaders/matmul_tiled.wgsl` where it fits (module doc); `Tile64` elsewhere.
     Tile128,
 }
 

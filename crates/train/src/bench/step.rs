@@ -228,10 +228,10 @@ pub fn run(args: &StepArgs, device: &Device) -> crate::Result<()> {
             }
         }
     }
-    if !report.is_json() {
-        if let Some(rss) = peak_rss() {
-            println!("  process peak RSS: {} MiB", mib(rss));
-        }
+    if !report.is_json()
+        && let Some(rss) = peak_rss()
+    {
+        println!("  process peak RSS: {} MiB", mib(rss));
     }
     Ok(())
 }

@@ -128,12 +128,9 @@ pub(super) fn run(
         let masked = allocator.update_and_allocate(i, &updates, &grads)?;
         let mut record = json!({"step": i + 1, "loss": loss_sum, "lr": lr,
             "grad_norm": grad_norm, "budget": budget});
-        if masked {
-            if let Some(p) = &allocator.rank_pattern {
-                let ranks: Vec<usize> =
-                    p.iter().map(|k| k.iter().filter(|&&x| x).count()).collect();
-                record["ranks"] = json!(ranks);
-            }
+        if masked && let Some(p) = &allocator.rank_pattern {
+            let ranks: Vec<usize> = p.iter().map(|k| k.iter().filter(|&&x| x).count()).collect();
+            record["ranks"] = json!(ranks);
         }
         metrics.write(record)?;
         losses.push(loss_sum);
