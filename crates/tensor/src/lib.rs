@@ -12,7 +12,9 @@
 //! 3. [`ops::elementwise`]: the smallest op, showing the pattern every op follows: math in the
 //!    doc comment, CPU path, GPU launcher, tests that compare both with [`reference`](mod@reference);
 //! 4. [`ops::matmul`]: the tiled, register-blocked matrix product, and [`sgemm`]: which
-//!    library computes it on the CPU, chosen by measurement;
+//!    library computes it on the CPU, chosen by measurement; on the GPU, [`ops::matmul_tiled`]
+//!    (the second-generation kernel and which kernel runs a product) and [`ops::matmul_tune`]
+//!    (measuring that per adapter and class of shapes);
 //! 5. [`gpu`]: how a launch becomes a dispatch in a batched command encoder, buffer pooling,
 //!    splitting tensors larger than one storage binding;
 //! 6. [`shaders`]: the registry of `shaders/*.wgsl` at the repository root, one file per kernel
