@@ -93,6 +93,8 @@ pub struct GpuContext {
     pub(crate) queue: wgpu::Queue,
     pub(crate) limits: wgpu::Limits,
     info: GpuInfo,
+    /// Name, backend and driver in one line: the matmul tuner's key for this adapter.
+    tune_key: String,
     is_software: bool,
     max_binding: u64,
     pipelines: Mutex<Pipelines>,
@@ -230,6 +232,8 @@ impl GpuContext {
             device,
             queue,
             limits,
+            tune_key: format!("{} ({}, {})", info.name, info.backend, info.driver)
+                .replace(['\t', '\n'], " "),
             info,
             is_software: is_software(&adapter_info),
             max_binding,
@@ -257,6 +261,11 @@ impl GpuContext {
     /// Name, backend, type and the limits that matter.
     pub fn info(&self) -> &GpuInfo {
         &self.info
+    }
+
+    /// The adapter as the matmul tuner's cache names it (made once, not per dispatch).
+    pub(crate) fn tune_key(&self) -> &str {
+        &self.tune_key
     }
 
     /// Does the device take timestamp queries (what the profiler's GPU method needs)?

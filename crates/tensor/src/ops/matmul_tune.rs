@@ -73,9 +73,8 @@ impl Class {
 }
 
 /// The adapter as the cache file names it: name, backend and driver.
-pub(crate) fn adapter_key(ctx: &GpuContext) -> String {
-    let i = ctx.info();
-    format!("{} ({}, {})", i.name, i.backend, i.driver).replace(['\t', '\n'], " ")
+pub(crate) fn adapter_key(ctx: &GpuContext) -> &str {
+    ctx.tune_key()
 }
 
 /// Where the cache file is (module doc).
@@ -98,7 +97,8 @@ pub fn cache_path() -> Option<PathBuf> {
 #[derive(Default)]
 struct Known {
     read: bool,
-    answers: HashMap<(String, Class), GpuMatmul>,
+    /// By adapter, then class (looked up by `&str`, so a dispatch allocates nothing).
+    answers: HashMap<String, HashMap<Class, GpuMatmul>>,
 }
 
 fn known() -> &'static Mutex<Known> {
@@ -120,7 +120,10 @@ fn read_file(k: &mut Known) {
         let (Some(class), Ok(kernel)) = (Class::parse(class), GpuMatmul::parse(kernel)) else {
             continue;
         };
-        k.answers.insert((adapter.to_string(), class), kernel);
+        k.answers
+            .entry(adapter.to_string())
+            .or_default()
+            .insert(class, kernel);
     }
 }
 
@@ -129,7 +132,11 @@ fn write_file(k: &Known) {
     let mut lines: Vec<String> = k
         .answers
         .iter()
-        .map(|((adapter, class), kernel)| format!("{adapter}\t{}\t{}", class.text(), kernel.name()))
+        .flat_map(|(adapter, classes)| {
+            classes.iter().map(move |(class, kernel)| {
+                format!("{adapter}\t{}\t{}", class.text(), kernel.name())
+            })
+        })
         .collect();
     lines.sort();
     let text = lines.join("\n") + "\n";
@@ -151,12 +158,15 @@ pub(crate) fn remembered(adapter: &str, class: Class) -> Option<GpuMatmul> {
     if !k.read {
         read_file(&mut k);
     }
-    k.answers.get(&(adapter.to_string(), class)).copied()
+    k.answers.get(adapter)?.get(&class).copied()
 }
 
 fn remember(adapter: &str, class: Class, kernel: GpuMatmul) {
     let mut k = known().lock().unwrap_or_else(|p| p.into_inner());
-    k.answers.insert((adapter.to_string(), class), kernel);
+    k.answers
+        .entry(adapter.to_string())
+        .or_default()
+        .insert(class, kernel);
     write_file(&k);
 }
 
@@ -181,7 +191,7 @@ pub(crate) fn tuned(
     }
     let adapter = adapter_key(ctx);
     let class = Class::of(d);
-    if let Some(k) = remembered(&adapter, class) {
+    if let Some(k) = remembered(adapter, class) {
         return Ok(k);
     }
     let mut best = (f64::INFINITY, GpuMatmul::Tile64);
@@ -199,7 +209,7 @@ pub(crate) fn tuned(
         }
     }
     MEASURED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    remember(&adapter, class, best.1);
+    remember(adapter, class, best.1);
     Ok(best.1)
 }
 
