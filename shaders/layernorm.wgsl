@@ -11,7 +11,8 @@
 //     x − μ = (x − k) − d): with a large common offset (1e4 + noise) the sums then see only the
 //     small values, and x − μ does not suffer from μ being rounded to f32 at the offset's scale.
 //   layernorm_backward (one workgroup per row), g = dy·gamma, x̂ recomputed from the saved μ, rstd:
-//     out[c] = rstd·(g[c] − mean_k g[k] − x̂[c]·mean_k g[k]·x̂[k])          (= dx)
+//     out[c] (+)= rstd·(g[c] − mean_k g[k] − x̂[c]·mean_k g[k]·x̂[k])          (= dx)
+//     "+=" when p.add_dx = 1: dx added into a gradient already summed for x (the residual stream's)
 //   layernorm_backward_partials (one invocation per (row block b, column c), i = b·C + c):
 //     part_g[i] = Σ_{rows r of block b} dy[r, c]·x̂[r, c],  part_b[i] = Σ_r dy[r, c]
 //     (blocks of p.block_rows rows; the last may be shorter)
@@ -45,7 +46,7 @@ struct Params {
     block_rows: u32, // partials: rows per block
     nblocks: u32,    // partials: blocks in this dispatch, ceil(rows / block_rows)
     accumulate: u32, // params: 1 to add to dgamma/dbeta instead of overwriting
-    _pad0: u32,
+    add_dx: u32,     // backward: 1 to add dx into out instead of overwriting it
     _pad1: u32,
     _pad2: u32,
 }
@@ -118,7 +119,12 @@ fn layernorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
     for (var c = li; c < p.cols; c += WG) {
         let g = dy[db + c] * gamma[p.off_gamma + c];
         let xh = (x[xb + c] - mu) * rs;
-        out[ob + c] = rs * (g - sums.x - xh * sums.y);
+        let v = rs * (g - sums.x - xh * sums.y);
+        if (p.add_dx != 0u) {
+            out[ob + c] = out[ob + c] + v;
+        } else {
+            out[ob + c] = v;
+        }
     }
 }
 

@@ -41,4 +41,4 @@ pub use grads::Grads;
 pub use memory::{Counter, MemoryReport};
 pub use optim::{AdamW, ParamGroup, Schedule, Sgd, clip_grad_norm};
 pub use param::{Param, ParamId, Trainable};
-pub use tape::{BackwardStats, Tape, Var};
+pub use tape::{BackwardStats, Pending, Tape, Var};

@@ -6,6 +6,12 @@
 //! with an input that needs none leaves no trace at all; each backward closure captures only
 //! the tensors its gradients need (matmul keeps x only when W is trainable), and the closure
 //! and what it captured are dropped as soon as it has run.
+//!
+//! Where a value feeds several ops, its gradient is a sum. Ops recorded with
+//! [`Tape::record_accumulating`] are offered the sum so far ([`Pending::take`]) and add their
+//! own share into it in place (a matrix product's accumulating mode, layer norm's), so the
+//! residual stream and a LoRA input cost no separate addition kernel; for every other op the
+//! tape adds the two tensors.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -40,7 +46,31 @@ pub fn bytes_of<'a>(saved: impl IntoIterator<Item = Option<&'a Tensor>>) -> u64 
 /// The gradients a backward closure returns, one per input (None where none is needed).
 pub type InputGrads = Vec<Option<Tensor>>;
 
-type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<InputGrads>>;
+type BackwardFn = Box<dyn FnOnce(&Tensor, &mut Pending) -> Result<InputGrads>>;
+
+/// The gradients already summed for a node's inputs while its backward rule runs (the rule's
+/// own share is still to be added). See [`Pending::take`].
+pub struct Pending<'a> {
+    sums: &'a mut HashMap<usize, Tensor>,
+    inputs: &'a [usize],
+    taken: Vec<bool>,
+}
+
+impl Pending<'_> {
+    /// Input `i`'s gradient summed so far, handed over to the rule when nothing else holds its
+    /// storage (so writing into it is unobservable). The rule must add its own gradient for
+    /// input `i` into the tensor and return that tensor as input `i`'s gradient; the tape then
+    /// stores it without an addition. `None` when there is no sum yet, or it is shared: the
+    /// rule returns a fresh gradient as usual.
+    pub fn take(&mut self, i: usize) -> Option<Tensor> {
+        let id = *self.inputs.get(i)?;
+        if self.taken[i] || !self.sums.get(&id)?.is_exclusive() {
+            return None;
+        }
+        self.taken[i] = true;
+        self.sums.remove(&id)
+    }
+}
 
 struct Node {
     op: &'static str,
@@ -145,6 +175,19 @@ impl Tape {
         saved: u64,
         backward: impl FnOnce(&Tensor) -> Result<InputGrads> + 'static,
     ) -> Result<Var> {
+        self.record_accumulating(op, value, inputs, saved, move |d, _| backward(d))
+    }
+
+    /// [`Tape::record`] for an op whose backward rule can add its gradients into the sums
+    /// already pending for its inputs ([`Pending::take`]) instead of returning fresh tensors.
+    pub fn record_accumulating(
+        &self,
+        op: &'static str,
+        value: Tensor,
+        inputs: &[&Var],
+        saved: u64,
+        backward: impl FnOnce(&Tensor, &mut Pending) -> Result<InputGrads> + 'static,
+    ) -> Result<Var> {
         let requires_grad = self.recording && inputs.iter().any(|v| v.requires_grad);
         let id = self.fresh_id();
         if requires_grad {
@@ -215,13 +258,31 @@ impl Tape {
             let saved_bytes = node.saved_bytes;
             if let Some(dout) = pending.remove(&node.output) {
                 let _profile = node.family.map(tensor::profile::scope);
-                let input_grads = (node.backward)(&dout)?;
+                let mut offered = Pending {
+                    sums: &mut pending,
+                    inputs: &node.inputs,
+                    taken: vec![false; node.inputs.len()],
+                };
+                let input_grads = (node.backward)(&dout, &mut offered)?;
+                let taken = offered.taken;
                 stats.nodes += 1;
-                for (input, g) in node.inputs.iter().zip(input_grads) {
-                    let Some(g) = g else { continue };
-                    let sum = match pending.remove(input) {
-                        Some(prev) => add(&prev, &g)?,
-                        None => g,
+                let mut input_grads = input_grads.into_iter();
+                for (k, input) in node.inputs.iter().enumerate() {
+                    let g = input_grads.next().flatten();
+                    let sum = match (g, taken[k]) {
+                        // The rule added its share into the sum it took.
+                        (Some(g), true) => g,
+                        (None, true) => {
+                            return Err(tensor::Error::Invalid(format!(
+                                "backward of {}: took input {k}'s gradient and returned none",
+                                node.op
+                            )));
+                        }
+                        (None, false) => continue,
+                        (Some(g), false) => match pending.remove(input) {
+                            Some(prev) => add(&prev, &g)?,
+                            None => g,
+                        },
                     };
                     pending.insert(*input, sum);
                 }

@@ -86,6 +86,14 @@ proptest! {
         same_on_gpu("lora_into shared y", &[vec![t, c], vec![t, 5], vec![3, 5], vec![c, 3]],
             &|tp, v| tp.lora_into(v[0].clone(), &v[1], &v[2], &v[3], 2.0, 0), seed);
         same_on_gpu("mean_all", &[vec![t, c]], &|tp, v| tp.mean_all(&v[0]), seed);
+        // Gradients summed in place: x's by the layer-norm kernel, LN(x)'s by the products.
+        same_on_gpu("residual block", &[vec![b, t, c], vec![c], vec![c], vec![c, c], vec![2, c], vec![c, 2]],
+            &move |tp, v| {
+                let h = tp.layernorm(&v[0], &v[1], &v[2], 1e-5)?;
+                let u = tp.matmul(&h, &v[3], None, opts)?;
+                let u = tp.lora_into(u, &h, &v[4], &v[5], 0.7, 0)?;
+                tp.add(&v[0], &u)
+            }, seed);
     }
 }
 

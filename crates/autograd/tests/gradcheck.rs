@@ -271,6 +271,36 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// A value read by several ops gets the sum of their gradients, whether the tape adds them or
+    /// the later rules add theirs in place (`Pending::take`): a residual block
+    /// out = x + (LN(x)·W + two LoRA updates of LN(x)), where x's gradient is the residual's
+    /// plus layer norm's (added by the layer-norm kernel) and LN(x)'s is the base product's plus
+    /// both adapters' (added by their products).
+    #[test]
+    fn gradients_summed_in_place_match_finite_differences(rows in 1usize..5, c in 2usize..6, r in 1usize..3, seed in 0u64..1000) {
+        let shapes = [vec![rows, c], vec![c], vec![c], vec![c, c], vec![r, c], vec![c, r], vec![r, c], vec![c, r]];
+        let s = 0.7;
+        check("residual block", &shapes,
+            &move |tp, v| {
+                let h = tp.layernorm(&v[0], &v[1], &v[2], 1e-5)?;
+                let u = tp.matmul(&h, &v[3], None, MatmulOpts::default())?;
+                let u = tp.lora_into(u, &h, &v[4], &v[5], s, 0)?;
+                let u = tp.lora_into(u, &h, &v[6], &v[7], s, 0)?;
+                tp.add(&v[0], &u)
+            },
+            &move |x| {
+                let h = reference::layernorm(&x[0], &x[1], &x[2], 1e-5);
+                let u = reference::matmul(&h, &x[3], None, [1, rows, c, c], MatmulOpts::default());
+                let u = lora_into64(&u, &h, &x[4], &x[5], [c, r, c, c, 0], s as f64);
+                let u = lora_into64(&u, &h, &x[6], &x[7], [c, r, c, c, 0], s as f64);
+                x[0].iter().zip(&u).map(|(a, b)| a + b).collect()
+            }, seed).unwrap();
+    }
+}
+
 #[test]
 fn dropout_backward_matches_finite_differences() {
     // The mask is a function of (seed, index): read it off by dropping out a tensor of ones.

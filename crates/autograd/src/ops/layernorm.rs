@@ -4,9 +4,11 @@
 //! rather than saved, trading a few flops for (rows, C) floats of memory.
 //! Backward (g = dy·γ): dx = rstd·(g − mean(g) − x̂·mean(g·x̂)); dγ = Σ_rows dy·x̂; dβ = Σ_rows dy.
 //! dγ and dβ are computed only when γ or β requires a gradient (not for LoRA's frozen norms).
+//! dx goes straight into x's gradient summed so far when the tape offers it (the residual
+//! stream's: x also feeds the block's residual addition), in the same kernel.
 
 use tensor::Result;
-use tensor::ops::layernorm::{layernorm, layernorm_backward};
+use tensor::ops::layernorm::{layernorm, layernorm_backward_into};
 
 use crate::tape::{Tape, Var, bytes_of};
 
@@ -17,13 +19,20 @@ impl Tape {
         let (xs, gs, mean, rstd) = (x.value.clone(), gamma.value.clone(), out.mean, out.rstd);
         let (nx, ng, nb) = (x.requires_grad, gamma.requires_grad, beta.requires_grad);
         let saved = bytes_of([Some(&xs), Some(&gs), Some(&mean), Some(&rstd)]);
-        self.record("layernorm", out.y, &[x, gamma, beta], saved, move |dy| {
-            let g = layernorm_backward(&xs, &gs, &mean, &rstd, dy, ng || nb)?;
-            Ok(vec![
-                nx.then_some(g.dx),
-                g.dgamma.filter(|_| ng),
-                g.dbeta.filter(|_| nb),
-            ])
-        })
+        self.record_accumulating(
+            "layernorm",
+            out.y,
+            &[x, gamma, beta],
+            saved,
+            move |dy, pending| {
+                let acc = if nx { pending.take(0) } else { None };
+                let g = layernorm_backward_into(&xs, &gs, &mean, &rstd, dy, ng || nb, acc)?;
+                Ok(vec![
+                    nx.then_some(g.dx),
+                    g.dgamma.filter(|_| ng),
+                    g.dbeta.filter(|_| nb),
+                ])
+            },
+        )
     }
 }

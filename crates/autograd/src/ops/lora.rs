@@ -20,10 +20,14 @@
 //! dA = dpᵀ·x                     (r, in)  x saved when A is trainable
 //! dx = dp·A                      (N, in)  A saved when x needs a gradient
 //! ```
+//! dx is added straight into x's gradient summed so far when the tape offers it (the other
+//! adapter's, or the base product's, see [`Pending`](crate::Pending)): no separate addition.
 //! Saved: h (N·r floats), x (already alive as the base's input) and the small A, B: the same
 //! as the unfused path (matmul, scale, matmul, add-into) saved.
 
-use tensor::ops::matmul::{MatView, MatmulOpts, matmul, matmul_into, matmul_scaled, matmul_view};
+use tensor::ops::matmul::{
+    MatView, MatmulOpts, matmul, matmul_accumulate, matmul_into, matmul_scaled, matmul_view,
+};
 use tensor::{Error, Result, Tensor};
 
 use crate::tape::{Tape, Var, bytes_of};
@@ -115,7 +119,7 @@ impl Tape {
         ]);
         let x_shape = x.shape().to_vec();
         let counter = self.matmul_counter();
-        self.record(op, out, &[&y, x, a, b], saved, move |d| {
+        self.record_accumulating(op, out, &[&y, x, a, b], saved, move |d, pending| {
             let d2 = rows2d(d)?;
             let dw = MatView::cols(&d2, col0, w);
             let trans_a = MatmulOpts {
@@ -152,7 +156,18 @@ impl Tape {
             let dx = match (&dp, &a_saved) {
                 (Some(dp), Some(av)) => {
                     bump();
-                    Some(matmul(dp, av, None, MatmulOpts::default())?.reshape(&x_shape)?)
+                    // Into x's gradient summed so far (the other adapter's, the base's) when
+                    // the tape offers it; a fresh one otherwise.
+                    match pending.take(1) {
+                        Some(acc) => {
+                            let plain = MatmulOpts::default();
+                            matmul_accumulate(&rows2d(&acc)?, dp, av, plain)?;
+                            Some(acc)
+                        }
+                        None => {
+                            Some(matmul(dp, av, None, MatmulOpts::default())?.reshape(&x_shape)?)
+                        }
+                    }
                 }
                 _ => None,
             };

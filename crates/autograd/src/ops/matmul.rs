@@ -15,7 +15,7 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use tensor::ops::matmul::{MatmulOpts, matmul};
+use tensor::ops::matmul::{MatmulOpts, matmul, matmul_accumulate};
 use tensor::ops::reduce::sum;
 use tensor::{Result, Tensor};
 
@@ -51,6 +51,21 @@ fn grad_x(dy: &Tensor, w: &Tensor, opts: MatmulOpts, x_shape: &[usize]) -> Resul
         )?
     };
     dx.reshape(x_shape)
+}
+
+/// `acc += dx` in place, for the sum of x's gradients `acc` (x's shape) taken from the tape:
+/// the product's accumulating mode instead of a fresh dx and an addition. Only without
+/// `trans_a` (dx = dy·op(W)ᵀ has x's own row layout there).
+fn grad_x_into(acc: &Tensor, dy: &Tensor, w: &Tensor, opts: MatmulOpts) -> Result<()> {
+    let mut shape = dy.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = acc.last_dim();
+    }
+    let flags = MatmulOpts {
+        trans_a: false,
+        trans_b: !opts.trans_b,
+    };
+    matmul_accumulate(&acc.reshape(&shape)?, dy, w, flags)
 }
 
 /// dW for y = op(x)·op(W):  trans_b = false → dW = op(x)ᵀ·dy;  trans_b = true → dW = dyᵀ·op(x).
@@ -99,11 +114,18 @@ impl Tape {
         let saved = bytes_of([w_saved.as_ref(), x_saved.as_ref()]);
         let mut inputs = vec![x, w];
         inputs.extend(bias);
-        self.record("matmul", y, &inputs, saved, move |dy| {
+        self.record_accumulating("matmul", y, &inputs, saved, move |dy, pending| {
             let dx = match &w_saved {
                 Some(w) => {
                     counter.set(counter.get() + 1);
-                    Some(grad_x(dy, w, opts, &x_shape)?)
+                    // x's gradient summed so far (asked only when dx can go into it).
+                    match (!opts.trans_a).then(|| pending.take(0)).flatten() {
+                        Some(acc) => {
+                            grad_x_into(&acc, dy, w, opts)?;
+                            Some(acc)
+                        }
+                        None => Some(grad_x(dy, w, opts, &x_shape)?),
+                    }
                 }
                 None => None,
             };

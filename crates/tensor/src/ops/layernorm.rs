@@ -50,7 +50,7 @@ kernel_params! {
         block_rows: u32,
         nblocks: u32,
         accumulate: u32,
-        _pad0: u32,
+        add_dx: u32,
         _pad1: u32,
         _pad2: u32,
     }
@@ -214,6 +214,22 @@ pub fn layernorm_backward(
     dy: &Tensor,
     params: bool,
 ) -> Result<LayerNormGrads> {
+    layernorm_backward_into(x, gamma, mean, rstd, dy, params, None)
+}
+
+/// [`layernorm_backward`] with dx added into `acc` (the shape of x) in the same pass, `acc += dx`,
+/// when given: the returned `dx` is then `acc` itself. For a value whose gradient is a sum (the
+/// residual stream feeds both a layer norm and the next residual addition), this replaces an
+/// addition kernel. `acc` must not share storage with x, dy or γ.
+pub fn layernorm_backward_into(
+    x: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    params: bool,
+    acc: Option<Tensor>,
+) -> Result<LayerNormGrads> {
     let _profile = crate::profile::scope("layernorm");
     let op = "layernorm_backward";
     let c = x.last_dim();
@@ -238,12 +254,36 @@ pub fn layernorm_backward(
             dy.shape(),
         );
     }
+    if let Some(acc) = &acc {
+        if acc.shape() != x.shape() {
+            return shape_err(
+                op,
+                format!("a gradient to add into of the shape of x, {:?}", x.shape()),
+                acc.shape(),
+            );
+        }
+        if [x, dy, gamma].iter().any(|t| acc.same_storage(t)) {
+            return Err(crate::Error::Invalid(format!(
+                "{op}: the gradient to add into must not share storage with x, dy or gamma"
+            )));
+        }
+        same_device(op, &[acc, x])?;
+    }
     match same_device(op, &[x, gamma, mean, rstd, dy])? {
         Device::Cpu(ctx) => {
             let (xd, gd, dyd) = (x.cpu_data()?, gamma.cpu_data()?, dy.cpu_data()?);
             let (md, rd) = (mean.cpu_data()?, rstd.cpu_data()?);
-            let mut dx = vec![0.0; xd.len()];
-            crate::cpu::for_rows(&mut dx, c, |r, row| {
+            let mut fresh = Vec::new();
+            let mut acc_data = acc.as_ref().map(|t| t.cpu_data_mut()).transpose()?;
+            let add = acc_data.is_some();
+            let dx: &mut Vec<f32> = match &mut acc_data {
+                Some(d) => d,
+                None => {
+                    fresh.resize(xd.len(), 0.0);
+                    &mut fresh
+                }
+            };
+            crate::cpu::for_rows(dx, c, |r, row| {
                 let (xs, dys) = (&xd[r * c..(r + 1) * c], &dyd[r * c..(r + 1) * c]);
                 let (m, rs) = (md[r] as f64, rd[r]);
                 let xhat = |x: f32| ((x as f64 - m) as f32) * rs;
@@ -256,10 +296,15 @@ pub fn layernorm_backward(
                 }
                 let (mg, mgx) = ((sg / c as f64) as f32, (sgx / c as f64) as f32);
                 for (((o, &x), &d), &ga) in row.iter_mut().zip(xs).zip(dys).zip(gd.iter()) {
-                    *o = rs * (d * ga - mg - xhat(x) * mgx);
+                    let v = rs * (d * ga - mg - xhat(x) * mgx);
+                    *o = if add { *o + v } else { v };
                 }
             });
-            let dx = Tensor::cpu_from(&ctx, dx, x.shape());
+            drop(acc_data);
+            let dx = match acc {
+                Some(acc) => acc,
+                None => Tensor::cpu_from(&ctx, fresh, x.shape()),
+            };
             if !params {
                 return Ok(LayerNormGrads {
                     dx,
@@ -285,7 +330,7 @@ pub fn layernorm_backward(
         }
         Device::Gpu(ctx) => {
             let max = ctx.limits.max_compute_workgroups_per_dimension;
-            backward_gpu(&ctx, x, gamma, mean, rstd, dy, params, max)
+            backward_gpu(&ctx, x, gamma, mean, rstd, dy, params, acc, max)
         }
     }
 }
@@ -301,22 +346,24 @@ fn backward_gpu(
     rstd: &Tensor,
     dy: &Tensor,
     with_params: bool,
+    acc: Option<Tensor>,
     max: u32,
 ) -> Result<LayerNormGrads> {
     let c = x.last_dim();
     let rows = x.numel() / c;
     let device = Device::Gpu(ctx.clone());
+    let add_dx = acc.is_some();
     if rows == 0 {
         let zeros = |shape: &[usize]| Tensor::zeros(shape, &device);
         return Ok(LayerNormGrads {
-            dx: zeros(x.shape())?,
+            dx: acc.map_or_else(|| zeros(x.shape()), Ok)?,
             dgamma: with_params.then(|| zeros(&[c])).transpose()?,
             dbeta: with_params.then(|| zeros(&[c])).transpose()?,
         });
     }
     let uninit = |shape: &[usize]| Tensor::gpu_uninit(ctx, shape);
     let grads = LayerNormGrads {
-        dx: uninit(x.shape())?,
+        dx: acc.map_or_else(|| uninit(x.shape()), Ok)?,
         dgamma: with_params.then(|| uninit(&[c])).transpose()?,
         dbeta: with_params.then(|| uninit(&[c])).transpose()?,
     };
@@ -353,6 +400,7 @@ fn backward_gpu(
             block_rows: BLOCK_ROWS as u32,
             nblocks: nblocks as u32,
             accumulate: (k > 0) as u32,
+            add_dx: add_dx.into(),
             ..Zeroable::zeroed()
         };
         let params = bytemuck::bytes_of(&params);
@@ -464,6 +512,21 @@ mod tests {
         let dx_only = layernorm_backward(&up(x), &up(&gamma), &m, &r, &up(&dy), false).unwrap();
         assert!(dx_only.dgamma.is_none() && dx_only.dbeta.is_none());
         assert_close(&format!("{what} dx only"), &dx_only.dx, &got.dx, 0.0, 0.0);
+        // Added into a gradient summed before: acc + dx, in the same kernel, on both devices.
+        let prev = random(x.shape(), 13, &cpu);
+        let sum: Vec<f32> = (prev.to_vec().unwrap().iter())
+            .zip(want.dx.to_vec().unwrap())
+            .map(|(p, d)| p + d)
+            .collect();
+        let sum = Tensor::from_vec(sum, x.shape(), &cpu).unwrap();
+        let into = |d: &Device, x: &Tensor, g: &Tensor, m: &Tensor, r: &Tensor, dy: &Tensor| {
+            let acc = prev.copy().unwrap().to_device(d).unwrap();
+            layernorm_backward_into(x, g, m, r, dy, false, Some(acc)).unwrap()
+        };
+        let on_cpu = into(&cpu, x, &gamma, &fwd.mean, &fwd.rstd, &dy);
+        assert_close(&format!("{what} cpu acc + dx"), &on_cpu.dx, &sum, 0.0, 0.0);
+        let on_gpu = into(g, &up(x), &up(&gamma), &m, &r, &up(&dy));
+        assert_close(&format!("{what} acc + dx"), &on_gpu.dx, &sum, 1e-5, 1e-5);
         let cpu_dx = layernorm_backward(x, &gamma, &fwd.mean, &fwd.rstd, &dy, false).unwrap();
         assert!(cpu_dx.dgamma.is_none() && cpu_dx.dbeta.is_none());
         assert_close(
@@ -600,7 +663,7 @@ mod tests {
         assert_close("2-D grid rstd", &got.rstd, &want.rstd, 0.0, 1e-5);
         let (m, r) = (up(&want.mean), up(&want.rstd));
         let want = layernorm_backward(&x, &gamma, &want.mean, &want.rstd, &dy, true).unwrap();
-        let got = backward_gpu(ctx, &up(&x), &up(&gamma), &m, &r, &up(&dy), true, 4).unwrap();
+        let got = backward_gpu(ctx, &up(&x), &up(&gamma), &m, &r, &up(&dy), true, None, 4).unwrap();
         assert_close("2-D grid dx", &got.dx, &want.dx, 1e-5, 1e-5);
         let (gg, wg) = (got.dgamma.unwrap(), want.dgamma.unwrap());
         assert_close("2-D grid dgamma", &gg, &wg, 1e-4, 1e-5);
