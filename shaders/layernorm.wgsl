@@ -10,6 +10,10 @@
 //     The row is shifted by its first element k = x[0] before summing (μ = k + d, d = mean(x − k),
 //     x − μ = (x − k) − d): with a large common offset (1e4 + noise) the sums then see only the
 //     small values, and x − μ does not suffer from μ being rounded to f32 at the offset's scale.
+//   add_layernorm_forward (one workgroup per row): a residual addition and the layer norm of its
+//     sum in one pass, h[c] = x[c] + res[c] written out (the residual stream goes on) and
+//     layernorm_forward's out, mean, rstd computed from h exactly as from x (same sums, same
+//     order: the bits of add then layernorm_forward).
 //   layernorm_backward (one workgroup per row), g = dy·gamma, x̂ recomputed from the saved μ, rstd:
 //     out[c] (+)= rstd·(g[c] − mean_k g[k] − x̂[c]·mean_k g[k]·x̂[k])          (= dx)
 //     "+=" when p.add_dx = 1: dx added into a gradient already summed for x (the residual stream's)
@@ -23,7 +27,8 @@
 //
 // Bindings: 0 params; 1 x (rows·C); 2 gamma (C); 3 beta (C); 4 dy (rows·C); 5 mean (rows);
 // 6 rstd (rows); 7 out: y or dx (rows·C); 8 part_g (nblocks·C); 9 part_b (nblocks·C);
-// 10 dgamma (C); 11 dbeta (C). Each entry point binds only the ones it uses.
+// 10 dgamma (C); 11 dbeta (C); 12 res (rows·C); 13 h (rows·C). Each entry point binds only the
+// ones it uses.
 // x, dy, out, mean, rstd, gamma, beta are bound *ranges* of larger buffers (`off_*` is where the
 // data starts inside them); part_*, dgamma, dbeta are bound from their first element.
 // Workgroup: 256 invocations. Per-row kernels: row = wg.y * num_workgroups.x + wg.x on a 2-D grid
@@ -47,8 +52,8 @@ struct Params {
     nblocks: u32,    // partials: blocks in this dispatch, ceil(rows / block_rows)
     accumulate: u32, // params: 1 to add to dgamma/dbeta instead of overwriting
     add_dx: u32,     // backward: 1 to add dx into out instead of overwriting it
-    _pad1: u32,
-    _pad2: u32,
+    off_res: u32,    // add_layernorm_forward: where res starts
+    off_h: u32,      // add_layernorm_forward: where h starts
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -63,6 +68,8 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> part_b: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dbeta: array<f32>;
+@group(0) @binding(12) var<storage, read> res: array<f32>;
+@group(0) @binding(13) var<storage, read_write> h: array<f32>;
 
 @compute @workgroup_size(256)
 fn layernorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -88,6 +95,45 @@ fn layernorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
     let ob = p.off_out + row * p.cols;
     for (var c = li; c < p.cols; c += WG) {
         let xh = ((x[xb + c] - k) - d) * rs;
+        out[ob + c] = xh * gamma[p.off_gamma + c] + beta[p.off_beta + c];
+    }
+    if (li == 0u) {
+        mean[p.off_mean + row] = k + d;
+        rstd[p.off_rstd + row] = rs;
+    }
+}
+
+@compute @workgroup_size(256)
+fn add_layernorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) li: u32) {
+    let row = group_index(wg, nwg);
+    if (row >= p.rows) { return; }
+    let xb = p.off_x + row * p.cols;
+    let rb = p.off_res + row * p.cols;
+    let hb = p.off_h + row * p.cols;
+    let n = f32(p.cols);
+    let k = x[xb] + res[rb];   // the shift: the row's first element (of h)
+
+    // Each invocation writes h's columns it owns and reads back only those.
+    var s = 0.0;
+    for (var c = li; c < p.cols; c += WG) {
+        let v = x[xb + c] + res[rb + c];
+        h[hb + c] = v;
+        s += v - k;
+    }
+    let d = workgroup_sum(li, s) / n;                // μ = k + d
+
+    var q = 0.0;
+    for (var c = li; c < p.cols; c += WG) {
+        let e = (h[hb + c] - k) - d;
+        q += e * e;
+    }
+    let sigma2 = workgroup_sum(li, q) / n;
+    let rs = 1.0 / sqrt(sigma2 + p.eps);
+
+    let ob = p.off_out + row * p.cols;
+    for (var c = li; c < p.cols; c += WG) {
+        let xh = ((h[hb + c] - k) - d) * rs;
         out[ob + c] = xh * gamma[p.off_gamma + c] + beta[p.off_beta + c];
     }
     if (li == 0u) {

@@ -97,7 +97,7 @@ pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_tokens};
 pub use init::init_checkpoint;
 pub use linear::{Adapter, Linear, Nf4Linear, Weight};
-pub use model::{Gpt2, KvCache};
+pub use model::{Gpt2, KvCache, Residual};
 pub use tensor_file::{NamedTensor, SaveDtype};
 pub use token_adapter::TokenAdapter;
 pub use tokenizer::Tokenizer;

@@ -42,6 +42,40 @@ impl LayerNorm {
         let (g, b) = (tape.param(&self.weight), tape.param(&self.bias));
         Ok(tape.layernorm(x, &g, &b, self.eps)?)
     }
+
+    /// The stream's value and its layer norm. A [`Residual::Sum`] is added by the layer norm's
+    /// own kernel ([`Tape::add_layernorm`]), so no addition kernel runs.
+    pub fn forward_residual(&self, tape: &Tape, x: Residual) -> Result<(Var, Var)> {
+        match x {
+            Residual::Value(x) => {
+                let y = self.forward(tape, &x)?;
+                Ok((x, y))
+            }
+            Residual::Sum(x, a) => {
+                let (g, b) = (tape.param(&self.weight), tape.param(&self.bias));
+                Ok(tape.add_layernorm(&x, &a, &g, &b, self.eps)?)
+            }
+        }
+    }
+}
+
+/// The residual stream between two sublayers: a value, or the sum `x + a` of the stream and a
+/// sublayer's output not added yet. Every such sum in GPT-2 (the embeddings, each residual) is
+/// read next by a layer norm, which adds it in its own kernel ([`LayerNorm::forward_residual`]).
+#[derive(Clone, Debug)]
+pub enum Residual {
+    Value(Var),
+    Sum(Var, Var),
+}
+
+impl Residual {
+    /// The stream as a value (adds a pending sum).
+    pub fn value(self, tape: &Tape) -> Result<Var> {
+        match self {
+            Residual::Value(x) => Ok(x),
+            Residual::Sum(x, a) => Ok(tape.add(&x, &a)?),
+        }
+    }
 }
 
 /// One transformer block: attention and MLP, each behind a layer norm and a residual.
@@ -137,16 +171,29 @@ impl Block {
         cfg: &GptConfig,
         attention: impl FnOnce(&Var, f32) -> Result<Var>,
     ) -> Result<Var> {
+        self.forward_stream(tape, Residual::Value(x.clone()), cfg, attention)?
+            .value(tape)
+    }
+
+    /// [`Block::forward_with`] on the residual stream: it takes the stream (maybe a sum still to
+    /// add) and returns `x + mlp(…)` unadded, so the next layer norm adds it in its kernel.
+    pub fn forward_stream(
+        &self,
+        tape: &Tape,
+        x: Residual,
+        cfg: &GptConfig,
+        attention: impl FnOnce(&Var, f32) -> Result<Var>,
+    ) -> Result<Residual> {
         let hs = cfg.n_embd / cfg.n_head;
         // Attention.
-        let h = self.ln_1.forward(tape, x)?;
+        let (x, h) = self.ln_1.forward_residual(tape, x)?;
         let qkv = self.c_attn.forward(tape, &h)?; // (B,T,3C)
         let scope = tensor::profile::scope("attention"); // q·kᵀ, softmax, att·v, heads
         let y = attention(&qkv, cfg.variant.attention_scale(hs, self.layer))?; // (B,T,C)
         drop(scope);
-        let x = tape.add(x, &self.attn_c_proj.forward(tape, &y)?)?;
+        let attn = self.attn_c_proj.forward(tape, &y)?;
         // MLP.
-        let h = self.ln_2.forward(tape, &x)?;
+        let (x, h) = self.ln_2.forward_residual(tape, Residual::Sum(x, attn))?;
         let h = self.c_fc.forward(tape, &h)?; // (B,T,F)
         let h = match cfg.variant.activation {
             Activation::GeluTanh => tape.gelu(&h)?,
@@ -156,7 +203,7 @@ impl Block {
             Activation::QuickGelu => tape.activation(Kind::QuickGelu, &h)?,
         };
         let h = self.mlp_c_proj.forward(tape, &h)?;
-        Ok(tape.add(&x, &h)?)
+        Ok(Residual::Sum(x, h))
     }
 }
 
@@ -396,12 +443,19 @@ impl Gpt2 {
             .flat_map(|_| pos0 as u32..(pos0 + t) as u32)
             .collect();
         let pos = tape.embedding(&tape.param(&self.wpe), &positions)?;
-        let mut x = tape.reshape(&tape.add(&tok, &pos)?, &[b, t, c])?;
+        let (tok, pos) = (
+            tape.reshape(&tok, &[b, t, c])?,
+            tape.reshape(&pos, &[b, t, c])?,
+        );
+        // The embeddings' sum and every residual are added by the layer norm that reads them.
+        let mut x = Residual::Sum(tok, pos);
         for (l, block) in self.h.iter().enumerate() {
             let layer_cache = cache.map(|c| (&c.k[l], &c.v[l], pos0));
-            x = block.forward_cached(tape, &x, cfg, layer_cache)?;
+            x = block.forward_stream(tape, x, cfg, |qkv, scale| {
+                self_attention(tape, qkv, cfg.n_head, scale, layer_cache)
+            })?;
         }
-        let x = self.ln_f.forward(tape, &x)?;
+        let (_, x) = self.ln_f.forward_residual(tape, x)?;
         Ok(tape.reshape(&x, &[b * t, c])?)
     }
 

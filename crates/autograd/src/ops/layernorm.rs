@@ -6,9 +6,13 @@
 //! dγ and dβ are computed only when γ or β requires a gradient (not for LoRA's frozen norms).
 //! dx goes straight into x's gradient summed so far when the tape offers it (the residual
 //! stream's: x also feeds the block's residual addition), in the same kernel.
+//!
+//! [`Tape::add_layernorm`] is a residual addition h = x + a followed by the layer norm of h, in
+//! one forward kernel; on the tape it is the two ops it replaces (an addition passing dh on to
+//! both x and a, and the layer norm of h), so the backward is theirs.
 
-use tensor::Result;
-use tensor::ops::layernorm::{layernorm, layernorm_backward_into};
+use tensor::ops::layernorm::{LayerNormOut, add_layernorm, layernorm, layernorm_backward_into};
+use tensor::{Result, Tensor};
 
 use crate::tape::{Tape, Var, bytes_of};
 
@@ -16,7 +20,32 @@ impl Tape {
     /// Layer norm of x: (…, C) with γ, β: (C).
     pub fn layernorm(&self, x: &Var, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
         let out = layernorm(&x.value, &gamma.value, &beta.value, eps)?;
-        let (xs, gs, mean, rstd) = (x.value.clone(), gamma.value.clone(), out.mean, out.rstd);
+        self.record_layernorm(x, gamma, beta, out)
+    }
+
+    /// `(h, y)` with h = x + a and y = layer norm of h (see the module doc): x, a: (…, C);
+    /// γ, β: (C).
+    pub fn add_layernorm(
+        &self,
+        x: &Var,
+        a: &Var,
+        gamma: &Var,
+        beta: &Var,
+        eps: f32,
+    ) -> Result<(Var, Var)> {
+        let (h, out) = add_layernorm(&x.value, &a.value, &gamma.value, &beta.value, eps)?;
+        let (nx, na) = (x.requires_grad, a.requires_grad);
+        let h = self.record("add", h, &[x, a], 0, move |dh| {
+            Ok(vec![nx.then(|| dh.clone()), na.then(|| dh.clone())])
+        })?;
+        let y = self.record_layernorm(&h, gamma, beta, out)?;
+        Ok((h, y))
+    }
+
+    /// Record the layer norm of x whose forward gave `out`.
+    fn record_layernorm(&self, x: &Var, gamma: &Var, beta: &Var, out: LayerNormOut) -> Result<Var> {
+        let (xs, gs, mean, rstd): (Tensor, Tensor, _, _) =
+            (x.value.clone(), gamma.value.clone(), out.mean, out.rstd);
         let (nx, ng, nb) = (x.requires_grad, gamma.requires_grad, beta.requires_grad);
         let saved = bytes_of([Some(&xs), Some(&gs), Some(&mean), Some(&rstd)]);
         self.record_accumulating(

@@ -51,8 +51,8 @@ kernel_params! {
         nblocks: u32,
         accumulate: u32,
         add_dx: u32,
-        _pad1: u32,
-        _pad2: u32,
+        off_res: u32,
+        off_h: u32,
     }
 }
 
@@ -139,15 +139,58 @@ pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<
         }
         Device::Gpu(ctx) => {
             let max = ctx.limits.max_compute_workgroups_per_dimension;
-            forward_gpu(&ctx, x, gamma, beta, eps, max)
+            forward_gpu(&ctx, x, None, gamma, beta, eps, max)
+        }
+    }
+}
+
+/// A residual addition and the layer norm of its sum: `h = x + res`, then [`layernorm`] of h,
+/// both returned (the residual stream h goes on; the normalised y feeds the next sublayer).
+/// On the GPU one kernel reads x and res once and writes h and y (an addition kernel and a
+/// layer-norm kernel would read h again); the numbers are those of the two ops, to the bit.
+pub fn add_layernorm(
+    x: &Tensor,
+    res: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, LayerNormOut)> {
+    let op = "add_layernorm";
+    if res.shape() != x.shape() {
+        return shape_err(
+            op,
+            format!("res of the shape of x, {:?}", x.shape()),
+            res.shape(),
+        );
+    }
+    match same_device(op, &[x, res, gamma, beta])? {
+        Device::Cpu(_) => {
+            let h = crate::ops::elementwise::add(x, res)?;
+            let out = layernorm(&h, gamma, beta, eps)?;
+            Ok((h, out))
+        }
+        Device::Gpu(ctx) => {
+            let _profile = crate::profile::scope("layernorm");
+            let c = x.last_dim();
+            if x.shape().is_empty() || c == 0 {
+                return shape_err(op, "x of shape (…, C) with C ≥ 1", x.shape());
+            }
+            check_param(op, "gamma", gamma, c)?;
+            check_param(op, "beta", beta, c)?;
+            let h = Tensor::gpu_uninit(&ctx, x.shape())?;
+            let max = ctx.limits.max_compute_workgroups_per_dimension;
+            let out = forward_gpu(&ctx, x, Some((res, &h)), gamma, beta, eps, max)?;
+            Ok((h, out))
         }
     }
 }
 
 /// The GPU forward, on grids of at most `max_groups` workgroups per dimension.
+/// With `residual = Some((res, h))` the kernel normalises h = x + res and writes h too.
 fn forward_gpu(
     ctx: &Arc<GpuContext>,
     x: &Tensor,
+    residual: Option<(&Tensor, &Tensor)>,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f32,
@@ -173,7 +216,7 @@ fn forward_gpu(
             ctx.view(&out.rstd, start, len)?,
         );
         let (gv, bv) = (ctx.view_all(gamma)?, ctx.view_all(beta)?);
-        let params = Params {
+        let mut params = Params {
             rows: len as u32,
             cols: c as u32,
             off_x: xv.offset,
@@ -185,7 +228,7 @@ fn forward_gpu(
             eps,
             ..Zeroable::zeroed()
         };
-        let bindings = [
+        let mut bindings = vec![
             (1, xv.binding),
             (2, gv.binding),
             (3, bv.binding),
@@ -193,9 +236,20 @@ fn forward_gpu(
             (6, rv.binding),
             (7, yv.binding),
         ];
+        let mut entry = "layernorm_forward";
+        if let Some((res, h)) = residual {
+            let (resv, hv) = (
+                ctx.view(res, start * c, len * c)?,
+                ctx.view(h, start * c, len * c)?,
+            );
+            params.off_res = resv.offset;
+            params.off_h = hv.offset;
+            bindings.extend([(12, resv.binding), (13, hv.binding)]);
+            entry = "add_layernorm_forward";
+        }
         let groups = grid_2d(len, 1, max_groups);
         ctx.dispatch(
-            kernel("layernorm_forward"),
+            kernel(entry),
             bytemuck::bytes_of(&params),
             &bindings,
             groups,
@@ -658,7 +712,7 @@ mod tests {
         let dy = random(x.shape(), 43, &cpu);
         let up = |t: &Tensor| t.to_device(&g).unwrap();
         let want = layernorm(&x, &gamma, &beta, EPS).unwrap();
-        let got = forward_gpu(ctx, &up(&x), &up(&gamma), &up(&beta), EPS, 4).unwrap();
+        let got = forward_gpu(ctx, &up(&x), None, &up(&gamma), &up(&beta), EPS, 4).unwrap();
         assert_close("2-D grid y", &got.y, &want.y, 1e-5, 0.0);
         assert_close("2-D grid rstd", &got.rstd, &want.rstd, 0.0, 1e-5);
         let (m, r) = (up(&want.mean), up(&want.rstd));
@@ -677,6 +731,61 @@ mod tests {
         let Some(_) = gpu() else { return };
         let g = crate::testing::gpu_with_binding_limit(4096);
         check("split", &random(&[1000, 7], 51, &Device::cpu()), &g);
+    }
+
+    /// The fused residual addition and layer norm equals `add` then `layernorm` on the same
+    /// device, to the bit (GPU: one kernel; CPU: the two ops), and the GPU equals the CPU within
+    /// the forward's tolerances; also across row chunks of small bindings and with views.
+    fn check_add_layernorm(g: &Device, shape: &[usize], seed: u64) {
+        let cpu = Device::cpu();
+        let c = shape[shape.len() - 1];
+        let (x, res) = (random(shape, seed, &cpu), random(shape, seed + 1, &cpu));
+        let (gamma, beta) = params(c, seed + 2, &cpu);
+        for d in [&cpu, g] {
+            let up = |t: &Tensor| t.to_device(d).unwrap();
+            let (x, res, gamma, beta) = (up(&x), up(&res), up(&gamma), up(&beta));
+            let (h, out) = add_layernorm(&x, &res, &gamma, &beta, EPS).unwrap();
+            let h2 = crate::ops::elementwise::add(&x, &res).unwrap();
+            let out2 = layernorm(&h2, &gamma, &beta, EPS).unwrap();
+            assert_close("h", &h, &h2, 0.0, 0.0);
+            assert_close("y", &out.y, &out2.y, 0.0, 0.0);
+            assert_close("mean", &out.mean, &out2.mean, 0.0, 0.0);
+            assert_close("rstd", &out.rstd, &out2.rstd, 0.0, 0.0);
+        }
+        let (h, out) = add_layernorm(&x, &res, &gamma, &beta, EPS).unwrap();
+        let up = |t: &Tensor| t.to_device(g).unwrap();
+        let (gh, gout) = add_layernorm(&up(&x), &up(&res), &up(&gamma), &up(&beta), EPS).unwrap();
+        assert_close("gpu h", &gh, &h, 0.0, 0.0);
+        assert_close("gpu y", &gout.y, &out.y, 1e-5, 0.0);
+        assert_close("gpu rstd", &gout.rstd, &out.rstd, 0.0, 1e-5);
+    }
+
+    #[test]
+    fn add_layernorm_is_add_then_layernorm() {
+        let Some(g) = gpu() else { return };
+        check_add_layernorm(&g, &[3, 5, 300], 71);
+        check_add_layernorm(&g, &[1, 1], 72);
+        // 4 KiB bindings: 137 rows of 7 per chunk.
+        let small = crate::testing::gpu_with_binding_limit(4096);
+        check_add_layernorm(&small, &[1000, 7], 73);
+    }
+
+    #[test]
+    fn add_layernorm_rejects_mismatched_shapes() {
+        let cpu = Device::cpu();
+        let (gamma, beta) = params(4, 1, &cpu);
+        let e = add_layernorm(
+            &random(&[2, 4], 1, &cpu),
+            &random(&[3, 4], 2, &cpu),
+            &gamma,
+            &beta,
+            EPS,
+        );
+        let e = e.err().unwrap().to_string();
+        assert!(
+            e.contains("res of the shape of x") && e.contains("[3, 4]"),
+            "{e}"
+        );
     }
 
     #[test]
