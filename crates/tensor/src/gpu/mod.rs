@@ -16,10 +16,12 @@
 //!    (`bind_cache.rs`; the pool hands each step the buffers of the step before, so after the
 //!    first step it is nearly always there), and `dispatch_workgroups` is recorded into the open
 //!    compute pass of the batch. Nothing runs yet;
-//! 6. (`batch.rs` records steps 2 to 6) the batch is submitted when it is full, when data is read back (`Tensor::to_vec`) or when
+//! 6. the batch is submitted when it is full, when data is read back (`Tensor::to_vec`) or when
 //!    `sync` is called: one `write_buffer` uploads the arena, then the commands go to the queue,
 //!    inside one set of error scopes that turns anything wgpu rejects into an error of the
 //!    flush. wgpu inserts the barriers between dependent dispatches.
+//!
+//! Steps 2 to 6 are `batch.rs`.
 //!
 //! Each of those steps reports to the step accounting of [`counts`](crate::counts) when it is
 //! on (dispatches, copies, uploads, submissions, blocking waits). A context made with
