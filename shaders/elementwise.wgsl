@@ -8,7 +8,8 @@
 //   scale:     out[i] = alpha * a[i]
 //   axpy:      out[i] = out[i] + alpha * a[i]          (in place: gradient accumulation)
 //   add_bias:  out[r, c] = a[r, c] + b[c]               (a: (rows, cols), b: (cols))
-//   scale_by:  out[i] = b[0] * a[i]                     (b: (1), a scale that stays on the GPU)
+//   scale_by:  out[i] = b[0] * (alpha * a[i])           (b: (1), a scale that stays on the GPU;
+//                                                        alpha a constant folded in, 1 for none)
 //
 // Bindings: 0 params; 1 a (n); 2 b (n, or cols for add_bias); 3 out (n).
 // Each array is a bound *range* of a larger buffer; `off_*` is where the data starts inside it.
@@ -85,5 +86,5 @@ fn scale_by(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
             @builtin(local_invocation_index) li: u32) {
     let i = flat_index(wg, nwg, li);
     if (i >= p.n) { return; }
-    out[p.off_out + i] = b[p.off_b] * a[p.off_a + i];
+    out[p.off_out + i] = b[p.off_b] * (p.alpha * a[p.off_a + i]);
 }

@@ -16,7 +16,7 @@ impl Tape {
         let (shape, device) = (x.shape().to_vec(), x.value.device());
         self.record("sum_all", y, &[x], 0, move |dy| {
             let ones = Tensor::full(&shape, 1.0, &device)?;
-            Ok(vec![Some(scale_by(&ones, dy)?)])
+            Ok(vec![Some(scale_by(&ones, 1.0, dy)?)])
         })
     }
 

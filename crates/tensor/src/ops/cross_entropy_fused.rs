@@ -17,6 +17,13 @@
 //! case, a fresh matmul output), it is reused for the gradient; otherwise it is copied first,
 //! so no other tensor ever sees its values change.
 //!
+//! [`cross_entropy_fused_rows`] is the same op over a row block `row0..row0 + rows` of a larger
+//! problem of N rows, whose targets, weights and (N) losses a [`LossRows`] holds: the block's
+//! losses go into its elements of that one tensor, so a caller that cuts the logits into chunks
+//! (autograd's `linear_cross_entropy`, which never holds all N·V of them; [`loss_chunk_rows`]
+//! says how many rows a chunk has) sums them once, without a concat, and a GPU gets the targets
+//! and weights in one upload, not one per chunk (an upload ends the batch of recorded passes).
+//!
 //! Kernel: `shaders/cross_entropy_fused.wgsl`, one 256-invocation workgroup per row: a max and
 //! a sum-of-exponentials tree reduction, then each invocation rewrites its own elements.
 //! CPU: per row, the vectorised [`fastmath`] max and exp-and-sum (which leaves
@@ -24,7 +31,7 @@
 
 use crate::gpu::{Kernel, grid_2d, kernel_params};
 use crate::ops::cross_entropy::check;
-use crate::{Device, Result, Tensor, fastmath, shaders};
+use crate::{Device, Result, Tensor, fastmath, shaders, shape_err};
 
 kernel_params! {
     /// The `Params` struct of `cross_entropy_fused.wgsl`.
@@ -54,38 +61,111 @@ pub fn cross_entropy_fused(
     weights: &[f32],
 ) -> Result<(Tensor, Tensor)> {
     let _profile = crate::profile::scope("loss");
-    let (n, v) = check("cross_entropy_fused", &logits, targets, weights)?;
+    check("cross_entropy_fused", &logits, targets, weights)?;
+    let rows = LossRows::new(targets, weights, &logits.device())?;
+    let grad = cross_entropy_fused_rows(logits, &rows, 0)?;
+    Ok((rows.into_losses(), grad))
+}
+
+/// The N rows of a loss that [`cross_entropy_fused_rows`] computes a block at a time: their
+/// targets and weights (uploaded once on a GPU) and the (N) per-row losses the blocks write.
+pub struct LossRows<'a> {
+    targets: &'a [u32],
+    weights: &'a [f32],
+    /// The targets (as u32 bits) and weights on the GPU; `None` on the CPU.
+    uploaded: Option<(Tensor, Tensor)>,
+    losses: Tensor,
+}
+
+impl<'a> LossRows<'a> {
+    /// N = `targets.len()` rows on `device`; the losses are undefined until every row's block
+    /// was computed.
+    pub fn new(targets: &'a [u32], weights: &'a [f32], device: &Device) -> Result<LossRows<'a>> {
+        let n = targets.len();
+        if weights.len() != n {
+            return shape_err(
+                "cross_entropy_fused",
+                format!("{n} weights, one per target"),
+                format_args!("{} weights", weights.len()),
+            );
+        }
+        let losses = Tensor::uninit(&[n], device)?;
+        let uploaded = match device {
+            Device::Gpu(_) if n > 0 => Some((
+                Tensor::from_u32(targets, device)?,
+                Tensor::from_vec(weights.to_vec(), &[n], device)?,
+            )),
+            _ => None,
+        };
+        Ok(LossRows {
+            targets,
+            weights,
+            uploaded,
+            losses,
+        })
+    }
+
+    /// The (N) per-row losses.
+    pub fn losses(&self) -> &Tensor {
+        &self.losses
+    }
+
+    /// The (N) per-row losses, the rows' other data dropped.
+    pub fn into_losses(self) -> Tensor {
+        self.losses
+    }
+}
+
+/// [`cross_entropy_fused`] of the rows `row0..row0 + r` of the problem of `rows`: `logits` are
+/// those rows (r, V); `losses[row0 + i] = w·(logsumexp − x[t])` of row i is written into
+/// `rows`' losses, and the gradient is returned (in the logits' storage when it is not shared).
+pub fn cross_entropy_fused_rows(logits: Tensor, rows: &LossRows, row0: usize) -> Result<Tensor> {
+    let _profile = crate::profile::scope("loss");
+    let op = "cross_entropy_fused";
+    let total = rows.targets.len();
+    let r = logits.numel() / logits.last_dim().max(1);
+    if row0 + r > total {
+        return shape_err(
+            op,
+            format!("a block of logits inside the {total} rows of the loss"),
+            format_args!("rows {row0}..{} (logits {:?})", row0 + r, logits.shape()),
+        );
+    }
+    let (targets, weights) = (&rows.targets[row0..row0 + r], &rows.weights[row0..row0 + r]);
+    let (n, v) = check(op, &logits, targets, weights)?;
+    crate::tensor::same_device(op, &[&logits, &rows.losses])?;
     let x = if logits.is_exclusive() {
         logits
     } else {
         logits.copy()?
     };
     match x.device() {
-        Device::Cpu(ctx) => {
-            let mut losses = vec![0.0; n];
+        Device::Cpu(_) => {
             {
                 let mut data = x.cpu_data_mut()?;
-                crate::cpu::for_row_pairs(&mut data, v, &mut losses, 1, |r, row, loss| {
+                let mut losses = rows.losses.cpu_data_mut()?;
+                let out = &mut losses[row0..row0 + n];
+                crate::cpu::for_row_pairs(&mut data, v, out, 1, |r, row, loss| {
                     loss[0] = grad_row(row, targets[r] as usize, weights[r]);
                 });
             }
-            Ok((Tensor::cpu_from(&ctx, losses, &[n]), x))
+            Ok(x)
         }
         Device::Gpu(ctx) => {
-            let losses = Tensor::gpu_uninit(&ctx, &[n])?;
+            let Some((tg, wt)) = &rows.uploaded else {
+                return Ok(x);
+            };
             if n == 0 {
-                return Ok((losses, x));
+                return Ok(x);
             }
-            let tg = Tensor::from_u32(targets, &x.device())?;
-            let wt = Tensor::from_vec(weights.to_vec(), &[n], &x.device())?;
             let max = ctx.limits.max_compute_workgroups_per_dimension;
-            for (r0, rows) in ctx.row_chunks(n, &[v, 1])? {
-                let xs = ctx.view(&x, r0 * v, rows * v)?;
-                let t = ctx.view(&tg, r0, rows)?;
-                let w = ctx.view(&wt, r0, rows)?;
-                let l = ctx.view(&losses, r0, rows)?;
+            for (r0, rows_here) in ctx.row_chunks(n, &[v, 1])? {
+                let xs = ctx.view(&x, r0 * v, rows_here * v)?;
+                let t = ctx.view(tg, row0 + r0, rows_here)?;
+                let w = ctx.view(wt, row0 + r0, rows_here)?;
+                let l = ctx.view(&rows.losses, row0 + r0, rows_here)?;
                 let params = Params {
-                    rows: rows as u32,
+                    rows: rows_here as u32,
                     cols: v as u32,
                     off_x: xs.offset,
                     off_targets: t.offset,
@@ -103,12 +183,46 @@ pub fn cross_entropy_fused(
                         (3, w.binding),
                         (4, l.binding),
                     ],
-                    grid_2d(rows, 1, max),
+                    grid_2d(rows_here, 1, max),
                 )?;
             }
-            Ok((losses, x))
+            Ok(x)
         }
     }
+}
+
+/// Logits, in bytes, that one chunk of a chunked loss may hold on the CPU: see
+/// [`loss_chunk_rows`].
+pub const CPU_CHUNK_BYTES: usize = 64 << 20;
+
+/// How many rows of (rows, V) logits one chunk of a chunked loss (logits, then
+/// [`cross_entropy_fused_rows`], then the gradients' products) should hold, so that at most
+/// one chunk's logits exist at a time. At least 1.
+///
+/// - GPU: the most rows whose logits fit one storage binding (`max_storage_buffer_binding_size`
+///   less the offset alignment, as the ops' own row chunks count it), rounded down to a multiple of 4 as the matmul rounds its row chunks. The whole-problem ops
+///   would cut their dispatches at these rows anyway (the logits matmul, the loss kernel and
+///   the products of the gradient each bind at most a binding of logits rows), so chunking adds
+///   no dispatch: 664 rows of GPT-2's 50,257-token vocabulary under 128 MiB, 13 chunks for
+///   8,192 rows, as the unchunked ops dispatched 13 row blocks.
+/// - CPU: [`CPU_CHUNK_BYTES`] (64 MiB) of logits, 333 rows of GPT-2's vocabulary. A chunk's
+///   products are then still large (333·768·50,257: 26 GFLOP for the logits, enough for every
+///   thread and to amortise packing W), W (154 MB) is read once more per chunk, which costs
+///   little next to the chunk's arithmetic, and the temporary stays a few percent of the
+///   activations of such a batch instead of N·V floats (1.57 GiB for 8,192 rows). Problems
+///   whose logits fit (the small models, short batches) stay one chunk, the unchunked path.
+pub fn loss_chunk_rows(device: &Device, v: usize) -> usize {
+    let row_bytes = v.max(1) * 4;
+    let rows = match device {
+        Device::Cpu(_) => CPU_CHUNK_BYTES / row_bytes,
+        Device::Gpu(ctx) => {
+            let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+            let room = ctx.max_binding_bytes().saturating_sub(align) / 4;
+            let rows = (room / v.max(1) as u64) as usize;
+            if rows >= 4 { rows - rows % 4 } else { rows }
+        }
+    };
+    rows.max(1)
 }
 
 /// One row: returns its loss and leaves `w·(softmax − onehot(t))` in `row`.
@@ -248,6 +362,73 @@ mod tests {
             1e-6,
             1e-4,
         );
+    }
+
+    /// Row blocks through [`cross_entropy_fused_rows`] give the whole op's losses (in one (N)
+    /// tensor) and gradient rows, bit for bit: every row is computed alone, on either device.
+    fn row_blocks_match_whole(d: &Device) {
+        let (n, v, block) = (11, 37, 4);
+        let (x, t, w) = case(n, v, 2.0, 5);
+        let (want_losses, want_grad) =
+            cross_entropy_fused(Tensor::from_vec(x.clone(), &[n, v], d).unwrap(), &t, &w).unwrap();
+        let rows = LossRows::new(&t, &w, d).unwrap();
+        let mut grad = Vec::new();
+        // Out of order: each block writes only its own losses.
+        for r0 in (0..n).step_by(block).rev() {
+            let r = block.min(n - r0);
+            let xs = x[r0 * v..(r0 + r) * v].to_vec();
+            let logits = Tensor::from_vec(xs, &[r, v], d).unwrap();
+            let g = cross_entropy_fused_rows(logits, &rows, r0).unwrap();
+            grad.splice(0..0, g.to_vec().unwrap());
+        }
+        assert_eq!(
+            rows.losses().to_vec().unwrap(),
+            want_losses.to_vec().unwrap()
+        );
+        assert_eq!(grad, want_grad.to_vec().unwrap());
+    }
+    crate::on_devices!(
+        row_blocks_match_whole,
+        cross_entropy_fused_rows_match_whole_cpu,
+        cross_entropy_fused_rows_match_whole_gpu
+    );
+
+    #[test]
+    fn cross_entropy_fused_rows_checks_the_block() {
+        let d = Device::cpu();
+        let x = || Tensor::zeros(&[2, 4], &d).unwrap();
+        let (t, w) = ([0, 1, 2], [1.0; 3]);
+        let rows = LossRows::new(&t, &w, &d).unwrap();
+        let e = cross_entropy_fused_rows(x(), &rows, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("inside the 3 rows") && e.contains("rows 2..4"),
+            "{e}"
+        );
+        let e = LossRows::new(&t, &w[..2], &d).err().unwrap().to_string();
+        assert!(e.contains("3 weights") && e.contains("2 weights"), "{e}");
+        let (t, w) = ([0, 4, 2], [1.0; 3]);
+        let rows = LossRows::new(&t, &w, &d).unwrap();
+        let e = cross_entropy_fused_rows(x(), &rows, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn loss_chunk_rows_fit_the_budget() {
+        // CPU: 64 MiB of logits, 333 rows of GPT-2's vocabulary; never 0 rows.
+        assert_eq!(loss_chunk_rows(&Device::cpu(), 50257), 333);
+        assert_eq!(loss_chunk_rows(&Device::cpu(), usize::MAX / 8), 1);
+        let Some(_) = gpu() else { return };
+        // GPU: (4096 − alignment)/4 = 960 to 1,020 floats of room: 9 or 10 rows of 100 → 8 (a
+        // multiple of 4), 3 of 300 → 3 (under 4, kept); a row that does not fit still makes a
+        // chunk of 1.
+        let g = gpu_with_binding_limit(4096);
+        assert_eq!(loss_chunk_rows(&g, 100), 8);
+        assert_eq!(loss_chunk_rows(&g, 300), 3);
+        assert_eq!(loss_chunk_rows(&g, 2000), 1);
     }
 
     proptest! {

@@ -4,7 +4,9 @@
 //! - `add(a, b)      = a + b`            d/da = 1, d/db = 1
 //! - `mul(a, b)      = a ⊙ b`            d/da = b, d/db = a
 //! - `scale(a, s)    = s · a`            d/da = s
-//! - `scale_by(a, s) = s · a` with s a (1) tensor, so a scale computed on the GPU stays there
+//! - `scale_by(a, k, s) = s · (k · a)` with s a (1) tensor, so a scale computed on the GPU stays
+//!   there, and k a constant folded into the same pass (a `scale` by k and a scale by s in one
+//!   dispatch; the same f32 operations in the same order, so the same bits)
 //! - `axpy(y, s, x):   y ← y + s · x`    (in place; how gradients accumulate)
 //! - `add_bias(x, b) = x + b` with x: (…, C), b: (C), b broadcast over every row;
 //!   db = Σ_rows dy (a `sum` over the leading axes, in `reduce`).
@@ -49,7 +51,7 @@ enum Operands<'a> {
     Two(&'a Tensor, &'a Tensor),
     /// `out = a + bias` with bias of length `cols`, bound whole.
     Bias(&'a Tensor, &'a Tensor),
-    /// `out = a · s[0]` with s a one-element tensor, bound whole.
+    /// `out = s[0] · (alpha · a)` with s a one-element tensor, bound whole.
     Scalar(&'a Tensor, &'a Tensor),
     /// `out = alpha`.
     Zero,
@@ -207,20 +209,32 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     }
 }
 
-/// `s · a` where `s` is a one-element tensor on a's device.
-pub fn scale_by(a: &Tensor, s: &Tensor) -> Result<Tensor> {
+/// `s · (k · a)` where `s` is a one-element tensor on a's device and `k` a constant: one pass,
+/// the bits of `scale_by(&scale(a, k)?, 1.0, s)` (with k = 1, of `s · a`).
+pub fn scale_by(a: &Tensor, k: f32, s: &Tensor) -> Result<Tensor> {
     let _profile = crate::profile::scope("elementwise");
     if s.numel() != 1 {
         return shape_err("scale_by", "a one-element scale", s.shape());
     }
     match same_device("scale_by", &[a, s])? {
-        Device::Cpu(_) => {
+        Device::Cpu(ctx) => {
             let v = s.cpu_data()?[0];
-            scale(a, v)
+            let x = a.cpu_data()?;
+            let row = crate::cpu::even_rows(x.len());
+            // SAFETY: each row is zipped with x's row, as long as it, and written whole.
+            let out = unsafe {
+                crate::cpu::collect_rows(x.len(), row, |r, out| {
+                    let xr = &x[r * row..r * row + out.len()];
+                    for (o, &e) in out.iter_mut().zip(xr) {
+                        o.write(v * (k * e));
+                    }
+                })
+            };
+            Ok(Tensor::cpu_from(&ctx, out, a.shape()))
         }
         Device::Gpu(ctx) => {
             let out = Tensor::gpu_uninit(&ctx, a.shape())?;
-            launch(&ctx, "scale_by", &out, Operands::Scalar(a, s), 0.0)?;
+            launch(&ctx, "scale_by", &out, Operands::Scalar(a, s), k)?;
             Ok(out)
         }
     }
@@ -297,7 +311,12 @@ mod tests {
             assert_close("scale", &scale(&ga, -1.5).unwrap(), &scale(&a, -1.5).unwrap(), 0.0, 0.0);
             let s = Tensor::scalar(0.75, &Device::cpu()).unwrap();
             let gs = s.to_device(&g).unwrap();
-            assert_close("scale_by", &scale_by(&ga, &gs).unwrap(), &scale_by(&a, &s).unwrap(), 0.0, 0.0);
+            assert_close("scale_by", &scale_by(&ga, 1.0, &gs).unwrap(), &scale_by(&a, 1.0, &s).unwrap(), 0.0, 0.0);
+            let folded = scale_by(&ga, -1.3, &gs).unwrap();
+            assert_close("scale_by k", &folded, &scale_by(&a, -1.3, &s).unwrap(), 0.0, 0.0);
+            // The bits of the two passes it replaces, on both devices.
+            assert_close("scale_by k = two ops", &folded, &scale_by(&scale(&ga, -1.3).unwrap(), 1.0, &gs).unwrap(), 0.0, 0.0);
+            assert_close("scale_by k = two ops (CPU)", &scale_by(&a, -1.3, &s).unwrap(), &scale_by(&scale(&a, -1.3).unwrap(), 1.0, &s).unwrap(), 0.0, 0.0);
             let (y, gy) = (a.copy().unwrap(), ga.copy().unwrap());
             axpy(&y, 0.25, &b).unwrap();
             axpy(&gy, 0.25, &gb).unwrap();

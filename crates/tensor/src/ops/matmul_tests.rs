@@ -450,7 +450,8 @@ fn tuning_measures_a_class_once_and_remembers_it_on_disk() {
 }
 
 /// A [`MatView`] test problem: op(A): (M, K), op(B): (K, N), each operand stored inside a wider
-/// tensor with `extra[i]` more columns and the view starting at column `col0[i]` ≤ `extra[i]`.
+/// tensor with `extra[i]` more columns and `extra_rows[i]` more rows, the view starting at column
+/// `col0[i]` ≤ `extra[i]` and row `row0[i]` ≤ `extra_rows[i]`.
 #[derive(Clone, Debug)]
 struct ViewCase {
     m: usize,
@@ -459,6 +460,8 @@ struct ViewCase {
     o: MatmulOpts,
     extra: [usize; 3],
     col0: [usize; 3],
+    extra_rows: [usize; 3],
+    row0: [usize; 3],
     alpha: f32,
     accumulate: bool,
 }
@@ -474,7 +477,8 @@ impl ViewCase {
         ];
         std::array::from_fn(|i| {
             let [rows, cols] = stored[i];
-            random(&[rows, cols + self.extra[i]], seed + i as u64, device)
+            let shape = [rows + self.extra_rows[i], cols + self.extra[i]];
+            random(&shape, seed + i as u64, device)
         })
     }
 
@@ -482,7 +486,8 @@ impl ViewCase {
     fn views<'a>(&self, t: &'a [Tensor; 3]) -> [MatView<'a>; 3] {
         std::array::from_fn(|i| {
             let cols = t[i].last_dim() - self.extra[i];
-            MatView::cols(&t[i], self.col0[i], cols)
+            let rows = t[i].shape()[0] - self.extra_rows[i];
+            MatView::cols(&t[i], self.col0[i], cols).rows(self.row0[i], rows)
         })
     }
 
@@ -493,12 +498,15 @@ impl ViewCase {
     }
 }
 
-/// The columns `col0..col0 + cols` of a 2-D CPU tensor, copied out.
-fn block(t: &Tensor, col0: usize, cols: usize) -> Vec<f32> {
-    let ld = t.last_dim();
-    let v = t.to_vec().unwrap();
-    v.chunks(ld)
-        .flat_map(|row| row[col0..col0 + cols].to_vec())
+/// The block of a view of a 2-D CPU tensor, copied out.
+fn block(v: &MatView) -> Vec<f32> {
+    let ld = v.tensor.last_dim();
+    let rows = v.rows.unwrap();
+    let all = v.tensor.to_vec().unwrap();
+    all.chunks(ld)
+        .skip(v.row0)
+        .take(rows)
+        .flat_map(|row| row[v.col0..v.col0 + v.cols].to_vec())
         .collect()
 }
 
@@ -507,16 +515,13 @@ fn block(t: &Tensor, col0: usize, cols: usize) -> Vec<f32> {
 fn view_oracle(case: &ViewCase, t: &[Tensor; 3]) -> Vec<f32> {
     let cpu = Device::cpu();
     let [av, bv, cv] = case.views(t);
-    let dense = |v: &MatView| {
-        let rows = v.tensor.numel() / v.tensor.last_dim();
-        Tensor::from_vec(block(v.tensor, v.col0, v.cols), &[rows, v.cols], &cpu).unwrap()
-    };
+    let dense = |v: &MatView| Tensor::from_vec(block(v), &[v.rows.unwrap(), v.cols], &cpu).unwrap();
     let prod = crate::reference::matmul_tensors(&dense(&av), &dense(&bv), None, case.o).unwrap();
     let mut want = t[2].to_vec().unwrap();
     let ld = t[2].last_dim();
     for (i, row) in prod.to_vec().unwrap().chunks(case.n.max(1)).enumerate() {
         for (j, &p) in row.iter().enumerate() {
-            let w = &mut want[i * ld + cv.col0 + j];
+            let w = &mut want[(cv.row0 + i) * ld + cv.col0 + j];
             *w = case.alpha * p + if case.accumulate { *w } else { 0.0 };
         }
     }
@@ -534,19 +539,22 @@ fn view_cases() -> impl Strategy<Value = ViewCase> {
         ),
         (
             proptest::array::uniform3(0usize..5),
+            proptest::array::uniform3(0usize..4),
             -2.0f32..2.0,
             any::<bool>(),
         ),
         proptest::array::uniform3(0usize..=100),
     )
         .prop_map(
-            |((m, k, n, ta, tb), (extra, alpha, accumulate), pick)| ViewCase {
+            |((m, k, n, ta, tb), (extra, extra_rows, alpha, accumulate), pick)| ViewCase {
                 m,
                 k,
                 n,
                 o: opts(ta, tb),
                 extra,
                 col0: std::array::from_fn(|i| pick[i] * extra[i] / 100),
+                extra_rows,
+                row0: std::array::from_fn(|i| pick[i] * extra_rows[i] / 100),
                 alpha,
                 accumulate,
             },
@@ -612,6 +620,8 @@ fn matmul_into_views_matches_cpu_split_bindings() {
                 o: opts(ta, tb),
                 extra,
                 col0: [extra[0] / 2, extra[1], 1],
+                extra_rows: [3, 0, 5],
+                row0: [1, 0, 5],
                 alpha: 0.5,
                 accumulate: i % 2 == 0,
             };
@@ -678,4 +688,19 @@ fn view_errors_are_clear() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("must not share storage"), "{e}");
+    // A row block past the tensor's last row.
+    let e = matmul_into(
+        MatView::all(&c).rows(2, 3),
+        MatView::cols(&a, 0, 3),
+        MatView::all(&b),
+        o,
+        1.0,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("C with at least row0 + rows = 2 + 3 rows of 9") && e.contains("[4, 9]"),
+        "{e}"
+    );
 }

@@ -3,9 +3,10 @@
 //!
 //! A [`MatView`] is a 2-D matrix stored row-major inside a tensor: the tensor seen as
 //! `(rows, ld)`, `ld` its last dim and `rows` the product of the others, restricted to the
-//! columns `col0..col0 + cols`. Element `(i, j)` of the view is element `i·ld + col0 + j` of the
-//! tensor, so the products read and write it in place through the kernel's leading dimensions
-//! and offsets (`lda/ldb/ldc`, `off_*`): no slice and no copy.
+//! columns `col0..col0 + cols` and (with [`MatView::rows`]) to the rows `row0..row0 + rows`.
+//! Element `(i, j)` of the view is element `(row0 + i)·ld + col0 + j` of the tensor, so the
+//! products read and write it in place through the kernel's leading dimensions and offsets
+//! (`lda/ldb/ldc`, `off_*`): no slice and no copy.
 //!
 //! ```text
 //! matmul_view(A, B, opts, α)            = α·op(A)·op(B)                  → a new (M, N) tensor
@@ -14,7 +15,8 @@
 //! ```
 //! with `op` and the shapes as in [`matmul`](super::matmul): op(A) is (M, K), op(B) is (K, N),
 //! the C view is (M, N). LoRA uses them to add `h·Bᵀ` into q's or v's columns of c_attn's
-//! `(N, 3C)` output, and in backward to read `dy`'s column block for dB and dh.
+//! `(N, 3C)` output, and in backward to read `dy`'s column block for dB and dh; the chunked
+//! fused loss (autograd's `linear_cross_entropy`) reads h's row blocks and writes dh's.
 //!
 //! Views are 2-D (no batch). Backward rules are [`matmul`](super::matmul)'s table, scaled by α.
 
@@ -22,34 +24,48 @@ use super::{Dims, MatmulOpts, run};
 use crate::tensor::same_device;
 use crate::{Error, Result, Tensor, shape_err};
 
-/// The columns `col0..col0 + cols` of `tensor` seen as a `(rows, ld)` matrix (see the module doc).
+/// The rows `row0..row0 + rows` and columns `col0..col0 + cols` of `tensor` seen as a
+/// `(rows, ld)` matrix (see the module doc).
 #[derive(Clone, Copy, Debug)]
 pub struct MatView<'a> {
     pub tensor: &'a Tensor,
     pub col0: usize,
     pub cols: usize,
+    pub row0: usize,
+    /// `None`: every stored row from `row0` on.
+    pub rows: Option<usize>,
 }
 
 impl<'a> MatView<'a> {
-    /// All of `t`'s columns.
+    /// All of `t`'s rows and columns.
     pub fn all(t: &'a Tensor) -> MatView<'a> {
-        MatView {
-            tensor: t,
-            col0: 0,
-            cols: t.shape().last().copied().unwrap_or(1),
-        }
+        MatView::cols(t, 0, t.shape().last().copied().unwrap_or(1))
     }
 
-    /// The columns `col0..col0 + cols` of `t`.
+    /// The columns `col0..col0 + cols` of `t` (all of its rows).
     pub fn cols(t: &'a Tensor, col0: usize, cols: usize) -> MatView<'a> {
         MatView {
             tensor: t,
             col0,
             cols,
+            row0: 0,
+            rows: None,
         }
     }
 
-    /// `(rows, cols, ld)` of the view, or an error naming `what` when its columns do not fit.
+    /// The rows `row0..row0 + rows` of this view, counted from its own first row (a row block
+    /// of a contiguous matrix, at element `row0·ld` of the tensor). The products check the
+    /// block against the tensor's rows; keeping it inside an earlier row block is the caller's.
+    pub fn rows(self, row0: usize, rows: usize) -> MatView<'a> {
+        MatView {
+            row0: self.row0 + row0,
+            rows: Some(rows),
+            ..self
+        }
+    }
+
+    /// `(rows, cols, ld)` of the view, or an error naming `what` when its columns or rows do not
+    /// fit.
     fn layout(&self, op: &'static str, what: &str) -> Result<(usize, usize, usize)> {
         let shape = self.tensor.shape();
         if shape.is_empty() {
@@ -66,8 +82,26 @@ impl<'a> MatView<'a> {
                 shape,
             );
         }
-        let rows = self.tensor.numel().checked_div(ld).unwrap_or(0);
+        let stored = self.tensor.numel().checked_div(ld).unwrap_or(0);
+        let rows = self
+            .rows
+            .unwrap_or_else(|| stored.saturating_sub(self.row0));
+        if self.row0 + rows > stored {
+            return shape_err(
+                op,
+                format!(
+                    "{what} with at least row0 + rows = {} + {rows} rows of {ld}",
+                    self.row0
+                ),
+                shape,
+            );
+        }
         Ok((rows, self.cols, ld))
+    }
+
+    /// Element of the tensor where the view starts.
+    fn start(&self) -> usize {
+        self.row0 * self.tensor.last_dim() + self.col0
     }
 }
 
@@ -110,9 +144,9 @@ fn view_dims(
         ld: [lda, ldb, ldc],
         // With K = 0, A and B are never read: no offset past an empty tensor's end.
         off: if k == 0 {
-            [0, 0, c.col0]
+            [0, 0, c.start()]
         } else {
-            [a.col0, b.col0, c.col0]
+            [a.start(), b.start(), c.start()]
         },
         alpha,
     })

@@ -6,6 +6,10 @@
 //! - `sum(x, axis)[o, i]  = Σ_a x[o, a, i]`           backward: dx[o, a, i] = dy[o, i] (broadcast over a)
 //! - `mean(x, axis)[o, i] = (1/A) Σ_a x[o, a, i]`     backward: dx[o, a, i] = dy[o, i] / A
 //! - `sum_all(x)          = Σ x`, shape `[1]`         backward: `dx = dy[0]` everywhere
+//! - `sum_all_scaled(x, α) = α · Σ x`, shape `[1]`    backward: `dx = α·dy[0]` everywhere;
+//!   the sum rounded to f32, then times α in f32: bit for bit `scale(&sum_all(x)?, α)` on either
+//!   device, in one op (on the GPU the last pass applies α: one dispatch fewer). The mean loss
+//!   `(1/Σw)·Σ_n l_n` of the cross-entropies is one.
 //!
 //! The bias gradient of `add_bias` is `sum(dy, 0)` with dy: (N, C).
 //!
@@ -236,9 +240,25 @@ pub fn sum_all(x: &Tensor) -> Result<Tensor> {
     reduce(x, (1, x.numel(), 1), false, &[1])
 }
 
+/// `α · Σ x`, shape `[1]`: [`sum_all`] and a scale by α in one op, bit for bit
+/// `scale(&sum_all(x)?, α)` (the sum rounded to f32 first, on either device; module doc).
+pub fn sum_all_scaled(x: &Tensor, alpha: f32) -> Result<Tensor> {
+    let _profile = crate::profile::scope("reduce");
+    let n = x.numel();
+    match x.device() {
+        Device::Gpu(ctx) if n > 0 => reduce_gpu(&ctx, x, (1, n, 1), alpha, &[1]),
+        Device::Gpu(_) => Tensor::full(&[1], 0.0 * alpha, &x.device()),
+        Device::Cpu(ctx) => {
+            let total = reduce_cpu(&x.cpu_data()?, 1, n, 1, 1.0)[0];
+            Ok(Tensor::cpu_from(&ctx, vec![total * alpha], &[1]))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::elementwise::scale;
     use crate::testing::{assert_close, gpu, gpu_with_binding_limit, random, sizes};
     use proptest::prelude::*;
 
@@ -293,6 +313,21 @@ mod tests {
             let x = random(&[n, 3], seed, &Device::cpu());
             let got = sum_all(&x.to_device(&g).unwrap()).unwrap();
             assert_close("sum_all", &got, &sum_all(&x).unwrap(), tol(3 * n), 0.0);
+        }
+
+        #[test]
+        fn sum_all_scaled_is_sum_all_then_scale(n in sizes(), alpha in -3.0f32..3.0, seed in 0u64..1000) {
+            // Bit for bit the two ops it replaces, on each device; the GPU against the CPU as
+            // `sum_all` is (the sums' order differs), the tolerance scaled by |α|.
+            let x = random(&[n, 3], seed, &Device::cpu());
+            let two_ops = |x: &Tensor| scale(&sum_all(x).unwrap(), alpha).unwrap().to_vec().unwrap();
+            let cpu = sum_all_scaled(&x, alpha).unwrap();
+            prop_assert_eq!(cpu.to_vec().unwrap(), two_ops(&x));
+            let Some(g) = gpu() else { return Ok(()) };
+            let gx = x.to_device(&g).unwrap();
+            let got = sum_all_scaled(&gx, alpha).unwrap();
+            prop_assert_eq!(got.to_vec().unwrap(), two_ops(&gx));
+            assert_close("sum_all_scaled", &got, &cpu, tol(3 * n) * alpha.abs(), 0.0);
         }
     }
 
@@ -349,6 +384,12 @@ mod tests {
         let x = random(&[100_003], 6, &Device::cpu());
         let got = sum_all(&x.to_device(&g).unwrap()).unwrap();
         assert_close("sum_all", &got, &sum_all(&x).unwrap(), tol(100_003), 0.0);
+        // α on the last of two passes: the bits of the two ops it replaces.
+        let scaled = sum_all_scaled(&x.to_device(&g).unwrap(), 0.3).unwrap();
+        assert_eq!(
+            scaled.to_vec().unwrap(),
+            scale(&got, 0.3).unwrap().to_vec().unwrap()
+        );
         // Deterministic: the same input gives the same bits.
         let again = sum_all(&x.to_device(&g).unwrap()).unwrap();
         assert_eq!(
@@ -380,6 +421,11 @@ mod tests {
             &sum_all(&x).unwrap(),
             tol(10_000),
             0.0,
+        );
+        let scaled = sum_all_scaled(&gx, -2.0).unwrap();
+        assert_eq!(
+            scaled.to_vec().unwrap(),
+            scale(&got, -2.0).unwrap().to_vec().unwrap()
         );
     }
 
