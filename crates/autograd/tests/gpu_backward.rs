@@ -85,6 +85,9 @@ proptest! {
             &|tp, v| tp.lora_into(tp.scale(&v[0], 1.5)?, &v[1], &v[2], &v[3], 0.7, 2), seed);
         same_on_gpu("lora_into shared y", &[vec![t, c], vec![t, 5], vec![3, 5], vec![c, 3]],
             &|tp, v| tp.lora_into(v[0].clone(), &v[1], &v[2], &v[3], 2.0, 0), seed);
+        // q's and v's updates of one output, each parameter in its own buffer.
+        same_on_gpu("lora_group", &[vec![b, t, 3 * c], vec![b, t, 5], vec![2, 5], vec![c, 2], vec![2, 5], vec![c, 2]],
+            &move |tp, v| tp.lora_group(tp.scale(&v[0], 1.5)?, &v[1], &[(&v[2], &v[3], 0), (&v[4], &v[5], 2 * c)], 0.7), seed);
         same_on_gpu("mean_all", &[vec![t, c]], &|tp, v| tp.mean_all(&v[0]), seed);
         // Gradients summed in place: x's by the layer-norm kernel, LN(x)'s by the products.
         same_on_gpu("residual block", &[vec![b, t, c], vec![c], vec![c], vec![c, c], vec![2, c], vec![c, 2]],
@@ -95,6 +98,120 @@ proptest! {
                 tp.add(&v[0], &u)
             }, seed);
     }
+}
+
+/// `lora_group` of q and v (c_attn's layout: y (rows, 3C), blocks at 0 and 2C) on `device`:
+/// every gradient, and the kernel dispatches of forward and backward. With `packed` (a GPU),
+/// A_q, B_q, A_v, B_v are views of one buffer in that order, `gap` elements apart, as in
+/// AdamW's parameter arena: the A's, and the B's, are one step apart.
+fn lora_group_grads(device: &Device, packed: bool, seed: u64) -> (Vec<Vec<f32>>, u64) {
+    let (rows, c, n_in, r, gap) = (24, 12, 12, 4, 20);
+    let shapes = [
+        vec![rows, 3 * c],
+        vec![rows, n_in],
+        vec![r, n_in],
+        vec![c, r],
+        vec![r, n_in],
+        vec![c, r],
+    ];
+    let values: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| random_vec(s.iter().product(), seed + i as u64))
+        .collect();
+    let tensors: Vec<Tensor> = if packed {
+        let mut flat = Vec::new();
+        let mut offsets = Vec::new();
+        for v in &values[2..] {
+            offsets.push(flat.len());
+            flat.extend(v);
+            flat.extend(std::iter::repeat_n(0.0, gap));
+        }
+        let root = Tensor::from_vec(flat.clone(), &[flat.len()], device).unwrap();
+        let mut ts: Vec<Tensor> = values[..2]
+            .iter()
+            .zip(&shapes)
+            .map(|(v, s)| Tensor::from_vec(v.clone(), s, device).unwrap())
+            .collect();
+        ts.extend(
+            offsets
+                .iter()
+                .zip(&shapes[2..])
+                .map(|(&o, s)| root.view(o, s).unwrap()),
+        );
+        ts
+    } else {
+        values
+            .iter()
+            .zip(&shapes)
+            .map(|(v, s)| Tensor::from_vec(v.clone(), s, device).unwrap())
+            .collect()
+    };
+    let params: Vec<Param> = tensors
+        .into_iter()
+        .map(|t| Param::trainable("p", t))
+        .collect();
+    let r_out =
+        Tensor::from_vec(random_vec(rows * 3 * c, seed + 100), &[rows, 3 * c], device).unwrap();
+    let dispatches = || match device {
+        Device::Gpu(ctx) => ctx.dispatch_count(),
+        Device::Cpu(_) => 0,
+    };
+    let tape = Tape::new();
+    let v: Vec<Var> = params.iter().map(|p| tape.param(p)).collect();
+    let y = tape.scale(&v[0], 1.5).unwrap();
+    let before = dispatches();
+    let out = tape
+        .lora_group(y, &v[1], &[(&v[2], &v[3], 0), (&v[4], &v[5], 2 * c)], 0.7)
+        .unwrap();
+    let forward = dispatches() - before;
+    let loss = tape
+        .sum_all(&tape.mul(&out, &tape.constant(r_out)).unwrap())
+        .unwrap();
+    let mut grads = Grads::new();
+    // The group's rule runs first in backward, after the loss's two: count it alone.
+    let before = dispatches();
+    tape.backward(&loss, &mut grads).unwrap();
+    let backward = dispatches() - before;
+    let g = params
+        .iter()
+        .map(|p| {
+            grads
+                .get(p.as_trainable().unwrap().id)
+                .unwrap()
+                .to_vec()
+                .unwrap()
+        })
+        .collect();
+    (g, forward + backward)
+}
+
+#[test]
+fn lora_group_matches_cpu_in_one_buffer_and_in_separate_ones() {
+    let Some(_) = gpu() else { return };
+    // A context of its own: its dispatch count is this test's alone.
+    let g = tensor::testing::gpu_with_binding_limit(u64::MAX);
+    let (want, _) = lora_group_grads(&Device::cpu(), false, 3);
+    let (separate, n_separate) = lora_group_grads(&g, false, 3);
+    let (packed, n_packed) = lora_group_grads(&g, true, 3);
+    for (i, w) in want.iter().enumerate() {
+        assert_close_slices(
+            &format!("separate d(input {i})"),
+            &separate[i],
+            w,
+            1e-4,
+            1e-4,
+        );
+        assert_close_slices(&format!("packed d(input {i})"), &packed[i], w, 1e-4, 1e-4);
+    }
+    // Six grouped calls, seven dispatches with the parameters in one buffer (dx's sum takes
+    // two); in separate buffers the three products reading a parameter (h, Δy, dp) take one
+    // per part: ten. Everything else is the same.
+    assert_eq!(
+        n_separate - n_packed,
+        3,
+        "{n_separate} dispatches, {n_packed} packed"
+    );
 }
 
 /// A two-layer MLP (2 → 16 → 2, GELU) learns XOR-like quadrants with AdamW.

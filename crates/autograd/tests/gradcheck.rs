@@ -271,6 +271,114 @@ proptest! {
     }
 }
 
+/// The column blocks of g parts of width w: z·(w + gap), plus z² when `ragged` (irregular
+/// steps); with `shared`, part 1 adds into part 0's block.
+fn group_col0s(g: usize, w: usize, gap: usize, ragged: bool, shared: bool) -> Vec<usize> {
+    (0..g)
+        .map(|z| match z {
+            1 if shared => 0,
+            _ => z * (w + gap) + if ragged { z * z } else { 0 },
+        })
+        .collect()
+}
+
+/// `lora_group`'s parts from inputs `[y, x, A_1, B_1, A_2, B_2, …]` and their blocks.
+fn group_parts<'a>(v: &'a [Var], col0s: &[usize]) -> Vec<(&'a Var, &'a Var, usize)> {
+    col0s
+        .iter()
+        .enumerate()
+        .map(|(z, &c)| (&v[2 + 2 * z], &v[3 + 2 * z], c))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    #[test]
+    fn lora_group_backward_matches_finite_differences(t in 1usize..3, n_in in 1usize..5, r in 1usize..3,
+                                                      w in 1usize..4, g in 2usize..4, gap in 0usize..3,
+                                                      ragged: bool, shared: bool, seed in 0u64..1000) {
+        // x: (2, t, in); y (2, t, wide) fresh (1.5·y0) or shared (y0); g parts with A_z (r, in),
+        // B_z (w, r) adding into the blocks at col0_z: regular, ragged, or two on one block.
+        let col0s = group_col0s(g, w, gap, ragged, shared);
+        let wide = col0s.iter().max().unwrap() + w + 1;
+        let mut shapes = vec![vec![2, t, wide], vec![2, t, n_in]];
+        for _ in 0..g {
+            shapes.extend([vec![r, n_in], vec![w, r]]);
+        }
+        let s = 0.7;
+        let c0 = col0s.clone();
+        let reference = move |y: Vec<f64>, x: &[Vec<f64>]| {
+            c0.iter().enumerate().fold(y, |u, (z, &c)| {
+                lora_into64(&u, &x[1], &x[2 + 2 * z], &x[3 + 2 * z], [n_in, r, w, wide, c], s as f64)
+            })
+        };
+        let (r1, c1) = (reference.clone(), col0s.clone());
+        check("lora_group", &shapes,
+            &move |tp, v| tp.lora_group(tp.scale(&v[0], 1.5)?, &v[1], &group_parts(v, &c1), s),
+            &move |x| r1(x[0].iter().map(|v| 1.5 * v).collect(), x), seed).unwrap();
+        check("lora_group shared y", &shapes,
+            &move |tp, v| tp.lora_group(v[0].clone(), &v[1], &group_parts(v, &col0s), s),
+            &move |x| reference(x[0].clone(), x), seed).unwrap();
+    }
+
+    /// x's gradient summed in place: the residual's share is pending when the group's rule
+    /// runs, and the parts' dp_z·A_z are added into it.
+    #[test]
+    fn lora_group_adds_into_a_pending_gradient(rows in 1usize..4, c in 2usize..5, r in 1usize..3, seed in 0u64..1000) {
+        let shapes = [vec![rows, 3 * c], vec![rows, c], vec![r, c], vec![c, r], vec![r, c], vec![c, r]];
+        let s = 0.7;
+        check("lora_group + x", &shapes,
+            &move |tp, v| {
+                let u = tp.lora_group(tp.scale(&v[0], 1.0)?, &v[1], &[(&v[2], &v[3], 0), (&v[4], &v[5], 2 * c)], s)?;
+                let back = tp.slice_axis(&u, 1, c, c)?; // the untouched middle block
+                // scale's rule makes a fresh (exclusive) gradient for x: one that can be taken.
+                tp.add(&tp.add(&back, &tp.scale(&v[1], 2.0)?)?, &tp.slice_axis(&u, 1, 0, c)?)
+            },
+            &move |x| {
+                let u = lora_into64(&x[0], &x[1], &x[2], &x[3], [c, r, c, 3 * c, 0], s as f64);
+                let u = lora_into64(&u, &x[1], &x[4], &x[5], [c, r, c, 3 * c, 2 * c], s as f64);
+                (0..rows * c).map(|e| {
+                    let (i, j) = (e / c, e % c);
+                    u[i * 3 * c + c + j] + 2.0 * x[1][e] + u[i * 3 * c + j]
+                }).collect()
+            }, seed).unwrap();
+    }
+}
+
+#[test]
+fn lora_group_of_different_ranks_runs_part_by_part() {
+    // r = 1 and r = 2: not one group; the same numbers as two lora_into.
+    let (t, n_in, w) = (3, 4, 2);
+    let shapes = [
+        vec![t, 2 * w],
+        vec![t, n_in],
+        vec![1, n_in],
+        vec![w, 1],
+        vec![2, n_in],
+        vec![w, 2],
+    ];
+    let s = 0.5;
+    check(
+        "lora_group mixed r",
+        &shapes,
+        &move |tp, v| {
+            tp.lora_group(
+                tp.scale(&v[0], 1.0)?,
+                &v[1],
+                &[(&v[2], &v[3], 0), (&v[4], &v[5], w)],
+                s,
+            )
+        },
+        &move |x| {
+            let u = lora_into64(&x[0], &x[1], &x[2], &x[3], [n_in, 1, w, 2 * w, 0], s as f64);
+            lora_into64(&u, &x[1], &x[4], &x[5], [n_in, 2, w, 2 * w, w], s as f64)
+        },
+        5,
+    )
+    .unwrap();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(8))]
 

@@ -14,7 +14,9 @@
 //! 4. [`ops::matmul`]: the tiled, register-blocked matrix product, and [`sgemm`]: which
 //!    library computes it on the CPU, chosen by measurement; on the GPU, [`ops::matmul_tiled`]
 //!    (the second-generation kernel and which kernel runs a product) and [`ops::matmul_tune`]
-//!    (measuring that per adapter and class of shapes);
+//!    (measuring that per adapter and class of shapes); its views of column blocks
+//!    ([`ops::matmul::matmul_into`]) and groups of products in one dispatch
+//!    ([`ops::matmul::matmul_into_group`]: LoRA's q and v parts together);
 //! 5. [`gpu`]: how a launch becomes a dispatch in a batched command encoder, buffer pooling,
 //!    splitting tensors larger than one storage binding;
 //! 6. [`shaders`]: the registry of `shaders/*.wgsl` at the repository root, one file per kernel

@@ -405,7 +405,7 @@ impl Tensor {
 
     /// The tensor that owns the buffer this one's data is in, and the element offset of this
     /// tensor's first element there (itself and 0 when it owns its buffer).
-    fn arena_root(&self) -> (Tensor, usize) {
+    pub(crate) fn arena_root(&self) -> (Tensor, usize) {
         match &*self.storage {
             Storage::Gpu { home, .. } => match home.get() {
                 Some(h) => (h.arena.clone(), h.offset),

@@ -24,9 +24,28 @@
 //! adapter's, or the base product's, see [`Pending`](crate::Pending)): no separate addition.
 //! Saved: h (N·r floats), x (already alive as the base's input) and the small A, B: the same
 //! as the unfused path (matmul, scale, matmul, add-into) saved.
+//!
+//! # Several updates of one output: [`Tape::lora_group`]
+//! GPT-2's c_attn carries q's and v's updates, z ∈ {q, v}, each the math above with its own
+//! A_z, B_z, col0_z and the same x and s. [`Tape::lora_group`] runs the g parts' products as
+//! grouped products ([`matmul_into_group`]): each of the six is one call, and one dispatch on a
+//! GPU when its operands lie at a regular step in one buffer (AdamW's arena holds the A's, and
+//! the B's, at one slot distance; the column blocks of y and d are col0 apart; x is shared):
+//! ```text
+//! h = [h_1 | … | h_g]                (N, g·r)  h_z = s·x·A_zᵀ: one grouped product
+//! out[:, col0_z..col0_z+w] += h_z·B_zᵀ          one grouped product
+//! dB_z = d_zᵀ·h_z                    (g, w, r) one grouped product (views of one tensor)
+//! dp = [dp_1 | … | dp_g]             (N, g·r)  dp_z = s·d_z·B_z: one grouped product
+//! dA_z = dp_zᵀ·x                     (g, r, in) one grouped product
+//! dx (+)= Σ_z dp_z·A_z                          one grouped sum (g accumulating dispatches)
+//! ```
+//! 12 products of 2 parts become 6 calls, 7 dispatches. The parts' column blocks must be
+//! disjoint or identical (identical ones add up); parts of different shapes, or partly
+//! overlapping blocks, run [`Tape::lora_into`] part by part: the same numbers.
 
 use tensor::ops::matmul::{
-    MatView, MatmulOpts, matmul, matmul_accumulate, matmul_into, matmul_scaled, matmul_view,
+    MatView, MatmulOpts, group_outputs, matmul, matmul_accumulate, matmul_into, matmul_into_group,
+    matmul_scaled, matmul_view,
 };
 use tensor::{Error, Result, Tensor};
 
@@ -44,6 +63,54 @@ fn rows2d(t: &Tensor) -> Result<Tensor> {
     t.reshape(&[t.numel().checked_div(c).unwrap_or(0), c])
 }
 
+/// `(r, in, w)` of one update, checked against x and y: A (r, in), B (w, r), x (…, in), y
+/// (…, W) with x's leading dims and at least col0 + w columns.
+fn check_part(
+    op: &'static str,
+    y: &Var,
+    x: &Var,
+    a: &Var,
+    b: &Var,
+    col0: usize,
+) -> Result<[usize; 3]> {
+    let (&[r, n_in], &[w, _]) = (a.shape(), b.shape()) else {
+        return Err(Error::Shape {
+            op,
+            expected: "A (r, in) and B (w, r), 2-D".into(),
+            found: format!("A {:?}, B {:?}", a.shape(), b.shape()),
+        });
+    };
+    let lead = &x.shape()[..x.shape().len().saturating_sub(1)];
+    let y_lead = &y.shape()[..y.shape().len().saturating_sub(1)];
+    if x.value.last_dim() != n_in || b.shape() != [w, r] || lead != y_lead {
+        return Err(Error::Shape {
+            op,
+            expected: format!(
+                "x (…, {n_in}) and y with x's leading dims, A (r, in) = {:?}, B (w, r)",
+                a.shape()
+            ),
+            found: format!("x {:?}, B {:?}, y {:?}", x.shape(), b.shape(), y.shape()),
+        });
+    }
+    if col0 + w > y.value.last_dim() {
+        return Err(Error::Shape {
+            op,
+            expected: format!("y with at least col0 + w = {col0} + {w} columns"),
+            found: format!("{:?}", y.shape()),
+        });
+    }
+    Ok([r, n_in, w])
+}
+
+/// `y` itself when nothing else holds its storage (written in place), a copy otherwise.
+fn writable(y: &Var) -> Result<Tensor> {
+    if y.value.is_exclusive() {
+        Ok(y.value.clone())
+    } else {
+        y.value.copy()
+    }
+}
+
 impl Tape {
     /// `y` with `s·(x·Aᵀ)·Bᵀ` added into its columns `col0..col0 + w` (see the module doc).
     /// x: (…, in), A: (r, in), B: (w, r), y: (…, W) with the leading dims of x. y is taken by
@@ -58,38 +125,9 @@ impl Tape {
         col0: usize,
     ) -> Result<Var> {
         let op = "lora_into";
-        let (&[r, n_in], &[w, _]) = (a.shape(), b.shape()) else {
-            return Err(Error::Shape {
-                op,
-                expected: "A (r, in) and B (w, r), 2-D".into(),
-                found: format!("A {:?}, B {:?}", a.shape(), b.shape()),
-            });
-        };
-        let lead = &x.shape()[..x.shape().len().saturating_sub(1)];
-        let y_lead = &y.shape()[..y.shape().len().saturating_sub(1)];
-        if x.value.last_dim() != n_in || b.shape() != [w, r] || lead != y_lead {
-            return Err(Error::Shape {
-                op,
-                expected: format!(
-                    "x (…, {n_in}) and y with x's leading dims, A (r, in) = {:?}, B (w, r)",
-                    a.shape()
-                ),
-                found: format!("x {:?}, B {:?}, y {:?}", x.shape(), b.shape(), y.shape()),
-            });
-        }
-        if col0 + w > y.value.last_dim() {
-            return Err(Error::Shape {
-                op,
-                expected: format!("y with at least col0 + w = {col0} + {w} columns"),
-                found: format!("{:?}", y.shape()),
-            });
-        }
+        let [_, _, w] = check_part(op, &y, x, a, b, col0)?;
         let h = rows2d(&matmul_scaled(&x.value, &a.value, None, TRANS_B, scale)?)?;
-        let out = if y.value.is_exclusive() {
-            y.value.clone()
-        } else {
-            y.value.copy()?
-        };
+        let out = writable(&y)?;
         let out2d = rows2d(&out)?;
         matmul_into(
             MatView::cols(&out2d, col0, w),
@@ -176,11 +214,242 @@ impl Tape {
     }
 }
 
+impl Tape {
+    /// `y` with every part's update added into its columns: for each `(A_z, B_z, col0_z)` of
+    /// `parts`, `out[:, col0_z..col0_z + w] += s·(x·A_zᵀ)·B_zᵀ`, the parts' products grouped (see
+    /// the module doc). Shapes as [`Tape::lora_into`]'s, the same for every part; column blocks
+    /// disjoint or identical. Otherwise, and for one part, [`Tape::lora_into`] part by part.
+    pub fn lora_group(
+        &self,
+        y: Var,
+        x: &Var,
+        parts: &[(&Var, &Var, usize)],
+        scale: f32,
+    ) -> Result<Var> {
+        let op = "lora_group";
+        let mut dims = Vec::with_capacity(parts.len());
+        for &(a, b, col0) in parts {
+            dims.push(check_part(op, &y, x, a, b, col0)?);
+        }
+        // Column blocks disjoint or identical (then their updates add up).
+        let w0 = dims.first().map_or(0, |d| d[2]);
+        let blocks_ok = parts.iter().enumerate().all(|(i, p)| {
+            parts[..i]
+                .iter()
+                .all(|q| p.2 == q.2 || p.2 + w0 <= q.2 || q.2 + w0 <= p.2)
+        });
+        if parts.len() < 2 || dims.iter().any(|d| *d != dims[0]) || !blocks_ok {
+            let mut y = y;
+            for &(a, b, col0) in parts {
+                y = self.lora_into(y, x, a, b, scale, col0)?;
+            }
+            return Ok(y);
+        }
+        let (g, [r, n_in, w]) = (parts.len(), dims[0]);
+        let device = x.value.device();
+        let x2 = rows2d(&x.value)?;
+        let rows = x2.shape()[0];
+        let col0s: Vec<usize> = parts.iter().map(|p| p.2).collect();
+        // h = [h_1 | … | h_g], h_z = s·x·A_zᵀ; then out's column blocks += h_z·B_zᵀ.
+        let h = Tensor::uninit(&[rows, g * r], &device)?;
+        let h_views: Vec<MatView> = (0..g).map(|z| MatView::cols(&h, z * r, r)).collect();
+        let a_views: Vec<MatView> = parts.iter().map(|p| MatView::all(&p.0.value)).collect();
+        let b_views: Vec<MatView> = parts.iter().map(|p| MatView::all(&p.1.value)).collect();
+        matmul_into_group(
+            &h_views,
+            &[MatView::all(&x2)],
+            &a_views,
+            TRANS_B,
+            scale,
+            false,
+        )?;
+        let out = writable(&y)?;
+        let out2d = rows2d(&out)?;
+        let y_views: Vec<MatView> = col0s.iter().map(|&c| MatView::cols(&out2d, c, w)).collect();
+        matmul_into_group(&y_views, &h_views, &b_views, TRANS_B, 1.0, true)?;
+        drop((h_views, a_views, b_views, y_views));
+        drop(out2d);
+        let (ny, nx) = (y.requires_grad, x.requires_grad);
+        let na = parts.iter().any(|p| p.0.requires_grad);
+        let nb = parts.iter().any(|p| p.1.requires_grad);
+        let wants: Vec<(bool, bool)> = parts
+            .iter()
+            .map(|p| (p.0.requires_grad, p.1.requires_grad))
+            .collect();
+        let need_dp = nx || na;
+        let x_saved = na.then_some(x2);
+        let a_saved: Vec<Tensor> = if nx {
+            parts.iter().map(|p| p.0.value.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let b_saved: Vec<Tensor> = if need_dp {
+            parts.iter().map(|p| p.1.value.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let h_saved = nb.then_some(h);
+        let saved = bytes_of(
+            [x_saved.as_ref(), h_saved.as_ref()]
+                .into_iter()
+                .chain(a_saved.iter().chain(&b_saved).map(Some)),
+        );
+        let x_shape = x.shape().to_vec();
+        let counter = self.matmul_counter();
+        let mut inputs: Vec<&Var> = vec![&y, x];
+        for p in parts {
+            inputs.extend([p.0, p.1]);
+        }
+        self.record_accumulating(op, out, &inputs, saved, move |d, pending| {
+            let d2 = rows2d(d)?;
+            let device = d.device();
+            let d_views: Vec<MatView> = col0s.iter().map(|&c| MatView::cols(&d2, c, w)).collect();
+            let trans_a = MatmulOpts {
+                trans_a: true,
+                trans_b: false,
+            };
+            let plain = MatmulOpts::default();
+            let bump = || counter.set(counter.get() + 1);
+            // dB_z = d_zᵀ·h_z.
+            let db = match &h_saved {
+                Some(h) => {
+                    bump();
+                    let db = group_outputs(g, &[w, r], &device)?;
+                    let c: Vec<MatView> = db.iter().map(MatView::all).collect();
+                    let hv: Vec<MatView> = (0..g).map(|z| MatView::cols(h, z * r, r)).collect();
+                    matmul_into_group(&c, &d_views, &hv, trans_a, 1.0, false)?;
+                    drop(c);
+                    Some(db)
+                }
+                None => None,
+            };
+            // dp = [dp_1 | … | dp_g], dp_z = s·d_z·B_z.
+            let dp = if b_saved.is_empty() {
+                None
+            } else {
+                bump();
+                let dp = Tensor::uninit(&[rows, g * r], &device)?;
+                let c: Vec<MatView> = (0..g).map(|z| MatView::cols(&dp, z * r, r)).collect();
+                let bv: Vec<MatView> = b_saved.iter().map(MatView::all).collect();
+                matmul_into_group(&c, &d_views, &bv, plain, scale, false)?;
+                drop(c);
+                Some(dp)
+            };
+            let dp_views: Vec<MatView> = match &dp {
+                Some(dp) => (0..g).map(|z| MatView::cols(dp, z * r, r)).collect(),
+                None => Vec::new(),
+            };
+            // dA_z = dp_zᵀ·x.
+            let da = match &x_saved {
+                Some(xv) if !dp_views.is_empty() => {
+                    bump();
+                    let da = group_outputs(g, &[r, n_in], &device)?;
+                    let c: Vec<MatView> = da.iter().map(MatView::all).collect();
+                    matmul_into_group(&c, &dp_views, &[MatView::all(xv)], trans_a, 1.0, false)?;
+                    drop(c);
+                    Some(da)
+                }
+                _ => None,
+            };
+            // dx (+)= Σ_z dp_z·A_z, into x's gradient summed so far when the tape offers it.
+            let dx = if a_saved.is_empty() || dp_views.is_empty() {
+                None
+            } else {
+                bump();
+                let av: Vec<MatView> = a_saved.iter().map(MatView::all).collect();
+                let (acc, accumulate) = match pending.take(1) {
+                    Some(acc) => (acc, true),
+                    None => (Tensor::uninit(&x_shape, &device)?, false),
+                };
+                let acc2 = rows2d(&acc)?;
+                matmul_into_group(
+                    &[MatView::all(&acc2)],
+                    &dp_views,
+                    &av,
+                    plain,
+                    1.0,
+                    accumulate,
+                )?;
+                drop(acc2);
+                Some(acc)
+            };
+            drop(dp_views);
+            let mut grads = vec![ny.then(|| d.clone()), dx];
+            let mut da = da.map(Vec::into_iter);
+            let mut db = db.map(Vec::into_iter);
+            for &(wa, wb) in &wants {
+                let ga = da.as_mut().and_then(Iterator::next);
+                let gb = db.as_mut().and_then(Iterator::next);
+                grads.push(ga.filter(|_| wa));
+                grads.push(gb.filter(|_| wb));
+            }
+            Ok(grads)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use tensor::testing::random_vec;
     use tensor::{Device, Tensor};
 
-    use crate::Tape;
+    use crate::{Grads, Param, Tape};
+
+    /// q's and v's updates as one group and as two `lora_into`: on the CPU both run the same
+    /// products one by one, so output and gradients agree to the bit, but for x's, whose two
+    /// shares are added in the other order (the group adds q's first, the tape the last
+    /// node's); the group is one node.
+    #[test]
+    fn a_group_is_two_lora_intos_in_one_node() {
+        let cpu = Device::cpu();
+        let (rows, c, r) = (5, 6, 2);
+        let shapes = [[rows, 3 * c], [rows, c], [r, c], [c, r], [r, c], [c, r]];
+        let run = |grouped: bool| {
+            let params: Vec<Param> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let v = random_vec(s[0] * s[1], i as u64);
+                    Param::trainable("p", Tensor::from_vec(v, s, &cpu).unwrap())
+                })
+                .collect();
+            let tape = Tape::new();
+            let v: Vec<_> = params.iter().map(|p| tape.param(p)).collect();
+            let y = tape.scale(&v[0], 1.0).unwrap();
+            let out = if grouped {
+                let parts = [(&v[2], &v[3], 0), (&v[4], &v[5], 2 * c)];
+                tape.lora_group(y, &v[1], &parts, 0.5).unwrap()
+            } else {
+                let u = tape.lora_into(y, &v[1], &v[2], &v[3], 0.5, 0).unwrap();
+                tape.lora_into(u, &v[1], &v[4], &v[5], 0.5, 2 * c).unwrap()
+            };
+            let nodes = tape.len();
+            let loss = tape.sum_all(&tape.mul(&out, &out).unwrap()).unwrap();
+            let mut grads = Grads::new();
+            tape.backward(&loss, &mut grads).unwrap();
+            let g: Vec<Vec<f32>> = params
+                .iter()
+                .map(|p| {
+                    grads
+                        .get(p.as_trainable().unwrap().id)
+                        .unwrap()
+                        .to_vec()
+                        .unwrap()
+                })
+                .collect();
+            (out.value.to_vec().unwrap(), g, nodes)
+        };
+        let (grouped, looped) = (run(true), run(false));
+        assert_eq!(grouped.0, looped.0);
+        for (i, (g, l)) in grouped.1.iter().zip(&looped.1).enumerate() {
+            if i == 1 {
+                tensor::testing::assert_close_slices("dx", g, l, 1e-6, 1e-6);
+            } else {
+                assert_eq!(g, l, "gradient of input {i}");
+            }
+        }
+        assert_eq!((grouped.2, looped.2), (2, 3));
+    }
 
     #[test]
     fn a_shared_y_is_copied_not_written() {

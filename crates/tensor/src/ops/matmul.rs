@@ -47,6 +47,13 @@
 //! epilogue multiplies the sum by α), and [`MatView`] with [`matmul_view`] / [`matmul_into`]
 //! reads A and B from, and writes or accumulates C into, column blocks of wider tensors through
 //! the same leading dimensions and offsets (`matmul_view.rs`).
+//!
+//! # Groups
+//! [`matmul_into_group`] runs g products of one shape over views (LoRA's q and v parts of one
+//! Linear): one batched dispatch when each operand's views lie in one buffer at a constant
+//! step (the kernels' batch strides, with the views' offsets and leading dimensions; step 0
+//! for an operand shared by the group), one product after the other otherwise
+//! (`matmul_group.rs`).
 
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -137,23 +144,44 @@ struct Dims {
     m: usize,
     k: usize,
     n: usize,
-    /// B is 2-D and used by every batch entry.
-    b_shared: bool,
     out_shape: Vec<usize>,
     /// Elements between stored rows of A, B and C ([`Dims::lds`] for whole tensors; the width
     /// of the wider tensor for a [`MatView`] column block).
     ld: [usize; 3],
     /// Element of A, B and C where the (first batch entry's) matrix starts.
     off: [usize; 3],
+    /// Elements from one batch entry's matrix to the next in A, B and C ([`Dims::dense`] for
+    /// whole tensors: 0 for a B shared by the batch; any step for a group,
+    /// [`matmul_into_group`]).
+    stride: [usize; 3],
     /// C = α·op(A)·op(B) (+ bias) (+ C).
     alpha: f32,
 }
 
 impl Dims {
-    /// Elements of one batch entry of A, B (0 when shared) and C.
+    /// Elements from one batch entry's matrix to the next in A, B and C.
     fn per_batch(&self) -> [usize; 3] {
-        let b = if self.b_shared { 0 } else { self.k * self.n };
+        self.stride
+    }
+    /// The batch strides of whole tensors: one matrix after the other, B's 0 when `b_shared`.
+    fn dense(&self, b_shared: bool) -> [usize; 3] {
+        let b = if b_shared { 0 } else { self.k * self.n };
         [self.m * self.k, b, self.m * self.n]
+    }
+    /// Elements one matrix of A, B and C spans from its first element to its last, inclusive,
+    /// at the leading dimensions `ld`: `(rows − 1)·ld + cols` of its stored rows and columns
+    /// (0 when it is empty).
+    fn extents(&self, o: MatmulOpts) -> [usize; 3] {
+        let (m, k, n) = (self.m, self.k, self.n);
+        let stored = [
+            if o.trans_a { (k, m) } else { (m, k) },
+            if o.trans_b { (n, k) } else { (k, n) },
+            (m, n),
+        ];
+        std::array::from_fn(|i| match stored[i] {
+            (0, _) | (_, 0) => 0,
+            (rows, cols) => (rows - 1) * self.ld[i] + cols,
+        })
     }
     /// Elements between stored rows of A, B and C when each is a whole tensor.
     fn lds(&self, o: MatmulOpts) -> [usize; 3] {
@@ -217,10 +245,10 @@ fn dims(op: &'static str, a: &Tensor, b: &Tensor, o: MatmulOpts) -> Result<Dims>
         m,
         k,
         n,
-        b_shared,
         out_shape,
         ld: [0; 3],
         off: [0; 3],
+        stride: [0; 3],
         alpha: 1.0,
     };
     if b_shared && !o.trans_a {
@@ -229,6 +257,7 @@ fn dims(op: &'static str, a: &Tensor, b: &Tensor, o: MatmulOpts) -> Result<Dims>
         d.batch = 1;
     }
     d.ld = d.lds(o);
+    d.stride = d.dense(b_shared);
     Ok(d)
 }
 
@@ -469,9 +498,11 @@ pub(crate) fn problem(
     Ok(([batch, d.out_shape[rank - 2], d.k, d.n], d.out_shape))
 }
 
-/// The GPU path. Batch entries that fit in one binding each go in batched dispatches
-/// (workgroup z = batch entry, at most `max_z` = 65,535 per dispatch; tests pass a smaller
-/// `max_z`); otherwise each entry is a 2-D problem split by [`launch_2d`].
+/// The GPU path. Batch entries go in batched dispatches (workgroup z = batch entry), as many
+/// per dispatch as `max_z` (65,535; tests pass a smaller one) and one binding per operand
+/// allow: entries `z0..z0 + nz` of an operand span `(nz − 1)·stride + extent` elements from
+/// entry z0's first (stride 0: one matrix shared by the batch). Where one entry does not fit
+/// a binding, or the grid does not, each entry is a 2-D problem split by [`launch_2d`].
 #[allow(clippy::too_many_arguments)]
 fn launch(
     ctx: &Arc<GpuContext>,
@@ -487,14 +518,24 @@ fn launch(
     if d.batch == 0 || d.m == 0 || d.n == 0 {
         return Ok(());
     }
-    let [pa, pb, pc] = d.per_batch();
+    let (stride, extent) = (d.per_batch(), d.extents(o));
     let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
     let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+    let room = (ctx.max_binding_bytes().saturating_sub(align) / 4) as usize;
     let grid_fits = d.m.div_ceil(TILE) <= max_groups && d.n.div_ceil(TILE) <= max_groups;
-    let shared_fits = !d.b_shared || b.bytes() + align <= ctx.max_binding_bytes();
-    let chunks = ctx.row_chunks(d.batch, &[pa, pb, pc]);
-    let (Ok(chunks), true, true, true) = (chunks, d.batch > 1, grid_fits, shared_fits) else {
+    // Entries per dispatch: (nz − 1)·stride + extent ≤ room for every operand.
+    let per = (0..3)
+        .map(|i| match (extent[i] <= room, stride[i]) {
+            (false, _) => 0,
+            (true, 0) => usize::MAX,
+            (true, s) => (room - extent[i]) / s + 1,
+        })
+        .min()
+        .unwrap_or(0)
+        .min(max_z);
+    if d.batch == 1 || !grid_fits || per == 0 {
         let [oa, ob, oc] = d.off;
+        let [pa, pb, pc] = stride;
         for z in 0..d.batch {
             launch_2d(
                 ctx,
@@ -507,20 +548,19 @@ fn launch(
             )?;
         }
         return Ok(());
-    };
-    for (first, count) in chunks {
-        for z0 in (first..first + count).step_by(max_z) {
-            let nz = max_z.min(first + count - z0);
-            let av = ctx.view(a, z0 * pa, nz * pa)?;
-            let bv = if d.b_shared {
-                ctx.view_all(b)?
-            } else {
-                ctx.view(b, z0 * pb, nz * pb)?
-            };
-            let cv = ctx.view(c, z0 * pc, nz * pc)?;
-            let biasv = bias.map(|t| ctx.view_all(t)).transpose()?;
-            record(ctx, Params::new(d, o, accumulate), [av, bv, cv], biasv, nz)?;
-        }
+    }
+    for z0 in (0..d.batch).step_by(per) {
+        let nz = per.min(d.batch - z0);
+        let bind = |t, i: usize| {
+            ctx.view(
+                t,
+                d.off[i] + z0 * stride[i],
+                (nz - 1) * stride[i] + extent[i],
+            )
+        };
+        let (av, bv, cv) = (bind(a, 0)?, bind(b, 1)?, bind(c, 2)?);
+        let biasv = bias.map(|t| ctx.view_all(t)).transpose()?;
+        record(ctx, Params::new(d, o, accumulate), [av, bv, cv], biasv, nz)?;
     }
     Ok(())
 }
@@ -699,6 +739,10 @@ fn tune(
 #[path = "matmul_view.rs"]
 mod view;
 pub use view::{MatView, matmul_into, matmul_view};
+
+#[path = "matmul_group.rs"]
+mod group;
+pub use group::{group_outputs, matmul_into_group};
 
 #[cfg(test)]
 #[path = "matmul_tests.rs"]

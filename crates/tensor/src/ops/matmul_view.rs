@@ -66,7 +66,7 @@ impl<'a> MatView<'a> {
 
     /// `(rows, cols, ld)` of the view, or an error naming `what` when its columns or rows do not
     /// fit.
-    fn layout(&self, op: &'static str, what: &str) -> Result<(usize, usize, usize)> {
+    pub(super) fn layout(&self, op: &'static str, what: &str) -> Result<(usize, usize, usize)> {
         let shape = self.tensor.shape();
         if shape.is_empty() {
             return shape_err(op, format!("{what} of at least 1 dim"), shape);
@@ -100,14 +100,14 @@ impl<'a> MatView<'a> {
     }
 
     /// Element of the tensor where the view starts.
-    fn start(&self) -> usize {
+    pub(super) fn start(&self) -> usize {
         self.row0 * self.tensor.last_dim() + self.col0
     }
 }
 
 /// The product `c = α·op(a)·op(b)` of views, checked: the sizes, the leading dimensions and
 /// the element offsets of the three operands.
-fn view_dims(
+pub(super) fn view_dims(
     op: &'static str,
     c: &MatView,
     a: &MatView,
@@ -134,12 +134,11 @@ fn view_dims(
             found: format!("({rc}, {cc})"),
         });
     }
-    Ok(Dims {
+    let mut d = Dims {
         batch: 1,
         m,
         k,
         n,
-        b_shared: false,
         out_shape: vec![m, n],
         ld: [lda, ldb, ldc],
         // With K = 0, A and B are never read: no offset past an empty tensor's end.
@@ -148,8 +147,12 @@ fn view_dims(
         } else {
             [a.start(), b.start(), c.start()]
         },
+        stride: [0; 3],
         alpha,
-    })
+    };
+    // One entry: the strides are never used; those of whole tensors, as `matmul` would pass.
+    d.stride = d.dense(false);
+    Ok(d)
 }
 
 /// `α·op(A)·op(B)` of two views, as a new `(M, N)` tensor (see the module doc).
