@@ -14,7 +14,7 @@
 //!
 //! Nor do all N rows of logits exist at once: the rows are taken in chunks of R
 //! ([`loss_chunk_rows`]: on a GPU the most whose logits fit one storage binding, on the CPU
-//! 64 MiB of logits), and for each row range [r0, r0 + R):
+//! 256 MiB of logits), and for each row range [r0, r0 + R):
 //!
 //! ```text
 //! logits_c        = h[r0..]·Wᵀ                          (R, V), the only logits alive
