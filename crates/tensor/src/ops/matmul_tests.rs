@@ -1,6 +1,7 @@
 //! Tests of `ops/matmul.rs`: the CPU path against the f64 oracle, the GPU kernel against the
 //! CPU on hostile shapes, binding splits, and the backward table.
 use super::*;
+use crate::ops::{matmul_tiled, matmul_tune};
 use crate::testing::{assert_close, gpu, gpu_with_binding_limit, random, sizes};
 use proptest::prelude::*;
 

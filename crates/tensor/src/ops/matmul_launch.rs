@@ -1,0 +1,251 @@
+//! The GPU launch of a product: batch entries in batched dispatches, problems larger than one
+//! storage binding cut into sub-blocks ([`launch_2d`]), each dispatch recorded with the kernel
+//! the choice gives it ([`matmul_tiled::pick`]), measured once per class of shapes on a
+//! hardware adapter ([`matmul_tune`]).
+
+use std::sync::Arc;
+
+use super::{Dims, MatmulOpts, Params, TILE};
+use crate::gpu::bind::View;
+use crate::gpu::{Binding, GpuContext};
+use crate::ops::matmul_tiled::{self, GpuMatmul};
+use crate::ops::matmul_tune;
+use crate::{Result, Tensor};
+
+/// The GPU path. Batch entries go in batched dispatches (workgroup z = batch entry), as many
+/// per dispatch as `max_z` (65,535; tests pass a smaller one) and one binding per operand
+/// allow: entries `z0..z0 + nz` of an operand span `(nz − 1)·stride + extent` elements from
+/// entry z0's first (stride 0: one matrix shared by the batch). Where one entry does not fit
+/// a binding, or the grid does not, each entry is a 2-D problem split by [`launch_2d`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch(
+    ctx: &Arc<GpuContext>,
+    c: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    d: &Dims,
+    o: MatmulOpts,
+    accumulate: bool,
+    max_z: usize,
+) -> Result<()> {
+    if d.batch == 0 || d.m == 0 || d.n == 0 {
+        return Ok(());
+    }
+    let (stride, extent) = (d.per_batch(), d.extents(o));
+    let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
+    let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+    let room = (ctx.max_binding_bytes().saturating_sub(align) / 4) as usize;
+    let grid_fits = d.m.div_ceil(TILE) <= max_groups && d.n.div_ceil(TILE) <= max_groups;
+    // Entries per dispatch: (nz − 1)·stride + extent ≤ room for every operand.
+    let per = (0..3)
+        .map(|i| match (extent[i] <= room, stride[i]) {
+            (false, _) => 0,
+            (true, 0) => usize::MAX,
+            (true, s) => (room - extent[i]) / s + 1,
+        })
+        .min()
+        .unwrap_or(0)
+        .min(max_z);
+    if d.batch == 1 || !grid_fits || per == 0 {
+        let [oa, ob, oc] = d.off;
+        let [pa, pb, pc] = stride;
+        for z in 0..d.batch {
+            launch_2d(
+                ctx,
+                [c, a, b],
+                bias,
+                [oa + z * pa, ob + z * pb, oc + z * pc],
+                d,
+                o,
+                accumulate,
+            )?;
+        }
+        return Ok(());
+    }
+    for z0 in (0..d.batch).step_by(per) {
+        let nz = per.min(d.batch - z0);
+        let bind = |t, i: usize| {
+            ctx.view(
+                t,
+                d.off[i] + z0 * stride[i],
+                (nz - 1) * stride[i] + extent[i],
+            )
+        };
+        let (av, bv, cv) = (bind(a, 0)?, bind(b, 1)?, bind(c, 2)?);
+        let biasv = bias.map(|t| ctx.view_all(t)).transpose()?;
+        record(ctx, Params::new(d, o, accumulate), [av, bv, cv], biasv, nz)?;
+    }
+    Ok(())
+}
+
+/// One 2-D product whose operands start at elements `base` = [A, B, C] of their tensors, cut into
+/// sub-blocks so that every bound range fits one storage binding.
+///
+/// Each operand is stored as rows of `ld` elements: A's rows are M (K if `trans_a`), B's are K
+/// (N if `trans_b`), C's are M. A chunk of `r` rows of an operand spans about `r·ld` elements, so
+/// the chunk of that operand's row dimension is at most `room / ld`; an operand whose single row
+/// is larger than a binding takes one row per chunk and cuts its columns instead. Sub-blocks of C
+/// are addressed with `ldc = N`; K chunks after the first accumulate into C, and the bias is
+/// added by the first.
+fn launch_2d(
+    ctx: &Arc<GpuContext>,
+    [c, a, b]: [&Tensor; 3],
+    bias: Option<&Tensor>,
+    base: [usize; 3],
+    d: &Dims,
+    o: MatmulOpts,
+    accumulate: bool,
+) -> Result<()> {
+    const M: usize = 0;
+    const K: usize = 1;
+    const N: usize = 2;
+    let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+    let room = (ctx.max_binding_bytes().saturating_sub(align) / 4).max(1) as usize;
+    let [lda, ldb, ldc] = d.ld;
+    // (stored-row dimension, stored-column dimension, ld) of A, B, C.
+    let a_dims = if o.trans_a { (K, M, lda) } else { (M, K, lda) };
+    let b_dims = if o.trans_b { (N, K, ldb) } else { (K, N, ldb) };
+    let max_tiles = ctx.limits.max_compute_workgroups_per_dimension as usize * TILE;
+    let mut chunk = [d.m.min(max_tiles), d.k, d.n.min(max_tiles)];
+    for (row, col, ld) in [a_dims, b_dims, (M, N, ldc)] {
+        if ld <= room {
+            chunk[row] = chunk[row].min(room / ld.max(1));
+        } else {
+            chunk[row] = 1;
+            chunk[col] = chunk[col].min(room);
+        }
+    }
+    // Chunks in multiples of 4 where they can be, so that sub-blocks of operands the tiled
+    // kernel reads as vec4s stay readable that way (`matmul_tiled::tiled_fits`).
+    for c in &mut chunk {
+        if *c >= 4 {
+            *c -= *c % 4;
+        }
+    }
+    let starts = |len: usize, step: usize| {
+        (0..len.max(1))
+            .step_by(step.max(1))
+            .map(move |s| (s, step.min(len - s)))
+    };
+    // The bound range of rows r0.. (r rows) and columns c0.. (cols columns) of an operand.
+    let span = |r0: usize, r: usize, c0: usize, cols: usize, ld: usize| {
+        (r0 * ld + c0, r.saturating_sub(1) * ld + cols)
+    };
+    for (i0, mr) in starts(d.m, chunk[M]) {
+        for (j0, nr) in starts(d.n, chunk[N]) {
+            for (p0, kr) in starts(d.k, chunk[K]) {
+                let first_k = p0 == 0;
+                // With K = 0, A and B are empty and never read: bind their first element.
+                let (sa, la) = match (kr, o.trans_a) {
+                    (0, _) => (0, 0),
+                    (_, true) => span(p0, kr, i0, mr, lda),
+                    (_, false) => span(i0, mr, p0, kr, lda),
+                };
+                let (sb, lb) = match (kr, o.trans_b) {
+                    (0, _) => (0, 0),
+                    (_, true) => span(j0, nr, p0, kr, ldb),
+                    (_, false) => span(p0, kr, j0, nr, ldb),
+                };
+                let (sc, lc) = span(i0, mr, j0, nr, ldc);
+                let av = ctx.view(a, base[0] + sa, la)?;
+                let bv = ctx.view(b, base[1] + sb, lb)?;
+                let cv = ctx.view(c, base[2] + sc, lc)?;
+                let biasv = match bias {
+                    Some(t) if first_k => Some(ctx.view(t, j0, nr)?),
+                    _ => None,
+                };
+                let params = Params {
+                    m: mr as u32,
+                    n: nr as u32,
+                    k: kr as u32,
+                    ..Params::new(d, o, accumulate || !first_k)
+                };
+                record(ctx, params, [av, bv, cv], biasv, 1)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Record one dispatch over `nz` batch entries of `p`'s M×N product, with A, B, C and the bias
+/// bound from these views.
+fn record(
+    ctx: &GpuContext,
+    mut p: Params,
+    [a, b, c]: [View<'_>; 3],
+    bias: Option<View<'_>>,
+    nz: usize,
+) -> Result<()> {
+    (p.off_a, p.off_b, p.off_c) = (a.offset, b.offset, c.offset);
+    p.has_bias = bias.is_some().into();
+    p.off_bias = bias.as_ref().map_or(0, |v| v.offset);
+    // Without a bias, binding 4 gets the first vec4 of A's range: never read (has_bias = 0),
+    // and not A's whole range again, which the step accounting would count as bound twice.
+    let bias = bias.map_or(
+        Binding {
+            buffer: a.binding.buffer,
+            offset: a.binding.offset,
+            size: a.binding.size.min(16),
+        },
+        |v| v.binding,
+    );
+    let bindings = [(1, a.binding), (2, b.binding), (3, c.binding), (4, bias)];
+    let shape = matmul_tiled::Dispatch {
+        m: p.m,
+        n: p.n,
+        k: p.k,
+        trans_a: p.trans_a != 0,
+        trans_b: p.trans_b != 0,
+        ld: [p.lda, p.ldb, p.ldc],
+        off: [p.off_a, p.off_b, p.off_c],
+        stride: [p.stride_a, p.stride_b, p.stride_c],
+        off_bias: (p.has_bias != 0).then_some(p.off_bias),
+    };
+    let executes = !ctx.is_dry_run();
+    let choice = match matmul_tiled::gpu_matmul() {
+        GpuMatmul::Auto if executes && !ctx.is_software() => tune(ctx, &p, &shape, &bindings, nz)?,
+        GpuMatmul::Tune if executes => tune(ctx, &p, &shape, &bindings, nz)?,
+        choice => choice,
+    };
+    record_with(ctx, choice, &p, &shape, &bindings, nz)
+}
+
+/// Record the product of `p` with the kernel `choice` gives it.
+fn record_with(
+    ctx: &GpuContext,
+    choice: GpuMatmul,
+    p: &Params,
+    shape: &matmul_tiled::Dispatch,
+    bindings: &[(u32, Binding<'_>); 4],
+    nz: usize,
+) -> Result<()> {
+    let (kernel, constants, tile) = matmul_tiled::pick(choice, shape);
+    let groups = [p.n.div_ceil(tile), p.m.div_ceil(tile), nz as u32];
+    ctx.dispatch_with(kernel, constants, bytemuck::bytes_of(p), bindings, groups)
+}
+
+/// The measured kernel for this product's class ([`matmul_tune`]): both kernels run it into a
+/// scratch copy of C's bound range, so C itself is written once, by the caller.
+fn tune(
+    ctx: &GpuContext,
+    p: &Params,
+    shape: &matmul_tiled::Dispatch,
+    bindings: &[(u32, Binding<'_>); 4],
+    nz: usize,
+) -> Result<GpuMatmul> {
+    let c = &bindings[2].1;
+    let scratch = ctx.alloc(c.size.div_ceil(16) * 16)?;
+    let [a, b, _, bias] = bindings;
+    let scratch_c = Binding {
+        buffer: &scratch,
+        offset: 0,
+        size: c.size,
+    };
+    let with_scratch = [*a, *b, (3, scratch_c), *bias];
+    let chosen = matmul_tune::tuned(ctx, shape, |k| {
+        record_with(ctx, k, p, shape, &with_scratch, nz)
+    });
+    ctx.release(scratch);
+    chosen
+}
