@@ -503,6 +503,9 @@ impl ViewCase {
 fn block(v: &MatView) -> Vec<f32> {
     let ld = v.tensor.last_dim();
     let rows = v.rows.unwrap();
+    if ld == 0 {
+        return Vec::new(); // a block of no columns (K = 0)
+    }
     let all = v.tensor.to_vec().unwrap();
     all.chunks(ld)
         .skip(v.row0)

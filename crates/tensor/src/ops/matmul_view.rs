@@ -82,7 +82,8 @@ impl<'a> MatView<'a> {
                 shape,
             );
         }
-        let stored = self.tensor.numel().checked_div(ld).unwrap_or(0);
+        // The product of the leading dims: a tensor of no columns still has its rows.
+        let stored: usize = shape[..shape.len() - 1].iter().product();
         let rows = self
             .rows
             .unwrap_or_else(|| stored.saturating_sub(self.row0));
