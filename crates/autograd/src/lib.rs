@@ -8,7 +8,10 @@
 //!   ids get gradient buffers ([`Grads`]) and optimizer state ([`AdamW`]);
 //! - an op records a node only if an input needs a gradient, and saves only the tensors the
 //!   needed gradients use: `x·W0` with W0 frozen saves W0 (for dx) but not x (which only dW0
-//!   needs), and its backward launches one matmul, not two.
+//!   needs), and its backward launches one matmul, not two;
+//! - where a value feeds several ops (the residual stream, LoRA's input), the later rules add
+//!   their gradient into the sum already pending ([`Pending`]) with the product's or the layer
+//!   norm's own accumulating mode, so summing gradients costs no kernel of its own.
 //!
 //! Reading order: [`param`], [`tape`] (the backward loop fits on one screen), then `ops/*`
 //! (each op's forward and backward side by side, the math in the doc comment), [`optim`].
