@@ -75,3 +75,21 @@ fn workgroup_sum2(li: u32, a: f32, b: f32) -> vec2<f32> {
     workgroupBarrier();
     return r;
 }
+
+// The IEEE binary16 value in the low 16 bits of `h`, exactly, as f32 (frozen weights stored in
+// f16, `ops/matmul_f16.rs`). Integer operations only: WGSL's unpack2x16float needs a capability
+// some adapters lack. A normal half moves its exponent from bias 15 to bias 127 (+112) and its
+// 10 mantissa bits to the top of f32's 23; a subnormal one is mantissa·2⁻²⁴; infinities and NaNs
+// keep their class.
+fn half_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let mant = h & 0x3ffu;
+    if (e == 0u) {
+        return bitcast<f32>(bitcast<u32>(ldexp(f32(mant), -24)) | sign);
+    }
+    if (e == 31u) {
+        return bitcast<f32>(sign | 0x7f800000u | (mant << 13u));
+    }
+    return bitcast<f32>(sign | ((e + 112u) << 23u) | (mant << 13u));
+}

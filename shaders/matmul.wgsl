@@ -17,7 +17,11 @@
 //   0 params (uniform Params)
 //   1 a    (batch, M, K) or (batch, K, M): element (z, r, c) at off_a + z·stride_a + r·lda + c
 //   2 b    (batch, K, N) or (batch, N, K): element (z, r, c) at off_b + z·stride_b + r·ldb + c
-//          (stride_b = 0 when one 2-D B is shared by the whole batch)
+//          (stride_b = 0 when one 2-D B is shared by the whole batch). Bound as u32 words: the
+//          bits of f32 elements, or with B_F16 two f16 elements per word (element e in the low
+//          half of word e/2 when e is even, the high half when odd), a frozen weight stored at
+//          half the bytes, widened exactly by the prelude's half_to_f32; off_b, ldb and stride_b
+//          then count f16 elements. Products accumulate in f32 either way.
 //   3 c    (batch, M, N): element (z, i, j) at off_c + z·stride_c + i·ldc + j   (read_write)
 //   4 bias (N) at off_bias + j; read only when has_bias = 1 (else the launcher binds A here)
 //
@@ -54,6 +58,9 @@ struct Params {
     _pad2: u32,
 }
 
+// How B's words hold its elements (one pipeline each; the branch folds away when it is made).
+override B_F16: bool = false;
+
 const TM: u32 = 64u;       // rows of C per workgroup = 16 invocations · 4 rows
 const TN: u32 = 64u;       // columns of C per workgroup = 16 invocations · 4 columns
 const BK: u32 = 16u;       // depth of one staged K slice
@@ -64,7 +71,7 @@ const LOADS: u32 = 4u;     // TM · BK / THREADS elements of each tile loaded pe
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<u32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
@@ -80,12 +87,18 @@ fn load_a(z: u32, i: u32, kp: u32) -> f32 {
     return a[base + kp * p.lda + i];
 }
 
+// B's element e as f32: its bits, or the f16 half of word e/2 that holds it.
+fn b_at(e: u32) -> f32 {
+    if (B_F16) { return half_to_f32((b[e >> 1u] >> (16u * (e & 1u))) & 0xffffu); }
+    return bitcast<f32>(b[e]);
+}
+
 // opB[z, p, j], 0 outside the matrix.
 fn load_b(z: u32, kp: u32, j: u32) -> f32 {
     if (kp >= p.k || j >= p.n) { return 0.0; }
     let base = p.off_b + z * p.stride_b;
-    if (p.trans_b == 0u) { return b[base + kp * p.ldb + j]; }
-    return b[base + j * p.ldb + kp];
+    if (p.trans_b == 0u) { return b_at(base + kp * p.ldb + j); }
+    return b_at(base + j * p.ldb + kp);
 }
 
 @compute @workgroup_size(16, 16, 1)

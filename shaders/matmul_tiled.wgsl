@@ -59,6 +59,10 @@ struct Params {
 // One pipeline per transpose case: the branches on these fold away when the pipeline is made.
 override TRANS_A: bool = false; // A is stored (K, M)
 override TRANS_B: bool = false; // B is stored (N, K)
+// B's storage, as in matmul.wgsl: f32 bits, or two f16 elements per u32 word (a frozen weight
+// at half the bytes; off_b, ldb and stride_b count f16 elements, and the launcher pads the
+// weight's words to whole vec4<u32>s).
+override B_F16: bool = false;
 
 const TILE: u32 = 128u;   // rows and columns of C per workgroup
 const TILE4: u32 = 32u;   // TILE in vec4s
@@ -67,7 +71,7 @@ const HALF: u32 = 256u;   // vec4s in one half of sa (or sb): BK · TILE4
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> bias: array<vec4<f32>>;
 
@@ -103,18 +107,30 @@ fn store_a(half: u32, t: u32, v: vec4<f32>) {
     }
 }
 
+// The i-th group of four consecutive elements of B: one vec4<u32> of f32 bits, or half of one
+// holding eight f16 elements.
+fn b4_at(i: u32) -> vec4<f32> {
+    if (B_F16) {
+        let w = b[i >> 1u];
+        let h = select(w.xy, w.zw, (i & 1u) == 1u);
+        return vec4<f32>(half_to_f32(h.x & 0xffffu), half_to_f32(h.x >> 16u),
+                         half_to_f32(h.y & 0xffffu), half_to_f32(h.y >> 16u));
+    }
+    return bitcast<vec4<f32>>(b[i]);
+}
+
 fn load_b(z: u32, n0: u32, k0: u32, t: u32) -> vec4<f32> {
     let base = (p.off_b + z * p.stride_b) / 4u;
     if (TRANS_B) {
         let j = n0 + t / 2u;
         let kk = k0 + 4u * (t % 2u);
         if (j >= p.n || kk >= p.k) { return vec4<f32>(0.0); }
-        return b[base + (j * p.ldb + kk) / 4u];
+        return b4_at(base + (j * p.ldb + kk) / 4u);
     }
     let kk = k0 + t / TILE4;
     let j = n0 + 4u * (t % TILE4);
     if (kk >= p.k || j >= p.n) { return vec4<f32>(0.0); }
-    return b[base + (kk * p.ldb + j) / 4u];
+    return b4_at(base + (kk * p.ldb + j) / 4u);
 }
 
 fn store_b(half: u32, t: u32, v: vec4<f32>) {

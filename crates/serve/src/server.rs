@@ -50,6 +50,9 @@ pub struct ServeConfig {
     /// Store the base's Linear weights in NF4 (QLoRA's 4-bit base) before serving: `Some(double
     /// quantization)`. A model directory saved in NF4 is served in NF4 without it.
     pub quantize_nf4: Option<bool>,
+    /// Store the base's frozen Linear weights in f16 (`--precision f16`): half their bytes,
+    /// products summed in f32.
+    pub f16_base: bool,
     /// Stop on SIGTERM and Ctrl-C.
     pub signals: bool,
 }
@@ -78,6 +81,7 @@ impl ServeConfig {
             drain_timeout: Duration::from_secs(30),
             mode: Mode::Bank,
             quantize_nf4: None,
+            f16_base: false,
             signals: false,
         }
     }
@@ -175,12 +179,16 @@ impl Server {
         let (ready_tx, ready_rx) = mpsc::channel::<std::result::Result<(), String>>();
         let engine_shared = shared.clone();
         let engine_tok = tokenizer.clone();
+        let f16_base = cfg.f16_base;
         let engine = std::thread::Builder::new()
             .name("serve-engine".into())
             .spawn(move || {
                 let built = (|| -> Result<Engine> {
-                    let model = Gpt2::from_checkpoint(&ckpt, &device, false)?;
+                    let mut model = Gpt2::from_checkpoint(&ckpt, &device, false)?;
                     drop(ckpt);
+                    if f16_base {
+                        model.store_frozen_linears_in_f16()?;
+                    }
                     let mut engine = Engine::new(model, engine_tok, limits, engine_shared)?;
                     for (name, dir) in startup {
                         engine.load(&name, dir.clone()).map_err(|(_, m)| {

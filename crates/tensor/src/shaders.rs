@@ -69,18 +69,30 @@ pub const SLICE: &str = shader!("slice");
 /// `shaders/sgmv.wgsl`, launched from `ops/sgmv.rs`.
 pub const SGMV: &str = shader!("sgmv");
 
+/// Pipeline-overridable constants of `matmul.wgsl`, one table per pipeline the engine makes:
+/// B stored as f32, or as f16 pairs in u32 words (`B_F16`, a frozen weight at half the bytes).
+pub const MATMUL_VARIANTS: [Constants; 2] = [&[("B_F16", 0.0)], &[("B_F16", 1.0)]];
+
 /// Pipeline-overridable constants of `matmul_tiled.wgsl`, one table per pipeline the engine
-/// makes (its transpose cases NN, NT, TN, TT; 1.0 = true).
-pub const MATMUL_TILED_VARIANTS: [Constants; 4] = [
-    &[("TRANS_A", 0.0), ("TRANS_B", 0.0)],
-    &[("TRANS_A", 0.0), ("TRANS_B", 1.0)],
-    &[("TRANS_A", 1.0), ("TRANS_B", 0.0)],
-    &[("TRANS_A", 1.0), ("TRANS_B", 1.0)],
+/// makes: its transpose cases NN, NT, TN, TT with B in f32, then the same four with B in f16
+/// (1.0 = true).
+pub const MATMUL_TILED_VARIANTS: [Constants; 8] = [
+    &[("TRANS_A", 0.0), ("TRANS_B", 0.0), ("B_F16", 0.0)],
+    &[("TRANS_A", 0.0), ("TRANS_B", 1.0), ("B_F16", 0.0)],
+    &[("TRANS_A", 1.0), ("TRANS_B", 0.0), ("B_F16", 0.0)],
+    &[("TRANS_A", 1.0), ("TRANS_B", 1.0), ("B_F16", 0.0)],
+    &[("TRANS_A", 0.0), ("TRANS_B", 0.0), ("B_F16", 1.0)],
+    &[("TRANS_A", 0.0), ("TRANS_B", 1.0), ("B_F16", 1.0)],
+    &[("TRANS_A", 1.0), ("TRANS_B", 0.0), ("B_F16", 1.0)],
+    &[("TRANS_A", 1.0), ("TRANS_B", 1.0), ("B_F16", 1.0)],
 ];
 
 /// Every set of override constants a pipeline is made with, by shader file stem (a shader not
 /// listed is made with its defaults only): what `tests/shader_portability.rs` translates.
-pub const OVERRIDES: &[(&str, &[Constants])] = &[("matmul_tiled", &MATMUL_TILED_VARIANTS)];
+pub const OVERRIDES: &[(&str, &[Constants])] = &[
+    ("matmul", &MATMUL_VARIANTS),
+    ("matmul_tiled", &MATMUL_TILED_VARIANTS),
+];
 
 /// One table of pipeline-overridable constants: (WGSL `override` name, value).
 pub type Constants = &'static [(&'static str, f64)];

@@ -276,6 +276,14 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
     if args.full && args.quant.quantize != crate::quantize::Quantization::None {
         return Err("--quantize stores a frozen base: it trains adapters, not --full".into());
     }
+    if args.full && args.quant.precision == crate::quantize::Precision::F16 {
+        return Err(
+            "--precision f16 stores a frozen base: it trains adapters, not --full \
+                    (full fine-tuning keeps every weight in f32)"
+                .into(),
+        );
+    }
+    args.quant.nf4()?;
     // On the host, before any weight reaches the device.
     args.quant.apply(&mut base)?;
     let tok = crate::model_tokenizer(&args.model, &base.config)?;

@@ -71,7 +71,9 @@ pub fn load_model(dir: &Path, device: &Device, trainable: bool) -> Result<Gpt2> 
 pub fn load_frozen(dir: &Path, device: &Device, quantize: quantize::QuantizeArgs) -> Result<Gpt2> {
     let mut ckpt = Checkpoint::load(dir)?;
     quantize.apply(&mut ckpt)?;
-    Ok(Gpt2::from_checkpoint(&ckpt, device, false)?)
+    let mut model = Gpt2::from_checkpoint(&ckpt, device, false)?;
+    quantize.store(&mut model)?;
+    Ok(model)
 }
 
 /// Copies the tokenizer files of model directory `from` that exist (`vocab.json`,

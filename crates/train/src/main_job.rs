@@ -74,9 +74,9 @@ pub struct RunArgs {
     /// (length penalty 0.8, no repeated 4-gram, as the LoRA paper decodes E2E).
     #[arg(long, default_value_t = 1)]
     pub beams: usize,
-    /// QLoRA: the base (its score and the LoRA run) with its Linear weights in NF4; full
-    /// fine-tuning keeps the f32 base. Merging needs f32 weights, so the merge check and the
-    /// latency table are skipped.
+    /// QLoRA (`--quantize nf4`) or `--precision f16`: the base (its score and the LoRA runs)
+    /// with its Linear weights in NF4 or f16; full fine-tuning keeps the f32 base. Merging needs
+    /// f32 weights, so the merge check and the latency table are skipped.
     #[command(flatten)]
     pub quant: crate::quantize::QuantizeArgs,
 }
@@ -187,13 +187,16 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     let mut frozen = ckpt.clone();
     args.quant.apply(&mut frozen)?;
     let mut model = Gpt2::from_checkpoint(&frozen, device, false)?;
+    args.quant.store(&mut model)?;
     let total = model.num_params();
     let base = score_heldout(&model, &tok, &data, args.beams)?;
     println!("base model: BLEU {:.1}, {}", base.bleu.score, base.slots);
     let constant = constant_baseline(&data, data.heldout().len())?;
-    let nf4 = match args.quant.nf4()? {
-        None => "",
-        Some(_) => ", NF4 base",
+    args.quant.nf4()?;
+    let compact = args.quant.compact_base(frozen.is_quantized());
+    let base_form = match compact {
+        None => String::new(),
+        Some(form) => format!(", {form} base"),
     };
 
     // LoRA.
@@ -212,7 +215,7 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
         row("base model".into(), &base, None, total),
         row(
             format!(
-                "LoRA r {} alpha {} ({}){nf4}",
+                "LoRA r {} alpha {} ({}){base_form}",
                 args.r,
                 args.alpha,
                 args.targets.join(",")
@@ -224,10 +227,11 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     ];
 
     // Merge, check, time.
-    let latency = if args.quant.nf4()?.is_some() {
-        "merge check and latency: skipped (the base is in NF4, and merging needs its f32 \
-         weights; the adapter applies to the f32 base as it is)"
-            .to_string()
+    let latency = if let Some(form) = compact {
+        format!(
+            "merge check and latency: skipped (the base is in {form}, and merging needs its \
+             f32 weights; the adapter applies to the f32 base as it is)"
+        )
     } else {
         inference_latency(&model, &lora, &tok, &data)?
     };
@@ -236,6 +240,7 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     // The paper's setting on a fresh copy of the frozen base: r 4, alpha 32 on q and v.
     if !args.no_paper {
         let mut paper = Gpt2::from_checkpoint(&frozen, device, false)?;
+        args.quant.store(&mut paper)?;
         let pcfg = LoraConfig::new(4, 32.0, &[Target::Q, Target::V]);
         let plora = LoraModel::inject(&mut paper, &pcfg, args.seed)?;
         let rep = train_e2e(&paper, plora.trainable_params(), &tok, &data, &cfg)?;
@@ -245,7 +250,7 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
             scores.bleu.score, scores.slots, rep.seconds
         );
         rows.push(row(
-            format!("LoRA r 4 alpha 32 (q,v; the paper's){nf4}"),
+            format!("LoRA r 4 alpha 32 (q,v; the paper's){base_form}"),
             &scores,
             Some(rep),
             total,

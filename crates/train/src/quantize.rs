@@ -1,5 +1,6 @@
-//! QLoRA's frozen base in 4 bits: the `--quantize nf4` flag of the commands that run a frozen
-//! base, and `train quantize`, which writes a quantized model directory.
+//! How the frozen base is stored: QLoRA's 4 bits (`--quantize nf4`) or half precision
+//! (`--precision f16`), flags of the commands that run a frozen base; and `train quantize`, which
+//! writes a quantized model directory.
 //!
 //! The weights of every block's four Linears are stored in 4-bit NormalFloat as bitsandbytes
 //! stores them ([`transformer::Checkpoint::quantize_nf4`]), about an eighth of their f32 bytes;
@@ -24,6 +25,16 @@ pub enum Quantization {
     Nf4,
 }
 
+/// The precision the frozen base's Linear weights are stored in on the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// 4 bytes a weight.
+    #[default]
+    F32,
+    /// 2 bytes a weight, each rounded to the nearest f16; products still sum in f32.
+    F16,
+}
+
 /// The flags of every command that runs a frozen base.
 #[derive(Args, Clone, Copy, Debug, Default)]
 pub struct QuantizeArgs {
@@ -37,6 +48,14 @@ pub struct QuantizeArgs {
     /// `bnb_4bit_use_double_quant`), about 0.4 bit less per weight.
     #[arg(long, requires = "quantize")]
     pub double_quant: bool,
+    /// Store the frozen base's Linear weights in f16 (`f16`: half their bytes, each value
+    /// rounded to the nearest f16, every product still summed in f32; any GPU adapter, and the
+    /// CPU) or as loaded (`f32`). Adapters, embeddings, layer norms and biases stay f32, as do
+    /// the optimizer's state and gradients. Only with a frozen base (not --full, not with
+    /// --quantize nf4); merging and DoRA need the f32 base and are refused with it. Adapters
+    /// trained this way are ordinary f32 adapters.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
 }
 
 impl QuantizeArgs {
@@ -67,6 +86,13 @@ impl QuantizeArgs {
 
     /// `Some(double quantization)` for NF4, None for as-loaded.
     pub fn nf4(&self) -> crate::Result<Option<bool>> {
+        if self.quantize != Quantization::None && self.precision == Precision::F16 {
+            return Err(
+                "--quantize nf4 and --precision f16 both say how the frozen base is \
+                        stored: pick one"
+                    .into(),
+            );
+        }
         match self.quantize {
             Quantization::None if self.double_quant => {
                 Err("--double-quant needs --quantize nf4".into())
@@ -78,8 +104,39 @@ impl QuantizeArgs {
 
     /// The run-identity entry (None for f32), so a resumed run repeats it.
     pub fn identity(&self) -> Option<serde_json::Value> {
+        if self.precision == Precision::F16 {
+            return Some(serde_json::json!({"f16": true}));
+        }
         (self.quantize != Quantization::None)
             .then(|| serde_json::json!({"nf4": true, "double_quant": self.double_quant}))
+    }
+
+    /// Whether the base is stored in a form merging cannot write into (NF4 or f16): `Some` of
+    /// its name, e.g. for "the base is in NF4".
+    pub fn compact_base(&self, ckpt_is_quantized: bool) -> Option<&'static str> {
+        if self.precision == Precision::F16 {
+            Some("f16")
+        } else if self.quantize != Quantization::None || ckpt_is_quantized {
+            Some("NF4")
+        } else {
+            None
+        }
+    }
+
+    /// After the model is built (and any adapter attached): with `--precision f16`, stores its
+    /// frozen Linear weights in f16, saying so on stderr with the bytes before and after.
+    pub fn store(&self, model: &mut transformer::Gpt2) -> crate::Result<()> {
+        if self.precision != Precision::F16 {
+            return Ok(());
+        }
+        self.nf4()?;
+        let (before, after) = model.store_frozen_linears_in_f16()?;
+        eprintln!(
+            "note: base Linear weights in f16: {:.1} MB instead of {:.1} MB",
+            after as f64 / 1e6,
+            before as f64 / 1e6
+        );
+        Ok(())
     }
 }
 

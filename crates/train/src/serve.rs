@@ -112,6 +112,7 @@ impl ServeArgs {
         };
         cfg.drain_timeout = Duration::from_secs_f64(self.drain_timeout);
         cfg.quantize_nf4 = self.quant.nf4()?;
+        cfg.f16_base = self.quant.precision == crate::quantize::Precision::F16;
         Ok(cfg)
     }
 }

@@ -96,7 +96,7 @@ pub use config::{GptConfig, TokenizerKind};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_tokens};
 pub use init::init_checkpoint;
-pub use linear::{Adapter, Linear, Nf4Linear, Weight};
+pub use linear::{Adapter, F16Linear, Linear, Nf4Linear, Weight};
 pub use model::{Gpt2, KvCache, Residual};
 pub use tensor_file::{NamedTensor, SaveDtype};
 pub use token_adapter::TokenAdapter;

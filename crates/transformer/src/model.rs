@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::token_adapter::TokenAdapter;
 use crate::variant::Activation;
 
-pub use crate::linear::{Adapter, Linear, Nf4Linear, Weight};
+pub use crate::linear::{Adapter, F16Linear, Linear, Nf4Linear, Weight};
 
 /// Layer norm over C with learned γ (weight) and β (bias).
 pub struct LayerNorm {
@@ -283,7 +283,7 @@ impl Gpt2 {
             out.len()
                 + self
                     .linears()
-                    .filter(|l| matches!(l.weight, Weight::Nf4(_)))
+                    .filter(|l| !matches!(l.weight, Weight::Dense(_)))
                     .count(),
             parameter_shapes(&self.config).len()
         );
@@ -297,8 +297,32 @@ impl Gpt2 {
             .flat_map(|b| [&b.c_attn, &b.attn_c_proj, &b.c_fc, &b.mlp_c_proj])
     }
 
+    /// Stores the frozen f32 weight of every block's Linears in f16 (`--precision f16`): half
+    /// their bytes, each value rounded to the nearest f16, products still summed in f32
+    /// ([`Weight::F16`]). Embeddings, layer norms, biases and anything trainable stay f32; a
+    /// trainable Linear weight is refused by name. Returns the weights' device bytes before and
+    /// after.
+    pub fn store_frozen_linears_in_f16(&mut self) -> Result<(u64, u64)> {
+        let (mut before, mut after) = (0, 0);
+        for b in &mut self.h {
+            for l in [
+                &mut b.c_attn,
+                &mut b.attn_c_proj,
+                &mut b.c_fc,
+                &mut b.mlp_c_proj,
+            ] {
+                before += l.weight.bytes();
+                if let Some(w) = l.weight.to_f16()? {
+                    l.weight = w;
+                }
+                after += l.weight.bytes();
+            }
+        }
+        Ok((before, after))
+    }
+
     /// Copy every parameter back to the host as a checkpoint (for saving). A model with NF4
-    /// weights has no f32 values to save: an error names the first.
+    /// or f16 weights has no f32 values to save: an error names the first.
     pub fn to_checkpoint(&self) -> Result<Checkpoint> {
         for l in self.linears() {
             l.weight.dense("saving a full checkpoint")?;
@@ -311,11 +335,11 @@ impl Gpt2 {
         Ok(Checkpoint::new(self.config.clone(), tensors))
     }
 
-    /// Total number of parameter values (quantized weights included).
+    /// Total number of parameter values (quantized and f16 weights included).
     pub fn num_params(&self) -> usize {
         let quantized: usize = self
             .linears()
-            .filter(|l| matches!(l.weight, Weight::Nf4(_)))
+            .filter(|l| !matches!(l.weight, Weight::Dense(_)))
             .map(|l| l.weight.numel())
             .sum();
         quantized

@@ -4,6 +4,7 @@
 //! | op | file |
 //! |---|---|
 //! | matmul (+ bias) | [`matmul`] |
+//! | matmul with a frozen NF4 or f16 weight | [`matmul_stored`] |
 //! | add, mul, scale, add_bias, reshape | [`elementwise`] |
 //! | gelu, dropout | [`activation`] |
 //! | softmax | [`softmax`] |
@@ -25,7 +26,7 @@ pub mod heads;
 pub mod layernorm;
 pub mod lora;
 pub mod matmul;
-pub mod matmul_nf4;
+pub mod matmul_stored;
 pub mod reduce;
 pub mod slice;
 pub mod softmax;

@@ -500,6 +500,7 @@ pub(crate) fn problem(
 #[path = "matmul_launch.rs"]
 mod launch;
 use launch::launch;
+pub(crate) use launch::launch_f16;
 
 #[path = "matmul_view.rs"]
 mod view;

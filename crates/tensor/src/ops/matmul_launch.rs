@@ -74,7 +74,14 @@ pub(super) fn launch(
         };
         let (av, bv, cv) = (bind(a, 0)?, bind(b, 1)?, bind(c, 2)?);
         let biasv = bias.map(|t| ctx.view_all(t)).transpose()?;
-        record(ctx, Params::new(d, o, accumulate), [av, bv, cv], biasv, nz)?;
+        record(
+            ctx,
+            Params::new(d, o, accumulate),
+            [av, bv, cv],
+            biasv,
+            nz,
+            false,
+        )?;
     }
     Ok(())
 }
@@ -161,23 +168,67 @@ fn launch_2d(
                     k: kr as u32,
                     ..Params::new(d, o, accumulate || !first_k)
                 };
-                record(ctx, params, [av, bv, cv], biasv, 1)?;
+                record(ctx, params, [av, bv, cv], biasv, 1, false)?;
             }
         }
     }
     Ok(())
 }
 
+/// The GPU product `C = X·op(W) [+ bias]` (or `C += X·op(W)`) with W a frozen weight in f16,
+/// two elements per u32 word of `words` ([`matmul_f16`](crate::ops::matmul_f16)): X `(M, K)` and
+/// C `(M, N)` whole tensors, cut into chunks of rows that each fit one binding; W is bound whole
+/// (a weight larger than one binding is refused with the limit it exceeds). `op(W)` is W stored
+/// `(K, N)`, or Wᵀ stored `(N, K)` with `trans_w`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_f16(
+    ctx: &Arc<GpuContext>,
+    c: &Tensor,
+    x: &Tensor,
+    words: &Tensor,
+    bias: Option<&Tensor>,
+    [m, k, n]: [usize; 3],
+    trans_w: bool,
+    accumulate: bool,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    for (i0, rows) in ctx.row_chunks(m, &[k, n])? {
+        let xv = ctx.view(x, i0 * k, rows * k)?;
+        let cv = ctx.view(c, i0 * n, rows * n)?;
+        let wv = ctx.view_all(words)?;
+        let biasv = bias.map(|t| ctx.view_all(t)).transpose()?;
+        let p = Params {
+            m: rows as u32,
+            n: n as u32,
+            k: k as u32,
+            trans_b: trans_w.into(),
+            lda: k as u32,
+            ldb: (if trans_w { k } else { n }) as u32,
+            ldc: n as u32,
+            accumulate: accumulate.into(),
+            alpha: 1.0,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        record(ctx, p, [xv, wv, cv], biasv, 1, true)?;
+    }
+    Ok(())
+}
+
 /// Record one dispatch over `nz` batch entries of `p`'s M×N product, with A, B, C and the bias
-/// bound from these views.
+/// bound from these views; `b_f16`: B's words hold f16 pairs (its offset then counts f16
+/// elements: twice the words before it).
 fn record(
     ctx: &GpuContext,
     mut p: Params,
     [a, b, c]: [View<'_>; 3],
     bias: Option<View<'_>>,
     nz: usize,
+    b_f16: bool,
 ) -> Result<()> {
-    (p.off_a, p.off_b, p.off_c) = (a.offset, b.offset, c.offset);
+    let off_b = if b_f16 { 2 * b.offset } else { b.offset };
+    (p.off_a, p.off_b, p.off_c) = (a.offset, off_b, c.offset);
     p.has_bias = bias.is_some().into();
     p.off_bias = bias.as_ref().map_or(0, |v| v.offset);
     // Without a bias, binding 4 gets the first vec4 of A's range: never read (has_bias = 0),
@@ -201,6 +252,7 @@ fn record(
         off: [p.off_a, p.off_b, p.off_c],
         stride: [p.stride_a, p.stride_b, p.stride_c],
         off_bias: (p.has_bias != 0).then_some(p.off_bias),
+        b_f16,
     };
     let executes = !ctx.is_dry_run();
     let choice = match matmul_tiled::gpu_matmul() {

@@ -24,7 +24,6 @@ use bytemuck::Zeroable;
 
 use crate::gpu::{GpuContext, Kernel, kernel_params};
 use crate::quant::{NF4_LEVELS, Nf4Weight};
-use crate::sgemm::{Mat, sgemm};
 use crate::tensor::same_device;
 use crate::{Device, Result, Tensor, shaders, shape_err};
 
@@ -88,9 +87,6 @@ impl Nf4Tensor {
     }
 }
 
-/// Stored rows per dequantized CPU panel: about 64 Ki values (256 KB).
-const PANEL_VALUES: usize = 1 << 16;
-
 /// `Y = X·W` (`trans_w` false, W stored `(K, N)`) or `Y = X·Wᵀ` (W stored `(N, K)`); X `(M, K)`.
 pub fn matmul_nf4(x: &Tensor, w: &Nf4Tensor, trans_w: bool) -> Result<Tensor> {
     let _profile = crate::profile::scope("matmul");
@@ -124,22 +120,14 @@ pub fn matmul_nf4(x: &Tensor, w: &Nf4Tensor, trans_w: bool) -> Result<Tensor> {
     }
 }
 
-/// The CPU path: panels of W's stored rows, dequantized, then one `sgemm` each.
+/// The CPU path: panels of W's stored rows, dequantized, then one `sgemm` each
+/// ([`weight_panels`](super::weight_panels)).
 fn cpu(x: &[f32], w: &Nf4Tensor, m: usize, k: usize, n: usize, trans_w: bool) -> Result<Vec<f32>> {
     let words: Vec<u32> = w.words.cpu_data()?.iter().map(|v| v.to_bits()).collect();
     let scales = w.scales.cpu_data()?;
-    let mut y = vec![0.0f32; m * n];
-    if m == 0 || n == 0 {
-        return Ok(y);
-    }
-    let cols = w.cols;
-    let rows_per_panel = (PANEL_VALUES / cols.max(1)).max(1);
-    let mut panel = vec![0.0f32; rows_per_panel * cols];
-    for r0 in (0..w.rows).step_by(rows_per_panel) {
-        let r1 = (r0 + rows_per_panel).min(w.rows);
-        let panel = &mut panel[..(r1 - r0) * cols];
-        for (i, v) in panel.iter_mut().enumerate() {
-            let e = r0 * cols + i;
+    let dequantize = |e0: usize, out: &mut [f32]| {
+        for (i, v) in out.iter_mut().enumerate() {
+            let e = e0 + i;
             let byte = (words[e / 8] >> (8 * ((e / 2) % 4))) as u8;
             let code = if e.is_multiple_of(2) {
                 byte >> 4
@@ -148,64 +136,14 @@ fn cpu(x: &[f32], w: &Nf4Tensor, m: usize, k: usize, n: usize, trans_w: bool) ->
             };
             *v = NF4_LEVELS[code as usize] * scales[e / w.blocksize];
         }
-        let rows = r1 - r0;
-        // SAFETY: every pointer addresses a block inside its slice at the strides given: x is
-        // (m, k) row-major, the panel (rows, cols), y (m, n); the products stay inside them.
-        unsafe {
-            if trans_w {
-                // Panel = W[r0..r1, :] (N rows of length K): Y[:, r0..r1] = X · panelᵀ.
-                sgemm(
-                    m,
-                    k,
-                    rows,
-                    1.0,
-                    Mat {
-                        ptr: x.as_ptr(),
-                        rs: k,
-                        cs: 1,
-                    },
-                    Mat {
-                        ptr: panel.as_ptr(),
-                        rs: 1,
-                        cs: cols,
-                    },
-                    0.0,
-                    Mat {
-                        ptr: y.as_mut_ptr().add(r0),
-                        rs: n,
-                        cs: 1,
-                    },
-                    true,
-                );
-            } else {
-                // Panel = W[r0..r1, :] (K rows of length N): Y += X[:, r0..r1] · panel.
-                sgemm(
-                    m,
-                    rows,
-                    n,
-                    1.0,
-                    Mat {
-                        ptr: x.as_ptr().add(r0),
-                        rs: k,
-                        cs: 1,
-                    },
-                    Mat {
-                        ptr: panel.as_ptr(),
-                        rs: cols,
-                        cs: 1,
-                    },
-                    if r0 == 0 { 0.0 } else { 1.0 },
-                    Mat {
-                        ptr: y.as_mut_ptr(),
-                        rs: n,
-                        cs: 1,
-                    },
-                    true,
-                );
-            }
-        }
-    }
-    Ok(y)
+    };
+    Ok(super::weight_panels::product(
+        x,
+        [m, k, n],
+        [w.rows, w.cols],
+        trans_w,
+        dequantize,
+    ))
 }
 
 fn launch(

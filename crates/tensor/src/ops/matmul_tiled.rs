@@ -114,6 +114,9 @@ pub(crate) struct Dispatch {
     pub off: [u32; 3],
     pub stride: [u32; 3],
     pub off_bias: Option<u32>,
+    /// B is stored in f16, two elements per u32 word ([`matmul_f16`](super::matmul_f16)); its
+    /// offset, leading dimension and stride count f16 elements.
+    pub b_f16: bool,
 }
 
 /// Whether `matmul_tiled.wgsl` can read every operand of `d` as whole vec4s: each offset, leading
@@ -146,16 +149,16 @@ pub(crate) fn pick(
     };
     #[cfg(test)]
     tests::TILED.with(|t| t.set(t.get() + u64::from(tiled)));
+    let half = usize::from(d.b_f16);
     if !tiled {
-        return (super::matmul::TILE64, &[], 64);
+        return (super::matmul::TILE64, shaders::MATMUL_VARIANTS[half], 64);
     }
-    let constants = match (d.trans_a, d.trans_b) {
-        (false, false) => NN,
-        (false, true) => NT,
-        (true, false) => TN,
-        (true, true) => TT,
-    };
-    (TILE128, constants, 128)
+    let case = 2 * usize::from(d.trans_a) + usize::from(d.trans_b);
+    (
+        TILE128,
+        shaders::MATMUL_TILED_VARIANTS[4 * half + case],
+        128,
+    )
 }
 
 /// `shaders/matmul_tiled.wgsl`.
@@ -164,12 +167,6 @@ const TILE128: Kernel = Kernel {
     source: shaders::MATMUL_TILED,
     entry: "matmul_tiled",
 };
-
-/// The override constants of `matmul_tiled.wgsl`'s four pipelines (1.0 = true).
-const NN: &[(&str, f64)] = shaders::MATMUL_TILED_VARIANTS[0];
-const NT: &[(&str, f64)] = shaders::MATMUL_TILED_VARIANTS[1];
-const TN: &[(&str, f64)] = shaders::MATMUL_TILED_VARIANTS[2];
-const TT: &[(&str, f64)] = shaders::MATMUL_TILED_VARIANTS[3];
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -204,6 +201,7 @@ pub(crate) mod tests {
             off: [0; 3],
             stride: [0; 3],
             off_bias: None,
+            b_f16: false,
         }
     }
 
@@ -238,7 +236,21 @@ pub(crate) mod tests {
             ..odd
         };
         assert!(tiled_fits(&t));
-        assert_eq!(pick(GpuMatmul::Auto, &t).1, TN);
+        assert_eq!(
+            pick(GpuMatmul::Auto, &t).1,
+            shaders::MATMUL_TILED_VARIANTS[2]
+        );
+        // A B in f16 takes the same kernels, with B_F16 set.
+        let half = Dispatch { b_f16: true, ..t };
+        assert_eq!(
+            pick(GpuMatmul::Auto, &half).1,
+            shaders::MATMUL_TILED_VARIANTS[6]
+        );
+        let odd_half = Dispatch { b_f16: true, ..odd };
+        assert_eq!(
+            pick(GpuMatmul::Auto, &odd_half).1,
+            shaders::MATMUL_VARIANTS[1]
+        );
         let shifted = Dispatch {
             off: [0, 2, 0],
             ..square(256)

@@ -32,11 +32,12 @@ use crate::gpu::GpuContext;
 /// Timed runs of each kernel after its warm-up.
 pub const RUNS: u32 = 3;
 
-/// A class of products: transposes and ⌈log₂⌉ of M, N, K.
+/// A class of products: transposes, ⌈log₂⌉ of M, N, K, and B's storage (f32 or f16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Class {
     trans: (bool, bool),
     log2: [u32; 3],
+    b_f16: bool,
 }
 
 impl Class {
@@ -45,14 +46,21 @@ impl Class {
         Class {
             trans: (d.trans_a, d.trans_b),
             log2: [lg(d.m), lg(d.n), lg(d.k)],
+            b_f16: d.b_f16,
         }
     }
 
-    /// `NT m2^11 n2^8 k2^13` style text, the cache file's middle column.
+    /// `NT m11 n8 k13` style text (` f16` after it for a B in f16), the cache file's middle
+    /// column.
     fn text(&self) -> String {
         let t = |b: bool| if b { 'T' } else { 'N' };
         let [m, n, k] = self.log2;
-        format!("{}{} m{m} n{n} k{k}", t(self.trans.0), t(self.trans.1))
+        let half = if self.b_f16 { " f16" } else { "" };
+        format!(
+            "{}{} m{m} n{n} k{k}{half}",
+            t(self.trans.0),
+            t(self.trans.1)
+        )
     }
 
     fn parse(s: &str) -> Option<Class> {
@@ -68,7 +76,12 @@ impl Class {
         for (slot, prefix) in log2.iter_mut().zip(["m", "n", "k"]) {
             *slot = parts.next()?.strip_prefix(prefix)?.parse().ok()?;
         }
-        Some(Class { trans, log2 })
+        let b_f16 = match parts.next() {
+            None => false,
+            Some("f16") => true,
+            Some(_) => return None,
+        };
+        Some(Class { trans, log2, b_f16 })
     }
 }
 
@@ -234,10 +247,15 @@ pub(crate) mod tests {
             off: [0; 3],
             stride: [0; 3],
             off_bias: None,
+            b_f16: false,
         };
         let c = Class::of(&d);
         assert_eq!(c.text(), "TN m13 n10 k16");
         assert_eq!(Class::parse(&c.text()), Some(c));
+        let half = Class::of(&Dispatch { b_f16: true, ..d });
+        assert_eq!(half.text(), "TN m13 n10 k16 f16");
+        assert_eq!(Class::parse(&half.text()), Some(half));
+        assert_eq!(Class::parse("TN m13 n10 k16 f8"), None);
         assert_eq!(Class::parse("XN m1 n2 k3"), None);
         assert_eq!(Class::parse("NN m1 n2"), None);
     }

@@ -36,6 +36,7 @@ pub mod serve;
 pub mod step;
 pub mod table;
 
+use crate::quantize::Precision;
 use std::time::Instant;
 
 use autograd::{AdamW, ParamGroup, Schedule, Trainable};
@@ -150,12 +151,14 @@ pub fn parse_bt(s: &str) -> crate::Result<(usize, usize)> {
 #[derive(Clone, Debug)]
 pub enum Mode {
     /// LoRA of rank r with this alpha on these targets; the base is frozen, and with `nf4` its
-    /// Linear weights are stored in NF4 with double quantization (QLoRA's setting).
+    /// Linear weights are stored in NF4 with double quantization (QLoRA's setting), with `f16`
+    /// in f16 (`--precision f16`).
     Lora {
         r: usize,
         alpha: f32,
         targets: Vec<Target>,
         nf4: bool,
+        f16: bool,
     },
     /// Every parameter trainable.
     Full,
@@ -164,8 +167,9 @@ pub enum Mode {
 impl Mode {
     pub fn name(&self) -> &'static str {
         match self {
-            Mode::Lora { nf4: false, .. } => "lora",
             Mode::Lora { nf4: true, .. } => "qlora",
+            Mode::Lora { f16: true, .. } => "lora-f16",
+            Mode::Lora { .. } => "lora",
             Mode::Full => "full",
         }
     }
@@ -182,6 +186,7 @@ impl Mode {
                     .map(|t| Target::parse(t))
                     .collect::<Result<_, _>>()?,
                 nf4,
+                f16: false,
             })
         };
         match name {
@@ -189,6 +194,37 @@ impl Mode {
             "qlora" => lora(true),
             "full" => Ok(Mode::Full),
             other => Err(format!("unknown mode `{other}`: expected lora, qlora or full").into()),
+        }
+    }
+
+    /// The mode with its frozen base stored at `precision`: f16 applies to LoRA on an f32
+    /// base; QLoRA's base is NF4 and full fine-tuning trains every weight in f32, so both are
+    /// refused with f16.
+    pub fn at(self, precision: Precision) -> crate::Result<Mode> {
+        match (self, precision) {
+            (mode, Precision::F32) => Ok(mode),
+            (
+                Mode::Lora {
+                    nf4: false,
+                    r,
+                    alpha,
+                    targets,
+                    ..
+                },
+                Precision::F16,
+            ) => Ok(Mode::Lora {
+                r,
+                alpha,
+                targets,
+                nf4: false,
+                f16: true,
+            }),
+            (mode, Precision::F16) => Err(format!(
+                "--precision f16 stores LoRA's frozen base in f16; mode `{}` cannot take it \
+                 (qlora's base is NF4, full fine-tuning trains every weight in f32)",
+                mode.name()
+            )
+            .into()),
         }
     }
 }
@@ -215,10 +251,17 @@ pub fn trainee(cfg: &GptConfig, mode: &Mode, device: &Device, seed: u64) -> crat
     drop(ckpt);
     let (lora, params): (Option<LoraModel>, Vec<Trainable>) = match mode {
         Mode::Lora {
-            r, alpha, targets, ..
+            r,
+            alpha,
+            targets,
+            f16,
+            ..
         } => {
             let lcfg = LoraConfig::new(*r, *alpha, targets);
             let lora = LoraModel::inject(&mut model, &lcfg, seed)?;
+            if *f16 {
+                model.store_frozen_linears_in_f16()?;
+            }
             let params = lora.trainable_params();
             (Some(lora), params)
         }
@@ -232,15 +275,16 @@ pub fn trainee(cfg: &GptConfig, mode: &Mode, device: &Device, seed: u64) -> crat
         ),
     };
     let trainable = params.iter().map(|p| p.value.numel()).sum();
-    let nf4_bytes: u64 = model
+    // Weights stored as NF4 codes or f16 halves are not Params: their bytes are counted here.
+    let stored_bytes: u64 = model
         .linears()
         .map(|l| match &l.weight {
-            transformer::Weight::Nf4(q) => q.codes.bytes(),
             transformer::Weight::Dense(_) => 0,
+            stored => stored.bytes(),
         })
         .sum();
     let parameter_bytes = autograd::memory::parameter_bytes(model.named_params()).live
-        + nf4_bytes
+        + stored_bytes
         + lora.as_ref().map_or(0, LoraModel::lora_bytes);
     Ok(Trainee {
         model,
@@ -394,18 +438,30 @@ pub struct ModeArgs {
     /// Modes: lora, qlora (LoRA on a base stored in NF4 with double quantization), full.
     #[arg(long, value_delimiter = ',', default_value = "lora,full")]
     pub modes: Vec<String>,
+    /// The frozen base's precision for the lora mode: f32, or f16 (its Linear weights stored in
+    /// f16, products summed in f32; `f32,f16` benches both). qlora and full stay as they are.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    pub precision: Vec<Precision>,
     #[command(flatten)]
     pub lora: LoraArgs,
 }
 
 impl ModeArgs {
-    /// The modes asked for, each with the LoRA settings.
+    /// The modes asked for, each with the LoRA settings, lora once per precision.
     pub fn parse(&self) -> crate::Result<Vec<Mode>> {
         let l = &self.lora;
-        self.modes
-            .iter()
-            .map(|m| Mode::parse(m, l.r, l.alpha, &l.targets))
-            .collect()
+        let mut modes = Vec::new();
+        for m in &self.modes {
+            let mode = Mode::parse(m, l.r, l.alpha, &l.targets)?;
+            if !matches!(mode, Mode::Lora { nf4: false, .. }) {
+                modes.push(mode);
+                continue;
+            }
+            for &p in &self.precision {
+                modes.push(mode.clone().at(p)?);
+            }
+        }
+        Ok(modes)
     }
 }
 

@@ -67,6 +67,10 @@ pub struct PlanArgs {
     /// What the step trains: lora (the base frozen) or full.
     #[arg(long, default_value = "lora")]
     pub mode: String,
+    /// The frozen base's precision with --mode lora: f32, or f16 (its Linear weights stored in
+    /// f16, products summed in f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: crate::quantize::Precision,
     #[command(flatten)]
     pub lora: LoraArgs,
     /// Uncounted steps first (the first compiles pipelines and allocates AdamW's state).
@@ -156,7 +160,7 @@ pub fn run(args: &PlanArgs, choice: DeviceChoice) -> crate::Result<()> {
         .into());
     }
     let l = &args.lora;
-    let mode = Mode::parse(&args.mode, l.r, l.alpha, &l.targets)?;
+    let mode = Mode::parse(&args.mode, l.r, l.alpha, &l.targets)?.at(args.precision)?;
     let device = plan_device(choice, args.execute)?;
     let dry_run = matches!(&device, Device::Gpu(g) if g.is_dry_run());
     let mut tr = trainee(&cfg, &mode, &device, 1)?;

@@ -61,6 +61,7 @@ pub(super) fn run(
     let config = args.adalora.config(&args.targets, args.alpha, total)?;
     let mut model = Gpt2::from_checkpoint(base, device, false)?;
     let ada = AdaLora::inject(&mut model, &config, args.seed)?;
+    args.quant.store(&mut model)?;
     let trainables = ada
         .trainable_params()
         .into_iter()

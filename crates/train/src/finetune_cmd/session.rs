@@ -76,6 +76,8 @@ impl<'a> Session<'a> {
     ) -> crate::Result<Session<'a>> {
         let mut model = Gpt2::from_checkpoint(base, device, args.full)?;
         let (lora, params) = trainables(args, &mut model)?;
+        // After the adapters are set up (PiSSA/OLoRA rewrite the base they start from).
+        args.quant.store(&mut model)?;
         let groups = if args.full {
             vec![ParamGroup::new(params.clone(), args.weight_decay)]
         } else {
