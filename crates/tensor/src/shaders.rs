@@ -35,6 +35,9 @@ pub const ELEMENTWISE: &str = shader!("elementwise");
 pub const MATMUL: &str = shader!("matmul");
 /// `shaders/matmul_tiled.wgsl`, launched from `ops/matmul.rs` (chosen in `ops/matmul_tiled.rs`).
 pub const MATMUL_TILED: &str = shader!("matmul_tiled");
+/// `shaders/matmul_splitk.wgsl`, launched from `ops/matmul_splitk.rs` (chosen in
+/// `ops/matmul_launch.rs`).
+pub const MATMUL_SPLITK: &str = shader!("matmul_splitk");
 /// `shaders/matmul_nf4.wgsl`, launched from `ops/matmul_nf4.rs`.
 pub const MATMUL_NF4: &str = shader!("matmul_nf4");
 /// `shaders/gelu.wgsl`, launched from `ops/gelu.rs`.
@@ -97,6 +100,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("elementwise", ELEMENTWISE),
     ("matmul", MATMUL),
     ("matmul_tiled", MATMUL_TILED),
+    ("matmul_splitk", MATMUL_SPLITK),
     ("matmul_nf4", MATMUL_NF4),
     ("gelu", GELU),
     ("activation", ACTIVATION),
