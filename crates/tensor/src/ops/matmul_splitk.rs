@@ -33,9 +33,12 @@
 //! prologue). The slice length is then rounded up to a multiple of the K step,
 //! `KS = 16·⌈⌈K/S⌉/16⌉`, and `S = ⌈K/KS⌉`. GPT-2's dA and dB of q and v (24 tiles, K = 8,192):
 //! S = min(10, 32) = 10, KS = 832, 240 workgroups. The rule splits only when S ≥ 2, so only
-//! outputs of at most 128 tiles with K ≥ 512: in a LoRA step of GPT-2, the 24 grouped dA and
-//! dB products (one reduce dispatch each); in full fine-tuning none (its smallest weight
-//! gradient, 768 × 768, has 144 tiles).
+//! outputs of at most 128 tiles with K ≥ 512. In a step of GPT-2 124M at 8 × 1024 that is,
+//! with LoRA (r = 8 on q and v), the 24 grouped dA and dB products, and in both LoRA and full
+//! fine-tuning the loss's last row chunk `dx = dlogits·W` (224 × 768, 48 tiles; K = 50,257,
+//! cut in two K chunks by the binding limit): one reduce dispatch more each, 372 → 398
+//! dispatches for LoRA, 528 → 530 for full (`train bench plan`). Full fine-tuning's weight
+//! gradients are not split: the smallest, 768 × 768, has 144 tiles.
 //!
 //! Forced by name (`--matmul-kernel splitk`), every product takes this path with at least 2
 //! slices where K allows; either way S is capped so that `batch·S` fits the grid's z dimension

@@ -109,13 +109,35 @@ fn the_rule_splits_loras_weight_gradients_and_nothing_of_full_training() {
         );
     }
     // The forward h = s·x·Aᵀ (8192 × 8, K = 768) and dp (K = 768): 128 tiles each way, K short.
-    assert_eq!(plan(GpuMatmul::Auto, &dispatch(8192, 8, 768), 2, 65_535, 1 << 25), None);
+    assert_eq!(
+        plan(GpuMatmul::Auto, &dispatch(8192, 8, 768), 2, 65_535, 1 << 25),
+        None
+    );
     // Full fine-tuning's smallest weight gradient, 768 × 768 with K = 8192: 144 tiles.
-    assert_eq!(plan(GpuMatmul::Auto, &dispatch(768, 768, 8192), 1, 65_535, 1 << 25), None);
+    assert_eq!(
+        plan(
+            GpuMatmul::Auto,
+            &dispatch(768, 768, 8192),
+            1,
+            65_535,
+            1 << 25
+        ),
+        None
+    );
     // Too short a K for two slices of 256.
-    assert_eq!(plan(GpuMatmul::Tune, &dispatch(8, 8, 511), 1, 65_535, 1 << 25), None);
+    assert_eq!(
+        plan(GpuMatmul::Tune, &dispatch(8, 8, 511), 1, 65_535, 1 << 25),
+        None
+    );
     // Forcing it takes any shape, with two slices where K has two steps.
-    let big = plan(GpuMatmul::SplitK, &dispatch(768, 768, 100), 1, 65_535, 1 << 25).unwrap();
+    let big = plan(
+        GpuMatmul::SplitK,
+        &dispatch(768, 768, 100),
+        1,
+        65_535,
+        1 << 25,
+    )
+    .unwrap();
     assert_eq!(big.slices, 2);
     assert_eq!(plan(GpuMatmul::Tile64, &da, 2, 65_535, 1 << 25), None);
     assert_eq!(plan(GpuMatmul::Tile128, &da, 2, 65_535, 1 << 25), None);
@@ -287,7 +309,10 @@ fn auto_takes_split_k_for_thin_products_only() {
     assert_eq!(batched.check(&g, 2), 2);
     // A short K, or an output of more than 128 tiles (one row of 130), is not split.
     assert_eq!(Case::new(5, 300, 70, opts(false, false)).check(&g, 3), 0);
-    assert_eq!(Case::new(1, 520, 130 * 64, opts(false, true)).check(&g, 4), 0);
+    assert_eq!(
+        Case::new(1, 520, 130 * 64, opts(false, true)).check(&g, 4),
+        0
+    );
     // 100 tiles with K = 600: two slices.
     assert!(Case::new(640, 600, 640, opts(false, true)).check(&g, 5) >= 2);
 }
@@ -384,7 +409,7 @@ fn splitk_matches_f64_for_loras_grouped_weight_gradients() {
             matmul_into_group(&c, &a, &[MatView::all(&x)], ta, 1.0, false).unwrap()
         });
         assert_eq!(split, 1, "dA, {slices:?}: one batched split product");
-        for z in 0..gz {
+        for (z, da_z) in da.iter().enumerate() {
             let want = reference::matmul(
                 &host(&dp_h, z * r, r),
                 &host(&x, 0, n_in),
@@ -394,7 +419,7 @@ fn splitk_matches_f64_for_loras_grouped_weight_gradients() {
             );
             let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
             let what = format!("dA_{z}, {slices:?}");
-            assert_close_slices(&what, &da[z].to_vec().unwrap(), &want, atol(rows), 1e-5);
+            assert_close_slices(&what, &da_z.to_vec().unwrap(), &want, atol(rows), 1e-5);
         }
         // dB_z (w, r), accumulating into a starting value.
         let db = group_outputs(gz, &[w, r], &g).unwrap();
@@ -410,7 +435,7 @@ fn splitk_matches_f64_for_loras_grouped_weight_gradients() {
             matmul_into_group(&c, &a, &b, ta, 0.25, true).unwrap()
         });
         assert_eq!(split, 1, "dB, {slices:?}: one batched split product");
-        for z in 0..gz {
+        for (z, (db_z, start_z)) in db.iter().zip(&start).enumerate() {
             let p = reference::matmul(
                 &host(&d, 2 * w * z, w),
                 &host(&dp_h, z * r, r),
@@ -420,11 +445,11 @@ fn splitk_matches_f64_for_loras_grouped_weight_gradients() {
             );
             let want: Vec<f32> = p
                 .iter()
-                .zip(&start[z])
+                .zip(start_z)
                 .map(|(&p, &s)| s + 0.25 * p as f32)
                 .collect();
             let what = format!("dB_{z}, {slices:?}");
-            assert_close_slices(&what, &db[z].to_vec().unwrap(), &want, atol(rows), 1e-5);
+            assert_close_slices(&what, &db_z.to_vec().unwrap(), &want, atol(rows), 1e-5);
         }
     }
 }

@@ -24,7 +24,7 @@
 //! would leave most of its invocations idle), `Tile64` otherwise: LoRA's thin products (M or N =
 //! r) and odd shapes such as the output layer's `dlogits·W` with K = 50,257; and before either,
 //! `SplitK` where its rule splits K (at most 128 tiles of 64 × 64 and K ≥ 512:
-//! [`rule_slices`](super::matmul::splitk::rule_slices)).
+//! `matmul_splitk.rs`'s `rule_slices`).
 //!
 //! Design estimate (no hardware GPU was at hand to time them): per K step of one invocation,
 //! `Tile64` does 16 multiply-adds for 5 workgroup-memory reads and `Tile128` 64 for 4 vec4

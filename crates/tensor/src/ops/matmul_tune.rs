@@ -62,7 +62,11 @@ impl Class {
         let t = |b: bool| if b { 'T' } else { 'N' };
         let [m, n, k] = self.log2;
         let split = if self.split { " splitk" } else { "" };
-        format!("{}{} m{m} n{n} k{k}{split}", t(self.trans.0), t(self.trans.1))
+        format!(
+            "{}{} m{m} n{n} k{k}{split}",
+            t(self.trans.0),
+            t(self.trans.1)
+        )
     }
 
     fn parse(s: &str) -> Option<Class> {
@@ -83,7 +87,10 @@ impl Class {
             Some("splitk") => true,
             Some(_) => return None,
         };
-        parts.next().is_none().then_some(Class { trans, log2, split })
+        parts
+            .next()
+            .is_none()
+            .then_some(Class { trans, log2, split })
     }
 }
 
