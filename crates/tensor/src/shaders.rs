@@ -35,6 +35,9 @@ pub const ELEMENTWISE: &str = shader!("elementwise");
 pub const MATMUL: &str = shader!("matmul");
 /// `shaders/matmul_tiled.wgsl`, launched from `ops/matmul.rs` (chosen in `ops/matmul_tiled.rs`).
 pub const MATMUL_TILED: &str = shader!("matmul_tiled");
+/// `shaders/matmul_splitk.wgsl`, launched from `ops/matmul_splitk.rs` (chosen in
+/// `ops/matmul_launch.rs`).
+pub const MATMUL_SPLITK: &str = shader!("matmul_splitk");
 /// `shaders/matmul_nf4.wgsl`, launched from `ops/matmul_nf4.rs`.
 pub const MATMUL_NF4: &str = shader!("matmul_nf4");
 /// `shaders/gelu.wgsl`, launched from `ops/gelu.rs`.
@@ -87,11 +90,15 @@ pub const MATMUL_TILED_VARIANTS: [Constants; 8] = [
     &[("TRANS_A", 1.0), ("TRANS_B", 1.0), ("B_F16", 1.0)],
 ];
 
+/// Pipeline-overridable constants of `matmul_splitk.wgsl`'s partial pass: B in f32, or in f16.
+pub const MATMUL_SPLITK_VARIANTS: [Constants; 2] = [&[("B_F16", 0.0)], &[("B_F16", 1.0)]];
+
 /// Every set of override constants a pipeline is made with, by shader file stem (a shader not
 /// listed is made with its defaults only): what `tests/shader_portability.rs` translates.
 pub const OVERRIDES: &[(&str, &[Constants])] = &[
     ("matmul", &MATMUL_VARIANTS),
     ("matmul_tiled", &MATMUL_TILED_VARIANTS),
+    ("matmul_splitk", &MATMUL_SPLITK_VARIANTS),
 ];
 
 /// One table of pipeline-overridable constants: (WGSL `override` name, value).
@@ -109,6 +116,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("elementwise", ELEMENTWISE),
     ("matmul", MATMUL),
     ("matmul_tiled", MATMUL_TILED),
+    ("matmul_splitk", MATMUL_SPLITK),
     ("matmul_nf4", MATMUL_NF4),
     ("gelu", GELU),
     ("activation", ACTIVATION),

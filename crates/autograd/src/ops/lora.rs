@@ -39,9 +39,10 @@
 //! dA_z = dp_zᵀ·x                     (g, r, in) one grouped product
 //! dx (+)= Σ_z dp_z·A_z                          one grouped sum (g accumulating dispatches)
 //! ```
-//! 12 products of 2 parts become 6 calls, 7 dispatches. The parts' column blocks must be
-//! disjoint or identical (identical ones add up); parts of different shapes, or partly
-//! overlapping blocks, run [`Tape::lora_into`] part by part: the same numbers.
+//! 12 products of 2 parts become 6 calls, 7 dispatches (9 where dA and dB, K = N rows, take the
+//! GPU's split-K path, two passes each: `tensor`'s `matmul_splitk.rs`). The parts' column
+//! blocks must be disjoint or identical (identical ones add up); parts of different shapes, or
+//! partly overlapping blocks, run [`Tape::lora_into`] part by part: the same numbers.
 
 use tensor::ops::matmul::{
     MatView, MatmulOpts, group_outputs, matmul, matmul_accumulate, matmul_into, matmul_into_group,

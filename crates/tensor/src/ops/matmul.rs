@@ -38,8 +38,11 @@
 //! strides); the oracle both backends are
 //! tested against is [`reference::matmul`](crate::reference::matmul), a plain triple loop in
 //! f64. GPU: `shaders/matmul.wgsl`, 64×64 output tiles staged in
-//! workgroup memory, 4×4 outputs per invocation. A 2-D problem whose operands exceed one storage
-//! binding is cut into sub-blocks along each operand's stored-row dimension (M, N and K chunks;
+//! workgroup memory, 4×4 outputs per invocation (or `matmul_tiled.wgsl`'s 128×128 tiles, or, for
+//! a small output with a long K such as LoRA's weight gradients, the split-K pair of
+//! `matmul_splitk.wgsl`: K in slices summed by a second pass, `matmul_splitk.rs`). A 2-D
+//! problem whose operands exceed one storage binding is cut into sub-blocks along each
+//! operand's stored-row dimension (M, N and K chunks;
 //! K chunks after the first accumulate into C), using leading dimensions to address sub-blocks
 //! (`matmul_launch.rs`).
 //!
@@ -501,6 +504,9 @@ pub(crate) fn problem(
 mod launch;
 use launch::launch;
 pub(crate) use launch::launch_f16;
+
+#[path = "matmul_splitk.rs"]
+pub(crate) mod splitk;
 
 #[path = "matmul_view.rs"]
 mod view;

@@ -200,3 +200,19 @@ fn halves_widen_exactly_on_the_gpu() {
         );
     }
 }
+
+/// A thin product with a long K takes the split-K pair, whose partial pass reads the halves
+/// too: the rule's choice, and split-K forced.
+#[test]
+fn the_split_k_path_reads_halves() {
+    let Some(g) = gpu() else { return };
+    let split = || crate::ops::matmul::splitk::tests::SPLIT.with(std::cell::Cell::get);
+    for kernel in [GpuMatmul::Auto, GpuMatmul::SplitK] {
+        for trans_w in [false, true] {
+            let before = split();
+            matmul_tiled::tests::forced(kernel, || check(&g, [8, 1024, 72], trans_w, true));
+            // The f16 product and its f32 reference each split.
+            assert_eq!(split() - before, 2, "{kernel:?} trans_w {trans_w}");
+        }
+    }
+}

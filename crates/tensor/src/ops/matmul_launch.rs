@@ -1,11 +1,12 @@
 //! The GPU launch of a product: batch entries in batched dispatches, problems larger than one
 //! storage binding cut into sub-blocks ([`launch_2d`]), each dispatch recorded with the kernel
-//! the choice gives it ([`matmul_tiled::pick`]), measured once per class of shapes on a
-//! hardware adapter ([`matmul_tune`]).
+//! the choice gives it ([`matmul_tiled::pick`], or the split-K pair of [`splitk`] for small
+//! outputs with a long K), measured once per class of shapes on a hardware adapter
+//! ([`matmul_tune`]).
 
 use std::sync::Arc;
 
-use super::{Dims, MatmulOpts, Params, TILE};
+use super::{Dims, MatmulOpts, Params, TILE, splitk};
 use crate::gpu::bind::View;
 use crate::gpu::{Binding, GpuContext};
 use crate::ops::matmul_tiled::{self, GpuMatmul};
@@ -263,7 +264,21 @@ fn record(
     record_with(ctx, choice, &p, &shape, &bindings, nz)
 }
 
-/// Record the product of `p` with the kernel `choice` gives it.
+/// The split-K plan `choice` gives this dispatch ([`splitk::plan`]), under this device's grid
+/// and binding limits.
+fn split_plan(
+    ctx: &GpuContext,
+    choice: GpuMatmul,
+    shape: &matmul_tiled::Dispatch,
+    nz: usize,
+) -> Option<splitk::Split> {
+    let max_z = ctx.limits.max_compute_workgroups_per_dimension as usize;
+    let room = (ctx.max_binding_bytes() / 4) as usize;
+    splitk::plan(choice, shape, nz, max_z, room)
+}
+
+/// Record the product of `p` with the kernel `choice` gives it: the split-K pair where
+/// [`split_plan`] splits it, else one dispatch of the kernel [`matmul_tiled::pick`] gives.
 fn record_with(
     ctx: &GpuContext,
     choice: GpuMatmul,
@@ -272,13 +287,17 @@ fn record_with(
     bindings: &[(u32, Binding<'_>); 4],
     nz: usize,
 ) -> Result<()> {
+    if let Some(split) = split_plan(ctx, choice, shape, nz) {
+        return splitk::record(ctx, p, bindings, nz, split, shape.b_f16);
+    }
     let (kernel, constants, tile) = matmul_tiled::pick(choice, shape);
     let groups = [p.n.div_ceil(tile), p.m.div_ceil(tile), nz as u32];
     ctx.dispatch_with(kernel, constants, bytemuck::bytes_of(p), bindings, groups)
 }
 
-/// The measured kernel for this product's class ([`matmul_tune`]): both kernels run it into a
-/// scratch copy of C's bound range, so C itself is written once, by the caller.
+/// The measured kernel for this product's class ([`matmul_tune`]): the candidates (split-K
+/// among them where its rule splits this product) run it into a scratch copy of C's bound
+/// range, so C itself is written once, by the caller.
 fn tune(
     ctx: &GpuContext,
     p: &Params,
@@ -295,7 +314,8 @@ fn tune(
         size: c.size,
     };
     let with_scratch = [*a, *b, (3, scratch_c), *bias];
-    let chosen = matmul_tune::tuned(ctx, shape, |k| {
+    let split = split_plan(ctx, GpuMatmul::Auto, shape, nz).is_some();
+    let chosen = matmul_tune::tuned(ctx, shape, split, |k| {
         record_with(ctx, k, p, shape, &with_scratch, nz)
     });
     ctx.release(scratch);

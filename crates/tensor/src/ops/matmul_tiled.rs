@@ -13,13 +13,18 @@
 //!   pipeline per transpose case (WGSL `override` constants, so the branches fold away when the
 //!   pipeline is made). It needs every operand readable as whole vec4s (`tiled_fits`: every
 //!   offset, leading dimension, batch stride and contiguous extent a multiple of 4).
+//! - [`GpuMatmul::SplitK`] — `shaders/matmul_splitk.wgsl`: K cut into slices, partial products
+//!   into a scratch buffer, then their sum into C (two dispatches), for outputs too small to
+//!   fill a GPU: LoRA's weight gradients (`matmul_splitk.rs`). Any shape when forced.
 //!
 //! [`GpuMatmul::Auto`] (the default) measures which kernel is faster for each class of shapes on a
 //! hardware adapter, once, and remembers it on disk ([`matmul_tune`](super::matmul_tune)). On a
 //! software adapter, in a dry run, and for the shapes only `Tile64` takes, a rule decides: `Tile128`
 //! for a product it fits whose M and N are both at least 128 (one full tile: smaller outputs
 //! would leave most of its invocations idle), `Tile64` otherwise: LoRA's thin products (M or N =
-//! r) and odd shapes such as the output layer's `dlogits·W` with K = 50,257.
+//! r) and odd shapes such as the output layer's `dlogits·W` with K = 50,257; and before either,
+//! `SplitK` where its rule splits K (at most 128 tiles of 64 × 64 and K ≥ 512:
+//! `matmul_splitk.rs`'s `rule_slices`).
 //!
 //! Design estimate (no hardware GPU was at hand to time them): per K step of one invocation,
 //! `Tile64` does 16 multiply-adds for 5 workgroup-memory reads and `Tile128` 64 for 4 vec4
@@ -37,7 +42,8 @@ use crate::shaders;
 pub enum GpuMatmul {
     /// On a hardware adapter, the kernel measured fastest for the product's class
     /// ([`matmul_tune`](super::matmul_tune)); on a software one or in a dry run, `Tile128` where
-    /// it fits and the output has at least one full tile, else `Tile64`.
+    /// it fits and the output has at least one full tile, else `Tile64`; `SplitK` before
+    /// either where its rule splits K.
     Auto,
     /// The measured kernel on any adapter (software ones included); the rule in a dry run.
     Tune,
@@ -45,15 +51,19 @@ pub enum GpuMatmul {
     Tile64,
     /// `shaders/matmul_tiled.wgsl` where it fits (module doc); `Tile64` elsewhere.
     Tile128,
+    /// `shaders/matmul_splitk.wgsl`: every shape (`Tile64` only where the scratch of one slice
+    /// would not fit a binding).
+    SplitK,
 }
 
 impl GpuMatmul {
     /// Every choice, in `--help` order.
-    pub const ALL: [GpuMatmul; 4] = [
+    pub const ALL: [GpuMatmul; 5] = [
         GpuMatmul::Auto,
         GpuMatmul::Tune,
         GpuMatmul::Tile64,
         GpuMatmul::Tile128,
+        GpuMatmul::SplitK,
     ];
 
     /// The name `parse` reads.
@@ -63,10 +73,11 @@ impl GpuMatmul {
             GpuMatmul::Tune => "tune",
             GpuMatmul::Tile64 => "tile64",
             GpuMatmul::Tile128 => "tile128",
+            GpuMatmul::SplitK => "splitk",
         }
     }
 
-    /// `auto`, `tune`, `tile64` or `tile128`.
+    /// `auto`, `tune`, `tile64`, `tile128` or `splitk`.
     pub fn parse(s: &str) -> Result<GpuMatmul, String> {
         GpuMatmul::ALL
             .into_iter()
@@ -138,12 +149,14 @@ pub(crate) fn tiled_fits(d: &Dispatch) -> bool {
 }
 
 /// The kernel `choice` gives `d`: the kernel, its override constants, and its output tile side.
+/// (The split-K path is decided before, by `matmul_splitk::plan`; `SplitK` reaches here only
+/// where it cannot run, and gets `matmul.wgsl`.)
 pub(crate) fn pick(
     choice: GpuMatmul,
     d: &Dispatch,
 ) -> (Kernel, &'static [(&'static str, f64)], u32) {
     let tiled = match choice {
-        GpuMatmul::Tile64 => false,
+        GpuMatmul::Tile64 | GpuMatmul::SplitK => false,
         GpuMatmul::Tile128 => tiled_fits(d),
         GpuMatmul::Auto | GpuMatmul::Tune => tiled_fits(d) && d.m >= 128 && d.n >= 128,
     };

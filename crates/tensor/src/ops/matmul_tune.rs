@@ -1,12 +1,18 @@
-//! Autotuning the GPU matrix product: which kernel ([`GpuMatmul::Tile64`] or
-//! [`GpuMatmul::Tile128`]) is faster for a class of shapes on this adapter, measured at the
+//! Autotuning the GPU matrix product: which kernel ([`GpuMatmul::Tile64`],
+//! [`GpuMatmul::Tile128`] or [`GpuMatmul::SplitK`]) is faster for a class of shapes on this
+//! adapter, measured at the
 //! first product of the class and remembered on disk, so each vendor's driver gets the kernel
 //! that suits it (burn's CubeCL tunes the same way).
 //!
 //! - **Class**: the transposes and the binary order of magnitude (⌈log₂⌉) of M, N and K, so the
 //!   output layer, the MLP and the attention projections of one model each get their own answer,
-//!   but a product that differs by a few rows does not cost a new measurement.
-//! - **Measurement**: both kernels run the product itself, on its own operands, into a scratch
+//!   but a product that differs by a few rows does not cost a new measurement. A product the
+//!   split-K rule would split (`matmul_splitk.rs`) is a class of its own (text suffix
+//!   ` splitk`), measured with split-K among the candidates; so a cache written before split-K
+//!   existed is measured again for those products rather than trusted.
+//! - **Candidates**: `Tile64` always, `Tile128` where it fits (`tiled_fits`), `SplitK` where
+//!   the rule splits the product; with one candidate nothing is measured.
+//! - **Measurement**: the candidates run the product itself, on its own operands, into a scratch
 //!   output (so a product that accumulates into C is not disturbed), once to warm up and then
 //!   [`RUNS`] times, each kernel between two waits for the GPU; the faster wall time wins. It
 //!   costs a few waits once per class and process (after that, one hash lookup per dispatch).
@@ -32,32 +38,36 @@ use crate::gpu::GpuContext;
 /// Timed runs of each kernel after its warm-up.
 pub const RUNS: u32 = 3;
 
-/// A class of products: transposes, ⌈log₂⌉ of M, N, K, and B's storage (f32 or f16).
+/// A class of products: transposes, ⌈log₂⌉ of M, N, K, B's storage (f32 or f16), and whether
+/// split-K is a candidate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Class {
     trans: (bool, bool),
     log2: [u32; 3],
     b_f16: bool,
+    split: bool,
 }
 
 impl Class {
-    pub(crate) fn of(d: &Dispatch) -> Class {
+    pub(crate) fn of(d: &Dispatch, split: bool) -> Class {
         let lg = |x: u32| x.max(1).next_power_of_two().trailing_zeros();
         Class {
             trans: (d.trans_a, d.trans_b),
             log2: [lg(d.m), lg(d.n), lg(d.k)],
             b_f16: d.b_f16,
+            split,
         }
     }
 
-    /// `NT m11 n8 k13` style text (` f16` after it for a B in f16), the cache file's middle
-    /// column.
+    /// `NT m11 n8 k13` style text (` f16` after it for a B in f16, then ` splitk` for a split-K
+    /// class), the cache file's middle column.
     fn text(&self) -> String {
         let t = |b: bool| if b { 'T' } else { 'N' };
         let [m, n, k] = self.log2;
         let half = if self.b_f16 { " f16" } else { "" };
+        let split = if self.split { " splitk" } else { "" };
         format!(
-            "{}{} m{m} n{n} k{k}{half}",
+            "{}{} m{m} n{n} k{k}{half}{split}",
             t(self.trans.0),
             t(self.trans.1)
         )
@@ -76,12 +86,22 @@ impl Class {
         for (slot, prefix) in log2.iter_mut().zip(["m", "n", "k"]) {
             *slot = parts.next()?.strip_prefix(prefix)?.parse().ok()?;
         }
-        let b_f16 = match parts.next() {
+        let mut next = parts.next();
+        let b_f16 = next == Some("f16");
+        if b_f16 {
+            next = parts.next();
+        }
+        let split = match next {
             None => false,
-            Some("f16") => true,
+            Some("splitk") => true,
             Some(_) => return None,
         };
-        Some(Class { trans, log2, b_f16 })
+        parts.next().is_none().then_some(Class {
+            trans,
+            log2,
+            b_f16,
+            split,
+        })
     }
 }
 
@@ -192,23 +212,32 @@ pub(crate) fn forget() {
 /// Measurements made by this process (tests check that a class is measured once).
 pub(crate) static MEASURED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The kernel for `d` on `ctx`, measured now if its class has no answer yet. `run(kernel)`
-/// records the product with `kernel` into a scratch output and returns when it is recorded.
+/// The kernel for `d` on `ctx`, measured now if its class has no answer yet; `split`: the
+/// split-K rule splits this product, so `SplitK` is a candidate. `run(kernel)` records the
+/// product with `kernel` into a scratch output and returns when it is recorded.
 pub(crate) fn tuned(
     ctx: &GpuContext,
     d: &Dispatch,
+    split: bool,
     run: impl Fn(GpuMatmul) -> Result<()>,
 ) -> Result<GpuMatmul> {
-    if !tiled_fits(d) {
+    let mut candidates = vec![GpuMatmul::Tile64];
+    if tiled_fits(d) {
+        candidates.push(GpuMatmul::Tile128);
+    }
+    if split {
+        candidates.push(GpuMatmul::SplitK);
+    }
+    if candidates.len() == 1 {
         return Ok(GpuMatmul::Tile64);
     }
     let adapter = adapter_key(ctx);
-    let class = Class::of(d);
+    let class = Class::of(d, split);
     if let Some(k) = remembered(adapter, class) {
         return Ok(k);
     }
     let mut best = (f64::INFINITY, GpuMatmul::Tile64);
-    for kernel in [GpuMatmul::Tile64, GpuMatmul::Tile128] {
+    for kernel in candidates {
         run(kernel)?;
         ctx.sync()?;
         let start = Instant::now();
@@ -249,13 +278,18 @@ pub(crate) mod tests {
             off_bias: None,
             b_f16: false,
         };
-        let c = Class::of(&d);
+        let c = Class::of(&d, false);
         assert_eq!(c.text(), "TN m13 n10 k16");
         assert_eq!(Class::parse(&c.text()), Some(c));
-        let half = Class::of(&Dispatch { b_f16: true, ..d });
-        assert_eq!(half.text(), "TN m13 n10 k16 f16");
+        let s = Class::of(&d, true);
+        assert_eq!(s.text(), "TN m13 n10 k16 splitk");
+        assert_eq!(Class::parse(&s.text()), Some(s));
+        assert_eq!(Class::parse("TN m13 n10 k16 tile64"), None);
+        let half = Class::of(&Dispatch { b_f16: true, ..d }, true);
+        assert_eq!(half.text(), "TN m13 n10 k16 f16 splitk");
         assert_eq!(Class::parse(&half.text()), Some(half));
         assert_eq!(Class::parse("TN m13 n10 k16 f8"), None);
+        assert_eq!(Class::parse("TN m13 n10 k16 splitk f16"), None);
         assert_eq!(Class::parse("XN m1 n2 k3"), None);
         assert_eq!(Class::parse("NN m1 n2"), None);
     }

@@ -1,7 +1,8 @@
 //! `train bench matmul` measures C = A·B in f32 for square sizes and for the matmuls of a GPT-2 124M
 //! training step at B·T = 8192 rows (768→2304 for c_attn, 768→768 for attn.c_proj, 768→3072 for
-//! mlp.c_fc, 3072→768 for mlp.c_proj, 768→50257 for the tied lm_head, x·wteᵀ), on every device
-//! present: the GPU once per matrix-product kernel (`tile64`, `tile128`; only the one
+//! mlp.c_fc, 3072→768 for mlp.c_proj, 768→50257 for the tied lm_head, x·wteᵀ, and LoRA's
+//! r = 8 weight gradient dA = dpᵀ·x, 8×768 with K = B·T), on every device
+//! present: the GPU once per matrix-product kernel (`tile64`, `tile128`, `splitk`; only the one
 //! `--matmul-kernel` names when it names one), the CPU backend (`tensor::sgemm`: gemm or matrixmultiply, `--cpu-gemm`),
 //! and the CPU's naive oracle loop.
 //!
@@ -45,6 +46,7 @@ struct Case {
     m: usize,
     k: usize,
     n: usize,
+    trans_a: bool,
     trans_b: bool,
 }
 
@@ -57,6 +59,7 @@ fn cases(args: &MatmulArgs) -> Vec<Case> {
             m: s,
             k: s,
             n: s,
+            trans_a: false,
             trans_b: false,
         })
         .collect();
@@ -73,9 +76,19 @@ fn cases(args: &MatmulArgs) -> Vec<Case> {
                 m: args.rows,
                 k,
                 n,
+                trans_a: false,
                 trans_b,
             });
         }
+        // LoRA's dA = dpᵀ·x: a thin output, K = B·T (the split-K path's case).
+        cases.push(Case {
+            name: "lora dA r=8 (dpᵀ·x)".into(),
+            m: 8,
+            k: args.rows,
+            n: 768,
+            trans_a: true,
+            trans_b: false,
+        });
     }
     cases
 }
@@ -121,7 +134,9 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
             "gpu" => match Device::gpu() {
                 Ok(g) => {
                     let kernels = match gpu_matmul() {
-                        GpuMatmul::Auto => vec![GpuMatmul::Tile64, GpuMatmul::Tile128],
+                        GpuMatmul::Auto => {
+                            vec![GpuMatmul::Tile64, GpuMatmul::Tile128, GpuMatmul::SplitK]
+                        }
                         forced => vec![forced],
                     };
                     for k in kernels {
@@ -167,7 +182,12 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
                     continue;
                 }
             }
-            let a = Tensor::full(&[case.m, case.k], 0.5, &device)?;
+            let a_shape = if case.trans_a {
+                [case.k, case.m]
+            } else {
+                [case.m, case.k]
+            };
+            let a = Tensor::full(&a_shape, 0.5, &device)?;
             let b_shape = if case.trans_b {
                 [case.n, case.k]
             } else {
@@ -175,7 +195,7 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
             };
             let b = Tensor::full(&b_shape, 0.25, &device)?;
             let opts = MatmulOpts {
-                trans_a: false,
+                trans_a: case.trans_a,
                 trans_b: case.trans_b,
             };
             let min = Duration::from_secs_f64((args.budget / 10.0).min(1.0));
