@@ -31,7 +31,7 @@
 //! weight.
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::ops::elementwise::add_bias;
 use crate::tensor::same_device;
@@ -113,10 +113,21 @@ impl F16Tensor {
 
 /// Elements `e0..e0 + out.len()` of the packed halves in `words`, as f32.
 fn widen(words: &[u32], e0: usize, out: &mut [f32]) {
+    widen_halves(bytemuck::cast_slice(words), e0, out);
+}
+
+/// Elements `e0..e0 + out.len()` of the halves whose words are `bits` (the u16s of the packed
+/// u32 words in memory order), as f32: on a little-endian machine element e is the u16 at e, and
+/// `half` widens the run with F16C/NEON where the CPU has them.
+fn widen_halves(bits: &[u16], e0: usize, out: &mut [f32]) {
+    #[cfg(target_endian = "little")]
+    bits[e0..e0 + out.len()]
+        .reinterpret_cast::<f16>()
+        .convert_to_f32_slice(out);
+    #[cfg(target_endian = "big")]
     for (i, v) in out.iter_mut().enumerate() {
-        let e = e0 + i;
-        let bits = (words[e / 2] >> (16 * (e % 2))) as u16;
-        *v = f16::from_bits(bits).to_f32();
+        // Element e is the low half of word e/2 when even: the second u16 in memory here.
+        *v = f16::from_bits(bits[(e0 + i) ^ 1]).to_f32();
     }
 }
 
@@ -154,13 +165,15 @@ pub fn matmul_f16(
     crate::counts::matmul(1, m, n, k, false, trans_w);
     match same_device("matmul_f16", &all)? {
         Device::Cpu(ctx) => {
-            let words: Vec<u32> = w.words.cpu_data()?.iter().map(|v| v.to_bits()).collect();
+            // The words' bits, read in place (no copy of the weight).
+            let words = w.words.cpu_data()?;
+            let bits: &[u16] = bytemuck::cast_slice(words.as_slice());
             let y = super::weight_panels::product(
                 &x.cpu_data()?,
                 [m, k, n],
                 w.shape(),
                 trans_w,
-                |e0, out| widen(&words, e0, out),
+                |e0, out| widen_halves(bits, e0, out),
             );
             let y = Tensor::cpu_from(&ctx, y, &[m, n]);
             match bias {

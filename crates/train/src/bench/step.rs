@@ -130,7 +130,7 @@ pub(crate) fn measure(
 
 pub(crate) const COLUMNS: [(&str, usize); 12] = [
     ("model", 7),
-    ("mode", 5),
+    ("mode", 8),
     ("B", 3),
     ("T", 5),
     ("trainable", 10),
