@@ -8,7 +8,8 @@
 //! Variants: a shader is translated once with its `override` defaults (an `override` without one
 //! fails here by name), and once more for each table of pipeline-overridable constants the
 //! engine makes a pipeline with ([`tensor::shaders::OVERRIDES`]: `matmul_tiled.wgsl`'s four
-//! transpose cases), since each of them is a different program for the driver. `enable`
+//! transpose cases, for each of its entry points: the plain product and its GELU epilogues),
+//! since each of them is a different program for the driver. `enable`
 //! directives turn on the naga capabilities (and the MSL and HLSL language levels) those
 //! extensions need; a shader without any is checked at the baseline: no capabilities, MSL 2.0
 //! (the oldest Metal wgpu runs on) and HLSL shader model 5.1 (FXC, what DX12 falls back to
@@ -271,6 +272,20 @@ fn every_shader_translates_to_spirv_msl_and_hlsl() {
             }
             variants += usize::from(!constants.is_empty());
         }
+    }
+    // The matrix products' epilogue variants are among them: GELU forward and backward in the
+    // first kernel (defaults only) and in the tiled one (its defaults and four transpose tables).
+    for (entry, pipelines) in [
+        ("matmul::matmul_gelu", 1),
+        ("matmul::matmul_gelu_backward", 1),
+        ("matmul_tiled::matmul_tiled_gelu", 5),
+        ("matmul_tiled::matmul_tiled_gelu_backward", 5),
+    ] {
+        let found = checked.iter().filter(|c| *c == entry).count();
+        assert_eq!(
+            found, pipelines,
+            "{entry}: expected {pipelines} translated pipelines, found {found}"
+        );
     }
     // Every table of constants was translated.
     let tables: usize = tensor::shaders::OVERRIDES

@@ -102,7 +102,8 @@ pub fn gpu_matmul() -> GpuMatmul {
 }
 
 /// One dispatch's product as the launcher binds it: sizes, transposes, and every offset,
-/// leading dimension and batch stride in f32 elements (bias offset `None` without a bias).
+/// leading dimension and batch stride in f32 elements (bias offset `None` without a bias), and
+/// the epilogue with its tensor's offset.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Dispatch {
     pub m: u32,
@@ -114,6 +115,7 @@ pub(crate) struct Dispatch {
     pub off: [u32; 3],
     pub stride: [u32; 3],
     pub off_bias: Option<u32>,
+    pub epilogue: Option<(super::matmul::Epilogue, u32)>,
 }
 
 /// Whether `matmul_tiled.wgsl` can read every operand of `d` as whole vec4s: each offset, leading
@@ -129,12 +131,14 @@ pub(crate) fn tiled_fits(d: &Dispatch) -> bool {
             .chain(&d.off)
             .chain(&d.stride)
             .chain(&d.off_bias)
+            .chain(d.epilogue.as_ref().map(|(_, off)| off))
             .chain([&a_run, &b_run, &d.n]);
     // K = 0 binds a single element of A and B (never read): less than one vec4.
     d.k > 0 && words.into_iter().all(|w| w % 4 == 0)
 }
 
-/// The kernel `choice` gives `d`: the kernel, its override constants, and its output tile side.
+/// The kernel `choice` gives `d`: the kernel (the entry point of `d`'s epilogue), its override
+/// constants, and its output tile side.
 pub(crate) fn pick(
     choice: GpuMatmul,
     d: &Dispatch,
@@ -146,8 +150,9 @@ pub(crate) fn pick(
     };
     #[cfg(test)]
     tests::TILED.with(|t| t.set(t.get() + u64::from(tiled)));
+    let with = |kernel| super::matmul::Epilogue::kernel(d.epilogue.map(|(e, _)| e), kernel);
     if !tiled {
-        return (super::matmul::TILE64, &[], 64);
+        return (with(super::matmul::TILE64), &[], 64);
     }
     let constants = match (d.trans_a, d.trans_b) {
         (false, false) => NN,
@@ -155,11 +160,11 @@ pub(crate) fn pick(
         (true, false) => TN,
         (true, true) => TT,
     };
-    (TILE128, constants, 128)
+    (with(TILE128), constants, 128)
 }
 
 /// `shaders/matmul_tiled.wgsl`.
-const TILE128: Kernel = Kernel {
+pub(crate) const TILE128: Kernel = Kernel {
     shader: "matmul_tiled",
     source: shaders::MATMUL_TILED,
     entry: "matmul_tiled",
@@ -204,6 +209,7 @@ pub(crate) mod tests {
             off: [0; 3],
             stride: [0; 3],
             off_bias: None,
+            epilogue: None,
         }
     }
 

@@ -234,6 +234,7 @@ pub(crate) mod tests {
             off: [0; 3],
             stride: [0; 3],
             off_bias: None,
+            epilogue: None,
         };
         let c = Class::of(&d);
         assert_eq!(c.text(), "TN m13 n10 k16");
