@@ -44,4 +44,5 @@ pub use grads::Grads;
 pub use memory::{Counter, MemoryReport};
 pub use optim::{AdamW, ParamGroup, Schedule, Sgd, clip_grad_norm};
 pub use param::{Param, ParamId, Trainable};
+pub use ops::gelu_linear::GeluOut;
 pub use tape::{BackwardStats, Pending, Tape, Var};
