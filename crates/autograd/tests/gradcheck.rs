@@ -421,7 +421,10 @@ enum GeluMlp {
 
 fn gelu_mlp(tp: &Tape, v: &[Var], how: GeluMlp, tb: bool) -> tensor::Result<Var> {
     let o1 = MatmulOpts::default();
-    let o2 = MatmulOpts { trans_a: false, trans_b: tb };
+    let o2 = MatmulOpts {
+        trans_a: false,
+        trans_b: tb,
+    };
     match how {
         GeluMlp::Fused => {
             let pre = tp.linear_gelu(&v[0], &v[1], Some(&v[2]), o1)?;

@@ -162,7 +162,8 @@ mod tests {
         let cpu = Device::cpu();
         let (b, t, c, f) = (2, 3, 4, 8);
         let x = Param::trainable("x", random(&[b, t, c], 1, &cpu));
-        let frozen = |name: &str, shape: &[usize], seed| Param::frozen(name, random(shape, seed, &cpu));
+        let frozen =
+            |name: &str, shape: &[usize], seed| Param::frozen(name, random(shape, seed, &cpu));
         let (w1, b1) = (frozen("w1", &[c, f], 2), frozen("b1", &[f], 3));
         let (w2, b2) = (frozen("w2", &[f, c], 4), frozen("b2", &[c], 5));
         let tape = Tape::new();
@@ -198,8 +199,7 @@ mod tests {
         };
         let e = tape
             .gelu_linear(tape.gelu_out(u).unwrap(), &w, None, flags)
-            .err()
-            .expect("trans_a must be refused")
+            .expect_err("trans_a must be refused")
             .to_string();
         assert!(e.contains("gelu_linear") && e.contains("trans_a"), "{e}");
     }

@@ -91,11 +91,7 @@ impl Epilogue {
 /// as [`matmul`] checks them otherwise. The batch is then folded into M (one 2-D product).
 fn gelu_dims(op: &'static str, x: &Tensor, w: &Tensor, opts: MatmulOpts) -> Result<Dims> {
     if opts.trans_a {
-        return shape_err(
-            op,
-            "x (…, M, K) without trans_a".to_string(),
-            x.shape(),
-        );
+        return shape_err(op, "x (…, M, K) without trans_a".to_string(), x.shape());
     }
     if w.shape().len() != 2 {
         let form = if opts.trans_b { "(N, K)" } else { "(K, N)" };

@@ -86,9 +86,21 @@ fn check_cpu_against_f64(case: &Case, seed: u64) {
     );
     let what = format!("{case:?}");
     let tol = atol(case.k);
-    assert_close_slices(&format!("u {what}"), &u.to_vec().unwrap(), &narrow(&u64), tol, RTOL);
+    assert_close_slices(
+        &format!("u {what}"),
+        &u.to_vec().unwrap(),
+        &narrow(&u64),
+        tol,
+        RTOL,
+    );
     let g64 = reference::gelu(&u64);
-    assert_close_slices(&format!("g {what}"), &g.to_vec().unwrap(), &narrow(&g64), tol, RTOL);
+    assert_close_slices(
+        &format!("g {what}"),
+        &g.to_vec().unwrap(),
+        &narrow(&g64),
+        tol,
+        RTOL,
+    );
     // Backward: dy (…, M, K) against the same W (as the next layer's dx uses it).
     let dy = random(x.shape(), seed + 7, &cpu);
     let du = matmul_gelu_backward(&dy, &w, &u, case.opts()).unwrap();
@@ -104,7 +116,13 @@ fn check_cpu_against_f64(case: &Case, seed: u64) {
         .zip(widen(&u.to_vec().unwrap()))
         .map(|(d, u)| d * gelu_grad64(u))
         .collect();
-    assert_close_slices(&format!("dU {what}"), &du.to_vec().unwrap(), &narrow(&want), tol, RTOL);
+    assert_close_slices(
+        &format!("dU {what}"),
+        &du.to_vec().unwrap(),
+        &narrow(&want),
+        tol,
+        RTOL,
+    );
 }
 
 /// The fused ops on `g` against the CPU's, and against the unfused ops on the same GPU (the
@@ -138,7 +156,13 @@ fn check_gpu(g: &Device, case: &Case, seed: u64) -> u64 {
     assert_close(&format!("dU {what}"), &gdu, &du, tol, RTOL);
     let plain_dg = matmul(&gdy, &gw, None, case.opts()).unwrap();
     let plain_du = gelu_backward(&u.to_device(g).unwrap(), &plain_dg).unwrap();
-    assert_close(&format!("dU vs unfused {what}"), &gdu, &plain_du, 1e-6, 1e-6);
+    assert_close(
+        &format!("dU vs unfused {what}"),
+        &gdu,
+        &plain_du,
+        1e-6,
+        1e-6,
+    );
     dispatches
 }
 
@@ -176,7 +200,10 @@ fn cpu_matmul_gelu_is_the_unfused_ops_to_the_bit() {
         let (u, g) = matmul_gelu(&x, &w, bias.as_ref(), case.opts()).unwrap();
         let plain_u = matmul(&x, &w, bias.as_ref(), case.opts()).unwrap();
         assert_eq!(u.to_vec().unwrap(), plain_u.to_vec().unwrap());
-        assert_eq!(g.to_vec().unwrap(), gelu(&plain_u).unwrap().to_vec().unwrap());
+        assert_eq!(
+            g.to_vec().unwrap(),
+            gelu(&plain_u).unwrap().to_vec().unwrap()
+        );
         let dy = random(x.shape(), 9, &cpu);
         let du = matmul_gelu_backward(&dy, &w, &u, case.opts()).unwrap();
         let dg = matmul(&dy, &w, None, case.opts()).unwrap();
@@ -220,9 +247,8 @@ fn tiled_gelu_epilogues_match_cpu_on_edges() {
     .iter()
     .enumerate()
     {
-        let (_, tiled) = matmul_tiled::tests::forced(GpuMatmul::Tile128, || {
-            check_gpu(&g, case, 10 + i as u64)
-        });
+        let (_, tiled) =
+            matmul_tiled::tests::forced(GpuMatmul::Tile128, || check_gpu(&g, case, 10 + i as u64));
         assert!(tiled > 0, "{case:?} did not take the tiled kernel");
     }
 }
@@ -272,13 +298,19 @@ fn each_epilogue_has_its_entry_point_in_both_kernels() {
     let fwd = Some((Epilogue::Gelu, 0));
     let bwd = Some((Epilogue::GeluBackward, 8));
     assert_eq!(entry(GpuMatmul::Auto, None), "matmul_tiled::matmul_tiled");
-    assert_eq!(entry(GpuMatmul::Auto, fwd), "matmul_tiled::matmul_tiled_gelu");
+    assert_eq!(
+        entry(GpuMatmul::Auto, fwd),
+        "matmul_tiled::matmul_tiled_gelu"
+    );
     assert_eq!(
         entry(GpuMatmul::Auto, bwd),
         "matmul_tiled::matmul_tiled_gelu_backward"
     );
     assert_eq!(entry(GpuMatmul::Tile64, fwd), "matmul::matmul_gelu");
-    assert_eq!(entry(GpuMatmul::Tile64, bwd), "matmul::matmul_gelu_backward");
+    assert_eq!(
+        entry(GpuMatmul::Tile64, bwd),
+        "matmul::matmul_gelu_backward"
+    );
     // The epilogue's tensor is read as vec4s by the tiled kernel: an offset inside a vec4 is
     // left to the first kernel.
     let odd = Some((Epilogue::Gelu, 2));
@@ -294,13 +326,21 @@ fn shapes_are_checked() {
         trans_a: true,
         trans_b: false,
     };
-    let e = matmul_gelu(&x, &w, None, transposed).unwrap_err().to_string();
-    assert!(e.contains("matmul_gelu") && e.contains("without trans_a"), "{e}");
+    let e = matmul_gelu(&x, &w, None, transposed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("matmul_gelu") && e.contains("without trans_a"),
+        "{e}"
+    );
     let w3 = Tensor::zeros(&[2, 4, 5], &cpu).unwrap();
     let e = matmul_gelu(&x, &w3, None, MatmulOpts::default())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("2-D weight (K, N)") && e.contains("[2, 4, 5]"), "{e}");
+    assert!(
+        e.contains("2-D weight (K, N)") && e.contains("[2, 4, 5]"),
+        "{e}"
+    );
     let bias = Tensor::zeros(&[4], &cpu).unwrap();
     let e = matmul_gelu(&x, &w, Some(&bias), MatmulOpts::default())
         .unwrap_err()

@@ -84,7 +84,14 @@ pub(super) fn launch(
             Some((e, t)) => Some((e, bind(t, 2)?)),
             None => None,
         };
-        record(ctx, Params::new(d, o, accumulate), [av, bv, cv], biasv, auxv, nz)?;
+        record(
+            ctx,
+            Params::new(d, o, accumulate),
+            [av, bv, cv],
+            biasv,
+            auxv,
+            nz,
+        )?;
     }
     Ok(())
 }
@@ -208,7 +215,13 @@ fn record(
         },
         |v| v.binding,
     );
-    let mut bindings = [(1, a.binding), (2, b.binding), (3, c.binding), (4, bias), (0, bias)];
+    let mut bindings = [
+        (1, a.binding),
+        (2, b.binding),
+        (3, c.binding),
+        (4, bias),
+        (0, bias),
+    ];
     if let Some((e, v)) = &aux {
         bindings[4] = (e.binding(), v.binding);
     }
