@@ -215,17 +215,16 @@ fn record(
         },
         |v| v.binding,
     );
-    let mut bindings = [
+    // An epilogue's tensor is a fifth binding (its entry point's); the plain product has four.
+    let extra = aux.as_ref().map(|(e, v)| (e.binding(), v.binding));
+    let all = [
         (1, a.binding),
         (2, b.binding),
         (3, c.binding),
         (4, bias),
-        (0, bias),
+        extra.unwrap_or((4, bias)),
     ];
-    if let Some((e, v)) = &aux {
-        bindings[4] = (e.binding(), v.binding);
-    }
-    let bindings = &bindings[..4 + usize::from(aux.is_some())];
+    let bindings = &all[..4 + usize::from(extra.is_some())];
     let shape = matmul_tiled::Dispatch {
         m: p.m,
         n: p.n,
@@ -263,7 +262,8 @@ fn record_with(
 
 /// The measured kernel for this product's class ([`matmul_tune`]): both kernels run it into a
 /// scratch copy of C's bound range, so C itself is written once, by the caller (a GELU
-/// epilogue's g is written by each run, with the same values).
+/// epilogue's g is written by each run too; the caller's dispatch, recorded after them, writes
+/// it last).
 fn tune(
     ctx: &GpuContext,
     p: &Params,
