@@ -93,3 +93,46 @@ fn half_to_f32(h: u32) -> f32 {
     }
     return bitcast<f32>(sign | ((e + 112u) << 23u) | (mant << 13u));
 }
+
+// GELU, tanh form (GPT-2's `gelu_new`), and its derivative, for gelu.wgsl and the matrix
+// products' GELU epilogues (matmul.wgsl, matmul_tiled.wgsl), so every kernel rounds alike:
+//   gelu(x)  = 0.5·x·(1 + tanh v),  v = K·(x + A·x³),  K = sqrt(2/pi) = 0.7978845608, A = 0.044715
+//   gelu'(x) = 0.5·(1 + tanh v) + 0.5·x·(1 − tanh² v)·K·(1 + 3A·x²)
+// evaluated without tanh (WGSL's is loosely specified, and 1 − tanh² v cancels in the tails):
+// with e = exp(−2v) and s = 1/(1 + e) = 0.5·(1 + tanh v), 1 − s = e·s and 1 − tanh² v = 4·s·(1 − s):
+//   gelu(x) = x·s,   gelu'(x) = s + 2·x·s·(1 − s)·K·(1 + 3A·x²).
+// For |v| ≥ 40, s is 0 or 1 and the second term 0 (exp(80) still fits f32; what is dropped is
+// below 1e-32), so huge |x| (x³ overflows from |x| ≈ 7e12) gives no NaN.
+const GELU_K: f32 = 0.7978845608;   // sqrt(2/pi)
+const GELU_A: f32 = 0.044715;       // GPT-2's cubic coefficient
+const GELU_V_SAT: f32 = 40.0;       // |v| past which s is 0 or 1 in f32
+
+fn gelu_inner(x: f32) -> f32 {
+    return GELU_K * (x + GELU_A * x * x * x);
+}
+
+// (s, 1 − s) with s = 0.5·(1 + tanh v) = 1/(1 + exp(−2v)), saturated for |v| ≥ GELU_V_SAT.
+fn gelu_halves(v: f32) -> vec2<f32> {
+    if (abs(v) < GELU_V_SAT) {
+        let e = exp(-2.0 * v);
+        let s = 1.0 / (1.0 + e);
+        return vec2<f32>(s, e * s);
+    }
+    let s = select(0.0, 1.0, v > 0.0);
+    return vec2<f32>(s, 1.0 - s);
+}
+
+fn gelu_value(x: f32) -> f32 {
+    return x * gelu_halves(gelu_inner(x)).x;
+}
+
+fn gelu_grad(x: f32) -> f32 {
+    let v = gelu_inner(x);
+    let h = gelu_halves(v);
+    // 2·x·s·(1 − s)·v', zero once saturated (1 − s or s is then exactly 0).
+    var tail = 0.0;
+    if (abs(v) < GELU_V_SAT) {
+        tail = 2.0 * x * h.x * h.y * GELU_K * (1.0 + 3.0 * GELU_A * x * x);
+    }
+    return h.x + tail;
+}

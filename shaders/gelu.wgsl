@@ -13,7 +13,8 @@
 //   out = x·s  and  gelu'(x) = s + 2·x·s·(1 − s)·K·(1 + 3A·x²)      (1 − t² = 4·s·(1 − s)),
 // products only, each to a few ulp. For |u| ≥ 40 we take s = 0 or 1 and the second term 0
 // (exp(80) ≈ 5.5e34 still fits f32; what is dropped is below 1e-32): huge |x| gives no NaN
-// (x³ overflows from |x| ≈ 7e12). The CPU path computes the same way.
+// (x³ overflows from |x| ≈ 7e12). The CPU path computes the same way. The functions are
+// gelu_value and gelu_grad of common.wgsl, shared with the matrix products' GELU epilogues.
 //
 // Bindings: 0 params; 1 x (n); 2 dy (n, backward only); 3 out (n).
 // Each array is a bound *range* of a larger buffer; `off_*` is where the data starts inside it.
@@ -32,32 +33,12 @@ struct Params {
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-const K: f32 = 0.7978845608;   // sqrt(2/pi)
-const A: f32 = 0.044715;       // GPT-2's cubic coefficient
-const U_SAT: f32 = 40.0;       // |u| past which s is 0 or 1 in f32 (exp(80) < f32 max)
-
-fn inner(v: f32) -> f32 {
-    return K * (v + A * v * v * v);
-}
-
-// (s, 1 − s) with s = 0.5·(1 + tanh u) = 1/(1 + exp(−2u)), saturated for |u| ≥ U_SAT.
-fn halves(u: f32) -> vec2<f32> {
-    if (abs(u) < U_SAT) {
-        let e = exp(-2.0 * u);
-        let s = 1.0 / (1.0 + e);
-        return vec2<f32>(s, e * s);
-    }
-    let s = select(0.0, 1.0, u > 0.0);
-    return vec2<f32>(s, 1.0 - s);
-}
-
 @compute @workgroup_size(256)
 fn gelu_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) li: u32) {
     let i = flat_index(wg, nwg, li);
     if (i >= p.n) { return; }
-    let v = x[p.off_x + i];
-    out[p.off_out + i] = v * halves(inner(v)).x;
+    out[p.off_out + i] = gelu_value(x[p.off_x + i]);
 }
 
 @compute @workgroup_size(256)
@@ -65,13 +46,5 @@ fn gelu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
                  @builtin(local_invocation_index) li: u32) {
     let i = flat_index(wg, nwg, li);
     if (i >= p.n) { return; }
-    let v = x[p.off_x + i];
-    let u = inner(v);
-    let h = halves(u);
-    // 2·x·s·(1 − s)·u', zero once saturated (1 − s or s is then exactly 0).
-    var tail = 0.0;
-    if (abs(u) < U_SAT) {
-        tail = 2.0 * v * h.x * h.y * K * (1.0 + 3.0 * A * v * v);
-    }
-    out[p.off_out + i] = dy[p.off_dy + i] * (h.x + tail);
+    out[p.off_out + i] = dy[p.off_dy + i] * gelu_grad(x[p.off_x + i]);
 }

@@ -24,6 +24,17 @@
 //          then count f16 elements. Products accumulate in f32 either way.
 //   3 c    (batch, M, N): element (z, i, j) at off_c + z·stride_c + i·ldc + j   (read_write)
 //   4 bias (N) at off_bias + j; read only when has_bias = 1 (else the launcher binds A here)
+//   5 gelu_out (batch, M, N), C's layout at off_aux (matmul_gelu only; read_write)
+//   6 gelu_in  (batch, M, N), C's layout at off_aux (matmul_gelu_backward only)
+//
+// Entry points, one per epilogue (what is done with each output once its sum is complete; each
+// entry point binds only what its epilogue uses, so the plain product binds no extra buffer).
+// With v = (accumulate ? C : 0) + (has_bias ? bias[j] : 0) + alpha · Σ opA·opB as above:
+//   matmul               C = v
+//   matmul_gelu          C = v (the pre-activation u) and gelu_out = gelu(v)   (GPT-2's c_fc)
+//   matmul_gelu_backward C = v · gelu'(gelu_in)  (v = dG = dY·W2ᵀ, gelu_in = u: C = dU)
+// gelu and gelu' are common.wgsl's (tanh form). The launcher (ops/matmul_gelu.rs) splits K only
+// with the epilogue on the last K chunk, so it always sees the whole sum.
 //
 // Tiling: a workgroup of 16×16 = 256 invocations computes one 64×64 tile of C
 // (TM = TN = 64 = 16 invocations × 4 outputs each way). It walks K in steps of BK = 16:
@@ -54,7 +65,7 @@ struct Params {
     has_bias: u32,
     accumulate: u32, // 1: C += product; 0: C = product
     alpha: f32,      // scale of the product (not of the bias or of C's old value)
-    _pad1: u32,
+    off_aux: u32,    // where gelu_out / gelu_in start (same ldc and stride_c as C)
     _pad2: u32,
 }
 
@@ -74,6 +85,8 @@ const LOADS: u32 = 4u;     // TM · BK / THREADS elements of each tile loaded pe
 @group(0) @binding(2) var<storage, read> b: array<u32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
+@group(0) @binding(5) var<storage, read_write> gelu_out: array<f32>;
+@group(0) @binding(6) var<storage, read> gelu_in: array<f32>;
 
 // Staged slices: as_tile[kk·PAD + i] = opA[m0 + i, k0 + kk], bs_tile[kk·PAD + j] = opB[k0 + kk, n0 + j].
 var<workgroup> as_tile: array<f32, BK * PAD>;
@@ -101,9 +114,10 @@ fn load_b(z: u32, kp: u32, j: u32) -> f32 {
     return b_at(base + j * p.ldb + kp);
 }
 
-@compute @workgroup_size(16, 16, 1)
-fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
-          @builtin(local_invocation_index) li: u32) {
+// The 4×4 block of sums Σ_p opA[z, i, p]·opB[z, p, j] that invocation (tx, ty) of the workgroup
+// `wg` owns: acc[r][s] for i = m0 + ty + 16r, j = n0 + tx + 16s. Every invocation of the
+// workgroup calls it (it holds the barriers).
+fn tile_product(wg: vec3<u32>, lid: vec3<u32>, li: u32) -> array<vec4<f32>, 4> {
     let z = wg.z;
     let m0 = wg.y * TM;
     let n0 = wg.x * TN;
@@ -137,19 +151,71 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
         }
         workgroupBarrier();
     }
+    return acc;
+}
 
-    let c_base = p.off_c + z * p.stride_c;
+// Element (z, i, j) of C (and of gelu_out / gelu_in) counted from the matrix's start.
+fn at_c(z: u32, i: u32, j: u32) -> u32 {
+    return z * p.stride_c + i * p.ldc + j;
+}
+
+// v = α·sum + bias[j] + C's old value, for C's element `at` (column j).
+fn combine(at: u32, j: u32, sum: f32) -> f32 {
+    var v = p.alpha * sum;
+    if (p.has_bias != 0u) { v += bias[p.off_bias + j]; }
+    if (p.accumulate != 0u) { v += c[p.off_c + at]; }
+    return v;
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let acc = tile_product(wg, lid, li);
     for (var r = 0u; r < 4u; r++) {
-        let i = m0 + ty + r * SIDE;
+        let i = wg.y * TM + lid.y + r * SIDE;
         if (i >= p.m) { continue; }
         for (var s = 0u; s < 4u; s++) {
-            let j = n0 + tx + s * SIDE;
+            let j = wg.x * TN + lid.x + s * SIDE;
             if (j >= p.n) { continue; }
-            var v = p.alpha * acc[r][s];
-            if (p.has_bias != 0u) { v += bias[p.off_bias + j]; }
-            let idx = c_base + i * p.ldc + j;
-            if (p.accumulate != 0u) { v += c[idx]; }
-            c[idx] = v;
+            let at = at_c(wg.z, i, j);
+            c[p.off_c + at] = combine(at, j, acc[r][s]);
+        }
+    }
+}
+
+// C = u = v and gelu_out = gelu(u): the forward of a linear layer followed by GELU.
+@compute @workgroup_size(16, 16, 1)
+fn matmul_gelu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+               @builtin(local_invocation_index) li: u32) {
+    let acc = tile_product(wg, lid, li);
+    for (var r = 0u; r < 4u; r++) {
+        let i = wg.y * TM + lid.y + r * SIDE;
+        if (i >= p.m) { continue; }
+        for (var s = 0u; s < 4u; s++) {
+            let j = wg.x * TN + lid.x + s * SIDE;
+            if (j >= p.n) { continue; }
+            let at = at_c(wg.z, i, j);
+            let u = combine(at, j, acc[r][s]);
+            c[p.off_c + at] = u;
+            gelu_out[p.off_aux + at] = gelu_value(u);
+        }
+    }
+}
+
+// C = dU = v · gelu'(u), u read from gelu_in: the backward through GELU of the product dG = dY·W2ᵀ.
+@compute @workgroup_size(16, 16, 1)
+fn matmul_gelu_backward(@builtin(workgroup_id) wg: vec3<u32>,
+                        @builtin(local_invocation_id) lid: vec3<u32>,
+                        @builtin(local_invocation_index) li: u32) {
+    let acc = tile_product(wg, lid, li);
+    for (var r = 0u; r < 4u; r++) {
+        let i = wg.y * TM + lid.y + r * SIDE;
+        if (i >= p.m) { continue; }
+        for (var s = 0u; s < 4u; s++) {
+            let j = wg.x * TN + lid.x + s * SIDE;
+            if (j >= p.n) { continue; }
+            let at = at_c(wg.z, i, j);
+            c[p.off_c + at] = combine(at, j, acc[r][s]) * gelu_grad(gelu_in[p.off_aux + at]);
         }
     }
 }

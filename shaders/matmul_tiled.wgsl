@@ -10,10 +10,15 @@
 //   C[z, i, j] = (accumulate ? C[z, i, j] : 0) + (has_bias ? bias[j] : 0)
 //              + alpha · Σ_{0 <= p < K} opA[z, i, p] · opB[z, p, j]
 // with opA = A or Aᵀ (TRANS_A), opB = B or Bᵀ (TRANS_B), as in matmul.wgsl.
+// Epilogues, one entry point each, as matmul.wgsl's (bindings 5 gelu_out and 6 gelu_in at
+// off_aux, in C's layout): matmul_tiled (C = v), matmul_tiled_gelu (C = u = v, gelu_out =
+// gelu(u)) and matmul_tiled_gelu_backward (C = v · gelu'(gelu_in)); each has the four
+// transpose pipelines.
 //
 // What the launcher guarantees (ops/matmul.rs `tiled_fits`), so that every operand can be read
 // as whole vec4s: every offset, leading dimension and batch stride is a multiple of 4, and so is
-// the extent of each operand's contiguous axis (K or M for A, N or K for B, N for C and bias).
+// the extent of each operand's contiguous axis (K or M for A, N or K for B, N for C and bias;
+// off_aux too).
 // A vec4 is then either wholly inside its matrix or wholly outside, and the tile edges only
 // need whole-vec4 tests. Offsets and strides in `Params` are in f32 elements, as for
 // matmul.wgsl; the kernel divides them by 4.
@@ -52,7 +57,7 @@ struct Params {
     has_bias: u32,
     accumulate: u32,
     alpha: f32,      // scale of the product (not of the bias or of C's old value)
-    _pad1: u32,
+    off_aux: u32,    // where gelu_out / gelu_in start (same ldc and stride_c as C)
     _pad2: u32,
 }
 
@@ -74,6 +79,8 @@ const HALF: u32 = 256u;   // vec4s in one half of sa (or sb): BK · TILE4
 @group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> bias: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> gelu_out: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> gelu_in: array<vec4<f32>>;
 
 var<workgroup> sa: array<vec4<f32>, 512>; // [half][k][m / 4]
 var<workgroup> sb: array<vec4<f32>, 512>; // [half][k][n / 4]
@@ -145,9 +152,9 @@ fn store_b(half: u32, t: u32, v: vec4<f32>) {
     }
 }
 
-@compute @workgroup_size(16, 16, 1)
-fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
-                @builtin(local_invocation_index) t: u32) {
+// The invocation's 8×8 block of sums Σ_p opA[z, i, p]·opB[z, p, j] (the layout of acc is
+// described below). Every invocation of the workgroup calls it (it holds the barriers).
+fn tile_product(wg: vec3<u32>, lid: vec3<u32>, t: u32) -> array<vec4<f32>, 16> {
     let z = wg.z;
     let m0 = wg.y * TILE;
     let n0 = wg.x * TILE;
@@ -193,18 +200,85 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         workgroupBarrier();
     }
 
-    let c_base = (p.off_c + z * p.stride_c) / 4u;
+    return acc;
+}
+
+// Row r (0..8) of invocation (tx, ty)'s block in the workgroup's tile, and the first of the four
+// columns of its half h (0, 1).
+fn row_of(wg: vec3<u32>, lid: vec3<u32>, r: u32) -> u32 {
+    return wg.y * TILE + 4u * lid.y + (r % 4u) + 64u * (r / 4u);
+}
+fn col_of(wg: vec3<u32>, lid: vec3<u32>, h: u32) -> u32 {
+    return wg.x * TILE + 4u * lid.x + 64u * h;
+}
+
+// The vec4 of C (and of gelu_out / gelu_in) holding elements (z, i, j..j+3), counted in vec4s
+// from the matrix's start.
+fn at_c(z: u32, i: u32, j: u32) -> u32 {
+    return (z * p.stride_c + i * p.ldc + j) / 4u;
+}
+
+// v = α·sum + bias[j..j+3] + C's old value, for C's vec4 `at` (columns j..j+3).
+fn combine(at: u32, j: u32, sum: vec4<f32>) -> vec4<f32> {
+    var v = p.alpha * sum;
+    if (p.has_bias != 0u) { v += bias[(p.off_bias + j) / 4u]; }
+    if (p.accumulate != 0u) { v += c[p.off_c / 4u + at]; }
+    return v;
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                @builtin(local_invocation_index) t: u32) {
+    let acc = tile_product(wg, lid, t);
     for (var r = 0u; r < 8u; r++) {
-        let i = m0 + 4u * ty + (r % 4u) + 64u * (r / 4u);
+        let i = row_of(wg, lid, r);
         if (i >= p.m) { continue; }
         for (var h = 0u; h < 2u; h++) {
-            let j = n0 + 4u * tx + 64u * h;
+            let j = col_of(wg, lid, h);
             if (j >= p.n) { continue; }
-            var v = p.alpha * acc[2u * r + h];
-            if (p.has_bias != 0u) { v += bias[(p.off_bias + j) / 4u]; }
-            let idx = c_base + (i * p.ldc + j) / 4u;
-            if (p.accumulate != 0u) { v += c[idx]; }
-            c[idx] = v;
+            let at = at_c(wg.z, i, j);
+            c[p.off_c / 4u + at] = combine(at, j, acc[2u * r + h]);
+        }
+    }
+}
+
+// C = u = v and gelu_out = gelu(u), four columns at a time.
+@compute @workgroup_size(16, 16, 1)
+fn matmul_tiled_gelu(@builtin(workgroup_id) wg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>,
+                     @builtin(local_invocation_index) t: u32) {
+    let acc = tile_product(wg, lid, t);
+    for (var r = 0u; r < 8u; r++) {
+        let i = row_of(wg, lid, r);
+        if (i >= p.m) { continue; }
+        for (var h = 0u; h < 2u; h++) {
+            let j = col_of(wg, lid, h);
+            if (j >= p.n) { continue; }
+            let at = at_c(wg.z, i, j);
+            let u = combine(at, j, acc[2u * r + h]);
+            c[p.off_c / 4u + at] = u;
+            gelu_out[p.off_aux / 4u + at] =
+                vec4<f32>(gelu_value(u.x), gelu_value(u.y), gelu_value(u.z), gelu_value(u.w));
+        }
+    }
+}
+
+// C = dU = v · gelu'(u), u read from gelu_in, four columns at a time.
+@compute @workgroup_size(16, 16, 1)
+fn matmul_tiled_gelu_backward(@builtin(workgroup_id) wg: vec3<u32>,
+                              @builtin(local_invocation_id) lid: vec3<u32>,
+                              @builtin(local_invocation_index) t: u32) {
+    let acc = tile_product(wg, lid, t);
+    for (var r = 0u; r < 8u; r++) {
+        let i = row_of(wg, lid, r);
+        if (i >= p.m) { continue; }
+        for (var h = 0u; h < 2u; h++) {
+            let j = col_of(wg, lid, h);
+            if (j >= p.n) { continue; }
+            let at = at_c(wg.z, i, j);
+            let u = gelu_in[p.off_aux / 4u + at];
+            let d = vec4<f32>(gelu_grad(u.x), gelu_grad(u.y), gelu_grad(u.z), gelu_grad(u.w));
+            c[p.off_c / 4u + at] = combine(at, j, acc[2u * r + h]) * d;
         }
     }
 }

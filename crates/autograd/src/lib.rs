@@ -42,6 +42,7 @@ pub mod tape;
 pub use clip::{ClipReport, GradClip, grad_norm_clip};
 pub use grads::Grads;
 pub use memory::{Counter, MemoryReport};
+pub use ops::gelu_linear::GeluOut;
 pub use optim::{AdamW, ParamGroup, Schedule, Sgd, clip_grad_norm};
 pub use param::{Param, ParamId, Trainable};
 pub use tape::{BackwardStats, Pending, Tape, Var};

@@ -89,6 +89,12 @@ proptest! {
         same_on_gpu("lora_group", &[vec![b, t, 3 * c], vec![b, t, 5], vec![2, 5], vec![c, 2], vec![2, 5], vec![c, 2]],
             &move |tp, v| tp.lora_group(tp.scale(&v[0], 1.5)?, &v[1], &[(&v[2], &v[3], 0), (&v[4], &v[5], 2 * c)], 0.7), seed);
         same_on_gpu("mean_all", &[vec![t, c]], &|tp, v| tp.mean_all(&v[0]), seed);
+        // GELU between two products, fused into both (x, W1, b1, W2ᵀ stored (c, 7), b2).
+        same_on_gpu("linear_gelu + gelu_linear", &[vec![b, t, c], vec![c, 7], vec![7], vec![c, 7], vec![c]],
+            &move |tp, v| {
+                let pre = tp.linear_gelu(&v[0], &v[1], Some(&v[2]), opts)?;
+                tp.gelu_linear(pre, &v[3], Some(&v[4]), MatmulOpts { trans_a: false, trans_b: true })
+            }, seed);
         // Gradients summed in place: x's by the layer-norm kernel, LN(x)'s by the products.
         same_on_gpu("residual block", &[vec![b, t, c], vec![c], vec![c], vec![c, c], vec![2, c], vec![c, 2]],
             &move |tp, v| {

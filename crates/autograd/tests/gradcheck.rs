@@ -409,6 +409,61 @@ proptest! {
     }
 }
 
+/// The three ways to build `y = gelu(x·W1 + b1)·op(W2) + b2`: both products fused with GELU,
+/// the forward fused only (g a value of the graph), the backward fused only (u from a plain
+/// product, GELU's forward kernel).
+#[derive(Clone, Copy, Debug)]
+enum GeluMlp {
+    Fused,
+    ForwardFused,
+    BackwardFused,
+}
+
+fn gelu_mlp(tp: &Tape, v: &[Var], how: GeluMlp, tb: bool) -> tensor::Result<Var> {
+    let o1 = MatmulOpts::default();
+    let o2 = MatmulOpts {
+        trans_a: false,
+        trans_b: tb,
+    };
+    match how {
+        GeluMlp::Fused => {
+            let pre = tp.linear_gelu(&v[0], &v[1], Some(&v[2]), o1)?;
+            tp.gelu_linear(pre, &v[3], Some(&v[4]), o2)
+        }
+        GeluMlp::ForwardFused => {
+            let g = tp.gelu_value(tp.linear_gelu(&v[0], &v[1], Some(&v[2]), o1)?)?;
+            tp.matmul(&g, &v[3], Some(&v[4]), o2)
+        }
+        GeluMlp::BackwardFused => {
+            let u = tp.matmul(&v[0], &v[1], Some(&v[2]), o1)?;
+            tp.gelu_linear(tp.gelu_out(u)?, &v[3], Some(&v[4]), o2)
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    #[test]
+    fn gelu_linear_backward_matches_finite_differences(b in 1usize..3, t in dims(), c in dims(),
+                                                       f in dims(), tb: bool, seed in 0u64..1000) {
+        // x (b, t, c), W1 (c, f), b1 (f), W2 (f, c) or (c, f) with tb, b2 (c).
+        let w2 = if tb { vec![c, f] } else { vec![f, c] };
+        let shapes = [vec![b, t, c], vec![c, f], vec![f], w2, vec![c]];
+        let o2 = MatmulOpts { trans_a: false, trans_b: tb };
+        let rows = b * t;
+        let reference = move |x: &[Vec<f64>]| {
+            let u = reference::matmul(&x[0], &x[1], Some(&x[2]), [1, rows, c, f], MatmulOpts::default());
+            let g = reference::gelu(&u);
+            reference::matmul(&g, &x[3], Some(&x[4]), [1, rows, f, c], o2)
+        };
+        for how in [GeluMlp::Fused, GeluMlp::ForwardFused, GeluMlp::BackwardFused] {
+            check(&format!("gelu mlp {how:?}"), &shapes, &move |tp, v| gelu_mlp(tp, v, how, tb),
+                &reference, seed).unwrap();
+        }
+    }
+}
+
 #[test]
 fn dropout_backward_matches_finite_differences() {
     // The mask is a function of (seed, index): read it off by dropping out a tensor of ones.

@@ -492,8 +492,8 @@ mod tests {
         let matmul = ShaderFacts::of(crate::shaders::MATMUL);
         assert_eq!(
             matmul.writable,
-            [3],
-            "matmul.wgsl writes c at binding 3 only"
+            [3, 5],
+            "matmul.wgsl writes c at binding 3, and gelu_out (its GELU epilogue's g) at 5 only"
         );
         assert_eq!(matmul.workgroup_size["matmul"], 16 * 16);
     }

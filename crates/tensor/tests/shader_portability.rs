@@ -7,8 +7,10 @@
 //!
 //! Variants: a shader is translated once with its `override` defaults (an `override` without one
 //! fails here by name), and once more for each table of pipeline-overridable constants the
-//! engine makes a pipeline with ([`tensor::shaders::OVERRIDES`]: `matmul_tiled.wgsl`'s four
-//! transpose cases), since each of them is a different program for the driver. `enable`
+//! engine makes a pipeline with ([`tensor::shaders::OVERRIDES`]: the matrix products' B in f32 or
+//! f16, and `matmul_tiled.wgsl`'s four transpose cases, for each entry point: the plain product
+//! and its GELU epilogues),
+//! since each of them is a different program for the driver. `enable`
 //! directives turn on the naga capabilities (and the MSL and HLSL language levels) those
 //! extensions need; a shader without any is checked at the baseline: no capabilities, MSL 2.0
 //! (the oldest Metal wgpu runs on) and HLSL shader model 5.1 (FXC, what DX12 falls back to
@@ -271,6 +273,21 @@ fn every_shader_translates_to_spirv_msl_and_hlsl() {
             }
             variants += usize::from(!constants.is_empty());
         }
+    }
+    // The matrix products' epilogue variants are among them: GELU forward and backward in the
+    // first kernel (its defaults and two B storages) and in the tiled one (its defaults and four
+    // transpose tables for each B storage).
+    for (entry, pipelines) in [
+        ("matmul::matmul_gelu", 3),
+        ("matmul::matmul_gelu_backward", 3),
+        ("matmul_tiled::matmul_tiled_gelu", 9),
+        ("matmul_tiled::matmul_tiled_gelu_backward", 9),
+    ] {
+        let found = checked.iter().filter(|c| *c == entry).count();
+        assert_eq!(
+            found, pipelines,
+            "{entry}: expected {pipelines} translated pipelines, found {found}"
+        );
     }
     // Every table of constants was translated.
     let tables: usize = tensor::shaders::OVERRIDES

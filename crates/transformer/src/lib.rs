@@ -79,6 +79,7 @@ pub mod generate;
 mod hf_tokenizer;
 pub mod init;
 pub mod linear;
+mod mlp;
 pub mod model;
 pub mod nf4_file;
 pub mod tensor_file;

@@ -16,7 +16,6 @@
 //! form), F = 4C, s_i = 1/√hs for every block i, and the head tied to `wte` (untied: `lm_head`).
 
 use autograd::{Param, Tape, Var};
-use tensor::ops::activation::Activation as Kind;
 use tensor::ops::matmul::MatmulOpts;
 use tensor::{Device, Tensor};
 
@@ -26,7 +25,6 @@ use crate::checkpoint::{Checkpoint, LM_HEAD, parameter_shapes};
 use crate::config::GptConfig;
 use crate::error::{Error, Result};
 use crate::token_adapter::TokenAdapter;
-use crate::variant::Activation;
 
 pub use crate::linear::{Adapter, F16Linear, Linear, Nf4Linear, Weight};
 
@@ -194,15 +192,7 @@ impl Block {
         let attn = self.attn_c_proj.forward(tape, &y)?;
         // MLP.
         let (x, h) = self.ln_2.forward_residual(tape, Residual::Sum(x, attn))?;
-        let h = self.c_fc.forward(tape, &h)?; // (B,T,F)
-        let h = match cfg.variant.activation {
-            Activation::GeluTanh => tape.gelu(&h)?,
-            Activation::GeluErf => tape.activation(Kind::GeluErf, &h)?,
-            Activation::Relu => tape.activation(Kind::Relu, &h)?,
-            Activation::Silu => tape.activation(Kind::Silu, &h)?,
-            Activation::QuickGelu => tape.activation(Kind::QuickGelu, &h)?,
-        };
-        let h = self.mlp_c_proj.forward(tape, &h)?;
+        let h = self.mlp(tape, &h, cfg.variant.activation)?; // via (B,T,F), `mlp.rs`
         Ok(Residual::Sum(x, h))
     }
 }

@@ -8,18 +8,14 @@
 use tensor::Result;
 use tensor::ops::activation::{Activation, activation, activation_backward};
 use tensor::ops::dropout::{dropout, dropout_backward};
-use tensor::ops::gelu::{gelu, gelu_backward};
 
 use crate::tape::{Tape, Var};
 
 impl Tape {
-    /// GELU, tanh form.
+    /// GELU, tanh form, by its own kernels forward and backward (between two products,
+    /// [`Tape::linear_gelu`] and [`Tape::gelu_linear`] fuse it into them instead).
     pub fn gelu(&self, x: &Var) -> Result<Var> {
-        let y = gelu(&x.value)?;
-        let x_saved = x.value.clone();
-        self.record("gelu", y, &[x], x.value.bytes(), move |dy| {
-            Ok(vec![Some(gelu_backward(&x_saved, dy)?)])
-        })
+        self.gelu_value(self.gelu_out(x.clone())?)
     }
 
     /// Exact GELU, ReLU, SiLU or QuickGELU (`tensor::ops::activation`); dx = dy·f'(x) (needs x).

@@ -22,7 +22,7 @@ use tensor::{Result, Tensor};
 use crate::tape::{Tape, Var, bytes_of};
 
 /// Flatten leading axes: (…, R, C) → (∏…·R, C).
-fn rows2d(t: &Tensor) -> Result<Tensor> {
+pub(crate) fn rows2d(t: &Tensor) -> Result<Tensor> {
     let c = t.last_dim();
     t.reshape(&[t.numel() / c.max(1), c])
 }
@@ -71,7 +71,12 @@ fn grad_x_into(acc: &Tensor, dy: &Tensor, w: &Tensor, opts: MatmulOpts) -> Resul
 /// dW for y = op(x)·op(W):  trans_b = false → dW = op(x)ᵀ·dy;  trans_b = true → dW = dyᵀ·op(x).
 /// When W is 2-D and shared by a batch, x and dy are flattened so the sum over the batch is
 /// part of the product.
-fn grad_w(dy: &Tensor, x: &Tensor, opts: MatmulOpts, w_shape: &[usize]) -> Result<Tensor> {
+pub(crate) fn grad_w(
+    dy: &Tensor,
+    x: &Tensor,
+    opts: MatmulOpts,
+    w_shape: &[usize],
+) -> Result<Tensor> {
     let (x, dy) = if w_shape.len() == 2 && x.shape().len() > 2 && !opts.trans_a {
         (rows2d(x)?, rows2d(dy)?)
     } else {
@@ -105,6 +110,21 @@ impl Tape {
     /// `y = op(x)·op(w) + b` (see the module doc for the backward rule).
     pub fn matmul(&self, x: &Var, w: &Var, bias: Option<&Var>, opts: MatmulOpts) -> Result<Var> {
         let y = matmul(&x.value, &w.value, bias.map(|b| &b.value), opts)?;
+        self.record_matmul("matmul", y, x, w, bias, opts)
+    }
+
+    /// Record `y = op(x)·op(w) + b`, computed by the caller (the plain product, or one with an
+    /// epilogue that also wrote another output: [`Tape::linear_gelu`]), as the op `name` with
+    /// the backward rule of the module doc.
+    pub(crate) fn record_matmul(
+        &self,
+        name: &'static str,
+        y: Tensor,
+        x: &Var,
+        w: &Var,
+        bias: Option<&Var>,
+        opts: MatmulOpts,
+    ) -> Result<Var> {
         // Save only what a needed gradient uses: W for dx, x for dW.
         let w_saved = x.requires_grad.then(|| w.value.clone());
         let x_saved = w.requires_grad.then(|| x.value.clone());
@@ -114,7 +134,7 @@ impl Tape {
         let saved = bytes_of([w_saved.as_ref(), x_saved.as_ref()]);
         let mut inputs = vec![x, w];
         inputs.extend(bias);
-        self.record_accumulating("matmul", y, &inputs, saved, move |dy, pending| {
+        self.record_accumulating(name, y, &inputs, saved, move |dy, pending| {
             let dx = match &w_saved {
                 Some(w) => {
                     counter.set(counter.get() + 1);

@@ -7,6 +7,7 @@
 //! | matmul with a frozen NF4 or f16 weight | [`matmul_stored`] |
 //! | add, mul, scale, add_bias, reshape | [`elementwise`] |
 //! | gelu, dropout | [`activation`] |
+//! | gelu between two products, fused into them | [`gelu_linear`] |
 //! | softmax | [`softmax`] |
 //! | fused causal attention | [`attention`] |
 //! | layer norm | [`layernorm`] |
@@ -22,6 +23,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
+pub mod gelu_linear;
 pub mod heads;
 pub mod layernorm;
 pub mod lora;

@@ -115,6 +115,27 @@ fn gelu_backward_slice_generic(x: &[f32], dy: &[f32], out: &mut [MaybeUninit<f32
     }
 }
 
+crate::fastmath::multiversion! {
+    /// `d[i] *= gelu'(x[i])` over equal-length slices, in place (vectorised).
+    gelu_grad_mul_slice => gelu_grad_mul_slice_generic(x: &[f32], d: &mut [f32]) -> ()
+}
+
+#[inline(always)]
+fn gelu_grad_mul_slice_generic(x: &[f32], d: &mut [f32]) {
+    for (o, &v) in d.iter_mut().zip(x) {
+        *o *= gelu_grad_scalar(v);
+    }
+}
+
+/// CPU: `d[i] *= gelu'(x[i])` in place, on every core when large: [`gelu_backward`]'s value
+/// (the same product `d·gelu'(x)`, bit for bit) without a new tensor.
+pub(crate) fn gelu_grad_mul_cpu(x: &[f32], d: &mut [f32]) {
+    let chunk = crate::cpu::even_rows(d.len());
+    crate::cpu::for_rows(d, chunk, |c, row| {
+        gelu_grad_mul_slice(&x[c * chunk..c * chunk + row.len()], row)
+    });
+}
+
 /// Launch `entry` over every element of `out`, split over bindings when large.
 fn launch(
     ctx: &Arc<GpuContext>,

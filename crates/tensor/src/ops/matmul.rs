@@ -58,6 +58,11 @@
 //! step (the kernels' batch strides, with the views' offsets and leading dimensions; step 0
 //! for an operand shared by the group), one product after the other otherwise
 //! (`matmul_group.rs`).
+//!
+//! # GELU epilogue
+//! [`matmul_gelu`] writes `u = op(A)·op(B) + bias` and `g = gelu(u)` in one pass, and
+//! [`matmul_gelu_backward`] `dU = (op(A)·op(B)) ⊙ gelu'(u)`: GPT-2's MLP without a GELU kernel
+//! of its own, forward or backward (`matmul_gelu.rs`).
 
 use std::mem::MaybeUninit;
 
@@ -97,7 +102,7 @@ kernel_params! {
         has_bias: u32,
         accumulate: u32,
         alpha: f32,
-        _pad1: u32,
+        off_aux: u32,
         _pad2: u32,
     }
 }
@@ -382,7 +387,7 @@ fn run(
         }
         Device::Gpu(ctx) => {
             let max_z = ctx.limits.max_compute_workgroups_per_dimension as usize;
-            launch(ctx, c, a, b, bias, d, o, accumulate, max_z)
+            launch(ctx, c, a, b, bias, d, o, accumulate, max_z, None)
         }
     }
 }
@@ -515,6 +520,11 @@ pub use view::{MatView, matmul_into, matmul_view};
 #[path = "matmul_group.rs"]
 mod group;
 pub use group::{group_outputs, matmul_into_group};
+
+#[path = "matmul_gelu.rs"]
+mod gelu;
+pub(crate) use gelu::Epilogue;
+pub use gelu::{matmul_gelu, matmul_gelu_backward};
 
 #[cfg(test)]
 #[path = "matmul_tests.rs"]

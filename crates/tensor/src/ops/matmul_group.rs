@@ -203,7 +203,7 @@ pub fn matmul_into_group(
         let max_z = ctx.limits.max_compute_workgroups_per_dimension as usize;
         let (cz, az, bz) = (at(c, z0), at(a, z0), at(b, z0));
         return launch(
-            ctx, cz.tensor, az.tensor, bz.tensor, None, &d, opts, accumulate, max_z,
+            ctx, cz.tensor, az.tensor, bz.tensor, None, &d, opts, accumulate, max_z, None,
         );
     }
     for (z, &sum) in summed.iter().enumerate() {

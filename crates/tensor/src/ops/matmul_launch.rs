@@ -2,11 +2,13 @@
 //! storage binding cut into sub-blocks ([`launch_2d`]), each dispatch recorded with the kernel
 //! the choice gives it ([`matmul_tiled::pick`], or the split-K pair of [`splitk`] for small
 //! outputs with a long K), measured once per class of shapes on a hardware adapter
-//! ([`matmul_tune`]).
+//! ([`matmul_tune`]). A product with an epilogue ([`Epilogue`]: GELU's, from
+//! `matmul_gelu.rs`) binds its extra tensor in C's layout wherever C is bound, runs the
+//! epilogue on the last K chunk only, and is never split along K by the split-K path.
 
 use std::sync::Arc;
 
-use super::{Dims, MatmulOpts, Params, TILE, splitk};
+use super::{Dims, Epilogue, MatmulOpts, Params, TILE, splitk};
 use crate::gpu::bind::View;
 use crate::gpu::{Binding, GpuContext};
 use crate::ops::matmul_tiled::{self, GpuMatmul};
@@ -18,6 +20,8 @@ use crate::{Result, Tensor};
 /// allow: entries `z0..z0 + nz` of an operand span `(nz − 1)·stride + extent` elements from
 /// entry z0's first (stride 0: one matrix shared by the batch). Where one entry does not fit
 /// a binding, or the grid does not, each entry is a 2-D problem split by [`launch_2d`].
+/// `epilogue`: the epilogue and its tensor, laid out as C (same offset, leading dimension and
+/// batch stride inside it).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn launch(
     ctx: &Arc<GpuContext>,
@@ -29,6 +33,7 @@ pub(super) fn launch(
     o: MatmulOpts,
     accumulate: bool,
     max_z: usize,
+    epilogue: Option<(Epilogue, &Tensor)>,
 ) -> Result<()> {
     if d.batch == 0 || d.m == 0 || d.n == 0 {
         return Ok(());
@@ -60,6 +65,7 @@ pub(super) fn launch(
                 d,
                 o,
                 accumulate,
+                epilogue,
             )?;
         }
         return Ok(());
@@ -75,11 +81,16 @@ pub(super) fn launch(
         };
         let (av, bv, cv) = (bind(a, 0)?, bind(b, 1)?, bind(c, 2)?);
         let biasv = bias.map(|t| ctx.view_all(t)).transpose()?;
+        let auxv = match epilogue {
+            Some((e, t)) => Some((e, bind(t, 2)?)),
+            None => None,
+        };
         record(
             ctx,
             Params::new(d, o, accumulate),
             [av, bv, cv],
             biasv,
+            auxv,
             nz,
             false,
         )?;
@@ -94,8 +105,9 @@ pub(super) fn launch(
 /// (N if `trans_b`), C's are M. A chunk of `r` rows of an operand spans about `r·ld` elements, so
 /// the chunk of that operand's row dimension is at most `room / ld`; an operand whose single row
 /// is larger than a binding takes one row per chunk and cuts its columns instead. Sub-blocks of C
-/// are addressed with `ldc = N`; K chunks after the first accumulate into C, and the bias is
-/// added by the first.
+/// are addressed with `ldc = N`; K chunks after the first accumulate into C, the bias is
+/// added by the first, and an epilogue is run by the last (on the whole sum).
+#[allow(clippy::too_many_arguments)]
 fn launch_2d(
     ctx: &Arc<GpuContext>,
     [c, a, b]: [&Tensor; 3],
@@ -104,6 +116,7 @@ fn launch_2d(
     d: &Dims,
     o: MatmulOpts,
     accumulate: bool,
+    epilogue: Option<(Epilogue, &Tensor)>,
 ) -> Result<()> {
     const M: usize = 0;
     const K: usize = 1;
@@ -163,13 +176,17 @@ fn launch_2d(
                     Some(t) if first_k => Some(ctx.view(t, j0, nr)?),
                     _ => None,
                 };
+                let auxv = match epilogue {
+                    Some((e, t)) if p0 + kr == d.k => Some((e, ctx.view(t, base[2] + sc, lc)?)),
+                    _ => None,
+                };
                 let params = Params {
                     m: mr as u32,
                     n: nr as u32,
                     k: kr as u32,
                     ..Params::new(d, o, accumulate || !first_k)
                 };
-                record(ctx, params, [av, bv, cv], biasv, 1, false)?;
+                record(ctx, params, [av, bv, cv], biasv, auxv, 1, false)?;
             }
         }
     }
@@ -212,24 +229,26 @@ pub(crate) fn launch_f16(
             alpha: 1.0,
             ..bytemuck::Zeroable::zeroed()
         };
-        record(ctx, p, [xv, wv, cv], biasv, 1, true)?;
+        record(ctx, p, [xv, wv, cv], biasv, None, 1, true)?;
     }
     Ok(())
 }
 
-/// Record one dispatch over `nz` batch entries of `p`'s M×N product, with A, B, C and the bias
-/// bound from these views; `b_f16`: B's words hold f16 pairs (its offset then counts f16
+/// Record one dispatch over `nz` batch entries of `p`'s M×N product, with A, B, C, the bias and
+/// an epilogue's tensor bound from these views; `b_f16`: B's words hold f16 pairs (its offset then counts f16
 /// elements: twice the words before it).
 fn record(
     ctx: &GpuContext,
     mut p: Params,
     [a, b, c]: [View<'_>; 3],
     bias: Option<View<'_>>,
+    aux: Option<(Epilogue, View<'_>)>,
     nz: usize,
     b_f16: bool,
 ) -> Result<()> {
     let off_b = if b_f16 { 2 * b.offset } else { b.offset };
     (p.off_a, p.off_b, p.off_c) = (a.offset, off_b, c.offset);
+    p.off_aux = aux.as_ref().map_or(0, |(_, v)| v.offset);
     p.has_bias = bias.is_some().into();
     p.off_bias = bias.as_ref().map_or(0, |v| v.offset);
     // Without a bias, binding 4 gets the first vec4 of A's range: never read (has_bias = 0),
@@ -242,7 +261,16 @@ fn record(
         },
         |v| v.binding,
     );
-    let bindings = [(1, a.binding), (2, b.binding), (3, c.binding), (4, bias)];
+    // An epilogue's tensor is a fifth binding (its entry point's); the plain product has four.
+    let extra = aux.as_ref().map(|(e, v)| (e.binding(), v.binding));
+    let all = [
+        (1, a.binding),
+        (2, b.binding),
+        (3, c.binding),
+        (4, bias),
+        extra.unwrap_or((4, bias)),
+    ];
+    let bindings = &all[..4 + usize::from(extra.is_some())];
     let shape = matmul_tiled::Dispatch {
         m: p.m,
         n: p.n,
@@ -254,14 +282,15 @@ fn record(
         stride: [p.stride_a, p.stride_b, p.stride_c],
         off_bias: (p.has_bias != 0).then_some(p.off_bias),
         b_f16,
+        epilogue: aux.map(|(e, _)| (e, p.off_aux)),
     };
     let executes = !ctx.is_dry_run();
     let choice = match matmul_tiled::gpu_matmul() {
-        GpuMatmul::Auto if executes && !ctx.is_software() => tune(ctx, &p, &shape, &bindings, nz)?,
-        GpuMatmul::Tune if executes => tune(ctx, &p, &shape, &bindings, nz)?,
+        GpuMatmul::Auto if executes && !ctx.is_software() => tune(ctx, &p, &shape, bindings, nz)?,
+        GpuMatmul::Tune if executes => tune(ctx, &p, &shape, bindings, nz)?,
         choice => choice,
     };
-    record_with(ctx, choice, &p, &shape, &bindings, nz)
+    record_with(ctx, choice, &p, &shape, bindings, nz)
 }
 
 /// The split-K plan `choice` gives this dispatch ([`splitk::plan`]), under this device's grid
@@ -272,6 +301,10 @@ fn split_plan(
     shape: &matmul_tiled::Dispatch,
     nz: usize,
 ) -> Option<splitk::Split> {
+    // An epilogue needs the whole sum: a product with one is never split along K.
+    if shape.epilogue.is_some() {
+        return None;
+    }
     let max_z = ctx.limits.max_compute_workgroups_per_dimension as usize;
     let room = (ctx.max_binding_bytes() / 4) as usize;
     splitk::plan(choice, shape, nz, max_z, room)
@@ -284,11 +317,13 @@ fn record_with(
     choice: GpuMatmul,
     p: &Params,
     shape: &matmul_tiled::Dispatch,
-    bindings: &[(u32, Binding<'_>); 4],
+    bindings: &[(u32, Binding<'_>)],
     nz: usize,
 ) -> Result<()> {
-    if let Some(split) = split_plan(ctx, choice, shape, nz) {
-        return splitk::record(ctx, p, bindings, nz, split, shape.b_f16);
+    if let Some(split) = split_plan(ctx, choice, shape, nz)
+        && let Ok(four) = bindings.try_into()
+    {
+        return splitk::record(ctx, p, four, nz, split, shape.b_f16);
     }
     let (kernel, constants, tile) = matmul_tiled::pick(choice, shape);
     let groups = [p.n.div_ceil(tile), p.m.div_ceil(tile), nz as u32];
@@ -297,23 +332,24 @@ fn record_with(
 
 /// The measured kernel for this product's class ([`matmul_tune`]): the candidates (split-K
 /// among them where its rule splits this product) run it into a scratch copy of C's bound
-/// range, so C itself is written once, by the caller.
+/// range, so C itself is written once, by the caller (a GELU epilogue's g is written by each
+/// run too; the caller's dispatch, recorded after them, writes it last).
 fn tune(
     ctx: &GpuContext,
     p: &Params,
     shape: &matmul_tiled::Dispatch,
-    bindings: &[(u32, Binding<'_>); 4],
+    bindings: &[(u32, Binding<'_>)],
     nz: usize,
 ) -> Result<GpuMatmul> {
     let c = &bindings[2].1;
     let scratch = ctx.alloc(c.size.div_ceil(16) * 16)?;
-    let [a, b, _, bias] = bindings;
     let scratch_c = Binding {
         buffer: &scratch,
         offset: 0,
         size: c.size,
     };
-    let with_scratch = [*a, *b, (3, scratch_c), *bias];
+    let mut with_scratch = bindings.to_vec();
+    with_scratch[2] = (3, scratch_c);
     let split = split_plan(ctx, GpuMatmul::Auto, shape, nz).is_some();
     let chosen = matmul_tune::tuned(ctx, shape, split, |k| {
         record_with(ctx, k, p, shape, &with_scratch, nz)

@@ -50,6 +50,7 @@ fn dispatch(m: u32, n: u32, k: u32) -> Dispatch {
         stride: [0; 3],
         off_bias: None,
         b_f16: false,
+        epilogue: None,
     }
 }
 

@@ -234,7 +234,7 @@ fn matmul_matches_cpu_batch_split_over_dispatches() {
         let got = Tensor::gpu_uninit(ctx, want.shape()).unwrap();
         let d = dims("test", &ga, &gb, o).unwrap();
         let before = ctx.dispatch_count();
-        launch(ctx, &got, &ga, &gb, gbias.as_ref(), &d, o, false, 2).unwrap();
+        launch(ctx, &got, &ga, &gb, gbias.as_ref(), &d, o, false, 2, None).unwrap();
         assert_eq!(ctx.dispatch_count() - before, 3);
         assert_close(&format!("{case:?}"), &got, &want, atol(13), RTOL);
     }

@@ -113,7 +113,8 @@ pub fn gpu_matmul() -> GpuMatmul {
 }
 
 /// One dispatch's product as the launcher binds it: sizes, transposes, and every offset,
-/// leading dimension and batch stride in f32 elements (bias offset `None` without a bias).
+/// leading dimension and batch stride in f32 elements (bias offset `None` without a bias), and
+/// the epilogue with its tensor's offset.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Dispatch {
     pub m: u32,
@@ -128,6 +129,7 @@ pub(crate) struct Dispatch {
     /// B is stored in f16, two elements per u32 word ([`matmul_f16`](super::matmul_f16)); its
     /// offset, leading dimension and stride count f16 elements.
     pub b_f16: bool,
+    pub epilogue: Option<(super::matmul::Epilogue, u32)>,
 }
 
 /// Whether `matmul_tiled.wgsl` can read every operand of `d` as whole vec4s: each offset, leading
@@ -143,14 +145,16 @@ pub(crate) fn tiled_fits(d: &Dispatch) -> bool {
             .chain(&d.off)
             .chain(&d.stride)
             .chain(&d.off_bias)
+            .chain(d.epilogue.as_ref().map(|(_, off)| off))
             .chain([&a_run, &b_run, &d.n]);
     // K = 0 binds a single element of A and B (never read): less than one vec4.
     d.k > 0 && words.into_iter().all(|w| w % 4 == 0)
 }
 
-/// The kernel `choice` gives `d`: the kernel, its override constants, and its output tile side.
-/// (The split-K path is decided before, by `matmul_splitk::plan`; `SplitK` reaches here only
-/// where it cannot run, and gets `matmul.wgsl`.)
+/// The kernel `choice` gives `d`: the kernel (the entry point of `d`'s epilogue), its override
+/// constants, and its output tile side. (The split-K path is decided before, by
+/// `matmul_splitk::plan`; `SplitK` reaches here only where it cannot run, and gets
+/// `matmul.wgsl`.)
 pub(crate) fn pick(
     choice: GpuMatmul,
     d: &Dispatch,
@@ -162,20 +166,25 @@ pub(crate) fn pick(
     };
     #[cfg(test)]
     tests::TILED.with(|t| t.set(t.get() + u64::from(tiled)));
+    let with = |kernel| super::matmul::Epilogue::kernel(d.epilogue.map(|(e, _)| e), kernel);
     let half = usize::from(d.b_f16);
     if !tiled {
-        return (super::matmul::TILE64, shaders::MATMUL_VARIANTS[half], 64);
+        return (
+            with(super::matmul::TILE64),
+            shaders::MATMUL_VARIANTS[half],
+            64,
+        );
     }
     let case = 2 * usize::from(d.trans_a) + usize::from(d.trans_b);
     (
-        TILE128,
+        with(TILE128),
         shaders::MATMUL_TILED_VARIANTS[4 * half + case],
         128,
     )
 }
 
 /// `shaders/matmul_tiled.wgsl`.
-const TILE128: Kernel = Kernel {
+pub(crate) const TILE128: Kernel = Kernel {
     shader: "matmul_tiled",
     source: shaders::MATMUL_TILED,
     entry: "matmul_tiled",
@@ -215,6 +224,7 @@ pub(crate) mod tests {
             stride: [0; 3],
             off_bias: None,
             b_f16: false,
+            epilogue: None,
         }
     }
 

@@ -277,6 +277,7 @@ pub(crate) mod tests {
             stride: [0; 3],
             off_bias: None,
             b_f16: false,
+            epilogue: None,
         };
         let c = Class::of(&d, false);
         assert_eq!(c.text(), "TN m13 n10 k16");
