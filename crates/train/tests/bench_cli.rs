@@ -48,7 +48,8 @@ fn matmul_reports_gflops_and_fraction_of_peak() {
         "--devices",
         "cpu",
     ]);
-    assert_eq!(rows.len(), 7, "{rows:?}");
+    // Two squares, the five GPT-2 shapes and LoRA's dA.
+    assert_eq!(rows.len(), 8, "{rows:?}");
     for r in &rows {
         assert!(num(r, "ms") > 0.0 && num(r, "gflops") > 0.0, "{r}");
         let frac = num(r, "fraction_of_peak");
