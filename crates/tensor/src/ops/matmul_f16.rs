@@ -22,7 +22,7 @@
 //!
 //! # Backends
 //! CPU: panels of W's stored rows widened to f32 one at a time, each multiplied by
-//! [`sgemm`](crate::sgemm) ([`weight_panels`](super::weight_panels), shared with NF4). GPU: the
+//! [`sgemm`](crate::sgemm) (`ops/weight_panels.rs`, shared with NF4). GPU: the
 //! two matrix-product kernels of [`matmul`](super::matmul) with their `B_F16` pipeline constant,
 //! which binds B as u32 words and widens each half exactly with integer operations
 //! (`half_to_f32` in `shaders/common.wgsl`: no `shader-f16` feature and no capability needed, so

@@ -121,7 +121,7 @@ pub fn matmul_nf4(x: &Tensor, w: &Nf4Tensor, trans_w: bool) -> Result<Tensor> {
 }
 
 /// The CPU path: panels of W's stored rows, dequantized, then one `sgemm` each
-/// ([`weight_panels`](super::weight_panels)).
+/// (`ops/weight_panels.rs`).
 fn cpu(x: &[f32], w: &Nf4Tensor, m: usize, k: usize, n: usize, trans_w: bool) -> Result<Vec<f32>> {
     let words: Vec<u32> = w.words.cpu_data()?.iter().map(|v| v.to_bits()).collect();
     let scales = w.scales.cpu_data()?;
