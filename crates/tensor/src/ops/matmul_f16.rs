@@ -139,22 +139,7 @@ pub fn matmul_f16(
     trans_w: bool,
 ) -> Result<Tensor> {
     let _profile = crate::profile::scope("matmul");
-    let (k, n) = if trans_w {
-        (w.cols, w.rows)
-    } else {
-        (w.rows, w.cols)
-    };
-    let &[m, xk] = x.shape() else {
-        return shape_err("matmul_f16", "X of 2 dims (M, K)", x.shape());
-    };
-    if xk != k {
-        let stored = if trans_w { "(N, K)" } else { "(K, N)" };
-        return shape_err(
-            "matmul_f16",
-            format!("X (M, {k}) for W stored {stored} = {:?}", w.shape()),
-            x.shape(),
-        );
-    }
+    let [m, k, n] = super::weight_panels::dims("matmul_f16", x, w.shape(), trans_w)?;
     if let Some(b) = bias
         && b.shape() != [n]
     {
@@ -216,15 +201,8 @@ pub fn matmul_f16_accumulate(c: &Tensor, x: &Tensor, w: &F16Tensor, trans_w: boo
             Ok(())
         }
         Device::Gpu(ctx) => {
-            let k = x.shape().get(1).copied().unwrap_or(0);
-            let want_k = if trans_w { w.cols } else { w.rows };
-            if x.shape().len() != 2 || k != want_k {
-                return shape_err(
-                    "matmul_f16_accumulate",
-                    format!("X (M, {want_k}) for W stored {:?}", w.shape()),
-                    x.shape(),
-                );
-            }
+            let [_, k, _] =
+                super::weight_panels::dims("matmul_f16_accumulate", x, w.shape(), trans_w)?;
             crate::counts::matmul(1, m, n, k, false, trans_w);
             super::matmul::launch_f16(&ctx, c, x, &w.words, None, [m, k, n], trans_w, true)
         }

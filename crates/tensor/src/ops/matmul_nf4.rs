@@ -90,22 +90,7 @@ impl Nf4Tensor {
 /// `Y = X·W` (`trans_w` false, W stored `(K, N)`) or `Y = X·Wᵀ` (W stored `(N, K)`); X `(M, K)`.
 pub fn matmul_nf4(x: &Tensor, w: &Nf4Tensor, trans_w: bool) -> Result<Tensor> {
     let _profile = crate::profile::scope("matmul");
-    let (k, n) = if trans_w {
-        (w.cols, w.rows)
-    } else {
-        (w.rows, w.cols)
-    };
-    let &[m, xk] = x.shape() else {
-        return shape_err("matmul_nf4", "X of 2 dims (M, K)", x.shape());
-    };
-    if xk != k {
-        let stored = if trans_w { "(N, K)" } else { "(K, N)" };
-        return shape_err(
-            "matmul_nf4",
-            format!("X (M, {k}) for W stored {stored} = {:?}", w.shape()),
-            x.shape(),
-        );
-    }
+    let [m, k, n] = super::weight_panels::dims("matmul_nf4", x, w.shape(), trans_w)?;
     crate::counts::matmul(1, m, n, k, false, trans_w);
     match same_device("matmul_nf4", &[x, &w.words, &w.scales])? {
         Device::Cpu(ctx) => {

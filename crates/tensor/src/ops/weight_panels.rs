@@ -10,6 +10,34 @@
 //!   writes the columns `r0..r1` of Y: `Y[:, r0..r1] = X·panelᵀ`.
 
 use crate::sgemm::{Mat, sgemm};
+use crate::{Result, Tensor, shape_err};
+
+/// `[M, K, N]` of `X·op(W)` for X `(M, K)` and W stored `stored = [rows, cols]` (`(K, N)`, or
+/// `(N, K)` with `trans_w`), or an error for `op` naming both shapes.
+pub(crate) fn dims(
+    op: &'static str,
+    x: &Tensor,
+    stored: [usize; 2],
+    trans_w: bool,
+) -> Result<[usize; 3]> {
+    let [k, n] = if trans_w {
+        [stored[1], stored[0]]
+    } else {
+        stored
+    };
+    let &[m, xk] = x.shape() else {
+        return shape_err(op, "X of 2 dims (M, K)", x.shape());
+    };
+    if xk != k {
+        let form = if trans_w { "(N, K)" } else { "(K, N)" };
+        return shape_err(
+            op,
+            format!("X (M, {k}) for W stored {form} = {stored:?}"),
+            x.shape(),
+        );
+    }
+    Ok([m, k, n])
+}
 
 /// Stored values per widened panel: 64 Ki (256 KB of f32).
 const PANEL_VALUES: usize = 1 << 16;
