@@ -283,7 +283,6 @@ pub fn run(args: &FinetuneArgs, device: &Device) -> crate::Result<()> {
                 .into(),
         );
     }
-    args.quant.nf4()?;
     // On the host, before any weight reaches the device.
     args.quant.apply(&mut base)?;
     let tok = crate::model_tokenizer(&args.model, &base.config)?;

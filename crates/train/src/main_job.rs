@@ -192,7 +192,6 @@ pub fn run(args: &RunArgs, device: &Device) -> crate::Result<()> {
     let base = score_heldout(&model, &tok, &data, args.beams)?;
     println!("base model: BLEU {:.1}, {}", base.bleu.score, base.slots);
     let constant = constant_baseline(&data, data.heldout().len())?;
-    args.quant.nf4()?;
     let compact = args.quant.compact_base(frozen.is_quantized());
     let base_form = match compact {
         None => String::new(),

@@ -123,13 +123,14 @@ impl QuantizeArgs {
         }
     }
 
-    /// After the model is built (and any adapter attached): with `--precision f16`, stores its
-    /// frozen Linear weights in f16, saying so on stderr with the bytes before and after.
+    /// After the model is built from a checkpoint [`QuantizeArgs::apply`] saw (which refused
+    /// `--precision f16` with `--quantize nf4`), and any adapter attached: with `--precision
+    /// f16`, stores its frozen Linear weights in f16, saying so on stderr with the bytes before
+    /// and after.
     pub fn store(&self, model: &mut transformer::Gpt2) -> crate::Result<()> {
         if self.precision != Precision::F16 {
             return Ok(());
         }
-        self.nf4()?;
         let (before, after) = model.store_frozen_linears_in_f16()?;
         eprintln!(
             "note: base Linear weights in f16: {:.1} MB instead of {:.1} MB",
