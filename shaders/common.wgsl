@@ -94,6 +94,46 @@ fn half_to_f32(h: u32) -> f32 {
     return bitcast<f32>(sign | ((e + 112u) << 23u) | (mant << 13u));
 }
 
+// The f32 `x` rounded to the nearest IEEE binary16, ties to even, in the low 16 bits (activations
+// saved in f16, `ops/half_tensor.rs`; the inverse of half_to_f32 on every half). Integer
+// operations only, for the same reason. With x = (−1)^s·1.m·2^E:
+// - NaN stays a quiet NaN (its top 9 mantissa bits kept), ±inf stays ±inf;
+// - E ≥ 16 (|x| ≥ 65520 after rounding) overflows to ±inf, as IEEE rounding does;
+// - E ≥ −14: a normal half, exponent E + 15, mantissa m's top 10 bits, then + 1 if the 13 bits
+//   dropped are above half an ulp, or exactly half with an odd result (the + 1 carries into the
+//   exponent when the mantissa is all ones, which is the right rounding, up to inf);
+// - E < −14: a subnormal half, (1.m)·2^(E+24) ulps of 2⁻²⁴ rounded the same way; below 2⁻²⁵
+//   it is ±0.
+fn f32_to_half(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    let sign = (b >> 16u) & 0x8000u;
+    let e = (b >> 23u) & 0xffu;
+    let mant = b & 0x7fffffu;
+    if (e == 255u) {
+        return select(sign | 0x7c00u, sign | 0x7e00u | (mant >> 13u), mant != 0u);
+    }
+    if (e >= 143u) {   // E = e − 127 ≥ 16
+        return sign | 0x7c00u;
+    }
+    if (e >= 113u) {   // E ≥ −14: normal
+        let h = ((e - 112u) << 10u) | (mant >> 13u);
+        let rest = mant & 0x1fffu;
+        let up = rest > 0x1000u || (rest == 0x1000u && (h & 1u) == 1u);
+        return sign | (h + select(0u, 1u, up));
+    }
+    if (e < 102u) {    // |x| < 2⁻²⁵: rounds to zero (exactly 2⁻²⁵ is a tie, to the even 0)
+        return sign;
+    }
+    // Subnormal: the 24-bit significand 1.m shifted right by 126 − e (14 to 24) bits.
+    let full = mant | 0x800000u;
+    let shift = 126u - e;
+    let h = full >> shift;
+    let rest = full & ((1u << shift) - 1u);
+    let half_ulp = 1u << (shift - 1u);
+    let up = rest > half_ulp || (rest == half_ulp && (h & 1u) == 1u);
+    return sign | (h + select(0u, 1u, up));
+}
+
 // GELU, tanh form (GPT-2's `gelu_new`), and its derivative, for gelu.wgsl and the matrix
 // products' GELU epilogues (matmul.wgsl, matmul_tiled.wgsl), so every kernel rounds alike:
 //   gelu(x)  = 0.5·x·(1 + tanh v),  v = K·(x + A·x³),  K = sqrt(2/pi) = 0.7978845608, A = 0.044715

@@ -11,9 +11,12 @@
 //!   needs), and its backward launches one matmul, not two;
 //! - where a value feeds several ops (the residual stream, LoRA's input), the later rules add
 //!   their gradient into the sum already pending ([`Pending`]) with the product's or the layer
-//!   norm's own accumulating mode, so summing gradients costs no kernel of its own.
+//!   norm's own accumulating mode, so summing gradients costs no kernel of its own;
+//! - what a rule keeps of a forward activation is a [`Saved`]: on a tape told to
+//!   ([`Tape::save_activations_in_f16`], `--precision f16`) it is rounded to f16 and held at half
+//!   its bytes until backward widens it ([`saved`]).
 //!
-//! Reading order: [`param`], [`tape`] (the backward loop fits on one screen), then `ops/*`
+//! Reading order: [`param`], [`tape`] (the backward loop fits on one screen), [`saved`], then `ops/*`
 //! (each op's forward and backward side by side, the math in the doc comment), [`optim`].
 //!
 //! ```
@@ -37,6 +40,7 @@ pub mod memory;
 pub mod ops;
 pub mod optim;
 pub mod param;
+pub mod saved;
 pub mod tape;
 
 pub use clip::{ClipReport, GradClip, grad_norm_clip};
@@ -45,4 +49,5 @@ pub use memory::{Counter, MemoryReport};
 pub use ops::gelu_linear::GeluOut;
 pub use optim::{AdamW, ParamGroup, Schedule, Sgd, clip_grad_norm};
 pub use param::{Param, ParamId, Trainable};
+pub use saved::Saved;
 pub use tape::{BackwardStats, Pending, Tape, Var};

@@ -104,6 +104,8 @@ pub struct BackwardStats {
 pub struct Tape {
     inner: RefCell<Inner>,
     recording: bool,
+    /// Activations saved in f16 ([`crate::saved`]).
+    pub(crate) half_activations: Cell<bool>,
 }
 
 impl Default for Tape {
@@ -118,6 +120,7 @@ impl Tape {
         Tape {
             inner: RefCell::default(),
             recording: true,
+            half_activations: Cell::new(false),
         }
     }
 
@@ -126,6 +129,7 @@ impl Tape {
         Tape {
             inner: RefCell::default(),
             recording: false,
+            half_activations: Cell::new(false),
         }
     }
 

@@ -42,6 +42,8 @@ pub const MATMUL_SPLITK: &str = shader!("matmul_splitk");
 pub const MATMUL_NF4: &str = shader!("matmul_nf4");
 /// `shaders/gelu.wgsl`, launched from `ops/gelu.rs`.
 pub const GELU: &str = shader!("gelu");
+/// `shaders/half_tensor.wgsl`, launched from `ops/half_tensor.rs`.
+pub const HALF_TENSOR: &str = shader!("half_tensor");
 /// `shaders/activation.wgsl`, launched from `ops/activation.rs`.
 pub const ACTIVATION: &str = shader!("activation");
 /// `shaders/attention.wgsl`, launched from `ops/attention.rs`.
@@ -119,6 +121,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("matmul_splitk", MATMUL_SPLITK),
     ("matmul_nf4", MATMUL_NF4),
     ("gelu", GELU),
+    ("half_tensor", HALF_TENSOR),
     ("activation", ACTIVATION),
     ("softmax", SOFTMAX),
     ("attention", ATTENTION),

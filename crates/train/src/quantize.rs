@@ -50,8 +50,10 @@ pub struct QuantizeArgs {
     pub double_quant: bool,
     /// Store the frozen base's Linear weights in f16 (`f16`: half their bytes, each value
     /// rounded to the nearest f16, every product still summed in f32; any GPU adapter, and the
-    /// CPU) or as loaded (`f32`). Adapters, embeddings, layer norms and biases stay f32, as do
-    /// the optimizer's state and gradients. Only with a frozen base (not --full, not with
+    /// CPU) or as loaded (`f32`). In training, f16 also keeps the activations saved for the
+    /// backward pass in f16 (about half a step's memory; the forward values and every sum stay
+    /// f32). Adapters, embeddings, layer norms and biases stay f32, as do the optimizer's state
+    /// and gradients. Only with a frozen base (not --full, not with
     /// --quantize nf4); merging and DoRA need the f32 base and are refused with it. Adapters
     /// trained this way are ordinary f32 adapters.
     #[arg(long, value_enum, default_value = "f32")]

@@ -26,7 +26,7 @@
 
 use std::time::Instant;
 
-use autograd::{AdamW, Grads, Schedule, Tape, grad_norm_clip};
+use autograd::{AdamW, Grads, Schedule, grad_norm_clip};
 use tensor::Tensor;
 use tensor::ops::elementwise::add;
 use tensor::profile;
@@ -159,7 +159,7 @@ fn forward_backward(
     }
     let (mut loss_sum, mut saved_peak): (Option<Tensor>, u64) = (None, 0);
     for batch in micro {
-        let tape = Tape::new();
+        let tape = model.training_tape();
         let loss = {
             let _phase = profile::phase("forward");
             let loss = model.loss(

@@ -311,6 +311,18 @@ impl Gpt2 {
         Ok((before, after))
     }
 
+    /// A tape for one training step of this model. When the frozen block weights are stored in
+    /// f16 (`--precision f16`, [`Gpt2::store_frozen_linears_in_f16`]) it saves the activations
+    /// backward needs in f16 too ([`autograd::saved`]): half the bytes a step holds between its
+    /// passes, every sum still f32.
+    pub fn training_tape(&self) -> Tape {
+        let tape = Tape::new();
+        if self.linears().any(|l| matches!(l.weight, Weight::F16(_))) {
+            tape.save_activations_in_f16();
+        }
+        tape
+    }
+
     /// Copy every parameter back to the host as a checkpoint (for saving). A model with NF4
     /// or f16 weights has no f32 values to save: an error names the first.
     pub fn to_checkpoint(&self) -> Result<Checkpoint> {

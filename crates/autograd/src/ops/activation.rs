@@ -21,9 +21,9 @@ impl Tape {
     /// Exact GELU, ReLU, SiLU or QuickGELU (`tensor::ops::activation`); dx = dy·f'(x) (needs x).
     pub fn activation(&self, kind: Activation, x: &Var) -> Result<Var> {
         let y = activation(kind, &x.value)?;
-        let x_saved = x.value.clone();
-        self.record("activation", y, &[x], x.value.bytes(), move |dy| {
-            Ok(vec![Some(activation_backward(kind, &x_saved, dy)?)])
+        let x_saved = self.save_activation(&x.value, &[x])?;
+        self.record("activation", y, &[x], x_saved.bytes(), move |dy| {
+            Ok(vec![Some(activation_backward(kind, &x_saved.get()?, dy)?)])
         })
     }
 

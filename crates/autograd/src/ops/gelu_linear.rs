@@ -32,6 +32,7 @@ use tensor::ops::reduce::sum;
 use tensor::{Error, Result, Tensor};
 
 use super::matmul::{grad_w, rows2d};
+use crate::saved::saved_bytes;
 use crate::tape::{Tape, Var, bytes_of};
 
 /// A pre-activation u (a value of the graph) and its GELU g (not one): what
@@ -79,9 +80,9 @@ impl Tape {
     /// over whatever dG its readers sum. [`Tape::gelu`] is `gelu_value(gelu_out(x))`.
     pub fn gelu_value(&self, a: GeluOut) -> Result<Var> {
         let GeluOut { u, g } = a;
-        let u_saved = u.value.clone();
-        self.record("gelu", g, &[&u], u.value.bytes(), move |dg| {
-            Ok(vec![Some(gelu_backward(&u_saved, dg)?)])
+        let u_saved = self.save_activation(&u.value, &[&u])?;
+        self.record("gelu", g, &[&u], u_saved.bytes(), move |dg| {
+            Ok(vec![Some(gelu_backward(&u_saved.get()?, dg)?)])
         })
     }
 
@@ -104,16 +105,19 @@ impl Tape {
         let GeluOut { u, g } = a;
         let y = matmul(&g, &w.value, bias.map(|b| &b.value), opts)?;
         // dU needs u and W; dW needs g.
-        let du_needs = u.requires_grad.then(|| (u.value.clone(), w.value.clone()));
-        let g_saved = w.requires_grad.then_some(g);
+        let du_needs = match u.requires_grad {
+            true => Some((self.save_activation(&u.value, &[&u])?, w.value.clone())),
+            false => None,
+        };
+        let g_saved = match w.requires_grad {
+            true => Some(self.save_activation(&g, &[w])?),
+            false => None,
+        };
         let need_db = bias.is_some_and(|b| b.requires_grad);
         let w_shape = w.shape().to_vec();
         let counter = self.matmul_counter();
-        let saved = bytes_of([
-            du_needs.as_ref().map(|(u, _)| u),
-            du_needs.as_ref().map(|(_, w)| w),
-            g_saved.as_ref(),
-        ]);
+        let saved = saved_bytes([du_needs.as_ref().map(|(u, _)| u), g_saved.as_ref()])
+            + bytes_of([du_needs.as_ref().map(|(_, w)| w)]);
         let mut inputs = vec![&u, w];
         inputs.extend(bias);
         self.record("gelu_linear", y, &inputs, saved, move |dy| {
@@ -125,14 +129,14 @@ impl Tape {
                         trans_a: false,
                         trans_b: !opts.trans_b,
                     };
-                    Some(matmul_gelu_backward(dy, w, u, flags)?)
+                    Some(matmul_gelu_backward(dy, w, &u.get()?, flags)?)
                 }
                 None => None,
             };
             let dw = match &g_saved {
                 Some(g) => {
                     counter.set(counter.get() + 1);
-                    Some(grad_w(dy, g, opts, &w_shape)?)
+                    Some(grad_w(dy, &g.get()?, opts, &w_shape)?)
                 }
                 None => None,
             };

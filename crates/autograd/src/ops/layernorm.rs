@@ -44,10 +44,10 @@ impl Tape {
 
     /// Record the layer norm of x whose forward gave `out`.
     fn record_layernorm(&self, x: &Var, gamma: &Var, beta: &Var, out: LayerNormOut) -> Result<Var> {
-        let (xs, gs, mean, rstd): (Tensor, Tensor, _, _) =
-            (x.value.clone(), gamma.value.clone(), out.mean, out.rstd);
+        let xs = self.save_activation(&x.value, &[x, gamma, beta])?;
+        let (gs, mean, rstd): (Tensor, _, _) = (gamma.value.clone(), out.mean, out.rstd);
         let (nx, ng, nb) = (x.requires_grad, gamma.requires_grad, beta.requires_grad);
-        let saved = bytes_of([Some(&xs), Some(&gs), Some(&mean), Some(&rstd)]);
+        let saved = xs.bytes() + bytes_of([Some(&gs), Some(&mean), Some(&rstd)]);
         self.record_accumulating(
             "layernorm",
             out.y,
@@ -55,7 +55,7 @@ impl Tape {
             saved,
             move |dy, pending| {
                 let acc = if nx { pending.take(0) } else { None };
-                let g = layernorm_backward_into(&xs, &gs, &mean, &rstd, dy, ng || nb, acc)?;
+                let g = layernorm_backward_into(&xs.get()?, &gs, &mean, &rstd, dy, ng || nb, acc)?;
                 Ok(vec![
                     nx.then_some(g.dx),
                     g.dgamma.filter(|_| ng),

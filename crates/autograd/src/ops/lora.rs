@@ -50,6 +50,7 @@ use tensor::ops::matmul::{
 };
 use tensor::{Error, Result, Tensor};
 
+use crate::saved::saved_bytes;
 use crate::tape::{Tape, Var, bytes_of};
 
 /// `x·Mᵀ` for a weight M stored (rows, cols), as PEFT stores A and B.
@@ -146,16 +147,15 @@ impl Tape {
             b.requires_grad,
         );
         let need_dp = nx || na;
-        let x_saved = na.then(|| x.value.clone());
+        let x_saved = match na {
+            true => Some(self.save_activation(&x.value, &[x, a])?),
+            false => None,
+        };
         let a_saved = nx.then(|| a.value.clone());
         let b_saved = need_dp.then(|| b.value.clone());
         let h_saved = nb.then_some(h);
-        let saved = bytes_of([
-            x_saved.as_ref(),
-            a_saved.as_ref(),
-            b_saved.as_ref(),
-            h_saved.as_ref(),
-        ]);
+        let saved = saved_bytes([x_saved.as_ref()])
+            + bytes_of([a_saved.as_ref(), b_saved.as_ref(), h_saved.as_ref()]);
         let x_shape = x.shape().to_vec();
         let counter = self.matmul_counter();
         self.record_accumulating(op, out, &[&y, x, a, b], saved, move |d, pending| {
@@ -188,7 +188,7 @@ impl Tape {
             let da = match (&dp, &x_saved) {
                 (Some(dp), Some(xv)) => {
                     bump();
-                    Some(matmul(dp, &rows2d(xv)?, None, trans_a)?)
+                    Some(matmul(dp, &rows2d(&xv.get()?)?, None, trans_a)?)
                 }
                 _ => None,
             };
@@ -278,7 +278,15 @@ impl Tape {
             .map(|p| (p.0.requires_grad, p.1.requires_grad))
             .collect();
         let need_dp = nx || na;
-        let x_saved = na.then_some(x2);
+        let x_saved = match na {
+            true => {
+                let mut inputs = vec![x];
+                inputs.extend(parts.iter().map(|p| p.0));
+                Some(self.save_activation(&x2, &inputs)?)
+            }
+            false => None,
+        };
+        drop(x2);
         let a_saved: Vec<Tensor> = if nx {
             parts.iter().map(|p| p.0.value.clone()).collect()
         } else {
@@ -290,11 +298,12 @@ impl Tape {
             Vec::new()
         };
         let h_saved = nb.then_some(h);
-        let saved = bytes_of(
-            [x_saved.as_ref(), h_saved.as_ref()]
-                .into_iter()
-                .chain(a_saved.iter().chain(&b_saved).map(Some)),
-        );
+        let saved = saved_bytes([x_saved.as_ref()])
+            + bytes_of(
+                [h_saved.as_ref()]
+                    .into_iter()
+                    .chain(a_saved.iter().chain(&b_saved).map(Some)),
+            );
         let x_shape = x.shape().to_vec();
         let counter = self.matmul_counter();
         let mut inputs: Vec<&Var> = vec![&y, x];
@@ -344,9 +353,10 @@ impl Tape {
             let da = match &x_saved {
                 Some(xv) if !dp_views.is_empty() => {
                     bump();
+                    let xv = xv.get()?;
                     let da = group_outputs(g, &[r, n_in], &device)?;
                     let c: Vec<MatView> = da.iter().map(MatView::all).collect();
-                    matmul_into_group(&c, &dp_views, &[MatView::all(xv)], trans_a, 1.0, false)?;
+                    matmul_into_group(&c, &dp_views, &[MatView::all(&xv)], trans_a, 1.0, false)?;
                     drop(c);
                     Some(da)
                 }

@@ -19,6 +19,7 @@ use tensor::ops::matmul::{MatmulOpts, matmul, matmul_accumulate};
 use tensor::ops::reduce::sum;
 use tensor::{Result, Tensor};
 
+use crate::saved::saved_bytes;
 use crate::tape::{Tape, Var, bytes_of};
 
 /// Flatten leading axes: (…, R, C) → (∏…·R, C).
@@ -127,11 +128,14 @@ impl Tape {
     ) -> Result<Var> {
         // Save only what a needed gradient uses: W for dx, x for dW.
         let w_saved = x.requires_grad.then(|| w.value.clone());
-        let x_saved = w.requires_grad.then(|| x.value.clone());
+        let x_saved = match w.requires_grad {
+            true => Some(self.save_activation(&x.value, &[x, w])?),
+            false => None,
+        };
         let need_db = bias.is_some_and(|b| b.requires_grad);
         let (x_shape, w_shape) = (x.shape().to_vec(), w.shape().to_vec());
         let counter: Rc<Cell<u64>> = self.matmul_counter();
-        let saved = bytes_of([w_saved.as_ref(), x_saved.as_ref()]);
+        let saved = bytes_of([w_saved.as_ref()]) + saved_bytes([x_saved.as_ref()]);
         let mut inputs = vec![x, w];
         inputs.extend(bias);
         self.record_accumulating(name, y, &inputs, saved, move |dy, pending| {
@@ -152,7 +156,7 @@ impl Tape {
             let dw = match &x_saved {
                 Some(x) => {
                     counter.set(counter.get() + 1);
-                    Some(grad_w(dy, x, opts, &w_shape)?)
+                    Some(grad_w(dy, &x.get()?, opts, &w_shape)?)
                 }
                 None => None,
             };

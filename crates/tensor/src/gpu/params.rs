@@ -67,6 +67,7 @@ mod tests {
             ("embedding", ops::embedding::params_layout()),
             ("gelu", ops::gelu::params_layout()),
             ("grad_norm", ops::grad_norm::params_layout()),
+            ("half_tensor", ops::half_tensor::params_layout()),
             ("layernorm", ops::layernorm::params_layout()),
             ("matmul", ops::matmul::params_layout()),
             ("matmul_nf4", ops::matmul_nf4::params_layout()),

@@ -31,7 +31,7 @@
 //! weight.
 
 use half::f16;
-use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use half::slice::HalfFloatSliceExt;
 
 use crate::ops::elementwise::add_bias;
 use crate::tensor::same_device;
@@ -111,24 +111,10 @@ impl F16Tensor {
     }
 }
 
-/// Elements `e0..e0 + out.len()` of the packed halves in `words`, as f32.
+/// Elements `e0..e0 + out.len()` of the packed halves in `words`, as f32 (the activations'
+/// widening: the same layout).
 fn widen(words: &[u32], e0: usize, out: &mut [f32]) {
-    widen_halves(bytemuck::cast_slice(words), e0, out);
-}
-
-/// Elements `e0..e0 + out.len()` of the halves whose words are `bits` (the u16s of the packed
-/// u32 words in memory order), as f32: on a little-endian machine element e is the u16 at e, and
-/// `half` widens the run with F16C/NEON where the CPU has them.
-fn widen_halves(bits: &[u16], e0: usize, out: &mut [f32]) {
-    #[cfg(target_endian = "little")]
-    bits[e0..e0 + out.len()]
-        .reinterpret_cast::<f16>()
-        .convert_to_f32_slice(out);
-    #[cfg(target_endian = "big")]
-    for (i, v) in out.iter_mut().enumerate() {
-        // Element e is the low half of word e/2 when even: the second u16 in memory here.
-        *v = f16::from_bits(bits[(e0 + i) ^ 1]).to_f32();
-    }
+    super::half_tensor::widen(bytemuck::cast_slice(words), e0, out);
 }
 
 /// `Y = X·op(W) [+ bias]`: X `(M, K)`, W stored `(K, N)` (`trans_w` false) or `(N, K)`; bias `(N)`.
@@ -158,7 +144,7 @@ pub fn matmul_f16(
                 [m, k, n],
                 w.shape(),
                 trans_w,
-                |e0, out| widen_halves(bits, e0, out),
+                |e0, out| super::half_tensor::widen(bits, e0, out),
             );
             let y = Tensor::cpu_from(&ctx, y, &[m, n]);
             match bias {

@@ -13,6 +13,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gelu;
 pub mod grad_norm;
+pub mod half_tensor;
 pub mod layernorm;
 pub mod matmul;
 pub mod matmul_f16;

@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use autograd::{AdamW, Grads, ParamGroup, Tape, clip_grad_norm};
+use autograd::{AdamW, Grads, ParamGroup, clip_grad_norm};
 use lora::{AdaLora, RankAllocator};
 use serde_json::json;
 use tensor::Device;
@@ -107,7 +107,7 @@ pub(super) fn run(
         let mut grads = Grads::new();
         let mut loss_sum = 0.0f32;
         for (b, c) in micro.iter().zip(&counted) {
-            let tape = Tape::new();
+            let tape = model.training_tape();
             let ce = model.loss(&tape, &b.ids, &b.targets, &b.weights, b.b, b.t)?;
             let loss = tape.scale(&ada.regularized(&tape, &ce)?, c / all)?;
             tape.backward(&loss, &mut grads)?;
