@@ -96,6 +96,20 @@ pub const MATMUL_COOP_F16: &str = concat!(
     wgsl_file!("matmul_coop")
 );
 
+/// `shaders/matmul_coop.wgsl` in its f16 8×8 configuration (f16 operands, f32 sums; needs
+/// `shader-f16` too), for adapters whose matrix units take 8×8 f16 fragments only.
+pub const MATMUL_COOP_F16_8: &str = concat!(
+    "enable f16;\nenable wgpu_cooperative_matrix;\n",
+    wgsl_file!("common"),
+    "// Configuration: f16 operands, 8×8 fragments, f32 sums.\n",
+    "alias Stage = f16;\n",
+    "alias FragA = coop_mat8x8<f16, A>;\n",
+    "alias FragB = coop_mat8x8<f16, B>;\n",
+    "alias FragC = coop_mat8x8<f32, C>;\n",
+    "const FRAG: u32 = 8u;\n",
+    wgsl_file!("matmul_coop")
+);
+
 /// `shaders/slice.wgsl`, launched from `ops/slice.rs`.
 pub const SLICE: &str = shader!("slice");
 /// `shaders/sgmv.wgsl`, launched from `ops/sgmv.rs`.
@@ -134,12 +148,16 @@ pub const OVERRIDES: &[(&str, &[Constants])] = &[
     ("matmul_splitk", &MATMUL_SPLITK_VARIANTS),
     ("matmul_coop", &MATMUL_COOP_VARIANTS),
     ("matmul_coop_f16", &MATMUL_COOP_VARIANTS),
+    ("matmul_coop_f16_8", &MATMUL_COOP_VARIANTS),
 ];
 
 /// Sources made from a file of [`ALL`] behind another header (a second configuration of the
 /// same kernel), by the name its pipelines are cached under: translated and validated as the
 /// files are, but not files of their own.
-pub const CONFIGURED: &[(&str, &str)] = &[("matmul_coop_f16", MATMUL_COOP_F16)];
+pub const CONFIGURED: &[(&str, &str)] = &[
+    ("matmul_coop_f16", MATMUL_COOP_F16),
+    ("matmul_coop_f16_8", MATMUL_COOP_F16_8),
+];
 
 /// One table of pipeline-overridable constants: (WGSL `override` name, value).
 pub type Constants = &'static [(&'static str, f64)];

@@ -110,10 +110,8 @@ fn every_shader_validates_with_naga() {
         let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| {
             panic!("{name}.wgsl does not parse:\n{}", e.emit_to_string(source))
         });
-        let mut validator = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            capabilities(source),
-        );
+        let mut validator =
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities(source));
         validator
             .validate(&module)
             .unwrap_or_else(|e| panic!("{name}.wgsl is invalid:\n{}", e.emit_to_string(source)));

@@ -30,6 +30,8 @@
 //!   used as stored, and every sum is in f32. It is taken only for a product whose B is a
 //!   frozen weight already stored in f16 ([`F16Tensor`](crate::ops::matmul_f16::F16Tensor),
 //!   `--precision f16`), where the user accepted f16 rounding; an f32 product never takes it.
+//! - [`CoopConfig::F16Small`]: the same with 8×8×8 fragments, for adapters whose matrix units
+//!   list only those in f16 (Apple's simdgroup matrices; Mesa's lavapipe from 25.1 on).
 //!
 //! # Where it is offered
 //! [`detect`] reads what the adapter offers and keeps a configuration when: the backend is
@@ -62,6 +64,8 @@ pub enum CoopConfig {
     F32,
     /// f16 × f16 → f32, 16×16×16 fragments (B stored in f16 only).
     F16,
+    /// f16 × f16 → f32, 8×8×8 fragments (B stored in f16 only).
+    F16Small,
 }
 
 /// Output tile side of one workgroup (`TILE` in the shader).
@@ -69,13 +73,14 @@ const TILE: u32 = 32;
 
 impl CoopConfig {
     /// Every configuration, in the order [`detect`] lists them.
-    pub const ALL: [CoopConfig; 2] = [CoopConfig::F32, CoopConfig::F16];
+    pub const ALL: [CoopConfig; 3] = [CoopConfig::F32, CoopConfig::F16, CoopConfig::F16Small];
 
     /// `f32 8×8×8 → f32` style text.
     pub fn name(self) -> &'static str {
         match self {
             CoopConfig::F32 => "f32 8×8×8 → f32",
             CoopConfig::F16 => "f16 16×16×16 → f32",
+            CoopConfig::F16Small => "f16 8×8×8 → f32",
         }
     }
 
@@ -85,6 +90,7 @@ impl CoopConfig {
         let (side, ab) = match self {
             CoopConfig::F32 => (8, T::F32),
             CoopConfig::F16 => (16, T::F16),
+            CoopConfig::F16Small => (8, T::F16),
         };
         (p.m_size, p.n_size, p.k_size) == (side, side, side)
             && p.ab_type == ab
@@ -95,7 +101,7 @@ impl CoopConfig {
     fn extra_features(self) -> wgpu::Features {
         match self {
             CoopConfig::F32 => wgpu::Features::empty(),
-            CoopConfig::F16 => wgpu::Features::SHADER_F16,
+            CoopConfig::F16 | CoopConfig::F16Small => wgpu::Features::SHADER_F16,
         }
     }
 
@@ -111,6 +117,11 @@ impl CoopConfig {
             CoopConfig::F16 => Kernel {
                 shader: "matmul_coop_f16",
                 source: shaders::MATMUL_COOP_F16,
+                entry: "matmul_coop",
+            },
+            CoopConfig::F16Small => Kernel {
+                shader: "matmul_coop_f16_8",
+                source: shaders::MATMUL_COOP_F16_8,
                 entry: "matmul_coop",
             },
         }
@@ -129,12 +140,15 @@ pub struct CoopSupport {
 }
 
 impl CoopSupport {
-    /// The configuration a product takes: [`CoopConfig::F16`] for a B stored in f16 where it is
-    /// usable, else [`CoopConfig::F32`] where that is; `None` without either.
+    /// The configuration a product takes: for a B stored in f16, [`CoopConfig::F16`] or else
+    /// [`CoopConfig::F16Small`] where usable; else [`CoopConfig::F32`] where that is; `None`
+    /// without any.
     pub fn config_for(&self, b_f16: bool) -> Option<CoopConfig> {
         let has = |c| self.usable.contains(&c);
-        if b_f16 && has(CoopConfig::F16) {
-            return Some(CoopConfig::F16);
+        for half in [CoopConfig::F16, CoopConfig::F16Small] {
+            if b_f16 && has(half) {
+                return Some(half);
+            }
         }
         has(CoopConfig::F32).then_some(CoopConfig::F32)
     }
@@ -180,10 +194,7 @@ impl CoopSupport {
             let names: Vec<&str> = self.usable.iter().map(|c| c.name()).collect();
             format!("`--matmul-kernel coop` uses {}", names.join(" and "))
         };
-        format!(
-            "cooperative matrices: {} ({used})",
-            self.offered_text()
-        )
+        format!("cooperative matrices: {} ({used})", self.offered_text())
     }
 }
 
@@ -238,7 +249,10 @@ pub fn detect(o: &CoopOffer) -> CoopSupport {
         )
     } else if !o.features.contains(wgpu::Features::SUBGROUP) {
         Some("the adapter does not offer the `subgroup` feature".into())
-    } else if min == 0 || max > THREADS || !THREADS.is_multiple_of(min) || !THREADS.is_multiple_of(max)
+    } else if min == 0
+        || max > THREADS
+        || !THREADS.is_multiple_of(min)
+        || !THREADS.is_multiple_of(max)
     {
         Some(format!(
             "its subgroups of {min} to {max} invocations do not divide the kernel's workgroup \
@@ -256,9 +270,17 @@ pub fn detect(o: &CoopOffer) -> CoopSupport {
                 s.offered_text(),
                 CoopConfig::F32.name(),
                 if o.features.contains(wgpu::Features::SHADER_F16) {
-                    format!(", {}", CoopConfig::F16.name())
+                    format!(
+                        ", {}, {}",
+                        CoopConfig::F16.name(),
+                        CoopConfig::F16Small.name()
+                    )
                 } else {
-                    format!(", or {} with `shader-f16`", CoopConfig::F16.name())
+                    format!(
+                        ", or {} or {} with `shader-f16`",
+                        CoopConfig::F16.name(),
+                        CoopConfig::F16Small.name()
+                    )
                 }
             )
         })
@@ -314,7 +336,8 @@ pub(crate) fn record(
         let groups = [shape.n.div_ceil(tile), shape.m.div_ceil(tile), nz as u32];
         return ctx.dispatch_with(kernel, constants, p_bytes, bindings, groups);
     }
-    let kernel = crate::ops::matmul::Epilogue::kernel(shape.epilogue.map(|(e, _)| e), config.kernel());
+    let kernel =
+        crate::ops::matmul::Epilogue::kernel(shape.epilogue.map(|(e, _)| e), config.kernel());
     let constants = shaders::MATMUL_COOP_VARIANTS[usize::from(shape.b_f16)];
     ctx.dispatch_with(kernel, constants, p_bytes, bindings, groups)
 }

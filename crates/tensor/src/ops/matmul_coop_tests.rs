@@ -65,14 +65,28 @@ fn detection_keeps_the_configurations_the_kernel_can_run() {
     assert!(no_f16.usable.is_empty());
     assert!(no_f16.features().is_empty());
     let why = no_f16.missing.unwrap();
-    assert!(why.contains("16×16×16 F16 → F32") && why.contains("shader-f16"), "{why}");
-    // Metal's list: 8×8 in f32 and in f16 → f32: the f32 configuration, halves widened.
+    assert!(
+        why.contains("16×16×16 F16 → F32") && why.contains("shader-f16"),
+        "{why}"
+    );
+    // Metal's list: 8×8 in f32 and in f16 → f32: both; a B in f16 takes the f16 one.
     let metal = CoopOffer {
         properties: vec![props(8, T::F32, T::F32), props(8, T::F16, T::F32)],
         subgroup_sizes: (32, 32),
         ..offer(wgpu::Backend::Metal, wgpu::Features::SHADER_F16)
     };
-    assert_eq!(detect(&metal).usable, [CoopConfig::F32]);
+    let s = detect(&metal);
+    assert_eq!(s.usable, [CoopConfig::F32, CoopConfig::F16Small]);
+    assert_eq!(s.config_for(true), Some(CoopConfig::F16Small));
+    assert_eq!(s.config_for(false), Some(CoopConfig::F32));
+    // Mesa's lavapipe (26.x): 8×8×8 f16 → f16 and → f32 (and integer ones): f16 weights only.
+    let lavapipe = CoopOffer {
+        properties: vec![props(8, T::F16, T::F16), props(8, T::F16, T::F32)],
+        ..offer(wgpu::Backend::Vulkan, wgpu::Features::SHADER_F16)
+    };
+    let s = detect(&lavapipe);
+    assert_eq!(s.usable, [CoopConfig::F16Small]);
+    assert_eq!(s.config_for(false), None);
 }
 
 #[test]
@@ -81,7 +95,10 @@ fn detection_refuses_dx12_gl_and_adapters_without_the_features() {
     // whatever the adapter lists.
     for backend in [wgpu::Backend::Dx12, wgpu::Backend::Gl] {
         let s = detect(&offer(backend, wgpu::Features::SHADER_F16));
-        assert!(s.usable.is_empty() && s.features().is_empty(), "{backend:?}");
+        assert!(
+            s.usable.is_empty() && s.features().is_empty(),
+            "{backend:?}"
+        );
         let why = s.missing.unwrap();
         assert!(why.contains(&format!("{backend:?}")), "{why}");
         assert_eq!(s.offered.len(), 1, "what is listed is still reported");
@@ -110,14 +127,19 @@ fn detection_refuses_dx12_gl_and_adapters_without_the_features() {
         ..offer(wgpu::Backend::Vulkan, wgpu::Features::empty())
     });
     assert_eq!(s.offered_text(), "none");
-    assert!(s.describe().starts_with("cooperative matrices: none (not used: "));
+    assert!(
+        s.describe()
+            .starts_with("cooperative matrices: none (not used: ")
+    );
 }
 
 /// The context's report agrees with the device it made: the features are on exactly when a
 /// configuration is usable, and without one the reason is given.
 #[test]
 fn the_device_has_the_features_exactly_when_a_configuration_is_usable() {
-    let Some(Device::Gpu(ctx)) = gpu() else { return };
+    let Some(Device::Gpu(ctx)) = gpu() else {
+        return;
+    };
     let s = ctx.coop();
     eprintln!("{}: {}", ctx.info().name, s.describe());
     let on = ctx
@@ -139,7 +161,11 @@ fn forced_or_refused(g: &Device, m: usize, k: usize, n: usize, o: MatmulOpts, al
     let cpu = Device::cpu();
     let sa = if o.trans_a { [k, m] } else { [m, k] };
     let sb = if o.trans_b { [n, k] } else { [k, n] };
-    let (a, b, bias) = (random(&sa, 1, &cpu), random(&sb, 2, &cpu), random(&[n], 3, &cpu));
+    let (a, b, bias) = (
+        random(&sa, 1, &cpu),
+        random(&sb, 2, &cpu),
+        random(&[n], 3, &cpu),
+    );
     let c0 = random(&[m, n], 4, &cpu);
     let want = crate::reference::matmul_tensors(&a, &b, Some(&bias), o).unwrap();
     let on = |t: &Tensor| t.to_device(g).unwrap();
@@ -149,7 +175,9 @@ fn forced_or_refused(g: &Device, m: usize, k: usize, n: usize, o: MatmulOpts, al
             .and_then(|y| matmul_accumulate(&gc, &ga, &gb, o).map(|()| y))
     });
     if ctx.coop().config_for(false).is_none() {
-        let e = got.expect_err("forced onto a device without the kernel").to_string();
+        let e = got
+            .expect_err("forced onto a device without the kernel")
+            .to_string();
         assert!(e.contains("--matmul-kernel coop"), "{e}");
         let why = ctx.coop().missing.clone().unwrap_or_default();
         assert!(e.contains(&why) && e.contains("it lists: "), "{e}");
@@ -197,7 +225,9 @@ fn coop_matches_the_reference_or_is_refused() {
 /// epilogue, against the CPU backend.
 #[test]
 fn coop_batches_and_gelu_match_the_cpu() {
-    let Some(Device::Gpu(ctx)) = gpu() else { return };
+    let Some(Device::Gpu(ctx)) = gpu() else {
+        return;
+    };
     let g = Device::Gpu(ctx.clone());
     let cpu = Device::cpu();
     let o = MatmulOpts {
@@ -235,7 +265,9 @@ fn coop_batches_and_gelu_match_the_cpu() {
 /// device with neither, an error.
 #[test]
 fn coop_f16_weights_match_the_rounded_reference_within_the_stated_tolerance() {
-    let Some(Device::Gpu(ctx)) = gpu() else { return };
+    let Some(Device::Gpu(ctx)) = gpu() else {
+        return;
+    };
     let g = Device::Gpu(ctx.clone());
     let cpu = Device::cpu();
     for (trans_w, [m, k, n]) in [(false, [5, 70, 101]), (true, [33, 48, 17])] {
@@ -261,7 +293,9 @@ fn coop_f16_weights_match_the_rounded_reference_within_the_stated_tolerance() {
                 assert!(got.is_err(), "{what}: forced without a configuration");
                 continue;
             }
-            Some(CoopConfig::F16) => 2f32.powi(-10) * k as f32 + 1e-5 * k as f32,
+            Some(CoopConfig::F16 | CoopConfig::F16Small) => {
+                2f32.powi(-10) * k as f32 + 1e-5 * k as f32
+            }
             Some(CoopConfig::F32) => 1e-5 * k as f32,
         };
         let got = got.unwrap();
@@ -272,7 +306,10 @@ fn coop_f16_weights_match_the_rounded_reference_within_the_stated_tolerance() {
             .zip(want.to_vec().unwrap())
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
-        eprintln!("{what}: {:?}, max |error| {err:e} (bound {atol:e})", ctx.coop().config_for(true));
+        eprintln!(
+            "{what}: {:?}, max |error| {err:e} (bound {atol:e})",
+            ctx.coop().config_for(true)
+        );
         assert_close(&what, &got, &want, atol, 0.0);
     }
 }
@@ -281,7 +318,9 @@ fn coop_f16_weights_match_the_rounded_reference_within_the_stated_tolerance() {
 /// class with ` coop` and may answer `coop` exactly when the device has a configuration for it.
 #[test]
 fn the_tuner_offers_coop_only_where_the_device_has_it() {
-    let Some(Device::Gpu(ctx)) = gpu() else { return };
+    let Some(Device::Gpu(ctx)) = gpu() else {
+        return;
+    };
     let g = Device::Gpu(ctx.clone());
     let dir = std::env::temp_dir().join(format!("coop-tune-{}", std::process::id()));
     let path = dir.join("tune.tsv");
@@ -289,7 +328,9 @@ fn the_tuner_offers_coop_only_where_the_device_has_it() {
     matmul_tune::tests::PATH.with(|p| *p.borrow_mut() = Some(path.clone()));
     matmul_tune::forget();
     let (a, b) = (random(&[256, 64], 1, &g), random(&[64, 256], 2, &g));
-    let (y, _) = matmul_tiled::tests::forced(GpuMatmul::Tune, || matmul(&a, &b, None, MatmulOpts::default()));
+    let (y, _) = matmul_tiled::tests::forced(GpuMatmul::Tune, || {
+        matmul(&a, &b, None, MatmulOpts::default())
+    });
     y.unwrap().to_vec().unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     matmul_tune::tests::PATH.with(|p| *p.borrow_mut() = None);
