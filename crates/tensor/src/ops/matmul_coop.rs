@@ -1,5 +1,5 @@
 //! The matrix product on cooperative matrices (`shaders/matmul_coop.wgsl`): which adapters
-//! can run it, in which configuration, and its dispatch. [`GpuMatmul::Coop`] names it; the
+//! can run it, in which configuration, and its dispatch. [`GpuMatmul::Coop`](crate::ops::matmul_tiled::GpuMatmul::Coop) names it; the
 //! launcher of [`matmul`](super::matmul) binds it as it binds the other kernels (same `Params`,
 //! bindings and epilogues), and the other kernels stay the fallback everywhere it is absent.
 //!

@@ -12,7 +12,7 @@
 //!   existed is measured again for those products rather than trusted. Likewise a product the
 //!   cooperative-matrix kernel can take on this device (`matmul_coop.rs`) is a class of its
 //!   own (suffix ` coop`).
-//! - **Candidates** ([`candidates`]): `Tile64` always, `Tile128` where it fits (`tiled_fits`),
+//! - **Candidates** (`candidates`): `Tile64` always, `Tile128` where it fits (`tiled_fits`),
 //!   `SplitK` where the rule splits the product, `Coop` where the device has a configuration
 //!   for it; with one candidate nothing is measured.
 //! - **Measurement**: the candidates run the product itself, on its own operands, into a scratch
