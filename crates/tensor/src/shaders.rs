@@ -69,6 +69,49 @@ pub const GRAD_NORM: &str = shader!("grad_norm");
 /// `shaders/dropout.wgsl`, launched from `ops/dropout.rs`.
 pub const DROPOUT: &str = shader!("dropout");
 
+/// `shaders/matmul_coop.wgsl` in its f32 8×8 configuration (the `enable` directive, the
+/// prelude, then the configuration's header: `ops/matmul_coop.rs` explains both), launched
+/// from `ops/matmul_coop.rs`. Not a module every adapter takes: only one whose device has the
+/// cooperative-matrix feature and that configuration.
+pub const MATMUL_COOP: &str = concat!(
+    "enable wgpu_cooperative_matrix;\n",
+    wgsl_file!("common"),
+    "// Configuration: f32 operands, 8×8 fragments, f32 sums.\n",
+    "alias Stage = f32;\n",
+    "alias FragA = coop_mat8x8<f32, A>;\n",
+    "alias FragB = coop_mat8x8<f32, B>;\n",
+    "alias FragC = coop_mat8x8<f32, C>;\n",
+    "const FRAG: u32 = 8u;\n",
+    wgsl_file!("matmul_coop")
+);
+/// `shaders/matmul_coop.wgsl` in its f16 16×16 configuration (f16 operands, f32 sums; needs
+/// `shader-f16` too): the same file as [`MATMUL_COOP`] behind another header.
+pub const MATMUL_COOP_F16: &str = concat!(
+    "enable f16;\nenable wgpu_cooperative_matrix;\n",
+    wgsl_file!("common"),
+    "// Configuration: f16 operands, 16×16 fragments, f32 sums.\n",
+    "alias Stage = f16;\n",
+    "alias FragA = coop_mat16x16<f16, A>;\n",
+    "alias FragB = coop_mat16x16<f16, B>;\n",
+    "alias FragC = coop_mat16x16<f32, C>;\n",
+    "const FRAG: u32 = 16u;\n",
+    wgsl_file!("matmul_coop")
+);
+
+/// `shaders/matmul_coop.wgsl` in its f16 8×8 configuration (f16 operands, f32 sums; needs
+/// `shader-f16` too), for adapters whose matrix units take 8×8 f16 fragments only.
+pub const MATMUL_COOP_F16_8: &str = concat!(
+    "enable f16;\nenable wgpu_cooperative_matrix;\n",
+    wgsl_file!("common"),
+    "// Configuration: f16 operands, 8×8 fragments, f32 sums.\n",
+    "alias Stage = f16;\n",
+    "alias FragA = coop_mat8x8<f16, A>;\n",
+    "alias FragB = coop_mat8x8<f16, B>;\n",
+    "alias FragC = coop_mat8x8<f32, C>;\n",
+    "const FRAG: u32 = 8u;\n",
+    wgsl_file!("matmul_coop")
+);
+
 /// `shaders/slice.wgsl`, launched from `ops/slice.rs`.
 pub const SLICE: &str = shader!("slice");
 /// `shaders/sgmv.wgsl`, launched from `ops/sgmv.rs`.
@@ -92,6 +135,10 @@ pub const MATMUL_TILED_VARIANTS: [Constants; 8] = [
     &[("TRANS_A", 1.0), ("TRANS_B", 1.0), ("B_F16", 1.0)],
 ];
 
+/// Pipeline-overridable constants of `matmul_coop.wgsl` (either configuration): B in f32, or
+/// in f16.
+pub const MATMUL_COOP_VARIANTS: [Constants; 2] = [&[("B_F16", 0.0)], &[("B_F16", 1.0)]];
+
 /// Pipeline-overridable constants of `matmul_splitk.wgsl`'s partial pass: B in f32, or in f16.
 pub const MATMUL_SPLITK_VARIANTS: [Constants; 2] = [&[("B_F16", 0.0)], &[("B_F16", 1.0)]];
 
@@ -101,6 +148,17 @@ pub const OVERRIDES: &[(&str, &[Constants])] = &[
     ("matmul", &MATMUL_VARIANTS),
     ("matmul_tiled", &MATMUL_TILED_VARIANTS),
     ("matmul_splitk", &MATMUL_SPLITK_VARIANTS),
+    ("matmul_coop", &MATMUL_COOP_VARIANTS),
+    ("matmul_coop_f16", &MATMUL_COOP_VARIANTS),
+    ("matmul_coop_f16_8", &MATMUL_COOP_VARIANTS),
+];
+
+/// Sources made from a file of [`ALL`] behind another header (a second configuration of the
+/// same kernel), by the name its pipelines are cached under: translated and validated as the
+/// files are, but not files of their own.
+pub const CONFIGURED: &[(&str, &str)] = &[
+    ("matmul_coop_f16", MATMUL_COOP_F16),
+    ("matmul_coop_f16_8", MATMUL_COOP_F16_8),
 ];
 
 /// One table of pipeline-overridable constants: (WGSL `override` name, value).
@@ -120,6 +178,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("matmul_tiled", MATMUL_TILED),
     ("matmul_splitk", MATMUL_SPLITK),
     ("matmul_nf4", MATMUL_NF4),
+    ("matmul_coop", MATMUL_COOP),
     ("gelu", GELU),
     ("half_tensor", HALF_TENSOR),
     ("activation", ACTIVATION),

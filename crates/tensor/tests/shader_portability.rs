@@ -16,6 +16,12 @@
 //! (the oldest Metal wgpu runs on) and HLSL shader model 5.1 (FXC, what DX12 falls back to
 //! without DXC). Nothing is compiled by a driver: what naga writes is what wgpu would hand the
 //! driver, and naga refusing to write it is what this test catches.
+//!
+//! Cooperative matrices (`enable wgpu_cooperative_matrix`, `matmul_coop.wgsl` in each of its
+//! configurations, [`tensor::shaders::CONFIGURED`]) exist in naga's SPIR-V and MSL (2.3)
+//! writers only: those are translated, and for HLSL the test checks the other way round, that
+//! naga cannot write them, which is why the engine never offers that kernel on DX12
+//! (`ops/matmul_coop.rs`'s `detect`, tested there).
 
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
@@ -26,6 +32,10 @@ struct Target {
     capabilities: Capabilities,
     msl: (u8, u8),
     hlsl: hlsl::ShaderModel,
+    /// SPIR-V version (1.0 unless an extension needs more).
+    spirv: (u8, u8),
+    /// Cooperative matrices: no HLSL exists for them.
+    coop: bool,
 }
 
 /// Read `enable a, b;` lines. An extension this test does not know is a failure naming it,
@@ -35,6 +45,8 @@ fn target(name: &str, source: &str) -> Target {
         capabilities: Capabilities::empty(),
         msl: (2, 0),
         hlsl: hlsl::ShaderModel::V5_1,
+        spirv: (1, 0),
+        coop: false,
     };
     for line in source.lines() {
         let Some(rest) = line.trim().strip_prefix("enable ") else {
@@ -51,6 +63,16 @@ fn target(name: &str, source: &str) -> Target {
                     t.capabilities |= Capabilities::SUBGROUP | Capabilities::SUBGROUP_BARRIER;
                     t.msl = t.msl.max((2, 1));
                     t.hlsl = higher(t.hlsl, hlsl::ShaderModel::V6_0);
+                }
+                "wgpu_cooperative_matrix" => {
+                    // The kernel also reads subgroup_id / num_subgroups (no `enable` for those).
+                    t.capabilities |= Capabilities::COOPERATIVE_MATRIX | Capabilities::SUBGROUP;
+                    // simdgroup matrices: MSL 2.3, as wgpu's Metal backend requires for them.
+                    t.msl = t.msl.max((2, 3));
+                    // SubgroupId and the Vulkan memory model: SPIR-V 1.3 at least (wgpu asks
+                    // for the memory model on a device with the feature).
+                    t.spirv = (1, 3);
+                    t.coop = true;
                 }
                 other => panic!(
                     "{name}.wgsl enables `{other}`, which this test has no mapping for: add the \
@@ -126,9 +148,9 @@ fn named<T>(what: &str, write: impl FnOnce() -> T) -> T {
     })
 }
 
-fn spirv(name: &str, entry: &str, module: &Module, info: &ModuleInfo) {
+fn spirv(name: &str, entry: &str, module: &Module, info: &ModuleInfo, version: (u8, u8)) {
     let options = spv::Options {
-        lang_version: (1, 0),
+        lang_version: version,
         fake_missing_bindings: false,
         binding_map: bindings(module)
             .into_iter()
@@ -244,7 +266,9 @@ fn dx12(name: &str, entry: &str, module: &Module, info: &ModuleInfo, model: hlsl
 fn every_shader_translates_to_spirv_msl_and_hlsl() {
     let mut checked = Vec::new();
     let mut variants = 0;
-    for (name, source) in tensor::shaders::ALL {
+    let mut hlsl_refused = 0;
+    let all = tensor::shaders::ALL.iter();
+    for (name, source) in all.chain(tensor::shaders::CONFIGURED) {
         let t = target(name, source);
         let mut tables: Vec<&[(&str, f64)]> = vec![&[]];
         for (shader, sets) in tensor::shaders::OVERRIDES {
@@ -266,9 +290,22 @@ fn every_shader_translates_to_spirv_msl_and_hlsl() {
                     ep.name
                 );
                 let label = format!("{name} {constants:?}");
-                spirv(&label, &ep.name, &module, &info);
+                spirv(&label, &ep.name, &module, &info, t.spirv);
                 metal(&label, &ep.name, &module, &info, t.msl);
-                dx12(&label, &ep.name, &module, &info, t.hlsl);
+                if t.coop {
+                    let refused = std::panic::catch_unwind(|| {
+                        dx12(&label, &ep.name, &module, &info, hlsl::ShaderModel::V6_7)
+                    });
+                    assert!(
+                        refused.is_err(),
+                        "{label}::{}: naga now writes cooperative matrices to HLSL; the \
+                         kernel could be offered on DX12 (ops/matmul_coop.rs `detect`)",
+                        ep.name
+                    );
+                    hlsl_refused += 1;
+                } else {
+                    dx12(&label, &ep.name, &module, &info, t.hlsl);
+                }
                 checked.push(format!("{name}::{}", ep.name));
             }
             variants += usize::from(!constants.is_empty());
@@ -282,6 +319,9 @@ fn every_shader_translates_to_spirv_msl_and_hlsl() {
         ("matmul::matmul_gelu_backward", 3),
         ("matmul_tiled::matmul_tiled_gelu", 9),
         ("matmul_tiled::matmul_tiled_gelu_backward", 9),
+        ("matmul_coop::matmul_coop", 3),
+        ("matmul_coop_f16::matmul_coop_gelu_backward", 3),
+        ("matmul_coop_f16_8::matmul_coop_gelu", 3),
     ] {
         let found = checked.iter().filter(|c| *c == entry).count();
         assert_eq!(
@@ -295,6 +335,9 @@ fn every_shader_translates_to_spirv_msl_and_hlsl() {
         .map(|(_, t)| t.len())
         .sum();
     assert_eq!(variants, tables);
+    // The three cooperative-matrix configurations, three entry points each, with their
+    // defaults and two B storages: every one refused for HLSL.
+    assert_eq!(hlsl_refused, 3 * 3 * 3);
     // Every registered shader was looked at (the registry is not empty or cut short).
     assert_eq!(
         checked
@@ -302,7 +345,7 @@ fn every_shader_translates_to_spirv_msl_and_hlsl() {
             .map(|c| c.split("::").next().unwrap())
             .collect::<std::collections::BTreeSet<_>>()
             .len(),
-        tensor::shaders::ALL.len()
+        tensor::shaders::ALL.len() + tensor::shaders::CONFIGURED.len()
     );
 }
 
@@ -317,7 +360,7 @@ fn a_kernel_only_vulkan_and_dx12_accept_fails_for_metal() {
     let info = Validator::new(ValidationFlags::all(), Capabilities::FLOAT64)
         .validate(&module)
         .unwrap();
-    spirv("f64", "main", &module, &info);
+    spirv("f64", "main", &module, &info, (1, 0));
     dx12("f64", "main", &module, &info, hlsl::ShaderModel::V5_1);
     let refused = std::panic::catch_unwind(|| {
         metal("f64", "main", &module, &info, (2, 0));

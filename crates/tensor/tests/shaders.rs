@@ -51,7 +51,9 @@ fn every_shader_starts_with_the_prelude_and_does_not_redefine_it() {
     let prelude = std::fs::read_to_string(shader_dir().join("common.wgsl")).unwrap();
     assert_eq!(tensor::shaders::COMMON, prelude);
     for (name, source) in tensor::shaders::ALL {
-        let own = source
+        // `enable` directives must open a WGSL module: they alone may come before the prelude.
+        let body = after_enables(source);
+        let own = body
             .strip_prefix(tensor::shaders::COMMON)
             .unwrap_or_else(|| panic!("{name}.wgsl is registered without the prelude"));
         for snippet in ["const LOWEST", "wg.y * nwg.x + wg.x", "var<workgroup> red:"] {
@@ -61,6 +63,31 @@ fn every_shader_starts_with_the_prelude_and_does_not_redefine_it() {
             );
         }
     }
+}
+
+/// `source` after its opening `enable …;` lines.
+fn after_enables(mut source: &str) -> &str {
+    while source.starts_with("enable ") {
+        source = source.split_once('\n').map_or("", |(_, rest)| rest);
+    }
+    source
+}
+
+/// The naga capabilities a shader's `enable` directives ask for (the device features the
+/// engine asks for before it makes such a pipeline): f16 and cooperative matrices, which the
+/// cooperative-matrix kernel uses with subgroup builtins.
+fn capabilities(source: &str) -> naga::valid::Capabilities {
+    use naga::valid::Capabilities as C;
+    let mut caps = C::empty();
+    for line in source.lines().take_while(|l| l.starts_with("enable ")) {
+        if line.contains("f16") {
+            caps |= C::SHADER_FLOAT16;
+        }
+        if line.contains("wgpu_cooperative_matrix") {
+            caps |= C::COOPERATIVE_MATRIX | C::SUBGROUP;
+        }
+    }
+    caps
 }
 
 #[test]
@@ -78,14 +105,13 @@ fn the_prelude_validates_with_naga_on_its_own() {
 
 #[test]
 fn every_shader_validates_with_naga() {
-    for (name, source) in tensor::shaders::ALL {
+    let all = tensor::shaders::ALL.iter();
+    for (name, source) in all.chain(tensor::shaders::CONFIGURED) {
         let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| {
             panic!("{name}.wgsl does not parse:\n{}", e.emit_to_string(source))
         });
-        let mut validator = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::empty(),
-        );
+        let mut validator =
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities(source));
         validator
             .validate(&module)
             .unwrap_or_else(|e| panic!("{name}.wgsl is invalid:\n{}", e.emit_to_string(source)));

@@ -16,7 +16,10 @@ pub fn print_devices() -> crate::Result<()> {
     for adapter in adapters {
         let info = adapter.get_info();
         match GpuContext::from_adapter(adapter, &GpuOptions::default()) {
-            Ok(ctx) => println!("GPU adapter: {}", ctx.info()),
+            Ok(ctx) => {
+                println!("GPU adapter: {}", ctx.info());
+                println!("  {}", ctx.coop().describe());
+            }
             Err(e) => println!(
                 "GPU adapter: {} ({:?}) cannot be opened: {e}",
                 info.name, info.backend
@@ -35,11 +38,22 @@ pub fn print_devices() -> crate::Result<()> {
 /// Open the device `choice` names, and say on stderr which it is. `gpu` with no usable adapter
 /// is an error naming the backends asked and the adapters that exist; `auto` without a hardware
 /// GPU takes the CPU and says why.
+///
+/// `--matmul-kernel coop` on a GPU without a cooperative-matrix configuration for f32 products
+/// fails here, before any work, naming what the adapter lacks and what it lists.
 pub fn open(choice: DeviceChoice) -> crate::Result<Device> {
     let (device, note) = Device::select_explained(choice)?;
     if let Some(note) = note {
         eprintln!("note: {note}");
     }
     eprintln!("device: {}", device.describe());
+    if let Device::Gpu(ctx) = &device
+        && tensor::ops::matmul::gpu_matmul() == tensor::ops::matmul::GpuMatmul::Coop
+    {
+        if ctx.coop().config_for(false).is_none() {
+            return Err(tensor::ops::matmul_coop::unavailable(ctx, false).into());
+        }
+        eprintln!("matmul kernel: {}", ctx.coop().describe());
+    }
     Ok(device)
 }

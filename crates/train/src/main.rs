@@ -29,7 +29,9 @@ struct Cli {
     /// each class of shapes, once, remembered in ~/.cache/lora-gpu/matmul-tune.tsv; on a software
     /// adapter the 128×128-tile kernel where a product's operands are whole vec4s and its output
     /// holds a tile, the 64×64 one elsewhere), tune (measure on any adapter), tile64 (always the
-    /// first kernel), or tile128 (wherever it fits).
+    /// first kernel), tile128 (wherever it fits), splitk, or coop (cooperative matrices, the GPU's
+    /// matrix units, where the adapter offers a configuration: `train devices` lists them; an
+    /// error elsewhere).
     #[arg(long, global = true, default_value = "auto", value_parser = tensor::ops::matmul::GpuMatmul::parse)]
     matmul_kernel: tensor::ops::matmul::GpuMatmul,
     #[command(subcommand)]

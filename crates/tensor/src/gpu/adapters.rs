@@ -20,6 +20,9 @@ pub struct GpuOptions {
     pub max_buffer_bytes: Option<u64>,
     /// Features the device must have.
     pub features: wgpu::Features,
+    /// Do not ask for the cooperative-matrix features even where the adapter offers them (the
+    /// `matmul_coop.wgsl` kernel is then never used): wgpu calls them experimental.
+    pub no_cooperative_matrix: bool,
     /// Record without running: dispatches and copies are validated and encoded but never
     /// submitted, uploads are dropped, a readback returns 1.0 for every element without waiting
     /// and `sync` returns at once. Buffers are still created (and counted) but never written,

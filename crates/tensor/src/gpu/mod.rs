@@ -51,6 +51,7 @@ use errors::{Health, capture};
 pub use wgpu;
 
 use crate::memory::{MemoryCounters, MemoryStats};
+use crate::ops::matmul_coop::CoopOffer;
 use crate::{Error, Result};
 pub use adapters::{GpuInfo, GpuOptions, adapters, adapters_on, default_backends};
 use adapters::{adapter_line, is_software, no_adapter_message};
@@ -100,6 +101,9 @@ pub struct GpuContext {
     dispatches: AtomicU64,
     health: Arc<Health>,
     timestamps: Option<Timestamps>,
+    /// The cooperative-matrix configurations the adapter lists and those the device was made
+    /// able to run (`ops/matmul_coop.rs`).
+    coop: crate::ops::matmul_coop::CoopSupport,
 }
 
 impl GpuContext {
@@ -164,13 +168,29 @@ impl GpuContext {
             options.features,
             adapter.features(),
         )?;
+        // The cooperative-matrix kernel's features, asked for only where the adapter offers a
+        // configuration it can run (`ops/matmul_coop.rs`).
+        let mut coop = crate::ops::matmul_coop::detect(&CoopOffer::of(&adapter));
+        if options.no_cooperative_matrix && !coop.usable.is_empty() {
+            coop.usable.clear();
+            coop.missing = Some("left off by GpuOptions::no_cooperative_matrix".into());
+        }
+        let experimental = if coop.features().is_empty() {
+            wgpu::ExperimentalFeatures::disabled()
+        } else {
+            // SAFETY: the only experimental feature asked for is the cooperative-matrix one,
+            // used by `matmul_coop.wgsl` alone, within what naga validates for it (whole
+            // subgroups, fragments inside workgroup memory).
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("tensor"),
             // Timestamp queries only serve the profiler; asked for when the adapter has them.
             required_features: options.features
+                | coop.features()
                 | (adapter.features() & wgpu::Features::TIMESTAMP_QUERY),
             required_limits: asked,
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: experimental,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -247,6 +267,7 @@ impl GpuContext {
             dispatches: AtomicU64::new(0),
             health,
             timestamps,
+            coop,
         }))
     }
 
@@ -258,6 +279,12 @@ impl GpuContext {
     /// The adapter as the matmul tuner's cache names it (made once, not per dispatch).
     pub(crate) fn tune_key(&self) -> &str {
         &self.tune_key
+    }
+
+    /// What the adapter offers the cooperative-matrix matmul kernel, and which configurations
+    /// this device can run (`ops/matmul_coop.rs`).
+    pub fn coop(&self) -> &crate::ops::matmul_coop::CoopSupport {
+        &self.coop
     }
 
     /// Does the device take timestamp queries (what the profiler's GPU method needs)?

@@ -71,6 +71,8 @@ mod tests {
             ("layernorm", ops::layernorm::params_layout()),
             ("matmul", ops::matmul::params_layout()),
             ("matmul_nf4", ops::matmul_nf4::params_layout()),
+            // The cooperative-matrix kernel shares matmul.wgsl's launcher and Params.
+            ("matmul_coop", ops::matmul::params_layout()),
             ("matmul_splitk", ops::matmul::splitk::params_layout()),
             // The tiled kernel shares matmul.wgsl's launcher and Params.
             ("matmul_tiled", ops::matmul::params_layout()),

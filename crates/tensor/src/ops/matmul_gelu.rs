@@ -77,6 +77,8 @@ impl Epilogue {
             ("matmul", Some(Epilogue::GeluBackward)) => "matmul_gelu_backward",
             ("matmul_tiled", Some(Epilogue::Gelu)) => "matmul_tiled_gelu",
             ("matmul_tiled", Some(Epilogue::GeluBackward)) => "matmul_tiled_gelu_backward",
+            ("matmul_coop", Some(Epilogue::Gelu)) => "matmul_coop_gelu",
+            ("matmul_coop", Some(Epilogue::GeluBackward)) => "matmul_coop_gelu_backward",
             (entry, Some(e)) => panic!(
                 "{}::{entry} has no {e:?} epilogue: a matmul kernel the launcher picks for a \
                  product with an epilogue needs an entry point for it",

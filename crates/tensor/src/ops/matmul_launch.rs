@@ -12,7 +12,7 @@ use super::{Dims, Epilogue, MatmulOpts, Params, TILE, splitk};
 use crate::gpu::bind::View;
 use crate::gpu::{Binding, GpuContext};
 use crate::ops::matmul_tiled::{self, GpuMatmul};
-use crate::ops::matmul_tune;
+use crate::ops::{matmul_coop, matmul_tune};
 use crate::{Result, Tensor};
 
 /// The GPU path. Batch entries go in batched dispatches (workgroup z = batch entry), as many
@@ -310,8 +310,9 @@ fn split_plan(
     splitk::plan(choice, shape, nz, max_z, room)
 }
 
-/// Record the product of `p` with the kernel `choice` gives it: the split-K pair where
-/// [`split_plan`] splits it, else one dispatch of the kernel [`matmul_tiled::pick`] gives.
+/// Record the product of `p` with the kernel `choice` gives it: the cooperative-matrix kernel
+/// for `Coop` ([`matmul_coop::record`]), the split-K pair where [`split_plan`] splits it, else
+/// one dispatch of the kernel [`matmul_tiled::pick`] gives.
 fn record_with(
     ctx: &GpuContext,
     choice: GpuMatmul,
@@ -320,6 +321,9 @@ fn record_with(
     bindings: &[(u32, Binding<'_>)],
     nz: usize,
 ) -> Result<()> {
+    if choice == GpuMatmul::Coop {
+        return matmul_coop::record(ctx, bytemuck::bytes_of(p), shape, bindings, nz);
+    }
     if let Some(split) = split_plan(ctx, choice, shape, nz)
         && let Ok(four) = bindings.try_into()
     {
@@ -351,7 +355,8 @@ fn tune(
     let mut with_scratch = bindings.to_vec();
     with_scratch[2] = (3, scratch_c);
     let split = split_plan(ctx, GpuMatmul::Auto, shape, nz).is_some();
-    let chosen = matmul_tune::tuned(ctx, shape, split, |k| {
+    let coop = ctx.coop().config_for(shape.b_f16).is_some();
+    let chosen = matmul_tune::tuned(ctx, shape, split, coop, |k| {
         record_with(ctx, k, p, shape, &with_scratch, nz)
     });
     ctx.release(scratch);

@@ -17,6 +17,10 @@
 //!   into a scratch buffer, then their sum into C (two dispatches), for outputs too small to
 //!   fill a GPU: LoRA's weight gradients (`matmul_splitk.rs`). Any shape when forced.
 //!
+//! - [`GpuMatmul::Coop`] — `shaders/matmul_coop.wgsl`: the adapter's matrix units through
+//!   cooperative matrices, where the adapter offers a configuration for the product
+//!   (`matmul_coop.rs`); forcing it on an adapter without one is an error naming what is missing.
+//!
 //! [`GpuMatmul::Auto`] (the default) measures which kernel is faster for each class of shapes on a
 //! hardware adapter, once, and remembers it on disk ([`matmul_tune`](super::matmul_tune)). On a
 //! software adapter, in a dry run, and for the shapes only `Tile64` takes, a rule decides: `Tile128`
@@ -54,16 +58,20 @@ pub enum GpuMatmul {
     /// `shaders/matmul_splitk.wgsl`: every shape (`Tile64` only where the scratch of one slice
     /// would not fit a binding).
     SplitK,
+    /// `shaders/matmul_coop.wgsl`: every shape, on a device with a cooperative-matrix
+    /// configuration for the product (`matmul_coop.rs`); an error elsewhere.
+    Coop,
 }
 
 impl GpuMatmul {
     /// Every choice, in `--help` order.
-    pub const ALL: [GpuMatmul; 5] = [
+    pub const ALL: [GpuMatmul; 6] = [
         GpuMatmul::Auto,
         GpuMatmul::Tune,
         GpuMatmul::Tile64,
         GpuMatmul::Tile128,
         GpuMatmul::SplitK,
+        GpuMatmul::Coop,
     ];
 
     /// The name `parse` reads.
@@ -74,10 +82,11 @@ impl GpuMatmul {
             GpuMatmul::Tile64 => "tile64",
             GpuMatmul::Tile128 => "tile128",
             GpuMatmul::SplitK => "splitk",
+            GpuMatmul::Coop => "coop",
         }
     }
 
-    /// `auto`, `tune`, `tile64`, `tile128` or `splitk`.
+    /// `auto`, `tune`, `tile64`, `tile128`, `splitk` or `coop`.
     pub fn parse(s: &str) -> Result<GpuMatmul, String> {
         GpuMatmul::ALL
             .into_iter()
@@ -154,13 +163,14 @@ pub(crate) fn tiled_fits(d: &Dispatch) -> bool {
 /// The kernel `choice` gives `d`: the kernel (the entry point of `d`'s epilogue), its override
 /// constants, and its output tile side. (The split-K path is decided before, by
 /// `matmul_splitk::plan`; `SplitK` reaches here only where it cannot run, and gets
-/// `matmul.wgsl`.)
+/// `matmul.wgsl`. `Coop` is recorded by `matmul_coop::record`, which needs the device, and
+/// reaches here only for its fallback: `matmul.wgsl`.)
 pub(crate) fn pick(
     choice: GpuMatmul,
     d: &Dispatch,
 ) -> (Kernel, &'static [(&'static str, f64)], u32) {
     let tiled = match choice {
-        GpuMatmul::Tile64 | GpuMatmul::SplitK => false,
+        GpuMatmul::Tile64 | GpuMatmul::SplitK | GpuMatmul::Coop => false,
         GpuMatmul::Tile128 => tiled_fits(d),
         GpuMatmul::Auto | GpuMatmul::Tune => tiled_fits(d) && d.m >= 128 && d.n >= 128,
     };

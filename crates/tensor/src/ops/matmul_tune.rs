@@ -1,5 +1,5 @@
 //! Autotuning the GPU matrix product: which kernel ([`GpuMatmul::Tile64`],
-//! [`GpuMatmul::Tile128`] or [`GpuMatmul::SplitK`]) is faster for a class of shapes on this
+//! [`GpuMatmul::Tile128`], [`GpuMatmul::SplitK`] or [`GpuMatmul::Coop`]) is faster for a class of shapes on this
 //! adapter, measured at the
 //! first product of the class and remembered on disk, so each vendor's driver gets the kernel
 //! that suits it (burn's CubeCL tunes the same way).
@@ -9,9 +9,12 @@
 //!   but a product that differs by a few rows does not cost a new measurement. A product the
 //!   split-K rule would split (`matmul_splitk.rs`) is a class of its own (text suffix
 //!   ` splitk`), measured with split-K among the candidates; so a cache written before split-K
-//!   existed is measured again for those products rather than trusted.
-//! - **Candidates**: `Tile64` always, `Tile128` where it fits (`tiled_fits`), `SplitK` where
-//!   the rule splits the product; with one candidate nothing is measured.
+//!   existed is measured again for those products rather than trusted. Likewise a product the
+//!   cooperative-matrix kernel can take on this device (`matmul_coop.rs`) is a class of its
+//!   own (suffix ` coop`).
+//! - **Candidates** (`candidates`): `Tile64` always, `Tile128` where it fits (`tiled_fits`),
+//!   `SplitK` where the rule splits the product, `Coop` where the device has a configuration
+//!   for it; with one candidate nothing is measured.
 //! - **Measurement**: the candidates run the product itself, on its own operands, into a scratch
 //!   output (so a product that accumulates into C is not disturbed), once to warm up and then
 //!   [`RUNS`] times, each kernel between two waits for the GPU; the faster wall time wins. It
@@ -39,35 +42,39 @@ use crate::gpu::GpuContext;
 pub const RUNS: u32 = 3;
 
 /// A class of products: transposes, ⌈log₂⌉ of M, N, K, B's storage (f32 or f16), and whether
-/// split-K is a candidate.
+/// split-K and the cooperative-matrix kernel are candidates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Class {
     trans: (bool, bool),
     log2: [u32; 3],
     b_f16: bool,
     split: bool,
+    coop: bool,
 }
 
 impl Class {
-    pub(crate) fn of(d: &Dispatch, split: bool) -> Class {
+    pub(crate) fn of(d: &Dispatch, split: bool, coop: bool) -> Class {
         let lg = |x: u32| x.max(1).next_power_of_two().trailing_zeros();
         Class {
             trans: (d.trans_a, d.trans_b),
             log2: [lg(d.m), lg(d.n), lg(d.k)],
             b_f16: d.b_f16,
             split,
+            coop,
         }
     }
 
     /// `NT m11 n8 k13` style text (` f16` after it for a B in f16, then ` splitk` for a split-K
-    /// class), the cache file's middle column.
+    /// class, then ` coop` where the cooperative-matrix kernel is a candidate), the cache file's
+    /// middle column.
     fn text(&self) -> String {
         let t = |b: bool| if b { 'T' } else { 'N' };
         let [m, n, k] = self.log2;
         let half = if self.b_f16 { " f16" } else { "" };
         let split = if self.split { " splitk" } else { "" };
+        let coop = if self.coop { " coop" } else { "" };
         format!(
-            "{}{} m{m} n{n} k{k}{half}{split}",
+            "{}{} m{m} n{n} k{k}{half}{split}{coop}",
             t(self.trans.0),
             t(self.trans.1)
         )
@@ -91,9 +98,13 @@ impl Class {
         if b_f16 {
             next = parts.next();
         }
-        let split = match next {
+        let split = next == Some("splitk");
+        if split {
+            next = parts.next();
+        }
+        let coop = match next {
             None => false,
-            Some("splitk") => true,
+            Some("coop") => true,
             Some(_) => return None,
         };
         parts.next().is_none().then_some(Class {
@@ -101,6 +112,7 @@ impl Class {
             log2,
             b_f16,
             split,
+            coop,
         })
     }
 }
@@ -212,15 +224,10 @@ pub(crate) fn forget() {
 /// Measurements made by this process (tests check that a class is measured once).
 pub(crate) static MEASURED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The kernel for `d` on `ctx`, measured now if its class has no answer yet; `split`: the
-/// split-K rule splits this product, so `SplitK` is a candidate. `run(kernel)` records the
-/// product with `kernel` into a scratch output and returns when it is recorded.
-pub(crate) fn tuned(
-    ctx: &GpuContext,
-    d: &Dispatch,
-    split: bool,
-    run: impl Fn(GpuMatmul) -> Result<()>,
-) -> Result<GpuMatmul> {
+/// The kernels measured for `d`: `Tile64`, then `Tile128` where it fits, `SplitK` where
+/// `split` (its rule splits the product), `Coop` where `coop` (the device has a
+/// cooperative-matrix configuration for it).
+pub(crate) fn candidates(d: &Dispatch, split: bool, coop: bool) -> Vec<GpuMatmul> {
     let mut candidates = vec![GpuMatmul::Tile64];
     if tiled_fits(d) {
         candidates.push(GpuMatmul::Tile128);
@@ -228,11 +235,29 @@ pub(crate) fn tuned(
     if split {
         candidates.push(GpuMatmul::SplitK);
     }
+    if coop {
+        candidates.push(GpuMatmul::Coop);
+    }
+    candidates
+}
+
+/// The kernel for `d` on `ctx`, measured now if its class has no answer yet; `split`: the
+/// split-K rule splits this product, so `SplitK` is a candidate; `coop`: so is `Coop`.
+/// `run(kernel)` records the product with `kernel` into a scratch output and returns when it
+/// is recorded.
+pub(crate) fn tuned(
+    ctx: &GpuContext,
+    d: &Dispatch,
+    split: bool,
+    coop: bool,
+    run: impl Fn(GpuMatmul) -> Result<()>,
+) -> Result<GpuMatmul> {
+    let candidates = candidates(d, split, coop);
     if candidates.len() == 1 {
         return Ok(GpuMatmul::Tile64);
     }
     let adapter = adapter_key(ctx);
-    let class = Class::of(d, split);
+    let class = Class::of(d, split, coop);
     if let Some(k) = remembered(adapter, class) {
         return Ok(k);
     }
@@ -279,16 +304,33 @@ pub(crate) mod tests {
             b_f16: false,
             epilogue: None,
         };
-        let c = Class::of(&d, false);
+        let c = Class::of(&d, false, false);
         assert_eq!(c.text(), "TN m13 n10 k16");
         assert_eq!(Class::parse(&c.text()), Some(c));
-        let s = Class::of(&d, true);
+        let s = Class::of(&d, true, false);
         assert_eq!(s.text(), "TN m13 n10 k16 splitk");
         assert_eq!(Class::parse(&s.text()), Some(s));
         assert_eq!(Class::parse("TN m13 n10 k16 tile64"), None);
-        let half = Class::of(&Dispatch { b_f16: true, ..d }, true);
+        let half = Class::of(&Dispatch { b_f16: true, ..d }, true, false);
         assert_eq!(half.text(), "TN m13 n10 k16 f16 splitk");
         assert_eq!(Class::parse(&half.text()), Some(half));
+        let coop = Class::of(&Dispatch { b_f16: true, ..d }, true, true);
+        assert_eq!(coop.text(), "TN m13 n10 k16 f16 splitk coop");
+        assert_eq!(Class::parse(&coop.text()), Some(coop));
+        assert_eq!(Class::parse("TN m13 n10 k16 coop splitk"), None);
+        assert_eq!(
+            candidates(&d, false, false),
+            [GpuMatmul::Tile64, GpuMatmul::Tile128]
+        );
+        assert_eq!(
+            candidates(&d, true, true),
+            [
+                GpuMatmul::Tile64,
+                GpuMatmul::Tile128,
+                GpuMatmul::SplitK,
+                GpuMatmul::Coop
+            ]
+        );
         assert_eq!(Class::parse("TN m13 n10 k16 f8"), None);
         assert_eq!(Class::parse("TN m13 n10 k16 splitk f16"), None);
         assert_eq!(Class::parse("XN m1 n2 k3"), None);

@@ -16,6 +16,7 @@ pub mod grad_norm;
 pub mod half_tensor;
 pub mod layernorm;
 pub mod matmul;
+pub mod matmul_coop;
 pub mod matmul_f16;
 pub mod matmul_nf4;
 pub mod matmul_tiled;

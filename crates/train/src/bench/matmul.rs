@@ -135,7 +135,16 @@ pub fn bench_matmul(args: &MatmulArgs) -> crate::Result<()> {
                 Ok(g) => {
                     let kernels = match gpu_matmul() {
                         GpuMatmul::Auto => {
-                            vec![GpuMatmul::Tile64, GpuMatmul::Tile128, GpuMatmul::SplitK]
+                            let mut all =
+                                vec![GpuMatmul::Tile64, GpuMatmul::Tile128, GpuMatmul::SplitK];
+                            // The cooperative-matrix kernel where the adapter runs f32 products
+                            // on it (`train devices` says).
+                            if let Device::Gpu(ctx) = &g
+                                && ctx.coop().config_for(false).is_some()
+                            {
+                                all.push(GpuMatmul::Coop);
+                            }
+                            all
                         }
                         forced => vec![forced],
                     };
