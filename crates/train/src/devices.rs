@@ -39,8 +39,10 @@ pub fn print_devices() -> crate::Result<()> {
 /// is an error naming the backends asked and the adapters that exist; `auto` without a hardware
 /// GPU takes the CPU and says why.
 ///
-/// `--matmul-kernel coop` on a GPU without a cooperative-matrix configuration for f32 products
-/// fails here, before any work, naming what the adapter lacks and what it lists.
+/// `--matmul-kernel coop` on a GPU without any cooperative-matrix configuration the kernel can
+/// run fails here, before any work, naming what the adapter lacks and what it lists. With one,
+/// the products it has no configuration for (f32 products where only f16 ones are listed) take
+/// the default rule.
 pub fn open(choice: DeviceChoice) -> crate::Result<Device> {
     let (device, note) = Device::select_explained(choice)?;
     if let Some(note) = note {
@@ -50,7 +52,7 @@ pub fn open(choice: DeviceChoice) -> crate::Result<Device> {
     if let Device::Gpu(ctx) = &device
         && tensor::ops::matmul::gpu_matmul() == tensor::ops::matmul::GpuMatmul::Coop
     {
-        if ctx.coop().config_for(false).is_none() {
+        if ctx.coop().usable.is_empty() {
             return Err(tensor::ops::matmul_coop::unavailable(ctx, false).into());
         }
         eprintln!("matmul kernel: {}", ctx.coop().describe());

@@ -30,8 +30,8 @@ struct Cli {
     /// adapter the 128×128-tile kernel where a product's operands are whole vec4s and its output
     /// holds a tile, the 64×64 one elsewhere), tune (measure on any adapter), tile64 (always the
     /// first kernel), tile128 (wherever it fits), splitk, or coop (cooperative matrices, the GPU's
-    /// matrix units, where the adapter offers a configuration: `train devices` lists them; an
-    /// error elsewhere).
+    /// matrix units, for the products the adapter has a configuration for, the default rule for
+    /// the others: `train devices` lists them; an error on an adapter with none).
     #[arg(long, global = true, default_value = "auto", value_parser = tensor::ops::matmul::GpuMatmul::parse)]
     matmul_kernel: tensor::ops::matmul::GpuMatmul,
     #[command(subcommand)]

@@ -49,8 +49,11 @@
 //! # Choice
 //! `--matmul-kernel coop` forces it for every product it has a configuration for (an f32
 //! product needs [`CoopConfig::F32`]; a B in f16 takes [`CoopConfig::F16`], else `F32` with the
-//! halves widened exactly) and fails, naming what the adapter lacks ([`unavailable`]), on one
-//! without. The tuner (`matmul_tune.rs`) adds it to its candidates where the product has a
+//! halves widened exactly); a product without one takes the default rule's kernel, so on an
+//! adapter that lists only f16 configurations (NVIDIA's) `--precision f16 --matmul-kernel coop`
+//! runs the f16 weights' products on the matrix units and the rest as before. `train` refuses
+//! the flag, naming what the adapter lacks ([`unavailable`]), on an adapter with no usable
+//! configuration at all. The tuner (`matmul_tune.rs`) adds it to its candidates where the product has a
 //! configuration; the rule used on software adapters and in dry runs never takes it.
 
 use crate::gpu::{Binding, GpuContext, Kernel};

@@ -311,7 +311,8 @@ fn split_plan(
 }
 
 /// Record the product of `p` with the kernel `choice` gives it: the cooperative-matrix kernel
-/// for `Coop` ([`matmul_coop::record`]), the split-K pair where [`split_plan`] splits it, else
+/// for `Coop` where the device has a configuration for the product ([`matmul_coop::record`];
+/// the default rule's kernel where it has none), the split-K pair where [`split_plan`] splits it, else
 /// one dispatch of the kernel [`matmul_tiled::pick`] gives.
 fn record_with(
     ctx: &GpuContext,
@@ -321,9 +322,16 @@ fn record_with(
     bindings: &[(u32, Binding<'_>)],
     nz: usize,
 ) -> Result<()> {
-    if choice == GpuMatmul::Coop {
-        return matmul_coop::record(ctx, bytemuck::bytes_of(p), shape, bindings, nz);
-    }
+    // Forced or chosen, the cooperative-matrix kernel takes the products it has a
+    // configuration for; the others (an f32 product on an adapter that lists only f16 ones)
+    // take the default rule.
+    let choice = match choice {
+        GpuMatmul::Coop if ctx.coop().config_for(shape.b_f16).is_some() => {
+            return matmul_coop::record(ctx, bytemuck::bytes_of(p), shape, bindings, nz);
+        }
+        GpuMatmul::Coop => GpuMatmul::Auto,
+        other => other,
+    };
     if let Some(split) = split_plan(ctx, choice, shape, nz)
         && let Ok(four) = bindings.try_into()
     {
