@@ -53,7 +53,11 @@
 //! adapter that lists only f16 configurations (NVIDIA's) `--precision f16 --matmul-kernel coop`
 //! runs the f16 weights' products on the matrix units and the rest as before. `train` refuses
 //! the flag, naming what the adapter lacks ([`unavailable`]), on an adapter with no usable
-//! configuration at all. The tuner (`matmul_tune.rs`) adds it to its candidates where the product has a
+//! configuration at all. Before its first product a configuration runs a self-check (two
+//! products whose every value and sum is exact, compared element for element,
+//! `matmul_launch.rs`); one that fails is not used on that device, and `train devices` says
+//! why: the kernel has run on few drivers, and a driver that miscomputes it must cost speed,
+//! never a wrong number. The tuner (`matmul_tune.rs`) adds it to its candidates where the product has a
 //! configuration; the rule used on software adapters and in dry runs never takes it.
 
 use crate::gpu::{Binding, GpuContext, Kernel};
@@ -140,6 +144,11 @@ pub struct CoopSupport {
     pub usable: Vec<CoopConfig>,
     /// Why none is usable, when none is.
     pub missing: Option<String>,
+    /// Each configuration's self-check, in [`CoopConfig::ALL`]'s order, run at the first
+    /// product that would take it (`matmul_launch.rs`): `Some(what was wrong)` turns the
+    /// configuration off on this device, so a driver that computes it wrongly costs speed, never
+    /// a wrong number.
+    pub checks: [std::sync::OnceLock<Option<String>>; 3],
 }
 
 impl CoopSupport {
@@ -186,8 +195,31 @@ impl CoopSupport {
         list.join(", ")
     }
 
+    /// The self-check result slot of `config`.
+    pub(crate) fn check(&self, config: CoopConfig) -> &std::sync::OnceLock<Option<String>> {
+        let i = CoopConfig::ALL.iter().position(|&c| c == config);
+        &self.checks[i.expect("ALL lists every configuration")]
+    }
+
     /// One line for `train devices`: what is listed, what the kernel uses, or why not.
     pub fn describe(&self) -> String {
+        let failed: Vec<String> = CoopConfig::ALL
+            .iter()
+            .filter_map(|&c| {
+                Some(format!(
+                    "{} failed its self-check: {}",
+                    c.name(),
+                    self.check(c).get()?.as_ref()?
+                ))
+            })
+            .collect();
+        if !failed.is_empty() {
+            return format!(
+                "cooperative matrices: {} (not used: {})",
+                self.offered_text(),
+                failed.join("; ")
+            );
+        }
         let used = if self.usable.is_empty() {
             format!(
                 "not used: {}",
@@ -318,20 +350,17 @@ pub fn unavailable(ctx: &GpuContext, b_f16: bool) -> Error {
     }
 }
 
-/// Record one dispatch of the product `p` (over `nz` batch entries) with the configuration
-/// `shape` takes; an error naming what is missing where there is none. A grid wider than the
+/// Record one dispatch of the product `p` (over `nz` batch entries) with `config` (the one
+/// [`CoopSupport::config_for`] gives `shape`, checked by the launcher). A grid wider than the
 /// device allows (N or M over 2 million) takes the first kernel instead.
 pub(crate) fn record(
     ctx: &GpuContext,
+    config: CoopConfig,
     p_bytes: &[u8],
     shape: &Dispatch,
     bindings: &[(u32, Binding<'_>)],
     nz: usize,
 ) -> Result<()> {
-    let config = ctx
-        .coop()
-        .config_for(shape.b_f16)
-        .ok_or_else(|| unavailable(ctx, shape.b_f16))?;
     let groups = [shape.n.div_ceil(TILE), shape.m.div_ceil(TILE), nz as u32];
     let max = ctx.limits.max_compute_workgroups_per_dimension;
     if groups[0] > max || groups[1] > max {

@@ -287,6 +287,10 @@ fn coop_f16_weights_match_the_rounded_reference_within_the_stated_tolerance() {
             matmul_f16(&gx, &w, Some(&gbias), trans_w)
         });
         let what = format!("f16 weight {m}x{k}x{n} trans_w {trans_w}");
+        if let Some(config) = ctx.coop().config_for(true) {
+            // The configuration ran its self-check before its first product, and passed.
+            assert_eq!(ctx.coop().check(config).get(), Some(&None), "{what}");
+        }
         let atol = match ctx.coop().config_for(true) {
             Some(CoopConfig::F16 | CoopConfig::F16Small) => {
                 2f32.powi(-10) * k as f32 + 1e-5 * k as f32
@@ -338,4 +342,36 @@ fn the_tuner_offers_coop_only_where_the_device_has_it() {
     if !has {
         assert!(!text.ends_with("\tcoop\n"), "{text}");
     }
+}
+
+/// A configuration that failed its self-check is reported as not used, with what was wrong.
+#[test]
+fn a_failed_self_check_is_reported_by_name() {
+    let mut offer = offer(wgpu::Backend::Vulkan, wgpu::Features::SHADER_F16);
+    offer.properties.push(props(8, T::F16, T::F32));
+    let s = detect(&offer);
+    assert_eq!(s.usable, [CoopConfig::F32, CoopConfig::F16Small]);
+    assert!(
+        s.describe().contains("`--matmul-kernel coop` uses"),
+        "{}",
+        s.describe()
+    );
+    s.check(CoopConfig::F16Small)
+        .set(Some(
+            "a 67×83×45 product gave 1 at (0, 0) where 2 is exact".into(),
+        ))
+        .unwrap();
+    let d = s.describe();
+    assert!(
+        d.contains("not used: f16 8×8×8 → f32 failed its self-check: a 67×83×45 product"),
+        "{d}"
+    );
+    // A passed check changes nothing in the line.
+    let t = detect(&offer);
+    t.check(CoopConfig::F32).set(None).unwrap();
+    assert!(
+        t.describe().contains("`--matmul-kernel coop` uses"),
+        "{}",
+        t.describe()
+    );
 }

@@ -42,7 +42,7 @@ use crate::{Device, Error, Result, Tensor, shape_err};
 /// whole `vec4<u32>`s.
 #[derive(Clone)]
 pub struct F16Tensor {
-    words: Tensor,
+    pub(crate) words: Tensor,
     rows: usize,
     cols: usize,
 }

@@ -238,7 +238,7 @@ pub(crate) fn launch_f16(
 /// an epilogue's tensor bound from these views; `b_f16`: B's words hold f16 pairs (its offset then counts f16
 /// elements: twice the words before it).
 fn record(
-    ctx: &GpuContext,
+    ctx: &Arc<GpuContext>,
     mut p: Params,
     [a, b, c]: [View<'_>; 3],
     bias: Option<View<'_>>,
@@ -315,7 +315,7 @@ fn split_plan(
 /// the default rule's kernel where it has none), the split-K pair where [`split_plan`] splits it, else
 /// one dispatch of the kernel [`matmul_tiled::pick`] gives.
 fn record_with(
-    ctx: &GpuContext,
+    ctx: &Arc<GpuContext>,
     choice: GpuMatmul,
     p: &Params,
     shape: &matmul_tiled::Dispatch,
@@ -326,10 +326,13 @@ fn record_with(
     // configuration for; the others (an f32 product on an adapter that lists only f16 ones)
     // take the default rule.
     let choice = match choice {
-        GpuMatmul::Coop if ctx.coop().config_for(shape.b_f16).is_some() => {
-            return matmul_coop::record(ctx, bytemuck::bytes_of(p), shape, bindings, nz);
-        }
-        GpuMatmul::Coop => GpuMatmul::Auto,
+        GpuMatmul::Coop => match coop_config(ctx, shape.b_f16)? {
+            Some(config) => {
+                let p = bytemuck::bytes_of(p);
+                return matmul_coop::record(ctx, config, p, shape, bindings, nz);
+            }
+            None => GpuMatmul::Auto,
+        },
         other => other,
     };
     if let Some(split) = split_plan(ctx, choice, shape, nz)
@@ -342,12 +345,121 @@ fn record_with(
     ctx.dispatch_with(kernel, constants, bytemuck::bytes_of(p), bindings, groups)
 }
 
+/// The cooperative-matrix configuration a product with B in f16 (`b_f16`) or f32 takes on this
+/// device ([`CoopSupport::config_for`](matmul_coop::CoopSupport::config_for)), once it has passed
+/// its self-check ([`coop_self_check`], run here at its first use; not in a dry run, where
+/// nothing executes).
+fn coop_config(ctx: &Arc<GpuContext>, b_f16: bool) -> Result<Option<matmul_coop::CoopConfig>> {
+    let Some(config) = ctx.coop().config_for(b_f16) else {
+        return Ok(None);
+    };
+    if ctx.is_dry_run() {
+        return Ok(Some(config));
+    }
+    let slot = ctx.coop().check(config);
+    if slot.get().is_none() {
+        let verdict = coop_self_check(ctx, config)?;
+        let _ = slot.set(verdict);
+    }
+    Ok(slot.get().and_then(|v| v.is_none().then_some(config)))
+}
+
+/// Run `config` on two products whose every value and partial sum is exact in f16 and f32
+/// (multiples of 1/8 up to 6/8, K = 83, shapes that are multiples of neither the fragment nor
+/// the 32×32 tile; one with B transposed) and compare with the exact result: `None` when every
+/// element is equal, else what differed. The kernel has run on few drivers; this is what keeps
+/// one that miscomputes it from being chosen.
+fn coop_self_check(
+    ctx: &Arc<GpuContext>,
+    config: matmul_coop::CoopConfig,
+) -> Result<Option<String>> {
+    use crate::ops::matmul_f16::F16Tensor;
+    let (m, k, n) = (67usize, 83usize, 45usize);
+    let device = crate::Device::Gpu(ctx.clone());
+    let value = |i: usize, p: usize, q: usize| ((i * p) % q) as f32 / 8.0 - 0.625;
+    let a: Vec<f32> = (0..m * k).map(|i| value(i, 7, 11)).collect();
+    let b_f16 = config != matmul_coop::CoopConfig::F32;
+    for trans_b in [false, true] {
+        let b: Vec<f32> = (0..k * n).map(|i| value(i, 5, 12)).collect();
+        let want: Vec<f32> = (0..m * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                let bv = |p: usize| if trans_b { b[j * k + p] } else { b[p * n + j] };
+                (0..k)
+                    .map(|p| f64::from(a[i * k + p]) * f64::from(bv(p)))
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let stored = if trans_b { [n, k] } else { [k, n] };
+        let at = Tensor::from_vec(a.clone(), &[m, k], &device)?;
+        let bt = match b_f16 {
+            true => F16Tensor::from_f32("coop self-check", &b, &stored, &device)?
+                .words
+                .clone(),
+            false => Tensor::from_vec(b.clone(), &stored, &device)?,
+        };
+        let c = Tensor::zeros(&[m, n], &device)?;
+        let (av, bv, cv) = (ctx.view_all(&at)?, ctx.view_all(&bt)?, ctx.view_all(&c)?);
+        let p = Params {
+            m: m as u32,
+            n: n as u32,
+            k: k as u32,
+            trans_b: trans_b.into(),
+            lda: k as u32,
+            ldb: (if trans_b { k } else { n }) as u32,
+            ldc: n as u32,
+            off_a: av.offset,
+            off_b: if b_f16 { 2 * bv.offset } else { bv.offset },
+            off_c: cv.offset,
+            alpha: 1.0,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        let shape = matmul_tiled::Dispatch {
+            m: p.m,
+            n: p.n,
+            k: p.k,
+            trans_a: false,
+            trans_b,
+            ld: [p.lda, p.ldb, p.ldc],
+            off: [p.off_a, p.off_b, p.off_c],
+            stride: [0; 3],
+            off_bias: None,
+            b_f16,
+            epilogue: None,
+        };
+        let spare = Binding {
+            buffer: av.binding.buffer,
+            offset: av.binding.offset,
+            size: av.binding.size.min(16),
+        };
+        let bindings = [
+            (1, av.binding),
+            (2, bv.binding),
+            (3, cv.binding),
+            (4, spare),
+        ];
+        matmul_coop::record(ctx, config, bytemuck::bytes_of(&p), &shape, &bindings, 1)?;
+        let got = c.to_vec()?;
+        if let Some(e) = (0..m * n).find(|&e| got[e] != want[e]) {
+            return Ok(Some(format!(
+                "a {m}×{k}×{n} product{} gave {} at ({}, {}) where {} is exact",
+                if trans_b { " with B transposed" } else { "" },
+                got[e],
+                e / n,
+                e % n,
+                want[e]
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// The measured kernel for this product's class ([`matmul_tune`]): the candidates (split-K
 /// among them where its rule splits this product) run it into a scratch copy of C's bound
 /// range, so C itself is written once, by the caller (a GELU epilogue's g is written by each
 /// run too; the caller's dispatch, recorded after them, writes it last).
 fn tune(
-    ctx: &GpuContext,
+    ctx: &Arc<GpuContext>,
     p: &Params,
     shape: &matmul_tiled::Dispatch,
     bindings: &[(u32, Binding<'_>)],
@@ -363,7 +475,7 @@ fn tune(
     let mut with_scratch = bindings.to_vec();
     with_scratch[2] = (3, scratch_c);
     let split = split_plan(ctx, GpuMatmul::Auto, shape, nz).is_some();
-    let coop = ctx.coop().config_for(shape.b_f16).is_some();
+    let coop = coop_config(ctx, shape.b_f16)?.is_some();
     let chosen = matmul_tune::tuned(ctx, shape, split, coop, |k| {
         record_with(ctx, k, p, shape, &with_scratch, nz)
     });
