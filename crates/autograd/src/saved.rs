@@ -38,13 +38,6 @@ impl Saved {
             Saved::F16(h) => h.bytes(),
         }
     }
-
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            Saved::F32(t) => t.shape(),
-            Saved::F16(h) => h.shape(),
-        }
-    }
 }
 
 impl Tape {

@@ -13,7 +13,7 @@ use crate::gpu::bind::View;
 use crate::gpu::{Binding, GpuContext};
 use crate::ops::matmul_tiled::{self, GpuMatmul};
 use crate::ops::{matmul_coop, matmul_tune};
-use crate::{Result, Tensor};
+use crate::{Result, Tensor, reference};
 
 /// The GPU path. Batch entries go in batched dispatches (workgroup z = batch entry), as many
 /// per dispatch as `max_z` (65,535; tests pass a smaller one) and one binding per operand
@@ -251,16 +251,7 @@ fn record(
     p.off_aux = aux.as_ref().map_or(0, |(_, v)| v.offset);
     p.has_bias = bias.is_some().into();
     p.off_bias = bias.as_ref().map_or(0, |v| v.offset);
-    // Without a bias, binding 4 gets the first vec4 of A's range: never read (has_bias = 0),
-    // and not A's whole range again, which the step accounting would count as bound twice.
-    let bias = bias.map_or(
-        Binding {
-            buffer: a.binding.buffer,
-            offset: a.binding.offset,
-            size: a.binding.size.min(16),
-        },
-        |v| v.binding,
-    );
+    let bias = bias.map_or(unread_bias(&a.binding), |v| v.binding);
     // An epilogue's tensor is a fifth binding (its entry point's); the plain product has four.
     let extra = aux.as_ref().map(|(e, v)| (e.binding(), v.binding));
     let all = [
@@ -345,6 +336,17 @@ fn record_with(
     ctx.dispatch_with(kernel, constants, bytemuck::bytes_of(p), bindings, groups)
 }
 
+/// Binding 4 of a product without a bias: the first vec4 of A's range, never read
+/// (`has_bias` = 0), and not A's whole range again, which the step accounting would count as
+/// bound twice.
+fn unread_bias<'a>(a: &Binding<'a>) -> Binding<'a> {
+    Binding {
+        buffer: a.buffer,
+        offset: a.offset,
+        size: a.size.min(16),
+    }
+}
+
 /// The cooperative-matrix configuration a product with B in f16 (`b_f16`) or f32 takes on this
 /// device ([`CoopSupport::config_for`](matmul_coop::CoopSupport::config_for)), once it has passed
 /// its self-check ([`coop_self_check`], run here at its first use; not in a dry run, where
@@ -381,15 +383,17 @@ fn coop_self_check(
     let b_f16 = config != matmul_coop::CoopConfig::F32;
     for trans_b in [false, true] {
         let b: Vec<f32> = (0..k * n).map(|i| value(i, 5, 12)).collect();
-        let want: Vec<f32> = (0..m * n)
-            .map(|e| {
-                let (i, j) = (e / n, e % n);
-                let bv = |p: usize| if trans_b { b[j * k + p] } else { b[p * n + j] };
-                (0..k)
-                    .map(|p| f64::from(a[i * k + p]) * f64::from(bv(p)))
-                    .sum::<f64>() as f32
-            })
-            .collect();
+        let opts = MatmulOpts {
+            trans_a: false,
+            trans_b,
+        };
+        let want = reference::narrow(&reference::matmul(
+            &reference::widen(&a),
+            &reference::widen(&b),
+            None,
+            [1, m, k, n],
+            opts,
+        ));
         let stored = if trans_b { [n, k] } else { [k, n] };
         let at = Tensor::from_vec(a.clone(), &[m, k], &device)?;
         let bt = match b_f16 {
@@ -427,11 +431,7 @@ fn coop_self_check(
             b_f16,
             epilogue: None,
         };
-        let spare = Binding {
-            buffer: av.binding.buffer,
-            offset: av.binding.offset,
-            size: av.binding.size.min(16),
-        };
+        let spare = unread_bias(&av.binding);
         let bindings = [
             (1, av.binding),
             (2, bv.binding),
